@@ -1,0 +1,17 @@
+"""SegLensLogic: the pure-Python core of SegLens (no slicer, qt or vtk imports).
+
+One module per concept of Med-SegLens:
+
+- :mod:`SegLensLogic.data` -- cases, cohorts, image I/O, label schemes and slice preprocessing;
+- :mod:`SegLensLogic.networks` -- slice-wise segmenters (SegFormer, U-Net) with named hook points;
+- :mod:`SegLensLogic.inference` -- whole-volume prediction, slice by slice, back on the input's voxel grid;
+- :mod:`SegLensLogic.training` -- cohort training and fine-tuning from a shared base model;
+- :mod:`SegLensLogic.metrics` -- Dice, BraTS regions, precision and recall;
+- :mod:`SegLensLogic.cli` -- the ``seglens`` command.
+"""
+
+from .errors import InputFileError, OutputExistsError, SegLensError
+
+__version__ = "0.1.0"
+
+__all__ = ["SegLensError", "InputFileError", "OutputExistsError", "__version__"]

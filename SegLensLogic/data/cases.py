@@ -1,0 +1,299 @@
+"""Cases: one subject's co-registered MRI modalities and, when known, its label map.
+
+A case is found in a folder by its file names (BraTS 2023 ``-t1n -t1c -t2w -t2f -seg``, BraTS 2017-2021
+``_t1 _t1ce _t2 _flair _seg``, BraTS 2013 ``T1c_*``/``Flair_*``/``OTMultiClass``, FreeSurfer ``norm.mgz`` /
+``aseg.mgz``), or given as an explicit mapping modality -> file. Modalities always carry their BraTS 2023 names:
+``t1n`` (native T1), ``t1c`` (contrast-enhanced T1), ``t2w`` (T2) and ``t2f`` (T2-FLAIR).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputFileError
+from .io import IMAGE_SUFFIXES, ImageData, image_suffix, read_image, read_label_array, strip_image_suffix
+from .labels import ASEG, BRATS2013, BRATS2018, BRATS2023, LabelScheme, detect_tumour_scheme, get_scheme
+
+MODALITIES = ("t1n", "t1c", "t2w", "t2f")
+
+# Names users and older datasets give to the four modalities.
+MODALITY_ALIASES = {
+    "t1n": "t1n", "t1": "t1n", "t1w": "t1n", "native": "t1n",
+    "t1c": "t1c", "t1ce": "t1c", "t1gd": "t1c", "t1post": "t1c",
+    "t2w": "t2w", "t2": "t2w",
+    "t2f": "t2f", "flair": "t2f", "t2flair": "t2f", "t2-flair": "t2f",
+}  # fmt: skip
+
+
+def canonical_modality(name: str) -> str:
+    """``'T1ce'`` -> ``'t1c'``, ``'FLAIR'`` -> ``'t2f'``; raises ValueError for names we do not know."""
+    key = name.strip().lower().replace("_", "")
+    if key not in MODALITY_ALIASES:
+        raise ValueError(f"unknown modality '{name}'; use one of {', '.join(MODALITIES)} (or t1, t1ce, t2, flair)")
+    return MODALITY_ALIASES[key]
+
+
+@dataclass
+class Case:
+    """Where one case's files are.
+
+    Attributes:
+        case_id: name of the case (folder name unless given).
+        images: canonical modality -> image file, in the order of :data:`MODALITIES`.
+        label: label map file (or ``archive.npz:key``), if any.
+        label_scheme: scheme of the label file; None means detect it from the values.
+        naming: which naming convention found the files (``brats2023``, ``brats2018``, ``brats2013``,
+            ``freesurfer`` or ``explicit``).
+        brain_mask: a brain-mask file shipped with the case, if any.
+    """
+
+    case_id: str
+    images: dict[str, Path]
+    label: Path | str | None = None
+    label_scheme: str | None = None
+    naming: str = "explicit"
+    brain_mask: Path | None = None
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in MODALITIES if m in self.images)
+
+
+@dataclass
+class CaseImages:
+    """A case read into memory, every array on the voxel grid of :attr:`reference`.
+
+    Attributes:
+        case: where it came from.
+        images: modality -> ``float32`` array, shape ``(I, J, K)`` in file order.
+        reference: the first modality's image, whose grid every output of this case takes.
+        label: SegLens classes (``uint8``, shape ``(I, J, K)``), or None.
+        label_scheme: the scheme the label file was read with.
+        brain_mask: boolean mask from a shipped mask file, or None.
+    """
+
+    case: Case
+    images: dict[str, np.ndarray]
+    reference: ImageData = field(repr=False)
+    label: np.ndarray | None = None
+    label_scheme: LabelScheme | None = None
+    brain_mask: np.ndarray | None = None
+
+    @property
+    def case_id(self) -> str:
+        return self.case.case_id
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.reference.shape
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.reference.affine
+
+
+# Folder naming conventions: (name, pattern on the file stem -> role). Roles are modalities, "seg" or "mask".
+_BRATS2023 = re.compile(r"-(t1n|t1c|t2w|t2f|seg)$", re.IGNORECASE)
+_BRATS2018 = re.compile(r"_(t1|t1ce|t2|flair|seg)$", re.IGNORECASE)
+_BRATS2013 = re.compile(r"^(t1|t1c|t2|flair)_|^(otmulticlass|ot)$|^(brainmask|mask)$", re.IGNORECASE)
+_FREESURFER = {"norm": "t1n", "t1": "t1n", "orig": "t1n", "aseg": "seg", "brainmask": "mask"}
+
+
+def _role_2023(stem: str) -> str | None:
+    m = _BRATS2023.search(stem)
+    return None if m is None else m.group(1).lower()
+
+
+def _role_2018(stem: str) -> str | None:
+    m = _BRATS2018.search(stem)
+    if m is None:
+        return None
+    key = m.group(1).lower()
+    return "seg" if key == "seg" else canonical_modality(key)
+
+
+def _role_2013(stem: str) -> str | None:
+    m = _BRATS2013.search(stem)
+    if m is None:
+        return None
+    if m.group(1):
+        return canonical_modality(m.group(1))
+    return "seg" if m.group(2) else "mask"
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and image_suffix(p) is not None)
+
+
+def _match(files: list[Path], role_of) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in files:
+        role = role_of(strip_image_suffix(path))
+        if role is None:
+            continue
+        if role in found:
+            raise InputFileError(path, f"second file for '{role}' in the case folder (first: {found[role].name})")
+        found[role] = path
+    return found
+
+
+def find_case(folder: str | Path, case_id: str | None = None) -> Case:
+    """Find a case's files in ``folder`` by their naming convention.
+
+    Conventions are tried in this order: BraTS 2023, BraTS 2017-2021, BraTS 2013 (DeepMedic), FreeSurfer.
+
+    Raises:
+        InputFileError: the folder does not exist or no convention finds an image in it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputFileError(folder, "case folder not found")
+    files = _image_files(folder)
+    conventions = (
+        ("brats2023", _role_2023, BRATS2023.name),
+        ("brats2018", _role_2018, BRATS2018.name),
+        ("brats2013", _role_2013, BRATS2013.name),
+        ("freesurfer", lambda stem: _FREESURFER.get(stem.lower()), ASEG.name),
+    )
+    for naming, role_of, scheme in conventions:
+        found = _match(files, role_of)
+        images = {m: found[m] for m in MODALITIES if m in found}
+        if images:
+            return Case(
+                case_id=case_id or folder.name,
+                images=images,
+                label=found.get("seg"),
+                label_scheme=scheme,
+                naming=naming,
+                brain_mask=found.get("mask"),
+            )
+    names = ", ".join(p.name for p in files[:8]) or "no image files"
+    raise InputFileError(
+        folder,
+        "no case found: expected BraTS 2023 (-t1n -t1c -t2w -t2f -seg), BraTS 2017-2021 (_t1 _t1ce _t2 _flair _seg), "
+        f"BraTS 2013 (T1c_*, Flair_*, OTMultiClass) or FreeSurfer (norm.mgz, aseg.mgz) names; found {names}",
+    )
+
+
+def case_from_mapping(
+    mapping: Mapping[str, str | Path],
+    case_id: str | None = None,
+    label_scheme: str | None = None,
+    base: str | Path | None = None,
+) -> Case:
+    """Build a case from an explicit mapping ``{modality or 'seg' or 'mask': file}``.
+
+    Modality names may be aliases (``t1ce``, ``flair``...). ``seg`` may be ``archive.npz:key``. Relative paths are
+    taken from ``base``. ``label_scheme`` None means: detect the BraTS scheme from the label values.
+    """
+    base_path = Path(base) if base is not None else None
+    images: dict[str, Path] = {}
+    label = mask = None
+    for key, value in mapping.items():
+        path = Path(value) if base_path is None or Path(value).is_absolute() else base_path / value
+        role = key.strip().lower()
+        if role in ("seg", "label", "labels"):
+            label = path if ".npz" not in str(path) else str(path)
+        elif role in ("mask", "brainmask", "brain_mask"):
+            mask = path
+        else:
+            images[canonical_modality(role)] = path
+    if not images:
+        raise ValueError("the mapping names no image modality")
+    if label_scheme is not None:
+        get_scheme(label_scheme)
+    ordered = {m: images[m] for m in MODALITIES if m in images}
+    first = next(iter(ordered.values()))
+    return Case(
+        case_id=case_id or strip_image_suffix(first),
+        images=ordered,
+        label=label,
+        label_scheme=label_scheme,
+        naming="explicit",
+        brain_mask=mask,
+    )
+
+
+def is_case_folder(folder: Path) -> bool:
+    """True when :func:`find_case` would find a case in ``folder``."""
+    try:
+        find_case(folder)
+    except InputFileError:
+        return False
+    return True
+
+
+def read_case(case: Case | str | Path, modalities: tuple[str, ...] | list[str] | None = None, with_label: bool = True) -> CaseImages:
+    """Read a case's images (and label map) into memory and check they share one voxel grid.
+
+    Args:
+        case: a :class:`Case` or a case folder.
+        modalities: the modalities to read (a model's inputs); None reads all the case has.
+        with_label: also read and map the label file when the case has one.
+
+    Returns:
+        The arrays in file order on the first modality's grid, labels mapped to SegLens classes.
+
+    Raises:
+        InputFileError: a requested modality is missing, a file is unreadable, or the files are not on one grid.
+    """
+    if not isinstance(case, Case):
+        case = find_case(case)
+    wanted = tuple(case.modalities if modalities is None else (canonical_modality(m) for m in modalities))
+    missing = [m for m in wanted if m not in case.images]
+    if missing:
+        where = next(iter(case.images.values())).parent
+        raise InputFileError(
+            where,
+            f"case '{case.case_id}' has no {', '.join(missing)} image (it has {', '.join(case.modalities) or 'none'})",
+        )
+    images: dict[str, np.ndarray] = {}
+    reference: ImageData | None = None
+    for modality in wanted:
+        image = read_image(case.images[modality])
+        if reference is None:
+            reference = image
+        elif not image.same_grid(reference):
+            raise InputFileError(
+                image.path,
+                f"is not on the voxel grid of {reference.path.name} (shape {image.shape} vs {reference.shape}"
+                + ("" if image.shape != reference.shape else ", different affine")
+                + "); modalities must be co-registered",
+            )
+        images[modality] = image.array.astype(np.float32, copy=False)
+    assert reference is not None
+    label = scheme = mask = None
+    if with_label and case.label is not None:
+        label_image = read_label_array(case.label, reference)
+        if not label_image.same_grid(reference):
+            raise InputFileError(
+                label_image.path,
+                f"label map is not on the voxel grid of {reference.path.name} "
+                f"(shape {label_image.shape} vs {reference.shape})",
+            )
+        scheme = get_scheme(case.label_scheme) if case.label_scheme else detect_tumour_scheme(label_image.array)
+        label = scheme.apply(label_image.array, label_image.path)
+    if case.brain_mask is not None:
+        mask_image = read_image(case.brain_mask)
+        if not mask_image.same_grid(reference):
+            raise InputFileError(mask_image.path, f"brain mask is not on the voxel grid of {reference.path.name}")
+        mask = mask_image.array > 0
+    return CaseImages(case=case, images=images, reference=reference, label=label, label_scheme=scheme, brain_mask=mask)
+
+
+__all__ = [
+    "MODALITIES",
+    "IMAGE_SUFFIXES",
+    "Case",
+    "CaseImages",
+    "canonical_modality",
+    "case_from_mapping",
+    "find_case",
+    "is_case_folder",
+    "read_case",
+]

@@ -1,0 +1,202 @@
+"""Preprocessing a case for a slice-wise segmenter, and the inverse mapping back to the input's grid.
+
+The way a volume travels (design notes): reorient to RAS so that axis 2 is inferior -> superior and axial slices
+are ``[:, :, k]``; build a brain mask; z-score each modality inside the brain; pad each axial slice to a square
+and resize it to the model size. :class:`SliceGeometry` inverts the in-plane step and :class:`PreparedCase`
+inverts the reorientation, so every mask or map lands on the input's exact voxel grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .cases import CaseImages
+
+_RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """Axis permutation and flips between an image's file order and RAS order (no resampling)."""
+
+    to_ras: np.ndarray
+    from_ras: np.ndarray
+
+    @classmethod
+    def of(cls, affine: np.ndarray) -> "Orientation":
+        ornt = nib.orientations.io_orientation(affine)
+        return cls(nib.orientations.ornt_transform(ornt, _RAS), nib.orientations.ornt_transform(_RAS, ornt))
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        """File order -> RAS order; the first three axes are reoriented, trailing axes kept."""
+        return np.ascontiguousarray(nib.orientations.apply_orientation(array, self.to_ras))
+
+    def invert(self, array: np.ndarray) -> np.ndarray:
+        """RAS order -> file order."""
+        return np.ascontiguousarray(nib.orientations.apply_orientation(array, self.from_ras))
+
+
+def brain_mask_from_images(images: list[np.ndarray]) -> np.ndarray:
+    """A brain mask from skull-stripped (or background-constant) images.
+
+    A voxel is brain when any modality differs from its background value. The background value is the image
+    minimum when it fills at least 10 % of the volume (skull-stripped data: 0, or a constant after z-scoring);
+    otherwise a modality is thresholded at Otsu's level. Holes are filled slice by slice, so dark necrotic
+    cores inside the brain stay in the mask.
+
+    Args:
+        images: arrays of one shape ``(X, Y, Z)``.
+
+    Returns:
+        Boolean array ``(X, Y, Z)``.
+    """
+    mask = np.zeros(images[0].shape, dtype=bool)
+    for image in images:
+        low = image.min()
+        if np.count_nonzero(image == low) >= 0.1 * image.size:
+            mask |= image > low
+        else:
+            mask |= image > _otsu_threshold(image)
+    for k in range(mask.shape[2]):
+        if mask[:, :, k].any():
+            mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
+    return mask
+
+
+def _otsu_threshold(image: np.ndarray, bins: int = 256) -> float:
+    hist, edges = np.histogram(image, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(hist)
+    weight_high = weight_low[-1] - weight_low
+    mean_low = np.cumsum(hist * centres) / np.maximum(weight_low, 1)
+    total = (hist * centres).sum()
+    mean_high = (total - np.cumsum(hist * centres)) / np.maximum(weight_high, 1)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(centres[int(np.argmax(between))])
+
+
+def zscore_in_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``(image - mean) / std`` over the mask's voxels; 0 outside the mask. Returns ``float32``."""
+    out = np.zeros(image.shape, dtype=np.float32)
+    if not mask.any():
+        return out
+    values = image[mask].astype(np.float64)
+    std = values.std()
+    out[mask] = ((values - values.mean()) / (std if std > 0 else 1.0)).astype(np.float32)
+    return out
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """In-plane mapping between an axial slice ``(X, Y)`` and the model's square input ``(S, S)``.
+
+    The slice is zero-padded (centred) to a square of side ``max(X, Y)`` so that anatomy keeps its aspect ratio,
+    then resized to ``S`` with bilinear interpolation; :meth:`from_model` does the reverse.
+    """
+
+    in_plane: tuple[int, int]
+    size: int
+
+    @property
+    def square(self) -> int:
+        return max(self.in_plane)
+
+    @property
+    def padding(self) -> tuple[int, int, int, int]:
+        """``(y_before, y_after, x_before, x_after)`` in the order torch's ``F.pad`` expects for the last two axes."""
+        x, y = self.in_plane
+        px, py = self.square - x, self.square - y
+        return (py // 2, py - py // 2, px // 2, px - px // 2)
+
+    def to_model(self, slices: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """``(N, C, X, Y)`` -> ``(N, C, S, S)``. Use ``mode='nearest'`` for label maps."""
+        out = F.pad(slices, self.padding)
+        if self.square == self.size:
+            return out
+        if mode == "nearest":
+            return F.interpolate(out, size=(self.size, self.size), mode="nearest")
+        return F.interpolate(out, size=(self.size, self.size), mode=mode, align_corners=False)
+
+    def from_model(self, maps: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """``(N, C, S, S)`` -> ``(N, C, X, Y)``: logits, probabilities or heatmaps back on the slice grid."""
+        if self.square != self.size:
+            kwargs = {} if mode == "nearest" else {"align_corners": False}
+            maps = F.interpolate(maps, size=(self.square, self.square), mode=mode, **kwargs)
+        y0, y1, x0, x1 = self.padding
+        x, y = self.in_plane
+        return maps[:, :, x0 : x0 + x, y0 : y0 + y]
+
+
+@dataclass
+class PreparedCase:
+    """A case ready for a slice-wise model, in RAS order.
+
+    Attributes:
+        images: ``float32`` array ``(C, X, Y, Z)``, z-scored inside the brain, channels in ``modalities`` order.
+        brain_mask: boolean ``(X, Y, Z)``.
+        label: SegLens classes ``(X, Y, Z)`` or None.
+        modalities: channel names.
+        orientation: maps RAS arrays back to the file order of ``source.reference``.
+        geometry: in-plane mapping to the model size.
+        source: the case as read.
+    """
+
+    images: np.ndarray
+    brain_mask: np.ndarray
+    label: np.ndarray | None
+    modalities: tuple[str, ...]
+    orientation: Orientation
+    geometry: SliceGeometry
+    source: CaseImages = field(repr=False)
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.images.shape[3])
+
+    def brain_slices(self) -> np.ndarray:
+        """Indices of axial slices that hold any brain voxel."""
+        return np.flatnonzero(self.brain_mask.any(axis=(0, 1)))
+
+    def model_input(self, slice_indices: np.ndarray | list[int]) -> torch.Tensor:
+        """Axial slices resized for the model: ``(N, C, S, S)`` float32."""
+        idx = np.asarray(slice_indices, dtype=np.int64)
+        slices = torch.from_numpy(np.ascontiguousarray(self.images[:, :, :, idx].transpose(3, 0, 1, 2)))
+        return self.geometry.to_model(slices.float())
+
+    def to_input_grid(self, volume_ras: np.ndarray) -> np.ndarray:
+        """An array ``(X, Y, Z, ...)`` in RAS order back on the input file's voxel order."""
+        return self.orientation.invert(volume_ras)
+
+
+def prepare_case(case: CaseImages, modalities: tuple[str, ...] | list[str], size: int = 256) -> PreparedCase:
+    """Reorient, mask, normalise and set up the slice mapping for a model of input size ``size``.
+
+    Args:
+        case: images read with :func:`~SegLensLogic.data.cases.read_case`.
+        modalities: the model's input channels, in order.
+        size: the model's square input side in pixels.
+    """
+    orientation = Orientation.of(case.affine)
+    ras = [orientation.apply(case.images[m]) for m in modalities]
+    if case.brain_mask is not None:
+        mask = orientation.apply(case.brain_mask)
+    else:
+        mask = brain_mask_from_images(ras)
+    images = np.stack([zscore_in_mask(image, mask) for image in ras])
+    label = orientation.apply(case.label) if case.label is not None else None
+    geometry = SliceGeometry(in_plane=(int(images.shape[1]), int(images.shape[2])), size=size)
+    return PreparedCase(
+        images=images,
+        brain_mask=mask,
+        label=label,
+        modalities=tuple(modalities),
+        orientation=orientation,
+        geometry=geometry,
+        source=case,
+    )

@@ -1,0 +1,30 @@
+"""Errors that SegLens reports to its users.
+
+Every problem with user input is raised as a :class:`SegLensError` whose message names the file and the
+problem, so that the command line, the Slicer module and the Python console can show it as it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SegLensError(Exception):
+    """A problem with the user's input or environment, stated in words a user can act on."""
+
+
+class InputFileError(SegLensError, ValueError):
+    """A file the user handed us is missing, unreadable or does not hold what it should."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class OutputExistsError(SegLensError, FileExistsError):
+    """An output would replace an existing file; SegLens never does that unless asked to (``overwrite``)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        super().__init__(f"{self.path}: already exists; choose another output or pass --overwrite")
