@@ -1,0 +1,228 @@
+"""The segmenter interface shared by SegFormer and U-Net: a 2D model on axial slices with named hook points.
+
+A segmenter is split at a *hook point* into ``encode`` (input slices -> activations at the hook, plus the earlier
+feature maps the rest of the network still reads) and ``decode`` (those -> logits). ``forward`` is the two in a
+row, so capturing activations costs nothing extra, and steering (editing the activations at the hook and
+re-running only what follows) uses the very same code path.
+
+A segmenter is stored as a folder: ``config.json`` (a :class:`SegmenterConfig`) plus ``model.safetensors``.
+Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..data.io import atomic_write_text
+from ..errors import InputFileError, OutputExistsError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def default_device() -> torch.device:
+    """CUDA when PyTorch sees a GPU, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class SegmenterConfig:
+    """Everything needed to rebuild a segmenter and feed it the right inputs.
+
+    Attributes:
+        arch: ``"segformer-b0"`` ... ``"segformer-b5"`` or ``"unet"``.
+        modalities: input channels in order (BraTS 2023 names: t1n, t1c, t2w, t2f).
+        class_names: output classes, index 0 background.
+        label_scheme: the SegLens label scheme of the outputs (``brats2023`` or ``aseg``).
+        image_size: side of the square model input in pixels.
+        hook_point: the default hook point (a mid-encoder stage unless set).
+        arch_options: architecture overrides (SegFormer config fields; U-Net ``features``), for small test models.
+        training: provenance written by training (cohort, epochs, validation Dice, base model hash).
+    """
+
+    arch: str
+    modalities: list[str]
+    class_names: list[str]
+    label_scheme: str = "brats2023"
+    image_size: int = 256
+    hook_point: str | None = None
+    arch_options: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.modalities)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | Path = "<config>") -> "SegmenterConfig":
+        if not isinstance(data, dict):
+            raise InputFileError(source, "is not a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputFileError(source, f"unknown config field(s) {unknown}")
+        missing = [name for name in ("arch", "modalities", "class_names") if name not in data]
+        if missing:
+            raise InputFileError(source, f"missing config field(s) {missing}")
+        version = data.get("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise InputFileError(source, f"format_version {version} is not supported (this SegLens reads {FORMAT_VERSION})")
+        if not isinstance(data["modalities"], list) or not data["modalities"]:
+            raise InputFileError(source, "'modalities' must be a non-empty list")
+        if not isinstance(data["class_names"], list) or len(data["class_names"]) < 2:
+            raise InputFileError(source, "'class_names' must list at least background and one class")
+        return cls(**data)
+
+
+class Segmenter(nn.Module):
+    """Base class: a 2D segmenter split at named hook points.
+
+    Subclasses define :attr:`hook_names` (encoder stages in forward order), :meth:`encode` and :meth:`decode`.
+    Inputs are ``(N, C, S, S)`` float32 slices; logits are ``(N, K, S, S)``.
+    """
+
+    hook_names: tuple[str, ...] = ()
+    default_hook: str = ""
+    size_multiple: int = 32
+
+    def __init__(self, config: SegmenterConfig):
+        super().__init__()
+        if config.image_size % self.size_multiple:
+            raise ValueError(f"image_size {config.image_size} must be a multiple of {self.size_multiple} for {config.arch}")
+        self.config = config
+        if config.hook_point is None:
+            config.hook_point = self.default_hook
+        self._check_hook(config.hook_point)
+        self._hook_shapes: dict[str, tuple[int, int, int]] | None = None
+
+    # -- the split forward pass -------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, hook: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the network up to ``hook``.
+
+        Returns:
+            ``(activations, cache)``: the hook's feature map ``(N, D, h, w)`` and the earlier feature maps that
+            :meth:`decode` reads again (skip connections, SegFormer's multi-scale head).
+        """
+        raise NotImplementedError
+
+    def decode(self, activations: torch.Tensor, cache: list[torch.Tensor], hook: str | None = None) -> torch.Tensor:
+        """Run the rest of the network from the hook's (possibly edited) activations to logits ``(N, K, S, S)``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activations, cache = self.encode(x)
+        return self.decode(activations, cache)
+
+    def capture(self, x: torch.Tensor, hook: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass that also returns the activations at ``hook``: ``(logits, activations)``."""
+        activations, cache = self.encode(x, hook)
+        return self.decode(activations, cache, hook), activations
+
+    # -- hook points ------------------------------------------------------------------------------------
+    def _check_hook(self, hook: str) -> str:
+        if hook not in self.hook_names:
+            raise ValueError(f"unknown hook point '{hook}' for {self.config.arch}; choose one of {', '.join(self.hook_names)}")
+        return hook
+
+    def _hook(self, hook: str | None) -> str:
+        return self._check_hook(hook or self.config.hook_point or self.default_hook)
+
+    @torch.no_grad()
+    def hook_points(self) -> dict[str, tuple[int, int, int]]:
+        """Named hook points and their feature-map shapes ``(channels, height, width)`` at the model size."""
+        if self._hook_shapes is None:
+            device = next(self.parameters()).device
+            x = torch.zeros(1, self.config.in_channels, self.config.image_size, self.config.image_size, device=device)
+            was_training = self.training
+            self.eval()
+            shapes = {}
+            for name in self.hook_names:
+                activations, _ = self.encode(x, name)
+                shapes[name] = tuple(int(s) for s in activations.shape[1:])
+            self.train(was_training)
+            self._hook_shapes = shapes
+        return dict(self._hook_shapes)
+
+    # -- storage ----------------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``folder`` (each atomically)."""
+        folder = Path(folder)
+        weights = folder / WEIGHTS_NAME
+        if not overwrite:
+            for path in (folder / CONFIG_NAME, weights):
+                if path.exists():
+                    raise OutputExistsError(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        tmp = folder / f".{WEIGHTS_NAME}.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt", "arch": self.config.arch})
+        tmp.replace(weights)
+        atomic_write_text(folder / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2) + "\n", overwrite=True)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None) -> "Segmenter":
+        """Load a segmenter folder written by :meth:`save_pretrained`, on ``device`` (default: GPU if any).
+
+        Raises:
+            InputFileError: the folder, its config or its weights are missing, malformed or do not match.
+        """
+        from . import build_segmenter
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise InputFileError(folder, "model folder not found")
+        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        if not config_path.is_file():
+            raise InputFileError(config_path, "missing: a model folder needs config.json and model.safetensors")
+        if not weights_path.is_file():
+            raise InputFileError(weights_path, "missing: a model folder needs config.json and model.safetensors")
+        try:
+            data = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputFileError(config_path, f"is not valid JSON ({exc})") from None
+        config = SegmenterConfig.from_dict(data, config_path)
+        try:
+            model = build_segmenter(config)
+        except (ValueError, TypeError) as exc:
+            raise InputFileError(config_path, f"does not describe a valid model ({exc})") from None
+        try:
+            state = load_file(str(weights_path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputFileError(weights_path, f"cannot be read as safetensors ({exc})") from None
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()
+            detail = "; ".join(line.strip() for line in first[1:4]) or first[0]
+            raise InputFileError(weights_path, f"weights do not match {config_path.name} ({detail})") from None
+        model.eval()
+        return model.to(device or default_device())
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """Content hash of a model folder's weights file (identifies a model in recipes and provenance)."""
+    digest = hashlib.sha256()
+    with open(Path(folder) / WEIGHTS_NAME, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
