@@ -1,0 +1,297 @@
+"""Training a segmenter on one cohort, from scratch or fine-tuned from a shared base model (paper section 3.3).
+
+Cohort models that are to be diffed must share an initialisation, so that their activation spaces are
+comparable (design notes): train a base model once, then fine-tune every cohort model from it with ``init``.
+
+Training runs on axial slices that contain brain, half of each epoch drawn from slices with foreground labels,
+with random flips and intensity scaling/shifting (MONAI transforms) and Dice + cross-entropy loss (MONAI
+``DiceCELoss``). After every epoch the held-out cases are segmented whole and scored per class; the best
+checkpoint by mean class Dice is what stays in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from tqdm.auto import tqdm
+
+from .data.cases import read_case
+from .data.cohort import Cohort
+from .data.io import atomic_write_text
+from .data.labels import detect_tumour_scheme, get_scheme
+from .data.preprocessing import PreparedCase, prepare_case
+from .errors import InputFileError, OutputExistsError, SegLensError
+from .inference import predict_volume
+from .metrics import segmentation_scores
+from .networks import Segmenter, SegmenterConfig, build_segmenter, default_device, load_segmenter, weights_sha256
+
+
+@dataclass
+class TrainingOptions:
+    """How long and how to train.
+
+    Attributes:
+        epochs: number of epochs; None means until ``minutes`` run out.
+        minutes: wall-clock budget; training stops after the batch that exceeds it (then validates once more).
+        batch_size: slices per step.
+        learning_rate: AdamW learning rate (cosine-decayed when ``epochs`` is set).
+        slices_per_epoch: slices drawn per epoch; None means the number of brain slices in the training cases.
+        foreground_fraction: share of each epoch drawn from slices that hold a labelled structure.
+        val_cases: held-out cases for validation (the cohort's last ones); None: 20 %, at least one when
+            the cohort has two or more cases.
+        seed: seeds weights, sampling and augmentation.
+    """
+
+    epochs: int | None = 10
+    minutes: float | None = None
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    slices_per_epoch: int | None = None
+    foreground_fraction: float = 0.5
+    val_cases: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class TrainingResult:
+    """What a training run produced: the best model (also saved) and per-epoch history."""
+
+    model: Segmenter
+    out_dir: Path
+    best_epoch: int
+    best_scores: dict[str, float]
+    history: list[dict] = field(default_factory=list)
+
+
+class SliceDataset(Dataset):
+    """Axial brain slices of prepared cases at model size, with their labels.
+
+    Items are dicts ``{"image": (C, S, S) float32, "label": (1, S, S) int64}``. Volumes are kept in float16.
+    """
+
+    def __init__(self, cases: list[PreparedCase], transform: Callable | None = None):
+        self.images = [torch.from_numpy(c.images.astype(np.float16)) for c in cases]
+        self.labels = [torch.from_numpy(c.label.astype(np.int64)) for c in cases]
+        self.geometries = [c.geometry for c in cases]
+        self.index: list[tuple[int, int]] = []
+        self.foreground: list[bool] = []
+        for case_index, case in enumerate(cases):
+            for z in case.brain_slices():
+                self.index.append((case_index, int(z)))
+                self.foreground.append(bool(case.label[:, :, z].any()))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        case_index, z = self.index[item]
+        geometry = self.geometries[case_index]
+        image = geometry.to_model(self.images[case_index][None, :, :, :, z].float())[0]
+        label = geometry.to_model(self.labels[case_index][None, None, :, :, z].float(), mode="nearest")[0]
+        sample = {"image": image, "label": label}
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return {"image": torch.as_tensor(sample["image"]).float(), "label": torch.as_tensor(sample["label"]).long()}
+
+
+def augmentations(seed: int) -> Compose:
+    """Random left-right and anterior-posterior flips, intensity scaling and shifting (MONAI)."""
+    transform = Compose(
+        [
+            RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=0),
+            RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=1),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+        ]
+    )
+    transform.set_random_state(seed=seed)
+    return transform
+
+
+def _prepare_cohort(cohort: Cohort, modalities: list[str], size: int, log: Callable[[str], None]) -> tuple[list[PreparedCase], str]:
+    prepared, schemes = [], set()
+    for case in cohort:
+        if case.label is None:
+            raise InputFileError(next(iter(case.images.values())).parent, f"case '{case.case_id}' has no label map to train on")
+        images = read_case(case, modalities=modalities)
+        schemes.add(images.label_scheme.name if images.label_scheme.name != "brats2013" else "brats2023")
+        prepared.append(prepare_case(images, modalities, size))
+        log(f"  loaded {case.case_id}")
+    tumour = {"brats2023", "brats2018"}
+    kinds = {"tumour" if s in tumour else s for s in schemes}
+    if len(kinds) > 1:
+        raise SegLensError(f"cohort '{cohort.name}' mixes label schemes {sorted(schemes)}; a model learns one")
+    return prepared, ("aseg" if kinds == {"aseg"} else "brats2023")
+
+
+def _validate(model: Segmenter, cases: list[PreparedCase], batch_size: int) -> dict[str, float]:
+    per_case = [
+        segmentation_scores(predict_volume(model, c, batch_size=batch_size).labels, c.source.label, model.config.class_names)
+        for c in cases
+    ]
+    return {key: float(np.mean([s[key] for s in per_case])) for key in per_case[0]}
+
+
+def train_segmenter(
+    cohort: Cohort,
+    out_dir: str | Path,
+    arch: str | None = "unet",
+    init: str | Path | None = None,
+    modalities: list[str] | None = None,
+    image_size: int = 256,
+    arch_options: dict | None = None,
+    options: TrainingOptions | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> TrainingResult:
+    """Train (or fine-tune from ``init``) a segmenter on ``cohort`` and save the best checkpoint to ``out_dir``.
+
+    Args:
+        cohort: labelled cases of one population.
+        out_dir: model folder to write (``config.json``, ``model.safetensors``, ``training_history.json``).
+        arch: architecture for a model trained from scratch (ignored with ``init``).
+        init: a base model folder to fine-tune from; its architecture, inputs and size are kept.
+        modalities: input channels; default: the base model's, else every modality all cases share.
+        image_size: model input side for a model trained from scratch.
+        arch_options: architecture overrides for small models (see :class:`SegmenterConfig`).
+        options: epochs, time budget, batch size, learning rate, validation split, seed.
+        overwrite: replace an existing model folder.
+        log: where progress lines go.
+    """
+    options = options or TrainingOptions()
+    out_dir = Path(out_dir)
+    if (out_dir / "model.safetensors").exists() and not overwrite:
+        raise OutputExistsError(out_dir / "model.safetensors")
+    if options.epochs is None and options.minutes is None:
+        raise ValueError("give a number of epochs, a time budget in minutes, or both")
+    if len(cohort) == 0:
+        raise SegLensError(f"cohort '{cohort.name}' has no cases")
+    torch.manual_seed(options.seed)
+    device = default_device()
+
+    if init is not None:
+        model = load_segmenter(init, device=device)
+        config = model.config
+        if modalities is not None and list(modalities) != list(config.modalities):
+            raise SegLensError(f"the base model {init} takes {config.modalities}; cannot fine-tune on {list(modalities)}")
+        init_info = {"init_model": str(init), "init_model_sha256": weights_sha256(init)}
+    else:
+        config = None
+        init_info = {}
+    wanted = list(modalities or (config.modalities if config else cohort.modalities))
+    if not wanted:
+        raise SegLensError(f"the cases of cohort '{cohort.name}' share no modality")
+    size = config.image_size if config else image_size
+
+    log(f"Preparing {len(cohort)} case(s) of cohort '{cohort.name}' ({', '.join(wanted)}, {size}x{size})")
+    prepared, scheme_name = _prepare_cohort(cohort, wanted, size, log)
+    scheme = get_scheme(scheme_name)
+    if config is None:
+        config = SegmenterConfig(
+            arch=arch or "unet",
+            modalities=wanted,
+            class_names=list(scheme.class_names),
+            label_scheme=scheme.name,
+            image_size=size,
+            arch_options=dict(arch_options or {}),
+        )
+        model = build_segmenter(config).to(device)
+    elif config.label_scheme != scheme.name:
+        raise SegLensError(f"the base model segments {config.label_scheme} classes but cohort '{cohort.name}' has {scheme.name} labels")
+
+    n_val = options.val_cases if options.val_cases is not None else (max(1, round(0.2 * len(prepared))) if len(prepared) >= 2 else 0)
+    if n_val >= len(prepared):
+        raise SegLensError(f"cohort '{cohort.name}' has {len(prepared)} case(s): too few to hold out {n_val} for validation")
+    train_cases, val_cases = prepared[: len(prepared) - n_val], prepared[len(prepared) - n_val :]
+    dataset = SliceDataset(train_cases, augmentations(options.seed))
+    if len(dataset) == 0:
+        raise SegLensError(f"the training cases of cohort '{cohort.name}' hold no brain slices")
+    fg = np.asarray(dataset.foreground)
+    share = options.foreground_fraction if fg.any() and (~fg).any() else 0.5
+    weights = np.where(fg, share / max(fg.sum(), 1), (1 - share) / max((~fg).sum(), 1))
+    per_epoch = options.slices_per_epoch or len(dataset)
+    generator = torch.Generator().manual_seed(options.seed)
+    sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), per_epoch, replacement=True, generator=generator)
+    loader = DataLoader(dataset, batch_size=options.batch_size, sampler=sampler, num_workers=0, drop_last=False)
+
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
+    scheduler = None
+    if options.epochs is not None:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.epochs * len(loader))
+
+    log(
+        f"Training {config.arch} on {len(train_cases)} case(s) ({len(dataset)} brain slices, {int(fg.sum())} with labels), "
+        f"validating on {len(val_cases)}; device {device.type}"
+    )
+    start = time.monotonic()
+    deadline = start + 60 * options.minutes if options.minutes is not None else math.inf
+    history: list[dict] = []
+    best_scores: dict[str, float] = {}
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch, best_metric = 0, -math.inf
+    epoch = 0
+    while (options.epochs is None or epoch < options.epochs) and time.monotonic() < deadline:
+        epoch += 1
+        model.train()
+        losses = []
+        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty(), unit="batch")
+        for batch in bar:
+            logits = model(batch["image"].to(device))
+            loss = loss_fn(logits, batch["label"].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if time.monotonic() > deadline:
+                break
+        record = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.monotonic() - start, 1)}
+        if val_cases:
+            scores = _validate(model, val_cases, options.batch_size)
+            record["validation"] = scores
+            metric = scores["dice_mean"]
+        else:
+            metric = -record["loss"]
+        improved = metric > best_metric
+        if improved:
+            best_metric, best_epoch = metric, epoch
+            best_scores = record.get("validation", {})
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history.append(record)
+        dice = record.get("validation", {})
+        dice_text = "  ".join(f"{k[5:]} {v:.3f}" for k, v in dice.items() if k.startswith("dice_")) if dice else "no validation cases"
+        log(f"epoch {epoch:3d}  loss {record['loss']:.4f}  val Dice: {dice_text}{'  (best)' if improved else ''}")
+
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    model.eval()
+    model.config.training = {
+        "cohort": cohort.name,
+        "cases": [c.case_id for c in cohort],
+        "validation_cases": [c.source.case_id for c in val_cases],
+        "epochs": epoch,
+        "best_epoch": best_epoch,
+        "best_validation": best_scores,
+        "options": asdict(options),
+        **init_info,
+    }
+    model.save_pretrained(out_dir, overwrite=True)
+    atomic_write_text(out_dir / "training_history.json", json.dumps(history, indent=2) + "\n", overwrite=True)
+    log(f"Saved the best model (epoch {best_epoch}) to {out_dir}")
+    return TrainingResult(model=model, out_dir=out_dir, best_epoch=best_epoch, best_scores=best_scores, history=history)
