@@ -1,34 +1,41 @@
-"""Segmentation quality: per-class Dice, BraTS regions, precision and recall (MONAI metrics).
+"""Segmentation quality: per-class Dice, BraTS regions, precision and recall.
 
 Conventions (BraTS): a structure absent from both the prediction and the ground truth scores 1; absent from
 one of them, 0. Regions are unions of classes in the 2023 scheme: whole tumour (1, 2, 3), tumour core (1, 3),
 enhancing tumour (3).
+
+All scores come from one confusion matrix of the two label maps (a single pass over the volume with
+``np.bincount``): MONAI's one-hot metrics cost about a second per structure on a 240x240x155 volume, this costs
+milliseconds for all of them.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-from monai.metrics import compute_dice, get_confusion_matrix
 
 # Short names used as table columns, and the SegLens classes each one covers.
 TUMOUR_CLASSES = {"NC": (1,), "ED": (2,), "ET": (3,)}
 TUMOUR_REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
 
 
-def _masks(labels: np.ndarray, groups: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    return {name: torch.from_numpy(np.isin(labels, classes)).float()[None, None] for name, classes in groups.items()}
+def confusion_matrix(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    """``C[p, t]`` = number of voxels predicted ``p`` whose truth is ``t``; shape ``(num_classes, num_classes)``."""
+    pred = prediction.astype(np.int64, copy=False).ravel()
+    true = truth.astype(np.int64, copy=False).ravel()
+    return np.bincount(pred * num_classes + true, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def _scores(pred: torch.Tensor, truth: torch.Tensor) -> tuple[float, float, float]:
-    """Dice, precision, recall of two binary masks ``(1, 1, ...)`` with the BraTS empty-mask convention."""
-    n_pred, n_truth = float(pred.sum()), float(truth.sum())
-    if n_pred == 0 or n_truth == 0:
-        both_empty = float(n_pred == 0 and n_truth == 0)
+def overlap_scores(confusion: np.ndarray, classes: tuple[int, ...]) -> tuple[float, float, float]:
+    """Dice, precision and recall of the structure made of ``classes``, from a confusion matrix."""
+    inside = np.zeros(confusion.shape[0], dtype=bool)
+    inside[list(classes)] = True
+    tp = float(confusion[np.ix_(inside, inside)].sum())
+    fp = float(confusion[np.ix_(inside, ~inside)].sum())
+    fn = float(confusion[np.ix_(~inside, inside)].sum())
+    if tp + fp == 0 or tp + fn == 0:  # empty prediction or empty truth
+        both_empty = float(tp + fp + fn == 0)
         return both_empty, both_empty, both_empty
-    dice = float(compute_dice(pred, truth, include_background=True, ignore_empty=False)[0, 0])
-    tp, fp, _, fn = (float(v) for v in get_confusion_matrix(pred, truth, include_background=True)[0, 0])
-    return dice, tp / (tp + fp), tp / (tp + fn)
+    return 2 * tp / (2 * tp + fp + fn), tp / (tp + fp), tp / (tp + fn)
 
 
 def segmentation_scores(prediction: np.ndarray, truth: np.ndarray, class_names: list[str] | tuple[str, ...] | None = None) -> dict[str, float]:
@@ -37,28 +44,32 @@ def segmentation_scores(prediction: np.ndarray, truth: np.ndarray, class_names: 
     Args:
         prediction: SegLens class labels, any shape.
         truth: same shape.
-        class_names: the model's classes; with the tumour scheme (4 classes) BraTS columns are produced,
-            otherwise one Dice per named class.
+        class_names: the model's classes; with the tumour scheme (4 classes, the default) BraTS columns are
+            produced, otherwise one Dice per named class.
 
     Returns:
-        Tumour scheme: ``dice_NC, dice_ED, dice_ET`` (classes), ``dice_WT, dice_TC`` (regions; ET is both), and
-        ``precision_*`` / ``recall_*`` for WT, TC and ET. Other schemes: ``dice_<class name>`` per class and their mean.
+        Tumour scheme: ``dice_NC, dice_ED, dice_ET`` (classes), ``dice_WT, dice_TC`` (regions; ET is both),
+        ``precision_*`` / ``recall_*`` for WT, TC and ET, and ``dice_mean`` over the three classes.
+        Other schemes: ``dice_<class name>`` per class and their mean.
     """
     if prediction.shape != truth.shape:
         raise ValueError(f"prediction {prediction.shape} and ground truth {truth.shape} differ in shape")
-    if class_names is None or len(class_names) == 4:
-        pred_masks = _masks(prediction, {**TUMOUR_CLASSES, **TUMOUR_REGIONS})
-        true_masks = _masks(truth, {**TUMOUR_CLASSES, **TUMOUR_REGIONS})
+    num_classes = len(class_names) if class_names is not None else 4
+    top = int(max(prediction.max(initial=0), truth.max(initial=0))) + 1
+    confusion = confusion_matrix(prediction, truth, max(num_classes, top))
+    if num_classes == 4:
         scores: dict[str, float] = {}
         for name in ("NC", "ED", "ET", "WT", "TC"):
-            scores[f"dice_{name}"] = _scores(pred_masks[name], true_masks[name])[0]
-        for name in TUMOUR_REGIONS:
-            _, precision, recall = _scores(pred_masks[name], true_masks[name])
-            scores[f"precision_{name}"], scores[f"recall_{name}"] = precision, recall
+            classes = TUMOUR_CLASSES.get(name) or TUMOUR_REGIONS[name]
+            scores[f"dice_{name}"] = overlap_scores(confusion, classes)[0]
+        for name, classes in TUMOUR_REGIONS.items():
+            _, scores[f"precision_{name}"], scores[f"recall_{name}"] = overlap_scores(confusion, classes)
         scores["dice_mean"] = float(np.mean([scores["dice_NC"], scores["dice_ED"], scores["dice_ET"]]))
         return scores
-    groups = {name.replace(" ", "_"): (index,) for index, name in enumerate(class_names) if index > 0}
-    pred_masks, true_masks = _masks(prediction, groups), _masks(truth, groups)
-    scores = {f"dice_{name}": _scores(pred_masks[name], true_masks[name])[0] for name in groups}
+    scores = {
+        f"dice_{name.replace(' ', '_')}": overlap_scores(confusion, (index,))[0]
+        for index, name in enumerate(class_names)
+        if index > 0
+    }
     scores["dice_mean"] = float(np.mean(list(scores.values())))
     return scores
