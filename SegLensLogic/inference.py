@@ -95,7 +95,8 @@ def predict_volume(
         batch = slices[start : start + batch_size]
         logits = model(prepared.model_input(batch).to(device))
         logits = prepared.geometry.from_model(logits.float())  # (N, K, X, Y)
-        labels[:, :, batch] = logits.argmax(dim=1).to(torch.uint8).cpu().numpy().transpose(1, 2, 0)
+        # max().indices: torch's CPU argmax over the channel axis is several times slower.
+        labels[:, :, batch] = logits.max(dim=1).indices.to(torch.uint8).cpu().numpy().transpose(1, 2, 0)
         if probabilities is not None:
             probs = torch.softmax(logits, dim=1).cpu().numpy().transpose(2, 3, 0, 1)
             probabilities[:, :, batch, :] = probs.astype(np.float16)
