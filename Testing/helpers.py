@@ -21,6 +21,11 @@ SYNTHETIC_SPACING = (1.2, 0.9, 2.5)
 SYNTHETIC_BRAIN_SLICES = (3, 21)  # [start, stop)
 
 
+def brain_slices(depth: int) -> tuple[int, int]:
+    """``[start, stop)`` of the brain's axial slices in a synthetic volume ``depth`` slices deep."""
+    return round(depth * SYNTHETIC_BRAIN_SLICES[0] / 24), round(depth * SYNTHETIC_BRAIN_SLICES[1] / 24)
+
+
 def make_nifti(
     path: str | Path,
     array: np.ndarray,
@@ -85,20 +90,22 @@ def synthetic_arrays(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Four skull-stripped ``int16`` modalities and a tumour label map on ``shape``.
 
-    The brain is an ellipsoid confined to axial slices :data:`SYNTHETIC_BRAIN_SLICES` (background is 0 outside);
+    The brain is an ellipsoid confined to axial slices :func:`brain_slices` (``SYNTHETIC_BRAIN_SLICES`` for a depth
+    of 24; background is 0 outside);
     the tumour is edema (``label_values[1]``) around a core split into necrosis (``label_values[0]``) and
     enhancing tumour (``label_values[2]``).
     """
     rng = np.random.default_rng(seed)
     i, j, k = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in shape), indexing="ij")
-    k0, k1 = SYNTHETIC_BRAIN_SLICES
+    k0, k1 = brain_slices(shape[2])
     ci, cj, ck = (shape[0] - 1) / 2, (shape[1] - 1) / 2, (k0 + k1 - 1) / 2
     ri, rj, rk = 0.42 * shape[0], 0.42 * shape[1], (k1 - k0) / 2
     brain = ((i - ci) / ri) ** 2 + ((j - cj) / rj) ** 2 + ((k - ck) / rk) ** 2 <= 1.0
     brain &= (k >= k0) & (k < k1)
     # Tumour off-centre, inside the brain.
     ti, tj, tk = ci + 0.15 * shape[0], cj - 0.1 * shape[1], ck
-    d = np.sqrt(((i - ti) / (0.2 * shape[0])) ** 2 + ((j - tj) / (0.2 * shape[1])) ** 2 + ((k - tk) / 4.0) ** 2)
+    rt = max((k1 - k0) / 4.5, 1.0)
+    d = np.sqrt(((i - ti) / (0.2 * shape[0])) ** 2 + ((j - tj) / (0.2 * shape[1])) ** 2 + ((k - tk) / rt) ** 2)
     seg = np.zeros(shape, dtype=np.uint8)
     seg[(d <= 1.0) & brain] = label_values[1]
     seg[(d <= 0.6) & brain & (i < ti)] = label_values[0]

@@ -141,6 +141,7 @@ def benchmark_model(model, prepared, device, batch_size: int, repeats: int) -> d
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if args.threads:
         torch.set_num_threads(args.threads)
     device = default_device()
@@ -179,11 +180,16 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "load_average_1min_at_start": load_at_start,
     }
     print(f"# Whole-volume prediction speed: `{case.case_id}`\n")
     print(f"- volume {'x'.join(map(str, images.shape))} voxels, {first.num_slices} axial slices, "
           f"{brain_slices} contain brain ({first.num_slices - brain_slices} empty)")
     print(f"- device: {env['device']}, torch {env['torch']}, {env['torch_threads']} CPU threads, {env['cpu_count']} CPUs")
+    load = env["load_average_1min_at_start"]
+    if load is not None and device.type == "cpu" and load > 1.0:
+        print(f"- WARNING: 1-minute load average {load:.2f} when the benchmark started: if other processes still share "
+              "the CPUs, timings (batch-1 runs above all) will be slow and noisy")
     print(f"- preprocessing (not in the timings below): read case {read_s:.2f} s, "
           + ", ".join(f"prepare_case @ {size}px {s:.2f} s" for (_, size), s in prepare_s.items()))
     print(f"- models: {'loaded from ' + ', '.join(map(str, args.model)) if args.model else f'random init (seed {args.seed})'}; "

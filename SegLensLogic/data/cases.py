@@ -101,7 +101,9 @@ class CaseImages:
 _BRATS2023 = re.compile(r"-(t1n|t1c|t2w|t2f|seg)$", re.IGNORECASE)
 _BRATS2018 = re.compile(r"_(t1|t1ce|t2|flair|seg)$", re.IGNORECASE)
 _BRATS2013 = re.compile(r"^(t1|t1c|t2|flair)_|^(otmulticlass|ot)$|^(brainmask|mask)$", re.IGNORECASE)
-_FREESURFER = {"norm": "t1n", "t1": "t1n", "orig": "t1n", "aseg": "seg", "brainmask": "mask"}
+# A FreeSurfer mri/ folder holds several T1 stages; the first present of these is the case's T1.
+_FREESURFER = {"norm": "t1n", "aseg": "seg", "brainmask": "mask"}
+_FREESURFER_T1_FALLBACKS = ("t1", "orig")
 
 
 def _role_2023(stem: str) -> str | None:
@@ -162,6 +164,11 @@ def find_case(folder: str | Path, case_id: str | None = None) -> Case:
     )
     for naming, role_of, scheme in conventions:
         found = _match(files, role_of)
+        if naming == "freesurfer" and "t1n" not in found:
+            stems = {strip_image_suffix(p).lower(): p for p in files}
+            fallback = next((stems[name] for name in _FREESURFER_T1_FALLBACKS if name in stems), None)
+            if fallback is not None:
+                found["t1n"] = fallback
         images = {m: found[m] for m in MODALITIES if m in found}
         if images:
             return Case(

@@ -147,10 +147,10 @@ def read_label_array(spec: str | Path, reference: ImageData) -> ImageData:
     ``.npz`` archives are opened without pickle support, so they can only hold plain arrays.
     """
     spec_str = str(spec)
-    if ".npz" in spec_str.lower():
-        file_part, _, key = spec_str.partition(".npz")
-        path = Path(file_part + ".npz")
-        key = key.lstrip(":") or "seg"
+    at = spec_str.lower().find(".npz")
+    if at >= 0:
+        path = Path(spec_str[: at + 4])
+        key = spec_str[at + 4 :].lstrip(":") or "seg"
         if not path.is_file():
             raise InputFileError(path, "file not found")
         try:
@@ -170,6 +170,18 @@ def read_label_array(spec: str | Path, reference: ImageData) -> ImageData:
     return read_image(spec)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str | Path, path: Path) -> None:
+    """Give a finished temporary file the permissions a plain write would (mkstemp makes it 0600), then rename it."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
 def _atomic_target(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise OutputExistsError(path)
@@ -184,7 +196,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = False) -
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -232,7 +244,7 @@ def write_image(
     os.close(fd)
     try:
         nib.save(image, tmp)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
