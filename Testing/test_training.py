@@ -122,8 +122,14 @@ def test_slice_dataset_and_augmentation_keep_images_and_labels_aligned(tmp_path)
 
 def test_training_is_reproducible_from_a_seed(tmp_path):
     cohort = load_cohort(write_phantom_cohort(tmp_path / "cohort", 2, shape=(64, 64, 24)))
-    options = TrainingOptions(epochs=1, slices_per_epoch=16, batch_size=8, val_cases=1, seed=3)
-    a = train_segmenter(cohort, tmp_path / "a", image_size=64, arch_options=TINY_UNET, options=options, log=QUIET)
-    b = train_segmenter(cohort, tmp_path / "b", image_size=64, arch_options=TINY_UNET, options=options, log=QUIET)
-    assert weights_sha256(a.out_dir) == weights_sha256(b.out_dir)
-    assert np.isclose(a.history[0]["loss"], b.history[0]["loss"])
+
+    def run(name, seed):
+        options = TrainingOptions(epochs=1, slices_per_epoch=16, batch_size=8, val_cases=1, seed=seed)
+        return train_segmenter(cohort, tmp_path / name, image_size=64, arch_options=TINY_UNET, options=options, log=QUIET)
+
+    a, b, c = run("a", 3), run("b", 3), run("c", 4)
+    state_a, state_b, state_c = (r.model.state_dict() for r in (a, b, c))
+    # Multi-threaded CPU reductions may differ in the last bits between runs; the same seed stays within rounding.
+    assert all(torch.allclose(state_a[k].float(), state_b[k].float(), atol=1e-5) for k in state_a)
+    assert np.isclose(a.history[0]["loss"], b.history[0]["loss"], rtol=1e-5)
+    assert not all(torch.allclose(state_a[k].float(), state_c[k].float(), atol=1e-3) for k in state_a)
