@@ -66,6 +66,7 @@ def predict_volume(
     progress: ProgressCallback | None = None,
     skip_empty: bool = True,
     return_probabilities: bool = False,
+    activation_edit: Callable[[torch.Tensor, np.ndarray], torch.Tensor] | None = None,
 ) -> VolumePrediction:
     """Segment a whole volume slice by slice, in batches, on the model's device.
 
@@ -76,6 +77,8 @@ def predict_volume(
         progress: called as ``progress(slices_done, slices_total)``; returning False cancels.
         skip_empty: run only slices that contain brain (the rest is background). ``False`` runs every slice.
         return_probabilities: also return softmax probabilities on the input grid (float16).
+        activation_edit: ``edit(activations, slice_indices) -> activations`` applied at the model's hook point
+            before the rest of the network runs (SAE reconstruction, steering).
 
     Returns:
         A :class:`VolumePrediction`; voxels outside the brain mask are background.
@@ -93,7 +96,12 @@ def predict_volume(
     total = len(slices)
     for start in range(0, total, batch_size):
         batch = slices[start : start + batch_size]
-        logits = model(prepared.model_input(batch).to(device))
+        x = prepared.model_input(batch).to(device)
+        if activation_edit is None:
+            logits = model(x)
+        else:
+            activations, cache = model.encode(x)
+            logits = model.decode(activation_edit(activations, batch), cache)
         logits = prepared.geometry.from_model(logits.float())  # (N, K, X, Y)
         # max().indices: torch's CPU argmax over the channel axis is several times slower.
         labels[:, :, batch] = logits.max(dim=1).indices.to(torch.uint8).cpu().numpy().transpose(1, 2, 0)

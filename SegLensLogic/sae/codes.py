@@ -1,0 +1,202 @@
+"""Latent codes of a whole volume, kept sparse, and latent heatmaps on the input's voxel grid.
+
+A case is encoded once: every position of every brain slice's feature map goes through the SAE with its
+inference threshold, and only the active latents are kept, in compressed-sparse-row form (about ``k`` index/value
+pairs per position instead of ``d_sae`` floats). The heatmap of any latent is built on demand: scatter its
+values into the feature grid, upsample bilinearly to the model size, undo the slice resizing and padding, and
+reorient to the input file's voxel order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.preprocessing import PreparedCase
+from ..inference import prepare_for_model
+from ..networks.segmenter import Segmenter
+from .activations import brain_fraction_on_grid, feature_map_to_vectors
+from .model import BatchTopKSAE
+
+
+@dataclass
+class VolumeCodes:
+    """Sparse SAE codes of one volume at one hook point.
+
+    Positions are numbered ``p = (s * h + r) * w + c`` for encoded slice number ``s`` (``slices[s]`` in RAS
+    order), feature-map row ``r`` and column ``c``.
+
+    Attributes:
+        offsets: ``(P + 1,)`` int64; position ``p``'s latents are ``latents[offsets[p]:offsets[p+1]]``.
+        latents: ``(nnz,)`` int32 latent ids.
+        values: ``(nnz,)`` float32 activations.
+        slices: ``(S,)`` RAS axial slice indices that were encoded (the brain slices).
+        grid: feature-map ``(h, w)``.
+        d_sae: dictionary size.
+        prepared: the preprocessed case, for mapping back to the input grid.
+    """
+
+    offsets: np.ndarray
+    latents: np.ndarray
+    values: np.ndarray
+    slices: np.ndarray
+    grid: tuple[int, int]
+    d_sae: int
+    prepared: PreparedCase = field(repr=False)
+
+    @property
+    def num_positions(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the sparse codes."""
+        return int(self.offsets.nbytes + self.latents.nbytes + self.values.nbytes)
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Memory the same codes would take dense in float32."""
+        return int(self.num_positions * self.d_sae * 4)
+
+    def mean_l0(self) -> float:
+        return float(len(self.latents) / max(self.num_positions, 1))
+
+    def positions_of(self) -> np.ndarray:
+        """Position number of every stored (latent, value) pair, ``(nnz,)``."""
+        return np.repeat(np.arange(self.num_positions), np.diff(self.offsets))
+
+    def latent_map(self, latent: int) -> np.ndarray:
+        """Activation of ``latent`` on the feature grid of each encoded slice: ``(S, h, w)`` float32."""
+        if not 0 <= latent < self.d_sae:
+            raise ValueError(f"latent {latent} is out of range for an SAE with {self.d_sae} latents")
+        out = np.zeros(self.num_positions, dtype=np.float32)
+        hits = np.flatnonzero(self.latents == latent)
+        out[self.positions_of_pairs(hits)] = self.values[hits]
+        return out.reshape(len(self.slices), *self.grid)
+
+    def positions_of_pairs(self, pairs: np.ndarray) -> np.ndarray:
+        """Position numbers of the stored pairs ``pairs`` (indices into ``latents``)."""
+        return np.searchsorted(self.offsets, pairs, side="right") - 1
+
+    def heatmap(self, latent: int) -> np.ndarray:
+        """Heatmap of ``latent`` on the input's voxel grid (file order), float32, 0 outside encoded slices.
+
+        The feature map is upsampled bilinearly to the model size, then mapped through the slice geometry's
+        inverse (resize, un-pad) and the reorientation, exactly like the segmentation.
+        """
+        prepared = self.prepared
+        maps = torch.from_numpy(self.latent_map(latent))[:, None]
+        size = prepared.geometry.size
+        maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
+        maps = prepared.geometry.from_model(maps)[:, 0].numpy()  # (S, X, Y)
+        volume = np.zeros(prepared.brain_mask.shape, dtype=np.float32)
+        volume[:, :, self.slices] = maps.transpose(1, 2, 0)
+        return prepared.to_input_grid(volume)
+
+    def region_weights(self, region: np.ndarray | None = None, slice_range: tuple[int, int] | None = None) -> np.ndarray:
+        """Weight in [0, 1] of every position for a region: ``(P,)``.
+
+        Args:
+            region: boolean mask on the input grid (file order); a position's weight is the fraction of its patch
+                inside the mask.
+            slice_range: ``[start, stop)`` of axial slices in RAS order; positions of those slices weigh 1.
+        """
+        weights = np.ones((len(self.slices), *self.grid), dtype=np.float32)
+        if slice_range is not None:
+            inside = (self.slices >= slice_range[0]) & (self.slices < slice_range[1])
+            weights[~inside] = 0
+        if region is not None:
+            ras = self.prepared.orientation.apply(np.asarray(region, dtype=bool))
+            if ras.shape != self.prepared.brain_mask.shape:
+                raise ValueError(f"region of shape {region.shape} is not on the case's grid {self.prepared.source.shape}")
+            fake = _MaskView(ras, self.prepared.geometry)
+            weights *= brain_fraction_on_grid(fake, self.slices, self.grid).numpy()
+        return weights.reshape(-1)
+
+    def top_latents(self, k: int = 10, region: np.ndarray | None = None, slice_range: tuple[int, int] | None = None) -> list[tuple[int, float]]:
+        """The ``k`` latents with the largest summed activation over a region: ``[(latent, total), ...]``."""
+        weights = self.region_weights(region, slice_range)
+        totals = np.bincount(self.latents, weights=self.values * weights[self.positions_of()], minlength=self.d_sae)
+        order = np.argsort(-totals)[:k]
+        return [(int(j), float(totals[j])) for j in order if totals[j] > 0]
+
+    def latent_frequency(self) -> np.ndarray:
+        """Fraction of positions where each latent is active, ``(d_sae,)``."""
+        return np.bincount(self.latents, minlength=self.d_sae) / max(self.num_positions, 1)
+
+    def dense(self, slice_number: int) -> np.ndarray:
+        """Dense codes of one encoded slice ``(h*w, d_sae)`` (for tests and small edits)."""
+        per_slice = self.grid[0] * self.grid[1]
+        start, stop = slice_number * per_slice, (slice_number + 1) * per_slice
+        out = np.zeros((per_slice, self.d_sae), dtype=np.float32)
+        lo, hi = self.offsets[start], self.offsets[stop]
+        rows = self.positions_of()[lo:hi] - start
+        out[rows, self.latents[lo:hi]] = self.values[lo:hi]
+        return out
+
+
+@dataclass
+class _MaskView:
+    """Just enough of a PreparedCase for :func:`brain_fraction_on_grid` to pool an arbitrary mask."""
+
+    brain_mask: np.ndarray
+    geometry: object
+
+
+@torch.no_grad()
+def encode_volume(
+    model: Segmenter,
+    sae: BatchTopKSAE,
+    case,
+    hook: str | None = None,
+    batch_size: int = 16,
+) -> VolumeCodes:
+    """Encode every brain slice of ``case`` with ``sae`` at ``hook`` (default: the SAE's hook point).
+
+    Args:
+        model: the segmenter the SAE was trained on.
+        sae: a trained SAE with an inference threshold.
+        case: a case folder, :class:`Case`, :class:`CaseImages` or :class:`PreparedCase`.
+    """
+    hook = hook or sae.config.hook_point or model.config.hook_point
+    channels, height, width = model.hook_points()[hook]
+    if channels != sae.config.d_in:
+        raise ValueError(f"the SAE takes {sae.config.d_in}-dimensional activations but hook '{hook}' has {channels} channels")
+    prepared = prepare_for_model(model, case)
+    device = next(model.parameters()).device
+    sae = sae.to(device)
+    theta = sae._theta()
+    slices = prepared.brain_slices()
+    counts, latents, values = [], [], []
+    for start in range(0, len(slices), batch_size):
+        batch = slices[start : start + batch_size]
+        _, activations = model.capture(prepared.model_input(batch).to(device), hook)
+        pre = sae.pre_activations(feature_map_to_vectors(activations))
+        active = pre > theta
+        rows, cols = torch.nonzero(active, as_tuple=True)  # row-major: grouped by position
+        counts.append(active.sum(dim=1).cpu().numpy())
+        latents.append(cols.to(torch.int32).cpu().numpy())
+        values.append(pre[rows, cols].float().cpu().numpy())
+    count = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
+    offsets = np.zeros(len(count) + 1, dtype=np.int64)
+    np.cumsum(count, out=offsets[1:])
+    return VolumeCodes(
+        offsets=offsets,
+        latents=np.concatenate(latents) if latents else np.zeros(0, dtype=np.int32),
+        values=np.concatenate(values) if values else np.zeros(0, dtype=np.float32),
+        slices=slices,
+        grid=(height, width),
+        d_sae=sae.d_sae,
+        prepared=prepared,
+    )
+
+
+def save_heatmap(codes: VolumeCodes, latent: int, path: str | Path, overwrite: bool = False) -> Path:
+    """Write the heatmap of ``latent`` as NIfTI on the case's exact voxel grid."""
+    from ..data.io import write_image
+
+    return write_image(codes.heatmap(latent), codes.prepared.source.reference, path, overwrite=overwrite, dtype=np.float32)

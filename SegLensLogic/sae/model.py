@@ -1,0 +1,291 @@
+"""The BatchTopK sparse autoencoder (Bussmann et al. 2024) of Med-SegLens section 3.4.
+
+``Z = BatchTopK(X W_enc + b_enc)``, ``X^ = Z W_dec + b_dec``: over a batch of ``n`` activation vectors the
+``n * k`` largest pre-activations are kept (so a vector gets k latents on average, more where it is complex).
+Decoder rows have unit norm. At inference one global threshold ``theta`` replaces the batch-dependent top-k
+(a JumpReLU with a single scalar), so a single case encodes the same way whatever else is in the batch.
+
+An SAE is stored as a folder: ``sae_config.json`` (:class:`SAEConfig`) plus ``sae.safetensors``. The dataset
+normalisation scalar is folded into the weights at save time, so a loaded SAE takes raw activations.
+
+Shapes: activations ``(n, d_in)``; codes ``(n, d_sae)`` dense or ``(indices, values)`` sparse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..data.io import atomic_write_text
+from ..errors import InputFileError, OutputExistsError
+
+SAE_CONFIG_NAME = "sae_config.json"
+SAE_WEIGHTS_NAME = "sae.safetensors"
+SAE_FORMAT_VERSION = 1
+
+
+@dataclass
+class SAEConfig:
+    """Sizes and provenance of a sparse autoencoder.
+
+    Attributes:
+        d_in: activation channels at the hook point.
+        expansion: dictionary size over ``d_in`` (paper: 16).
+        k: mean active latents per vector (paper: 32).
+        threshold: inference threshold on pre-activations (raw activation units once saved); None until
+            estimated.
+        hook_point: the segmenter hook point the activations came from.
+        model_sha256: hash of the segmenter's weights the SAE was trained on.
+        training: provenance and final metrics written by training.
+    """
+
+    d_in: int
+    expansion: int = 16
+    k: int = 32
+    threshold: float | None = None
+    hook_point: str | None = None
+    model_sha256: str | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    format_version: int = SAE_FORMAT_VERSION
+
+    @property
+    def d_sae(self) -> int:
+        return self.d_in * self.expansion
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | Path = "<config>") -> "SAEConfig":
+        if not isinstance(data, dict):
+            raise InputFileError(source, "is not a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(data) - known):
+            raise InputFileError(source, f"unknown SAE config field(s) {unknown}")
+        if "d_in" not in data:
+            raise InputFileError(source, "missing SAE config field 'd_in'")
+        if data.get("format_version", SAE_FORMAT_VERSION) != SAE_FORMAT_VERSION:
+            raise InputFileError(source, f"SAE format_version {data['format_version']} is not supported")
+        for name in ("d_in", "expansion", "k"):
+            value = data.get(name, 1)
+            if not isinstance(value, int) or value < 1:
+                raise InputFileError(source, f"'{name}' must be a positive integer, got {value!r}")
+        return cls(**data)
+
+
+class _SparseEncode(torch.autograd.Function):
+    """ReLU pre-activations gathered at given (row, latent) pairs, with a backward that only touches them.
+
+    Forward: ``values[i] = relu(x[rows[i]] . W_enc[:, latents[i]] + b_enc[latents[i]])`` (already computed by the
+    caller; passed in to avoid recomputation). Backward: the gradients of ``x``, ``W_enc`` and ``b_enc`` through
+    the selected entries only -- ``n*k*d`` work instead of two dense ``n*d_sae*d`` products.
+    """
+
+    @staticmethod
+    def forward(ctx, values, x, w_enc, b_enc, rows, latents):
+        ctx.save_for_backward(x, w_enc, rows, latents, values)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        x, w_enc, rows, latents, values = ctx.saved_tensors
+        grad = grad_values * (values > 0)  # ReLU
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_x = torch.zeros_like(x).index_add_(0, rows, grad[:, None] * w_enc.t().index_select(0, latents))
+        if ctx.needs_input_grad[2]:
+            grad_w_t = torch.zeros(w_enc.shape[1], w_enc.shape[0], dtype=x.dtype, device=x.device)
+            grad_w = grad_w_t.index_add_(0, latents, grad[:, None] * x.index_select(0, rows)).t()
+        if ctx.needs_input_grad[3]:
+            grad_b = torch.zeros(w_enc.shape[1], dtype=x.dtype, device=x.device).index_add_(0, latents, grad)
+        return None, grad_x, grad_w, grad_b, None, None
+
+
+class BatchTopKSAE(nn.Module):
+    """BatchTopK sparse autoencoder on activation vectors of dimension ``d_in``.
+
+    Parameters: ``W_enc (d_in, d_sae)``, ``b_enc (d_sae,)``, ``W_dec (d_sae, d_in)`` with unit-norm rows,
+    ``b_dec (d_in,)``. ``norm_scale`` (a buffer) multiplies inputs during training; it is 1 after saving.
+    """
+
+    def __init__(self, config: SAEConfig):
+        super().__init__()
+        self.config = config
+        d_in, d_sae = config.d_in, config.d_sae
+        w = torch.empty(d_in, d_sae)
+        nn.init.kaiming_uniform_(w.t(), a=5**0.5)
+        self.W_enc = nn.Parameter(w)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        # Decoder starts as the encoder's transpose, rows of unit norm (Bussmann et al. reference code).
+        self.W_dec = nn.Parameter(F.normalize(w.t().clone(), dim=1))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("norm_scale", torch.ones(()))
+        threshold = config.threshold if config.threshold is not None else float("nan")
+        # float32 on purpose: the threshold decides which latents exist, keep it out of any reduced precision.
+        self.register_buffer("threshold", torch.tensor(threshold, dtype=torch.float32))
+
+    @property
+    def d_sae(self) -> int:
+        return self.config.d_sae
+
+    # -- encoding ---------------------------------------------------------------------------------------
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """``relu(x * norm_scale @ W_enc + b_enc)``, shape ``(n, d_sae)``."""
+        return F.relu((x * self.norm_scale) @ self.W_enc + self.b_enc)
+
+    def batch_topk(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``n * k`` largest positive pre-activations of the batch, differentiable.
+
+        Returns:
+            ``(rows, latents, values)``: each of length ``<= n * k`` (zeros are dropped).
+        """
+        k = k or self.config.k
+        with torch.no_grad():
+            pre = self.pre_activations(x)
+            top = torch.topk(pre.flatten(), min(x.shape[0] * k, pre.numel()), sorted=False)
+            keep = top.values > 0
+            flat = top.indices[keep]
+            rows, latents = flat // self.d_sae, flat % self.d_sae
+            values = top.values[keep]
+        if torch.is_grad_enabled() and (x.requires_grad or self.W_enc.requires_grad):
+            # Gradient flows to the inputs as seen by the encoder: x * norm_scale.
+            values = _SparseEncode.apply(values, x * self.norm_scale, self.W_enc, self.b_enc, rows, latents)
+        return rows, latents, values
+
+    def encode(self, x: torch.Tensor, use_threshold: bool = True) -> torch.Tensor:
+        """Dense codes ``(n, d_sae)``: the inference threshold (default), or BatchTopK over this batch."""
+        if use_threshold:
+            theta = self._theta()
+            pre = self.pre_activations(x)
+            return pre * (pre > theta)
+        rows, latents, values = self.batch_topk(x)
+        codes = torch.zeros(x.shape[0], self.d_sae, dtype=values.dtype, device=x.device)
+        codes[rows, latents] = values
+        return codes
+
+    def encode_sparse(self, x: torch.Tensor, max_active: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Thresholded codes as fixed-width sparse rows: ``(indices, values)``, each ``(n, max_active)``.
+
+        ``max_active`` (default ``4 * k``) caps the latents kept per vector, largest first; unused slots hold
+        value 0 (index 0). With the threshold set so that the mean is ``k``, vectors rarely reach the cap.
+        """
+        theta = self._theta()
+        pre = self.pre_activations(x)
+        width = min(max_active or 4 * self.config.k, self.d_sae)
+        top = torch.topk(pre, width, dim=1)
+        values = top.values * (top.values > theta)
+        indices = torch.where(values > 0, top.indices, torch.zeros_like(top.indices))
+        return indices, values
+
+    def _theta(self) -> float:
+        theta = float(self.threshold)
+        if theta != theta:  # NaN: not estimated
+            raise RuntimeError("this SAE has no inference threshold yet; estimate it with estimate_threshold()")
+        return theta
+
+    # -- decoding ---------------------------------------------------------------------------------------
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Dense codes ``(n, d_sae)`` -> reconstructions ``(n, d_in)`` in input units."""
+        return (codes @ self.W_dec + self.b_dec) / self.norm_scale
+
+    def decode_sparse(self, rows: torch.Tensor, latents: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+        """Sparse codes -> ``(n, d_in)``: ``n*k*d`` work (an ``embedding_bag``-style gather-scatter)."""
+        contrib = values[:, None] * self.W_dec.index_select(0, latents)
+        out = torch.zeros(n, self.config.d_in, dtype=contrib.dtype, device=contrib.device).index_add(0, rows, contrib)
+        return (out + self.b_dec) / self.norm_scale
+
+    def forward(self, x: torch.Tensor, use_threshold: bool = False) -> torch.Tensor:
+        """Reconstruction of ``x`` (BatchTopK by default, as in training; the threshold when asked)."""
+        if use_threshold:
+            return self.decode(self.encode(x, use_threshold=True))
+        rows, latents, values = self.batch_topk(x)
+        return self.decode_sparse(rows, latents, values, x.shape[0])
+
+    # -- constraints ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def normalise_decoder(self) -> None:
+        """Rescale decoder rows to unit norm (during training, while ``norm_scale`` is not folded in)."""
+        self.W_dec.data = F.normalize(self.W_dec.data, dim=1)
+
+    @torch.no_grad()
+    def remove_parallel_gradient(self) -> None:
+        """Drop the component of each decoder row's gradient along the row (it would only change its norm)."""
+        if self.W_dec.grad is not None:
+            w = self.W_dec.data
+            self.W_dec.grad -= (self.W_dec.grad * w).sum(dim=1, keepdim=True) * w
+
+    # -- storage ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_normalisation(self) -> None:
+        """Fold ``norm_scale`` into the weights (then ``norm_scale`` is 1); the SAE computes the same function.
+
+        With ``s = norm_scale``: ``pre = s x W_enc + b_enc`` is unchanged by ``W_enc <- s W_enc``; the decoder
+        output ``(z W_dec + b_dec) / s`` is unchanged by ``W_dec <- W_dec / s``, ``b_dec <- b_dec / s`` (rows then have
+        norm ``1/s``, and latent values keep their training units, hence so does the threshold).
+        """
+        s = self.norm_scale.clone()
+        self.W_enc.mul_(s)
+        self.W_dec.div_(s)
+        self.b_dec.div_(s)
+        self.norm_scale.fill_(1.0)
+
+    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Write ``sae_config.json`` and ``sae.safetensors`` into ``folder`` (normalisation folded in)."""
+        folder = Path(folder)
+        for name in (SAE_CONFIG_NAME, SAE_WEIGHTS_NAME):
+            if (folder / name).exists() and not overwrite:
+                raise OutputExistsError(folder / name)
+        folder.mkdir(parents=True, exist_ok=True)
+        # Fold in place, so that this SAE and the stored one are the same numbers (exact round trip).
+        self.fold_normalisation()
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        self.config.threshold = None if torch.isnan(state["threshold"]) else float(state["threshold"])
+        tmp = folder / f".{SAE_WEIGHTS_NAME}.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt", "kind": "BatchTopKSAE"})
+        tmp.replace(folder / SAE_WEIGHTS_NAME)
+        atomic_write_text(folder / SAE_CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2) + "\n", overwrite=True)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device | None = None) -> "BatchTopKSAE":
+        """Load an SAE folder written by :meth:`save` (no unpickling).
+
+        Raises:
+            InputFileError: missing or malformed config or weights, or weights that do not fit the config.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise InputFileError(folder, "SAE folder not found")
+        config_path, weights_path = folder / SAE_CONFIG_NAME, folder / SAE_WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise InputFileError(path, f"missing: an SAE folder needs {SAE_CONFIG_NAME} and {SAE_WEIGHTS_NAME}")
+        try:
+            config = SAEConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")), config_path)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputFileError(config_path, f"is not valid JSON ({exc})") from None
+        try:
+            state = load_file(str(weights_path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputFileError(weights_path, f"cannot be read as safetensors ({exc})") from None
+        sae = cls(config)
+        expected = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
+        found = {name: tuple(t.shape) for name, t in state.items()}
+        if expected != found:
+            diff = sorted(set(expected.items()) ^ set(found.items()))[:4]
+            raise InputFileError(
+                weights_path, f"weights do not match {SAE_CONFIG_NAME} (d_in {config.d_in}, d_sae {config.d_sae}): {diff}"
+            )
+        sae.load_state_dict(state)
+        if config.threshold is not None and not torch.isclose(sae.threshold, torch.tensor(float(config.threshold))):
+            raise InputFileError(weights_path, f"threshold {float(sae.threshold)} disagrees with {SAE_CONFIG_NAME} ({config.threshold})")
+        return sae.to(device or "cpu").eval()

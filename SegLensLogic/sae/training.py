@@ -1,0 +1,265 @@
+"""Training a BatchTopK SAE from an activation store (Bussmann et al. 2024; paper section 3.4, appendix B).
+
+Recipe (choices made explicit, see ``docs/sae-libraries.md``):
+
+- one dataset-level normalisation scalar ``s`` so that ``E||s x|| = sqrt(d_in)``, folded into the weights at save;
+- ``b_dec`` initialised at the geometric median of a sample (Weiszfeld iterations);
+- loss: mean squared error over all elements, plus ``aux_coefficient`` (1/32) times the auxiliary top-k loss:
+  the ``k_aux`` largest pre-activations among *dead* latents reconstruct the residual ``x - x^`` (no ``b_dec``);
+- a latent is dead when it has not fired on the last ``dead_after`` training vectors;
+- decoder rows kept at unit norm, with the gradient component parallel to each row removed before each step;
+- Adam, lr 3e-4, betas (0.9, 0.999); vectors from all images shuffled together;
+- sparse encoder backward and sparse decoding (``n*k*d`` work instead of ``n*d_sae*d``);
+- the inference threshold is estimated on held-out vectors so that they average exactly ``k`` active latents.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..networks.segmenter import default_device
+from .activations import ActivationStore
+from .model import BatchTopKSAE, SAEConfig
+
+
+@dataclass
+class SAETrainingOptions:
+    """Hyperparameters of SAE training.
+
+    Attributes:
+        k: mean active latents per vector.
+        expansion: dictionary size over ``d_in``.
+        batch_size: vectors per step (BatchTopK keeps ``batch_size * k`` activations).
+        epochs: passes over the training vectors (fractions allowed); ``max_steps`` caps it.
+        max_steps: stop after this many steps, if set.
+        learning_rate: Adam learning rate.
+        aux_coefficient: weight of the auxiliary dead-latent loss (1/32).
+        k_aux: latents per vector in the auxiliary loss (default ``d_in // 2``).
+        dead_after: vectors without firing after which a latent counts as dead (default 10 batches).
+        holdout_fraction: vectors kept out of training to estimate the threshold and evaluate.
+        log_every: steps between progress lines.
+        seed: initialisation, order and split.
+    """
+
+    k: int = 32
+    expansion: int = 16
+    batch_size: int = 4096
+    epochs: float = 1.0
+    max_steps: int | None = None
+    learning_rate: float = 3e-4
+    aux_coefficient: float = 1 / 32
+    k_aux: int | None = None
+    dead_after: int | None = None
+    holdout_fraction: float = 0.05
+    log_every: int = 50
+    seed: int = 0
+
+
+def geometric_median(points: torch.Tensor, iterations: int = 50, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to ``points`` ``(n, d)``."""
+    median = points.mean(dim=0)
+    for _ in range(iterations):
+        weights = 1 / (points - median).norm(dim=1).clamp_min(eps)
+        new = (weights[:, None] * points).sum(dim=0) / weights.sum()
+        if (new - median).norm() < eps * max(1.0, float(median.norm())):
+            return new
+        median = new
+    return median
+
+
+def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """``1 - sum||x - x^||^2 / sum||x - mean(x)||^2`` over a batch."""
+    residual = (x - x_hat).pow(2).sum()
+    total = (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+    return float(1 - residual / total)
+
+
+@torch.no_grad()
+def estimate_threshold(sae: BatchTopKSAE, vectors: torch.Tensor, chunk: int = 4096) -> float:
+    """The global threshold that leaves held-out ``vectors`` with exactly ``k`` active latents on average.
+
+    It is the ``(n * k)``-th largest pre-activation over the set (computed chunk by chunk on the top ``n*k``
+    candidates), stored in float32 on the SAE and returned.
+    """
+    n, k = vectors.shape[0], sae.config.k
+    device = sae.W_enc.device
+    best = torch.empty(0, device=device)
+    for start in range(0, n, chunk):
+        pre = sae.pre_activations(vectors[start : start + chunk].to(device)).flatten()
+        best = torch.topk(torch.cat([best, pre]), min(n * k, best.numel() + pre.numel()), sorted=False).values
+    theta = float(best.min())
+    sae.threshold.fill_(theta)
+    sae.config.threshold = theta
+    return theta
+
+
+@torch.no_grad()
+def evaluate_reconstruction(sae: BatchTopKSAE, vectors: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
+    """Reconstruction metrics with the inference threshold on ``vectors`` (raw activation units).
+
+    Returns:
+        ``mse`` (per element), ``explained_variance``, ``l0`` (mean active latents per vector) and
+        ``dead_fraction`` (latents that never fire on these vectors).
+    """
+    device = sae.W_enc.device
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
+    sq_err, count, active = 0.0, 0, 0
+    xs, xhats = [], []
+    for start in range(0, vectors.shape[0], chunk):
+        x = vectors[start : start + chunk].to(device)
+        codes = sae.encode(x, use_threshold=True)
+        x_hat = sae.decode(codes)
+        fired |= (codes > 0).any(dim=0)
+        active += int((codes > 0).sum())
+        sq_err += float((x - x_hat).pow(2).sum())
+        count += x.numel()
+        xs.append(x.cpu())
+        xhats.append(x_hat.cpu())
+    x_all, x_hat_all = torch.cat(xs), torch.cat(xhats)
+    return {
+        "mse": sq_err / count,
+        "explained_variance": explained_variance(x_all, x_hat_all),
+        "l0": active / vectors.shape[0],
+        "dead_fraction": float((~fired).float().mean()),
+    }
+
+
+def train_sae(
+    store: ActivationStore,
+    options: SAETrainingOptions | None = None,
+    device: str | torch.device | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[BatchTopKSAE, dict]:
+    """Train a BatchTopK SAE on ``store`` and estimate its inference threshold.
+
+    Returns:
+        ``(sae, report)``: the SAE (``norm_scale`` set, so it takes raw activations) and a report with the
+        training history and held-out metrics (also stored in ``sae.config.training``).
+    """
+    options = options or SAETrainingOptions()
+    device = torch.device(device) if device else default_device()
+    torch.manual_seed(options.seed)
+    train_idx, hold_idx = store.split(options.holdout_fraction, seed=options.seed)
+    if len(train_idx) < options.batch_size:
+        log(f"note: {len(train_idx)} training vectors, fewer than one batch of {options.batch_size}")
+    config = SAEConfig(
+        d_in=store.d_in,
+        expansion=options.expansion,
+        k=options.k,
+        hook_point=store.hook_point,
+        model_sha256=store.manifest.get("model_sha256"),
+    )
+    sae = BatchTopKSAE(config).to(device)
+
+    # Normalisation scalar and b_dec from a sample of the training vectors.
+    rng = np.random.default_rng(options.seed)
+    sample = store.vectors(rng.choice(train_idx, size=min(len(train_idx), 16384), replace=False)).to(device)
+    scale = math.sqrt(store.d_in) / float(sample.norm(dim=1).mean().clamp_min(1e-12))
+    with torch.no_grad():
+        sae.b_dec.copy_(geometric_median(sample * scale))
+
+    k_aux = options.k_aux or max(1, store.d_in // 2)
+    dead_after = options.dead_after or 10 * options.batch_size
+    since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
+    optimiser = torch.optim.Adam(sae.parameters(), lr=options.learning_rate, betas=(0.9, 0.999))
+    steps_per_epoch = math.ceil(len(train_idx) / options.batch_size)
+    total_steps = max(1, math.ceil(options.epochs * steps_per_epoch))
+    if options.max_steps:
+        total_steps = min(total_steps, options.max_steps)
+    log(
+        f"Training BatchTopK SAE: d_in {store.d_in}, {sae.d_sae} latents, k {options.k}, "
+        f"{len(train_idx)} training vectors, {total_steps} steps of {options.batch_size} on {device.type}"
+    )
+    history = []
+    step, epoch = 0, 0
+    start_time = time.monotonic()
+    bar = tqdm(total=total_steps, desc="train-sae", unit="step", disable=not sys.stderr.isatty())
+    while step < total_steps:
+        for batch in store.batches(train_idx, options.batch_size, seed=options.seed + epoch):
+            x = batch.to(device) * scale
+            rows, latents, values = sae.batch_topk(x)
+            x_hat = sae.decode_sparse(rows, latents, values, x.shape[0])
+            mse = (x_hat - x).pow(2).mean()
+            loss = mse
+            dead = since_fired >= dead_after
+            aux = torch.zeros((), device=device)
+            if dead.any():
+                dead_ids = torch.nonzero(dead).squeeze(1)
+                pre_dead = torch.relu(x @ sae.W_enc[:, dead_ids] + sae.b_enc[dead_ids])
+                top = torch.topk(pre_dead, min(k_aux, len(dead_ids)), dim=1)
+                aux_recon = torch.einsum("nk,nkd->nd", top.values, sae.W_dec[dead_ids][top.indices])
+                residual = (x - x_hat).detach()
+                aux = (aux_recon - residual).pow(2).mean()
+                if torch.isfinite(aux):
+                    loss = loss + options.aux_coefficient * aux
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            sae.remove_parallel_gradient()
+            optimiser.step()
+            sae.normalise_decoder()
+            with torch.no_grad():
+                since_fired += x.shape[0]
+                since_fired[latents.unique()] = 0
+            step += 1
+            bar.update(1)
+            if step % options.log_every == 0 or step == total_steps:
+                record = {
+                    "step": step,
+                    "mse": mse.item(),
+                    "aux": aux.item(),
+                    "explained_variance": explained_variance(x, x_hat.detach()),
+                    "l0": len(values) / x.shape[0],
+                    "dead_fraction": float(dead.float().mean()),
+                    "seconds": round(time.monotonic() - start_time, 1),
+                }
+                history.append(record)
+                log(
+                    f"step {step:6d}  mse {record['mse']:.4f}  EV {record['explained_variance']:.3f}  "
+                    f"L0 {record['l0']:.1f}  dead {record['dead_fraction']:.3f}"
+                )
+            if step >= total_steps:
+                break
+        epoch += 1
+    bar.close()
+
+    with torch.no_grad():
+        sae.norm_scale.fill_(scale)
+    # Half of the held-out vectors set the threshold, the other half measures it (L0, EV, dead latents).
+    holdout = store.vectors(hold_idx[:65536]) if len(hold_idx) >= 2 else sample.cpu() / scale
+    half = len(holdout) // 2
+    theta = estimate_threshold(sae, holdout[:half][:16384])
+    evaluation = evaluate_reconstruction(sae, holdout[half:])
+    log(
+        f"Held-out ({len(holdout)} vectors): EV {evaluation['explained_variance']:.3f}  "
+        f"L0 {evaluation['l0']:.1f} (k {options.k})  dead {evaluation['dead_fraction']:.3f}  threshold {theta:.4g}"
+    )
+    report = {
+        "options": asdict(options),
+        "store": str(store.folder),
+        "cohort": store.manifest.get("cohort"),
+        "norm_scale": scale,
+        "steps": step,
+        "history": history,
+        "holdout": evaluation,
+        "seconds": round(time.monotonic() - start_time, 1),
+    }
+    sae.config.training = {k: v for k, v in report.items() if k != "history"}
+    return sae, report
+
+
+def save_training_report(report: dict, folder: str | Path) -> Path:
+    """Write ``training_report.json`` (history included) beside a saved SAE."""
+    import json
+
+    from ..data.io import atomic_write_text
+
+    return atomic_write_text(Path(folder) / "training_report.json", json.dumps(report, indent=2) + "\n", overwrite=True)
