@@ -149,6 +149,98 @@ def cmd_hooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .data.cohort import load_cohort
+    from .networks import load_segmenter
+    from .sae import ExtractionOptions, extract_activations
+
+    model = load_segmenter(args.model, device=_device(args))
+    cohort = load_cohort(args.cohort)
+    options = ExtractionOptions(
+        hook=args.layer,
+        brain_only=not args.all_positions,
+        subsample=args.subsample,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    _log(f"Extracting '{options.hook or model.config.hook_point}' activations of {len(cohort)} case(s)")
+    extract_activations(model, cohort, args.out, options, model_dir=args.model, overwrite=args.overwrite, log=_log)
+    return 0
+
+
+def cmd_train_sae(args: argparse.Namespace) -> int:
+    from .errors import OutputExistsError
+    from .sae import ActivationStore, SAETrainingOptions, train_sae
+    from .sae.model import SAE_CONFIG_NAME
+    from .sae.training import save_training_report
+
+    if (Path(args.out) / SAE_CONFIG_NAME).exists() and not args.overwrite:
+        raise OutputExistsError(Path(args.out) / SAE_CONFIG_NAME)
+    store = ActivationStore(args.activations)
+    options = SAETrainingOptions(
+        k=args.k,
+        expansion=args.expansion,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.lr,
+        seed=args.seed,
+    )
+    sae, report = train_sae(store, options, device=_device(args), log=_log)
+    sae.save(args.out, overwrite=args.overwrite)
+    save_training_report(report, args.out)
+    _log(f"Wrote {args.out}")
+    return 0
+
+
+def cmd_evaluate_sae(args: argparse.Namespace) -> int:
+    from .data.cohort import load_cohort
+    from .networks import load_segmenter
+    from .sae import ActivationStore, BatchTopKSAE, evaluate_reconstruction
+    from .sae.evaluation import dice_recovered
+
+    sae = BatchTopKSAE.load(args.sae)
+    if args.activations:
+        store = ActivationStore(args.activations)
+        if store.d_in != sae.config.d_in:
+            raise SegLensError(f"{args.activations}: vectors have {store.d_in} channels but the SAE takes {sae.config.d_in}")
+        _, holdout = store.split(0.05, seed=0)
+        metrics = evaluate_reconstruction(sae, store.vectors(holdout[:65536]))
+        _log("Reconstruction: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if args.cohort:
+        if not args.model:
+            raise SegLensError("--cohort needs --model to measure Dice recovered")
+        model = load_segmenter(args.model, device=_device(args))
+        result = dice_recovered(model, sae, load_cohort(args.cohort), log=_log)
+        _log("Dice recovered: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    if not args.activations and not args.cohort:
+        raise SegLensError("give --activations (reconstruction metrics) and/or --model with --cohort (Dice recovered)")
+    return 0
+
+
+def cmd_latents(args: argparse.Namespace) -> int:
+    from .networks import load_segmenter
+    from .sae import BatchTopKSAE
+    from .sae.codes import encode_volume, save_heatmap
+
+    model = load_segmenter(args.model, device=_device(args))
+    sae = BatchTopKSAE.load(args.sae)
+    case = _case_arg(args)
+    codes = encode_volume(model, sae, case, batch_size=args.batch_size)
+    _log(
+        f"{case.case_id}: {codes.num_positions} positions, mean {codes.mean_l0():.1f} active latents, "
+        f"codes {codes.nbytes / 1e6:.1f} MB sparse ({codes.dense_nbytes / 1e6:.0f} MB dense)"
+    )
+    for latent, total in codes.top_latents(args.top):
+        _log(f"  latent {latent:5d}  total activation {total:.1f}")
+    for latent in args.heatmap or []:
+        path = Path(args.out_dir or ".") / f"{case.case_id}-latent{latent:05d}.nii.gz"
+        save_heatmap(codes, latent, path, overwrite=args.overwrite)
+        _log(f"Wrote {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -210,6 +302,53 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("hooks", help="list a model's hook points and their feature-map shapes")
     p.add_argument("--model", required=True, help="model folder")
     p.set_defaults(func=cmd_hooks)
+
+    p = sub.add_parser("extract", help="store a hook point's activation vectors over a cohort (for SAE training)")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--layer", help="hook point (default: the model's mid-encoder hook; see seglens hooks)")
+    p.add_argument("--cohort", required=True, help="folder of case folders, or a text file listing them")
+    p.add_argument("--out", required=True, help="activation store folder to create")
+    p.add_argument("--all-positions", action="store_true", help="keep positions outside the brain too")
+    p.add_argument("--subsample", type=float, default=1.0, help="keep each position with this probability")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    add_device(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("train-sae", help="train a BatchTopK sparse autoencoder on an activation store")
+    p.add_argument("--activations", required=True, help="activation store folder (seglens extract)")
+    p.add_argument("--out", required=True, help="SAE folder to write")
+    p.add_argument("--k", type=int, default=32, help="mean active latents per vector (default 32)")
+    p.add_argument("--expansion", type=int, default=16, help="latents per activation channel (default 16)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the vectors (default 1)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing SAE folder")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch-size", type=int, default=4096, help="vectors per step (default 4096)")
+    p.set_defaults(func=cmd_train_sae)
+
+    p = sub.add_parser("evaluate-sae", help="explained variance, L0, dead latents; Dice recovered on a cohort")
+    p.add_argument("--sae", required=True, help="SAE folder")
+    p.add_argument("--activations", help="activation store for reconstruction metrics")
+    p.add_argument("--model", help="model folder (for Dice recovered)")
+    p.add_argument("--cohort", help="labelled cohort (for Dice recovered)")
+    add_device(p)
+    p.set_defaults(func=cmd_evaluate_sae)
+
+    p = sub.add_parser("latents", help="encode a case with an SAE: top latents, heatmaps on the input grid")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--sae", required=True, help="SAE folder")
+    p.add_argument("--case", type=Path, help="case folder")
+    p.add_argument("--image", action="append", metavar="MOD=FILE", help="explicit modality file (repeat)")
+    p.add_argument("--top", type=int, default=10, help="list this many most active latents (default 10)")
+    p.add_argument("--heatmap", type=int, action="append", metavar="LATENT", help="write this latent's heatmap (repeat)")
+    p.add_argument("--out-dir", help="folder for heatmaps (default: current folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing heatmap files")
+    add_device(p)
+    p.set_defaults(func=cmd_latents)
 
     p = sub.add_parser("demo", help="end-to-end run: cohort -> trained model -> evaluation -> mask and activations")
     p.add_argument("--out", default="seglens-demo", help="output folder (default seglens-demo)")
