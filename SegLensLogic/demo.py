@@ -2,8 +2,9 @@
 
 Without ``--data`` it writes a synthetic cohort of brain-tumour phantoms (BraTS 2023 naming, exact labels); with
 ``--data`` it uses a real labelled cohort. Then: train a small U-Net for a few minutes, evaluate it on held-out
-cases, segment one of them onto its exact voxel grid, and capture the activations at the model's mid-encoder
-hook point (the vectors the sparse autoencoders of Med-SegLens decompose) as a map on the same grid.
+cases, segment one of them onto its exact voxel grid, capture the activations at the model's mid-encoder hook
+point, train a BatchTopK sparse autoencoder on them, measure the Dice kept with SAE reconstructions, and write
+the heatmap of the latent most active in the predicted tumour on the case's grid.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from .data.phantoms import write_phantom_cohort
 from .errors import OutputExistsError
 from .evaluation import evaluate_cohort, format_table, write_csv
 from .inference import prepare_for_model, segment_case
+from .sae import ExtractionOptions, SAETrainingOptions, extract_activations, train_sae
+from .sae.codes import encode_volume, save_heatmap
+from .sae.evaluation import dice_recovered
+from .sae.training import save_training_report
 from .training import TrainingOptions, train_segmenter
 
 DEMO_UNET_FEATURES = [16, 16, 32, 64, 128, 16]
@@ -102,6 +107,28 @@ def run_demo(
     log(f"5. Activations at hook point '{hook}': {channels} channels at {height}x{width} positions per slice")
     norm = hook_activation_norm(model, prediction.prepared)
     written["activations"] = write_image(norm, prediction.prepared.source.reference, out / f"{case.case_id}-{hook}-norm.nii.gz", overwrite=True)
+
+    log(f"6. Sparse autoencoder on '{hook}': extracting activations of the training cases")
+    store = extract_activations(model, train_cohort, out / "activations", ExtractionOptions(), model_dir=model_dir, overwrite=True, log=log)
+    sae, report = train_sae(store, SAETrainingOptions(k=32, expansion=16, batch_size=1024, epochs=20, learning_rate=1e-3, log_every=100), log=log)
+    sae.save(out / "sae", overwrite=True)
+    save_training_report(report, out / "sae")
+    written["sae"] = out / "sae"
+    recovered = dice_recovered(model, sae, Cohort("test", [case]))
+    log(
+        f"   Dice with SAE reconstructions at the hook: {recovered['dice_sae']:.3f} "
+        f"(model {recovered['dice_model']:.3f}, mask agreement {recovered['mask_agreement']:.3f})"
+    )
+    codes = encode_volume(model, sae, prediction.prepared)
+    tumour = prediction.labels > 0
+    top = codes.top_latents(5, region=tumour if tumour.any() else None)
+    log(
+        f"7. Sparse codes of {case.case_id}: mean {codes.mean_l0():.1f} active latents per position, "
+        f"{codes.nbytes / 1e6:.2f} MB ({100 * codes.nbytes / codes.dense_nbytes:.1f}% of dense)"
+    )
+    log("   Most active latents inside the predicted tumour: " + ", ".join(f"{j} ({v:.0f})" for j, v in top))
+    if top:
+        written["heatmap"] = save_heatmap(codes, top[0][0], out / f"{case.case_id}-latent{top[0][0]:05d}.nii.gz", overwrite=True)
 
     log("Done. Files written:")
     for role, path in written.items():
