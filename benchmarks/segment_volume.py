@@ -89,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def spread(path: dict) -> str:
+    return f"{min(path['all_seconds']):.2f}-{max(path['all_seconds']):.2f}"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -203,16 +207,16 @@ def main(argv: list[str] | None = None) -> int:
         results.append(benchmark_model(model, prepared, device, args.batch_size, args.repeats))
 
     print()
-    print("| model | input | path | slices run / total | s per volume | slices/s (all slices) | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | input | path | slices run / total | s per volume (median) | runs min-max (s) | slices/s (all slices) | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         name = LABELS.get(r["arch"], r["arch"])
         size = f"{r['image_size']}px"
         b, f = r["baseline"], r["seglens"]
         print(f"| {name} | {size} | baseline: per slice, batch 1, all slices | {b['slices_run']} / {r['slices_total']} "
-              f"| {b['seconds_per_volume']:.2f} | {b['slices_per_second']:.1f} | 1.00x |")
+              f"| {b['seconds_per_volume']:.2f} | {spread(b)} | {b['slices_per_second']:.1f} | 1.00x |")
         print(f"| {name} | {size} | SegLens: batch {f['batch_size']}, brain slices only | {f['slices_run']} / {r['slices_total']} "
-              f"| {f['seconds_per_volume']:.2f} | {f['slices_per_second']:.1f} | **{r['speedup']:.2f}x** |")
+              f"| {f['seconds_per_volume']:.2f} | {spread(f)} | {f['slices_per_second']:.1f} | **{r['speedup']:.2f}x** |")
     print()
     print("Slices/s = all axial slices of the volume / median wall seconds per volume, for both paths: slices the "
           "SegLens path skips (no brain) count as done, so skipping empty slices counts as speed. "

@@ -151,7 +151,8 @@ def extract_activations(
             kept = 0
             for start in range(0, len(slices), options.batch_size):
                 batch = slices[start : start + options.batch_size]
-                _, activations = model.capture(prepared.model_input(batch).to(device), hook)
+                # Only the encoder up to the hook: the rest of the network is not needed here.
+                activations, _ = model.encode(prepared.model_input(batch).to(device), hook)
                 if not torch.isfinite(activations).all():
                     raise SegLensError(f"case '{case.case_id}': the model produced NaN or Inf activations at '{hook}'")
                 vectors = feature_map_to_vectors(activations).float().cpu().numpy()

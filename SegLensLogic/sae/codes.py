@@ -174,7 +174,8 @@ def encode_volume(
     counts, latents, values = [], [], []
     for start in range(0, len(slices), batch_size):
         batch = slices[start : start + batch_size]
-        _, activations = model.capture(prepared.model_input(batch).to(device), hook)
+        # Only the encoder up to the hook: the rest of the network is not needed for codes.
+        activations, _ = model.encode(prepared.model_input(batch).to(device), hook)
         pre = sae.pre_activations(feature_map_to_vectors(activations))
         active = pre > theta
         rows, cols = torch.nonzero(active, as_tuple=True)  # row-major: grouped by position

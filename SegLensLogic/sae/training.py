@@ -186,8 +186,7 @@ def train_sae(
     while step < total_steps:
         for batch in store.batches(train_idx, options.batch_size, seed=options.seed + epoch):
             x = batch.to(device) * scale
-            rows, latents, values = sae.batch_topk(x)
-            x_hat = sae.decode_sparse(rows, latents, values, x.shape[0])
+            x_hat, latents = sae.train_forward(x)
             mse = (x_hat - x).pow(2).mean()
             loss = mse
             dead = since_fired >= dead_after
@@ -217,7 +216,7 @@ def train_sae(
                     "mse": mse.item(),
                     "aux": aux.item(),
                     "explained_variance": explained_variance(x, x_hat.detach()),
-                    "l0": len(values) / x.shape[0],
+                    "l0": len(latents) / x.shape[0],
                     "dead_fraction": float(dead.float().mean()),
                     "seconds": round(time.monotonic() - start_time, 1),
                 }
