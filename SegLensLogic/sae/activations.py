@@ -139,6 +139,7 @@ def extract_activations(
     hook = model._hook(options.hook)
     d_in, *spatial = model.hook_points()[hook]
     device = next(model.parameters()).device
+    model.eval()
     rng = np.random.default_rng(options.seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -168,6 +168,7 @@ def encode_volume(
         raise ValueError(f"the SAE takes {sae.config.d_in}-dimensional activations but hook '{hook}' has {channels} channels")
     prepared = prepare_for_model(model, case)
     device = next(model.parameters()).device
+    model.eval()
     sae = sae.to(device)
     theta = sae._theta()
     slices = prepared.brain_slices()

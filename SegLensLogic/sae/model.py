@@ -298,7 +298,9 @@ class BatchTopKSAE(nn.Module):
         """Drop the component of each decoder row's gradient along the row (it would only change its norm)."""
         if self.W_dec.grad is not None:
             w = self.W_dec.data
-            self.W_dec.grad -= (self.W_dec.grad * w).sum(dim=1, keepdim=True) * w
+            # Divide by |w|^2 so that rows of any norm (a loaded SAE has rows of norm 1/norm_scale) are handled.
+            along = (self.W_dec.grad * w).sum(dim=1, keepdim=True) / (w * w).sum(dim=1, keepdim=True).clamp_min(1e-12)
+            self.W_dec.grad -= along * w
 
     # -- storage ----------------------------------------------------------------------------------------
     @torch.no_grad()

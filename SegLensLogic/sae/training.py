@@ -96,7 +96,8 @@ def estimate_threshold(sae: BatchTopKSAE, vectors: torch.Tensor, chunk: int = 40
     for start in range(0, n, chunk):
         pre = sae.pre_activations(vectors[start : start + chunk].to(device)).flatten()
         best = torch.topk(torch.cat([best, pre]), min(n * k, best.numel() + pre.numel()), sorted=False).values
-    theta = float(best.min())
+    # Encoding keeps pre > theta: step just below the (n*k)-th value so that it counts too.
+    theta = float(torch.nextafter(best.min(), torch.tensor(-float("inf"), device=best.device)))
     sae.threshold.fill_(theta)
     sae.config.threshold = theta
     return theta
