@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_device(p):
         p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs (auto: GPU if any)")
-        p.add_argument("--batch-size", type=int, default=16, help="axial slices per forward pass (default 16)")
+        p.add_argument("--batch-size", type=int, help="axial slices per forward pass (default: 16 on a GPU; on the CPU 1 for U-Net, 4 for SegFormer)")
 
     p = sub.add_parser("segment", help="segment one case and write its mask on the input's voxel grid")
     p.add_argument("--model", required=True, help="model folder (config.json + model.safetensors)")

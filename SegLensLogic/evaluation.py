@@ -19,7 +19,7 @@ from .networks.segmenter import Segmenter
 
 
 def evaluate_cohort(
-    model: Segmenter, cohort: Cohort, batch_size: int = 16, log: Callable[[str], None] | None = None
+    model: Segmenter, cohort: Cohort, batch_size: int | None = None, log: Callable[[str], None] | None = None
 ) -> list[dict]:
     """Segment every labelled case of ``cohort`` and score it.
 

@@ -24,6 +24,14 @@ from .networks.segmenter import Segmenter
 ProgressCallback = Callable[[int, int], "bool | None"]
 
 
+def default_batch_size(model: Segmenter) -> int:
+    """Axial slices per forward pass: 16 on a GPU; on the CPU the architecture's own ``cpu_batch_size``
+    (U-Net 1, SegFormer 4): there, batches of full-resolution feature maps fall out of cache and a U-Net runs
+    slower per slice in a batch than alone (measured with ``benchmarks/segment_volume.py``)."""
+    device = next(model.parameters()).device
+    return 16 if device.type == "cuda" else model.cpu_batch_size
+
+
 class PredictionCancelled(SegLensError):
     """The progress callback asked to stop."""
 
@@ -62,7 +70,7 @@ def prepare_for_model(model: Segmenter, case: Case | CaseImages | PreparedCase |
 def predict_volume(
     model: Segmenter,
     case: Case | CaseImages | PreparedCase | str | Path,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     progress: ProgressCallback | None = None,
     skip_empty: bool = True,
     return_probabilities: bool = False,
@@ -73,7 +81,7 @@ def predict_volume(
     Args:
         model: a segmenter (its device is used; load it with ``device=`` to choose).
         case: a case folder, :class:`Case`, :class:`CaseImages` or :class:`PreparedCase`.
-        batch_size: axial slices per forward pass.
+        batch_size: axial slices per forward pass (default: :func:`default_batch_size` of the model's device).
         progress: called as ``progress(slices_done, slices_total)``; returning False cancels.
         skip_empty: run only slices that contain brain (the rest is background). ``False`` runs every slice.
         return_probabilities: also return softmax probabilities on the input grid (float16).
@@ -85,6 +93,7 @@ def predict_volume(
     """
     prepared = prepare_for_model(model, case)
     device = next(model.parameters()).device
+    batch_size = batch_size or default_batch_size(model)
     model.eval()
     slices = prepared.brain_slices() if skip_empty else np.arange(prepared.num_slices)
     x_size, y_size, z_size = prepared.brain_mask.shape
@@ -127,7 +136,7 @@ def segment_case(
     case: Case | CaseImages | str | Path,
     out_path: str | Path,
     overwrite: bool = False,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> VolumePrediction:
     """Segment a case and write the label map (2023 scheme) as NIfTI on the input's exact voxel grid.

@@ -9,7 +9,7 @@ BraTS 2018 volume by default, 240 x 240 x 155), for each architecture, in one pr
 * **baseline** -- the plain per-slice loop: every axial slice of the volume, one slice per forward pass
   (``predict_volume(model, prepared, batch_size=1, skip_empty=False)``);
 * **SegLens** -- the path SegLens uses: only the axial slices that contain brain, ``--batch-size`` slices per
-  forward pass (``predict_volume(model, prepared, batch_size=B, skip_empty=True)``, B = 16 by default).
+  forward pass (``predict_volume(model, prepared, batch_size=B, skip_empty=True)``, B = SegLens's default: 16 on a GPU; on the CPU 1 for U-Net, 4 for SegFormer).
 
 Both timings include everything ``predict_volume`` does after preprocessing (slices resized to the model,
 the forward passes, logits resized back, argmax, labels put back on the input file's voxel grid). Reading the
@@ -56,7 +56,7 @@ import torch  # noqa: E402
 
 from SegLensLogic.data.cases import MODALITIES as CASE_MODALITIES, find_case, read_case  # noqa: E402
 from SegLensLogic.data.preprocessing import prepare_case  # noqa: E402
-from SegLensLogic.inference import predict_volume  # noqa: E402
+from SegLensLogic.inference import default_batch_size, predict_volume  # noqa: E402
 from SegLensLogic.networks import SegmenterConfig, build_segmenter, default_device, load_segmenter  # noqa: E402
 
 DEFAULT_CASE = REPO_ROOT.parent / "shared" / "data" / "brats2018" / "Brats18_CBICA_ABM_1"
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", type=Path, default=DEFAULT_CASE, help="case folder (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=None, help="model input side in pixels (default 256; 128 with --quick)")
-    parser.add_argument("--batch-size", type=int, default=16, help="slices per forward pass on the SegLens path (default 16)")
+    parser.add_argument("--batch-size", type=int, help="slices per forward pass on the SegLens path (default: SegLens's own, 16 on a GPU; on the CPU 1 for U-Net, 4 for SegFormer)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per path, median reported (default 3; 1 with --quick)")
     parser.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS), help="architectures to build (default: %(default)s)")
     parser.add_argument("--model", type=Path, action="append", default=None,
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.image_size = 128 if args.quick else 256
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
-    if args.repeats < 1 or args.batch_size < 1:
+    if args.repeats < 1 or (args.batch_size is not None and args.batch_size < 1):
         parser.error("--repeats and --batch-size must be at least 1")
     return args
 
@@ -108,6 +108,7 @@ def timed_prediction(model, prepared, device, **kwargs):
 
 
 def benchmark_model(model, prepared, device, batch_size: int, repeats: int) -> dict:
+    batch_size = batch_size or default_batch_size(model)
     baseline_kwargs = {"batch_size": 1, "skip_empty": False}
     seglens_kwargs = {"batch_size": batch_size, "skip_empty": True}
     # Warm-up (one run of each path); its outputs serve for the agreement check.

@@ -103,6 +103,8 @@ class Segmenter(nn.Module):
     hook_names: tuple[str, ...] = ()
     default_hook: str = ""
     size_multiple: int = 32
+    # Slices per forward pass on the CPU (see inference.default_batch_size).
+    cpu_batch_size: int = 4
 
     def __init__(self, config: SegmenterConfig):
         super().__init__()

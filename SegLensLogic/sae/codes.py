@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.preprocessing import PreparedCase
-from ..inference import prepare_for_model
+from ..inference import default_batch_size, prepare_for_model
 from ..networks.segmenter import Segmenter
 from .activations import brain_fraction_on_grid, feature_map_to_vectors
 from .model import BatchTopKSAE
@@ -153,7 +153,7 @@ def encode_volume(
     sae: BatchTopKSAE,
     case,
     hook: str | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
 ) -> VolumeCodes:
     """Encode every brain slice of ``case`` with ``sae`` at ``hook`` (default: the SAE's hook point).
 
@@ -171,6 +171,7 @@ def encode_volume(
     model.eval()
     sae = sae.to(device)
     theta = sae._theta()
+    batch_size = batch_size or default_batch_size(model)
     slices = prepared.brain_slices()
     counts, latents, values = [], [], []
     for start in range(0, len(slices), batch_size):
