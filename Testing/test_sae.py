@@ -1094,3 +1094,18 @@ def test_cli_extract_train_latents(tmp_path, capsys):
     code, _, err = seglens(capsys, "latents", "--model", model_dir, "--sae", sae_dir, "--case", case,
                            "--heatmap", latent, "--out-dir", heat_dir, "--device", "cpu")  # fmt: skip
     assert_one_line_error(code, err, path, "already exists")
+
+
+@pytest.mark.parametrize("spatial", [(6, 5), (3, 6, 5)])
+def test_feature_maps_of_2d_and_3d_models_flatten_to_one_vector_per_position(spatial):
+    from SegLensLogic.sae import feature_map_to_vectors, vectors_to_feature_map
+
+    maps = torch.randn(2, 7, *spatial)
+    vectors = feature_map_to_vectors(maps)
+    positions = int(np.prod(spatial))
+    assert vectors.shape == (2 * positions, 7)
+    # Row-major positions within each sample: the last spatial index varies fastest.
+    last = tuple(s - 1 for s in spatial)
+    assert torch.equal(vectors[positions - 1], maps[0][(slice(None), *last)])
+    assert torch.equal(vectors[positions], maps[1][(slice(None),) + (0,) * len(spatial)])
+    assert torch.equal(vectors_to_feature_map(vectors, 2, spatial), maps)
