@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.cases import read_case
 from .data.cohort import Cohort, load_cohort
 from .data.io import write_image
 from .data.phantoms import write_phantom_cohort

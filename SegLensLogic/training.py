@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .data.cases import read_case
 from .data.cohort import Cohort
 from .data.io import atomic_write_text
-from .data.labels import detect_tumour_scheme, get_scheme
+from .data.labels import get_scheme
 from .data.preprocessing import PreparedCase, prepare_case
 from .errors import InputFileError, OutputExistsError, SegLensError
 from .inference import predict_volume

@@ -115,3 +115,19 @@ def synthetic_case(tmp_path):
         return write_synthetic_case(tmp_path if root is None else root, case_id, **kwargs)
 
     return factory
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tiny models on one intra-op thread (restored afterwards).
+
+    With several test processes sharing two cores, PyTorch's OpenMP threads spin-wait on each other and a tiny
+    forward pass gets ~20x slower; one thread is fast whether the machine is busy or not. Modules of tiny models
+    use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -181,3 +181,28 @@ def nifti_to_mgz(src: str | Path, dst: str | Path) -> Path:
     image = nib.load(str(src))
     nib.save(nib.MGHImage(np.asanyarray(image.dataobj), image.affine), str(dst))
     return Path(dst)
+
+
+def seglens(capsys, *args) -> tuple[int, str, str]:
+    """Run ``seglens ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    from SegLensLogic import cli
+
+    capsys.readouterr()
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as exc:  # argparse: --help, usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments) -> str:
+    """Exit status 2, exactly one stderr line ``seglens: error: ...`` holding every fragment, no traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("seglens: error: "), err
+    for fragment in fragments:
+        assert str(fragment) in lines[0], (fragment, lines[0])
+    return lines[0]

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import nifti_to_sitk, synthetic_arrays, write_synthetic_case
-from SegLensLogic import cli
+from helpers import assert_one_line_error, nifti_to_sitk, seglens, synthetic_arrays, write_synthetic_case
 from SegLensLogic.data.io import read_image
 from SegLensLogic.networks import SegmenterConfig, build_segmenter
 
@@ -32,17 +31,7 @@ SUBCOMMANDS = ("segment", "evaluate", "train-segmenter", "hooks", "demo")
 ABM = "Brats18_CBICA_ABM_1"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Run this module's tiny models on one intra-op thread (restored afterwards).
-
-    With several test processes sharing two cores, PyTorch's OpenMP threads spin-wait on each other and a tiny
-    forward pass gets ~20x slower; one thread is fast whether the machine is busy or not.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def save_tiny_unet(folder: Path, modalities: list[str], seed: int = 0) -> Path:
@@ -76,27 +65,8 @@ def abm_case(brats2018_dir) -> Path:
     return path
 
 
-def seglens(capsys, *args) -> tuple[int, str, str]:
-    """Run ``seglens ARGS`` in-process; returns (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        code = cli.main([str(a) for a in args])
-    except SystemExit as exc:  # argparse: --help, usage errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def assert_one_line_error(code: int, err: str, *fragments) -> str:
-    """Exit status 2, exactly one stderr line ``seglens: error: ...`` holding every fragment, no traceback."""
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("seglens: error: "), err
-    for fragment in fragments:
-        assert str(fragment) in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def assert_mask_on_grid(mask: Path, reference: Path) -> np.ndarray:

@@ -59,17 +59,7 @@ EXPECTED_HOOKS = {
 DEFAULT_HOOK = {"unet": "down_3", "segformer-b0": "stage2"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Run this module's tiny models on one intra-op thread (restored afterwards).
-
-    With several test processes sharing two cores, PyTorch's OpenMP threads spin-wait on each other and a tiny
-    forward pass gets ~20x slower; one thread is fast whether the machine is busy or not.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(arch: str = "unet", channels: int = 4, class_names=None, **overrides) -> SegmenterConfig:

@@ -28,8 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import write_synthetic_case
-from SegLensLogic import cli
+from helpers import assert_one_line_error, seglens, write_synthetic_case
 from SegLensLogic.data.cohort import Cohort, load_cohort
 from SegLensLogic.errors import InputFileError, OutputExistsError, SegLensError
 from SegLensLogic.inference import prepare_for_model
@@ -68,17 +67,7 @@ SYNTH_OPTIONS = SAETrainingOptions(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Run this module's tiny models on one intra-op thread (restored afterwards).
-
-    With several test processes sharing two cores, PyTorch's OpenMP threads spin-wait on each other and tiny
-    matrix products get many times slower; one thread is fast whether the machine is busy or not.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,27 +145,8 @@ def save_tiny_unet(folder: Path, modalities=MODALITIES, seed: int = 0) -> Path:
     return build_segmenter(config).save_pretrained(folder)
 
 
-def seglens(capsys, *args) -> tuple[int, str, str]:
-    """Run ``seglens ARGS`` in-process; returns (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        code = cli.main([str(a) for a in args])
-    except SystemExit as exc:  # argparse usage errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def assert_one_line_error(code: int, err: str, *fragments) -> str:
-    """Exit status 2, exactly one stderr line ``seglens: error: ...`` holding every fragment, no traceback."""
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("seglens: error: "), err
-    for fragment in fragments:
-        assert str(fragment) in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def random_sae(d_in: int = 16, expansion: int = 8, k: int = 4, seed: int = 0) -> BatchTopKSAE:

@@ -51,7 +51,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from SegLensLogic.data.cases import MODALITIES as CASE_MODALITIES, find_case, read_case  # noqa: E402
