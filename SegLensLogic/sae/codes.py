@@ -154,6 +154,8 @@ def encode_volume(
     case,
     hook: str | None = None,
     batch_size: int | None = None,
+    brain_only: bool = True,
+    min_brain_fraction: float = 0.5,
 ) -> VolumeCodes:
     """Encode every brain slice of ``case`` with ``sae`` at ``hook`` (default: the SAE's hook point).
 
@@ -161,6 +163,9 @@ def encode_volume(
         model: the segmenter the SAE was trained on.
         sae: a trained SAE with an inference threshold.
         case: a case folder, :class:`Case`, :class:`CaseImages` or :class:`PreparedCase`.
+        brain_only: leave positions whose patch is less than ``min_brain_fraction`` brain without codes, as
+            extraction does by default: the SAE and its threshold never saw background vectors, on which many
+            latents fire spuriously.
     """
     hook = hook or sae.config.hook_point or model.config.hook_point
     channels, height, width = model.hook_points()[hook]
@@ -180,6 +185,9 @@ def encode_volume(
         activations, _ = model.encode(prepared.model_input(batch).to(device), hook)
         pre = sae.pre_activations(feature_map_to_vectors(activations))
         active = pre > theta
+        if brain_only:
+            inside = brain_fraction_on_grid(prepared, batch, (height, width)).flatten().to(device) >= min_brain_fraction
+            active &= inside[:, None]
         rows, cols = torch.nonzero(active, as_tuple=True)  # row-major: grouped by position
         counts.append(active.sum(dim=1).cpu().numpy())
         latents.append(cols.to(torch.int32).cpu().numpy())
