@@ -42,9 +42,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -57,6 +54,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from common import environment, load_average, print_environment, sync, write_json  # noqa: E402
 
 from SegLensLogic.inference import prepare_for_model  # noqa: E402
 from SegLensLogic.networks import SegmenterConfig, build_segmenter, default_device  # noqa: E402
@@ -90,11 +89,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.heatmaps < 1 or args.batch_size < 1 or args.k < 1 or args.expansion < 1 or args.threshold_vectors < 0:
         parser.error("--heatmaps, --batch-size, -k and --expansion must be at least 1, --threshold-vectors at least 0")
     return args
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # -- peak resident memory -------------------------------------------------------------------------------
@@ -147,7 +141,7 @@ def case_vectors(model, prepared, hook: str, batch_size: int, device: torch.devi
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_at_start = load_average()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = default_device()
@@ -231,11 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "activation_pass_peak_rss_growth_bytes": rss_activations.growth,
         "check_first_batch_max_abs_diff": check_diff, "check_first_batch_support_mismatches": check_support,
     }
-    env = {
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "python": platform.python_version(), "platform": platform.platform(), "load_average_1min_at_start": load_at_start,
-    }
+    env = environment(device, load_at_start)
 
     r = result
     print(f"# Latent codes of one volume: sparse vs dense (`{r['case_id']}`)\n")
@@ -245,11 +235,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{d_in} channels x {height} x {width}")
     print(f"- SAE: d_in {d_in}, expansion {args.expansion} ({r['d_sae']} latents), k {args.k}, random init; threshold "
           f"{theta:.4g} from `estimate_threshold` on {n_threshold:,} of the case's {positions:,} positions")
-    print(f"- device: {env['device']}, torch {env['torch']}, {env['torch_threads']} CPU threads, {env['cpu_count']} CPUs")
-    load = env["load_average_1min_at_start"]
-    if load is not None and device.type == "cpu" and load > 1.0:
-        print(f"- WARNING: 1-minute load average {load:.2f} when the benchmark started: if other processes still share "
-              "the CPUs, timings will be slow and noisy")
+    print_environment(env, device)
     print()
     print("| positions | mean L0 | L0 median / p99 / max | sparse MB | dense float32 MB | sparse / dense |")
     print("|---|---|---|---|---|---|")
@@ -284,9 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.json:
         payload = {**result, "quick": args.quick, "seed": args.seed, "batch_size": args.batch_size, "environment": env}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        print(f"\nwrote {args.json}", file=sys.stderr)
+        write_json(args.json, payload)
     return 0
 
 

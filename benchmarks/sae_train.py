@@ -54,10 +54,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -69,6 +66,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from common import environment, load_average, print_environment, sync, write_json  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from SegLensLogic.networks import default_device  # noqa: E402
@@ -105,11 +104,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps < 1 or args.batch_size < 1 or args.warmup < 0 or args.k < 1 or args.expansion < 1 or args.d_in < 1:
         parser.error("--steps, --batch-size, -k, --expansion and --d-in must be at least 1, --warmup at least 0")
     return args
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # -- the two training steps -----------------------------------------------------------------------------
@@ -251,7 +245,7 @@ def profile(path, batches: list[torch.Tensor], device: torch.device, title: str)
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_at_start = load_average()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device) if args.device else default_device()
@@ -283,15 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "speedup": base_s / fast_s,
     }
 
-    env = {
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_1min_at_start": load_at_start,
-    }
+    env = environment(device, load_at_start)
     d_sae = config.d_sae
     print("# SAE training step speed: dense BatchTopK vs SegLens\n")
     print(f"- SAE: d_in {d_in}, expansion {args.expansion} ({d_sae} latents), k {args.k}; batch {n} vectors "
@@ -299,11 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     data = (f"activation store `{source['store']}` (hook `{source['hook_point']}`, {source['store_vectors']} vectors)"
             if source["kind"] == "store" else "random normal vectors")
     print(f"- data: {data}, scaled so the mean norm is sqrt(d_in); {len(batches)} batches made on the device before timing")
-    print(f"- device: {env['device']}, torch {env['torch']}, {env['torch_threads']} CPU threads, {env['cpu_count']} CPUs")
-    load = env["load_average_1min_at_start"]
-    if load is not None and device.type == "cpu" and load > 1.0:
-        print(f"- WARNING: 1-minute load average {load:.2f} when the benchmark started: if other processes still share "
-              "the CPUs, timings will be slow and noisy")
+    print_environment(env, device)
     print(f"- {args.warmup} warm-up step(s) per path, then median of {args.steps} timed steps, alternating paths")
     print()
     print("| path | what a step runs | ms per step (median) | vectors/s | speed-up |")
@@ -334,9 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps, "warmup": args.warmup, "quick": args.quick, "seed": args.seed, "data": source,
             "aux_loss": False, "environment": env, "results": result, "equivalence": check,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        print(f"\nwrote {args.json}", file=sys.stderr)
+        write_json(args.json, payload)
     return 0
 
 

@@ -39,9 +39,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -52,6 +49,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
+
+from common import environment, load_average, print_environment, sync, write_json  # noqa: E402
 
 from SegLensLogic.data.cases import MODALITIES as CASE_MODALITIES, find_case, read_case  # noqa: E402
 from SegLensLogic.data.preprocessing import prepare_case  # noqa: E402
@@ -90,11 +89,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def spread(path: dict) -> str:
     return f"{min(path['all_seconds']):.2f}-{max(path['all_seconds']):.2f}"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_prediction(model, prepared, device, **kwargs):
@@ -145,7 +139,7 @@ def benchmark_model(model, prepared, device, batch_size: int, repeats: int) -> d
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_at_start = load_average()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = default_device()
@@ -177,23 +171,11 @@ def main(argv: list[str] | None = None) -> int:
 
     first = next(iter(prepared_for.values()))
     brain_slices = int(len(first.brain_slices()))
-    env = {
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_1min_at_start": load_at_start,
-    }
+    env = environment(device, load_at_start)
     print(f"# Whole-volume prediction speed: `{case.case_id}`\n")
     print(f"- volume {'x'.join(map(str, images.shape))} voxels, {first.num_slices} axial slices, "
           f"{brain_slices} contain brain ({first.num_slices - brain_slices} empty)")
-    print(f"- device: {env['device']}, torch {env['torch']}, {env['torch_threads']} CPU threads, {env['cpu_count']} CPUs")
-    load = env["load_average_1min_at_start"]
-    if load is not None and device.type == "cpu" and load > 1.0:
-        print(f"- WARNING: 1-minute load average {load:.2f} when the benchmark started: if other processes still share "
-              "the CPUs, timings (batch-1 runs above all) will be slow and noisy")
+    print_environment(env, device)
     print(f"- preprocessing (not in the timings below): read case {read_s:.2f} s, "
           + ", ".join(f"prepare_case @ {size}px {s:.2f} s" for (_, size), s in prepare_s.items()))
     print(f"- models: {'loaded from ' + ', '.join(map(str, args.model)) if args.model else f'random init (seed {args.seed})'}; "
@@ -236,9 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats, "batch_size": args.batch_size, "quick": args.quick,
             "models_from": [str(p) for p in args.model] if args.model else "random", "environment": env, "results": results,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        print(f"\nwrote {args.json}", file=sys.stderr)
+        write_json(args.json, payload)
     return 0
 
 
