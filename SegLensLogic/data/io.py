@@ -9,9 +9,11 @@ reference image. Outputs are written atomically and never replace an existing fi
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import zlib
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,3 +251,66 @@ def write_image(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; malformed JSON raises :class:`InputFileError` naming the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputFileError(path, f"is not valid JSON ({exc})") from None
+
+
+def read_weights_folder(folder: str | Path, config_name: str, weights_name: str, kind: str) -> tuple[Any, dict]:
+    """Read a weights folder (a JSON config plus a safetensors file): ``(config data, tensors on the CPU)``.
+
+    ``kind`` names the folder in errors ("a model", "an SAE"). Nothing is unpickled: safetensors holds plain
+    tensors only.
+
+    Raises:
+        InputFileError: the folder or a file is missing, the JSON is malformed, or the weights are unreadable.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputFileError(folder, f"{kind.split()[-1]} folder not found")
+    config_path, weights_path = folder / config_name, folder / weights_name
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise InputFileError(path, f"missing: {kind} folder needs {config_name} and {weights_name}")
+    data = read_json(config_path)
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputFileError(weights_path, f"cannot be read as safetensors ({exc})") from None
+    return data, state
+
+
+def write_weights_folder(
+    folder: str | Path, config_name: str, config: dict, weights_name: str, state: dict, metadata: dict[str, str], overwrite: bool = False
+) -> Path:
+    """Write a weights folder: ``state`` as safetensors, then ``config`` as JSON, each atomically.
+
+    Raises:
+        OutputExistsError: either file exists and ``overwrite`` is False (checked before anything is written).
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    for name in (config_name, weights_name):
+        if (folder / name).exists() and not overwrite:
+            raise OutputExistsError(folder / name)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{weights_name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+        _publish(tmp, folder / weights_name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_text(folder / config_name, json.dumps(config, indent=2) + "\n", overwrite=True)
+    return folder

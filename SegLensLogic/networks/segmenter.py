@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..data.io import atomic_write_text
-from ..errors import InputFileError, OutputExistsError
+from ..data.io import read_weights_folder, write_weights_folder
+from ..errors import InputFileError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -167,19 +164,10 @@ class Segmenter(nn.Module):
     # -- storage ----------------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``folder`` (each atomically)."""
-        folder = Path(folder)
-        weights = folder / WEIGHTS_NAME
-        if not overwrite:
-            for path in (folder / CONFIG_NAME, weights):
-                if path.exists():
-                    raise OutputExistsError(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        tmp = folder / f".{WEIGHTS_NAME}.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt", "arch": self.config.arch})
-        tmp.replace(weights)
-        atomic_write_text(folder / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2) + "\n", overwrite=True)
-        return folder
+        return write_weights_folder(
+            folder, CONFIG_NAME, self.config.to_dict(), WEIGHTS_NAME, self.state_dict(),
+            metadata={"format": "pt", "arch": self.config.arch}, overwrite=overwrite,
+        )  # fmt: skip
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None) -> "Segmenter":
@@ -191,26 +179,13 @@ class Segmenter(nn.Module):
         from . import build_segmenter
 
         folder = Path(folder)
-        if not folder.is_dir():
-            raise InputFileError(folder, "model folder not found")
         config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        if not config_path.is_file():
-            raise InputFileError(config_path, "missing: a model folder needs config.json and model.safetensors")
-        if not weights_path.is_file():
-            raise InputFileError(weights_path, "missing: a model folder needs config.json and model.safetensors")
-        try:
-            data = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputFileError(config_path, f"is not valid JSON ({exc})") from None
+        data, state = read_weights_folder(folder, CONFIG_NAME, WEIGHTS_NAME, "a model")
         config = SegmenterConfig.from_dict(data, config_path)
         try:
             model = build_segmenter(config)
         except (ValueError, TypeError) as exc:
             raise InputFileError(config_path, f"does not describe a valid model ({exc})") from None
-        try:
-            state = load_file(str(weights_path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise InputFileError(weights_path, f"cannot be read as safetensors ({exc})") from None
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.cohort import Cohort
-from ..data.io import atomic_write_text
+from ..data.io import atomic_write_text, read_json
 from ..errors import InputFileError, OutputExistsError, SegLensError
 from ..inference import default_batch_size, prepare_for_model
 from ..networks.segmenter import Segmenter, weights_sha256
@@ -221,10 +221,9 @@ class ActivationStore:
             raise InputFileError(self.folder, "activation store not found")
         if not manifest_path.is_file():
             raise InputFileError(manifest_path, "missing: not an activation store (run seglens extract)")
-        try:
-            self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputFileError(manifest_path, f"is not valid JSON ({exc})") from None
+        self.manifest = read_json(manifest_path)
+        if not isinstance(self.manifest, dict):
+            raise InputFileError(manifest_path, "is not a JSON object")
         for key in ("d_in", "shards", "n_vectors"):
             if key not in self.manifest:
                 raise InputFileError(manifest_path, f"missing field '{key}'")

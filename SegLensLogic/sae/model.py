@@ -14,7 +14,6 @@ Shapes: activations ``(n, d_in)``; codes ``(n, d_sae)`` dense or ``(indices, val
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +21,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..data.io import atomic_write_text
-from ..errors import InputFileError, OutputExistsError
+from ..data.io import read_weights_folder, write_weights_folder
+from ..errors import InputFileError
 
 SAE_CONFIG_NAME = "sae_config.json"
 SAE_WEIGHTS_NAME = "sae.safetensors"
@@ -319,20 +316,14 @@ class BatchTopKSAE(nn.Module):
 
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write ``sae_config.json`` and ``sae.safetensors`` into ``folder`` (normalisation folded in)."""
-        folder = Path(folder)
-        for name in (SAE_CONFIG_NAME, SAE_WEIGHTS_NAME):
-            if (folder / name).exists() and not overwrite:
-                raise OutputExistsError(folder / name)
-        folder.mkdir(parents=True, exist_ok=True)
         # Fold in place, so that this SAE and the stored one are the same numbers (exact round trip).
         self.fold_normalisation()
-        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        self.config.threshold = None if torch.isnan(state["threshold"]) else float(state["threshold"])
-        tmp = folder / f".{SAE_WEIGHTS_NAME}.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt", "kind": "BatchTopKSAE"})
-        tmp.replace(folder / SAE_WEIGHTS_NAME)
-        atomic_write_text(folder / SAE_CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2) + "\n", overwrite=True)
-        return folder
+        self.config.threshold = None if torch.isnan(self.threshold) else float(self.threshold)
+        write_weights_folder(
+            folder, SAE_CONFIG_NAME, self.config.to_dict(), SAE_WEIGHTS_NAME, self.state_dict(),
+            metadata={"format": "pt", "kind": "BatchTopKSAE"}, overwrite=overwrite,
+        )  # fmt: skip
+        return Path(folder)
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device | None = None) -> "BatchTopKSAE":
@@ -342,20 +333,9 @@ class BatchTopKSAE(nn.Module):
             InputFileError: missing or malformed config or weights, or weights that do not fit the config.
         """
         folder = Path(folder)
-        if not folder.is_dir():
-            raise InputFileError(folder, "SAE folder not found")
-        config_path, weights_path = folder / SAE_CONFIG_NAME, folder / SAE_WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise InputFileError(path, f"missing: an SAE folder needs {SAE_CONFIG_NAME} and {SAE_WEIGHTS_NAME}")
-        try:
-            config = SAEConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")), config_path)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputFileError(config_path, f"is not valid JSON ({exc})") from None
-        try:
-            state = load_file(str(weights_path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise InputFileError(weights_path, f"cannot be read as safetensors ({exc})") from None
+        data, state = read_weights_folder(folder, SAE_CONFIG_NAME, SAE_WEIGHTS_NAME, "an SAE")
+        config = SAEConfig.from_dict(data, folder / SAE_CONFIG_NAME)
+        weights_path = folder / SAE_WEIGHTS_NAME
         sae = cls(config)
         expected = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
         found = {name: tuple(t.shape) for name, t in state.items()}
