@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .errors import SegLensError
+from .errors import SegLensError, refuse_existing
 
 
 def _log(message: str) -> None:
@@ -65,11 +65,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .inference import segment_case
     from .networks import load_segmenter
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        from .errors import OutputExistsError
-
-        raise OutputExistsError(out)
+    out = refuse_existing(args.out, args.overwrite)
     model = load_segmenter(args.model, device=_device(args))
     case = _case_arg(args)
     start = time.monotonic()
@@ -85,10 +81,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_cohort, format_table, write_csv
     from .networks import load_segmenter
 
-    if args.csv and Path(args.csv).exists() and not args.overwrite:
-        from .errors import OutputExistsError
-
-        raise OutputExistsError(args.csv)
+    if args.csv:
+        refuse_existing(args.csv, args.overwrite)
     model = load_segmenter(args.model, device=_device(args))
     cohort = load_cohort(args.cohort)
     _log(f"Evaluating {args.model} on cohort '{cohort.name}' ({len(cohort)} cases)")
@@ -170,13 +164,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_train_sae(args: argparse.Namespace) -> int:
-    from .errors import OutputExistsError
     from .sae import ActivationStore, SAETrainingOptions, train_sae
     from .sae.model import SAE_CONFIG_NAME
     from .sae.training import save_training_report
 
-    if (Path(args.out) / SAE_CONFIG_NAME).exists() and not args.overwrite:
-        raise OutputExistsError(Path(args.out) / SAE_CONFIG_NAME)
+    refuse_existing(Path(args.out) / SAE_CONFIG_NAME, args.overwrite)
     store = ActivationStore(args.activations)
     options = SAETrainingOptions(
         k=args.k,

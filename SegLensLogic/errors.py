@@ -28,3 +28,14 @@ class OutputExistsError(SegLensError, FileExistsError):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         super().__init__(f"{self.path}: already exists; choose another output or pass --overwrite")
+
+
+def refuse_existing(path: str | Path, overwrite: bool) -> Path:
+    """Raise :class:`OutputExistsError` when ``path`` exists and ``overwrite`` is False; returns the path.
+
+    Outputs check this before any work, so a refused overwrite costs nothing.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+    return path

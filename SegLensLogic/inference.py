@@ -17,7 +17,7 @@ import torch
 from .data.cases import Case, CaseImages, find_case, read_case
 from .data.io import write_image
 from .data.preprocessing import PreparedCase, prepare_case
-from .errors import SegLensError
+from .errors import SegLensError, refuse_existing
 from .networks.segmenter import Segmenter
 
 # progress(done, total) -> False cancels the prediction.
@@ -143,11 +143,7 @@ def segment_case(
 
     The output's existence is checked before any work, so a refused overwrite costs nothing.
     """
-    out_path = Path(out_path)
-    if out_path.exists() and not overwrite:
-        from .errors import OutputExistsError
-
-        raise OutputExistsError(out_path)
+    out_path = refuse_existing(out_path, overwrite)
     prediction = predict_volume(model, case, batch_size=batch_size, progress=progress)
     write_image(prediction.labels, prediction.prepared.source.reference, out_path, overwrite=overwrite, dtype=np.uint8)
     return prediction

@@ -30,7 +30,7 @@ from .data.cohort import Cohort
 from .data.io import atomic_write_text
 from .data.labels import get_scheme
 from .data.preprocessing import PreparedCase, prepare_case
-from .errors import InputFileError, OutputExistsError, SegLensError
+from .errors import InputFileError, SegLensError, refuse_existing
 from .inference import predict_volume
 from .metrics import segmentation_scores
 from .networks import Segmenter, SegmenterConfig, build_segmenter, default_device, load_segmenter, weights_sha256
@@ -179,8 +179,7 @@ def train_segmenter(
     """
     options = options or TrainingOptions()
     out_dir = Path(out_dir)
-    if (out_dir / "model.safetensors").exists() and not overwrite:
-        raise OutputExistsError(out_dir / "model.safetensors")
+    refuse_existing(out_dir / "model.safetensors", overwrite)
     if options.epochs is None and options.minutes is None:
         raise ValueError("give a number of epochs, a time budget in minutes, or both")
     if len(cohort) == 0:

@@ -20,7 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..errors import InputFileError, OutputExistsError
+from ..errors import InputFileError, refuse_existing
 
 NIBABEL_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -185,8 +185,7 @@ def _publish(tmp: str | Path, path: Path) -> None:
 
 
 def _atomic_target(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise OutputExistsError(path)
+    refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
@@ -301,8 +300,7 @@ def write_weights_folder(
 
     folder = Path(folder)
     for name in (config_name, weights_name):
-        if (folder / name).exists() and not overwrite:
-            raise OutputExistsError(folder / name)
+        refuse_existing(folder / name, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{weights_name}.", suffix=".tmp")
     os.close(fd)

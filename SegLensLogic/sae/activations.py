@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..data.cohort import Cohort
 from ..data.io import atomic_write_text, read_json
-from ..errors import InputFileError, OutputExistsError, SegLensError
+from ..errors import InputFileError, SegLensError, refuse_existing
 from ..inference import default_batch_size, prepare_for_model
 from ..networks.segmenter import Segmenter, weights_sha256
 
@@ -133,9 +133,7 @@ def extract_activations(
         SegLensError: the model produced NaN or Inf activations, or nothing was kept.
     """
     options = options or ExtractionOptions()
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(out_dir)
+    out_dir = refuse_existing(out_dir, overwrite)
     hook = model._hook(options.hook)
     d_in, *spatial = model.hook_points()[hook]
     device = next(model.parameters()).device
