@@ -206,3 +206,24 @@ def assert_one_line_error(code: int, err: str, *fragments) -> str:
     for fragment in fragments:
         assert str(fragment) in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+TINY_UNET_FEATURES = [8, 8, 16, 32, 64, 8]
+
+
+def save_tiny_unet(folder: Path, modalities, seed: int = 0) -> Path:
+    """A randomly initialised tiny U-Net (64 px, BraTS 2023 classes) saved as a model folder."""
+    import torch
+
+    from SegLensLogic.data.labels import TUMOUR_CLASSES
+    from SegLensLogic.networks import SegmenterConfig, build_segmenter
+
+    torch.manual_seed(seed)
+    config = SegmenterConfig(
+        arch="unet",
+        modalities=list(modalities),
+        class_names=list(TUMOUR_CLASSES),
+        image_size=64,
+        arch_options={"features": list(TINY_UNET_FEATURES)},
+    )
+    return build_segmenter(config).save_pretrained(folder)

@@ -17,15 +17,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-
-from helpers import assert_one_line_error, nifti_to_sitk, seglens, synthetic_arrays, write_synthetic_case
+from helpers import assert_one_line_error, nifti_to_sitk, save_tiny_unet, seglens, synthetic_arrays, write_synthetic_case
 from SegLensLogic.data.io import read_image
-from SegLensLogic.networks import SegmenterConfig, build_segmenter
 
-TUMOUR_CLASSES = ["background", "necrotic core", "edema", "enhancing tumour"]
 ALL_MODALITIES = ["t1n", "t1c", "t2w", "t2f"]
-UNET_FEATURES = [8, 8, 16, 32, 64, 8]
 SMALL = (32, 32, 8)
 SUBCOMMANDS = ("segment", "evaluate", "train-segmenter", "hooks", "demo")
 ABM = "Brats18_CBICA_ABM_1"
@@ -33,17 +28,6 @@ ABM = "Brats18_CBICA_ABM_1"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-def save_tiny_unet(folder: Path, modalities: list[str], seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    config = SegmenterConfig(
-        arch="unet",
-        modalities=list(modalities),
-        class_names=list(TUMOUR_CLASSES),
-        image_size=64,
-        arch_options={"features": list(UNET_FEATURES)},
-    )
-    return build_segmenter(config).save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")

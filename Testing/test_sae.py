@@ -28,11 +28,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import assert_one_line_error, seglens, write_synthetic_case
+from helpers import assert_one_line_error, save_tiny_unet, seglens, write_synthetic_case
 from SegLensLogic.data.cohort import Cohort, load_cohort
 from SegLensLogic.errors import InputFileError, OutputExistsError, SegLensError
 from SegLensLogic.inference import prepare_for_model
-from SegLensLogic.networks import SegmenterConfig, build_segmenter, load_segmenter
+from SegLensLogic.networks import load_segmenter
 from SegLensLogic.sae import (
     ActivationStore,
     BatchTopKSAE,
@@ -52,8 +52,6 @@ from SegLensLogic.sae.evaluation import dice_recovered, reconstruction_edit
 from SegLensLogic.sae.model import SAE_CONFIG_NAME, SAE_WEIGHTS_NAME
 from SegLensLogic.sae.training import geometric_median
 
-TUMOUR_CLASSES = ["background", "necrotic core", "edema", "enhancing tumour"]
-UNET_FEATURES = [8, 8, 16, 32, 64, 8]
 MODALITIES = ["t1c", "t2f"]
 REAL_CASES = ("Brats18_CBICA_ABM_1", "Brats18_2013_11_1")
 QUIET = lambda message: None  # noqa: E731
@@ -132,17 +130,6 @@ def dictionary_vectors(atoms: np.ndarray, n: int, seed: int) -> np.ndarray:
     x = np.einsum("nk,nkd->nd", coefficients, atoms[which]) + NOISE * rng.standard_normal((n, atoms.shape[1]))
     return x.astype(np.float32)
 
-
-def save_tiny_unet(folder: Path, modalities=MODALITIES, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    config = SegmenterConfig(
-        arch="unet",
-        modalities=list(modalities),
-        class_names=list(TUMOUR_CLASSES),
-        image_size=64,
-        arch_options={"features": list(UNET_FEATURES)},
-    )
-    return build_segmenter(config).save_pretrained(folder)
 
 
 
@@ -551,7 +538,7 @@ def real(brats2018_dir, tmp_path_factory):
         if not (brats2018_dir / name).is_dir():
             pytest.skip(f"real case {brats2018_dir / name} not found")
     root = tmp_path_factory.mktemp("real")
-    model_dir = save_tiny_unet(root / "model")
+    model_dir = save_tiny_unet(root / "model", MODALITIES)
     model = load_segmenter(model_dir, device="cpu")
     cohort_dir = root / "cohort"
     cohort_dir.mkdir()
@@ -823,7 +810,7 @@ def test_store_with_other_d_in_is_refused(tmp_path, capsys, small_sae_dir):
 
 
 def test_encode_volume_refuses_sae_of_other_d_in(tmp_path, synthetic_case, small_sae_dir):
-    model = load_segmenter(save_tiny_unet(tmp_path / "model"), device="cpu")
+    model = load_segmenter(save_tiny_unet(tmp_path / "model", MODALITIES), device="cpu")
     case = synthetic_case()
     with pytest.raises(ValueError, match="16-dimensional.*32 channels"):
         encode_volume(model, BatchTopKSAE.load(small_sae_dir), case)
@@ -959,7 +946,7 @@ def test_sae_folder_errors_name_file_and_problem(tmp_path, small_sae_dir, capsys
 
 
 def test_extraction_refuses_existing_output_and_writes_nothing_on_failure(tmp_path):
-    model = load_segmenter(save_tiny_unet(tmp_path / "model"), device="cpu")
+    model = load_segmenter(save_tiny_unet(tmp_path / "model", MODALITIES), device="cpu")
     cohort_dir = tmp_path / "cohort"
     write_synthetic_case(cohort_dir, "BraTS-SYN-00001-000", seed=1)
     good = load_cohort(cohort_dir)
@@ -1008,7 +995,7 @@ def test_cli_store_errors_are_one_line(tmp_path, capsys):
 
 
 def test_cli_extract_train_latents(tmp_path, capsys):
-    model_dir = save_tiny_unet(tmp_path / "model")
+    model_dir = save_tiny_unet(tmp_path / "model", MODALITIES)
     cohort = tmp_path / "cohort"
     for number in range(3):
         write_synthetic_case(cohort, f"BraTS-SYN-0000{number}-000", seed=number)
