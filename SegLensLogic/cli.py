@@ -1,5 +1,9 @@
 """The ``seglens`` command: segment, evaluate, train, inspect hook points, run the demo.
 
+Commands of the later concepts (steering, interpretation, alignment, experiments, bundles) are defined in a
+``commands.py`` beside each concept and registered through :data:`COMMAND_MODULES`; they reuse the helpers here
+(:func:`log`, :func:`device_from_args`, :func:`case_from_args`, :func:`add_device_arguments`).
+
 Every user error is printed as one line ``seglens: error: <file>: <problem>`` with exit status 2 (no traceback;
 ``--debug`` shows one). Outputs are never overwritten unless ``--overwrite`` is given.
 """
@@ -7,6 +11,7 @@ Every user error is printed as one line ``seglens: error: <file>: <problem>`` wi
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -14,12 +19,15 @@ from pathlib import Path
 from . import __version__
 from .errors import SegLensError, refuse_existing
 
+# Modules that add their own subcommands (steering, interpretation, alignment, experiments, bundles, ...).
+COMMAND_MODULES: tuple[str, ...] = ()
 
-def _log(message: str) -> None:
+
+def log(message: str) -> None:
     print(message, flush=True)
 
 
-def _progress_printer(label: str):
+def progress_printer(label: str):
     """A progress callback printing ``label: done/total`` on one updating line when attached to a terminal."""
     interactive = sys.stderr.isatty()
 
@@ -30,7 +38,7 @@ def _progress_printer(label: str):
     return progress
 
 
-def _case_arg(args: argparse.Namespace):
+def case_from_args(args: argparse.Namespace):
     """The case to read: a folder, or ``--image MOD=FILE`` pairs (plus ``--seg``)."""
     from .data.cases import case_from_mapping, find_case
 
@@ -49,7 +57,7 @@ def _case_arg(args: argparse.Namespace):
     return find_case(args.case)
 
 
-def _device(args: argparse.Namespace):
+def device_from_args(args: argparse.Namespace):
     import torch
 
     from .networks import default_device
@@ -66,13 +74,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .networks import load_segmenter
 
     out = refuse_existing(args.out, args.overwrite)
-    model = load_segmenter(args.model, device=_device(args))
-    case = _case_arg(args)
+    model = load_segmenter(args.model, device=device_from_args(args))
+    case = case_from_args(args)
     start = time.monotonic()
-    prediction = segment_case(model, case, out, overwrite=args.overwrite, batch_size=args.batch_size, progress=_progress_printer(case.case_id))
+    prediction = segment_case(model, case, out, overwrite=args.overwrite, batch_size=args.batch_size, progress=progress_printer(case.case_id))
     counts = {name: int((prediction.labels == index).sum()) for index, name in enumerate(model.config.class_names) if index}
-    _log(f"Wrote {out} ({len(prediction.slices_run)} slices in {time.monotonic() - start:.1f} s on {next(model.parameters()).device.type})")
-    _log("Voxels per class: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    log(f"Wrote {out} ({len(prediction.slices_run)} slices in {time.monotonic() - start:.1f} s on {next(model.parameters()).device.type})")
+    log("Voxels per class: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
 
@@ -83,14 +91,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.csv:
         refuse_existing(args.csv, args.overwrite)
-    model = load_segmenter(args.model, device=_device(args))
+    model = load_segmenter(args.model, device=device_from_args(args))
     cohort = load_cohort(args.cohort)
-    _log(f"Evaluating {args.model} on cohort '{cohort.name}' ({len(cohort)} cases)")
-    rows = evaluate_cohort(model, cohort, batch_size=args.batch_size, log=_log)
+    log(f"Evaluating {args.model} on cohort '{cohort.name}' ({len(cohort)} cases)")
+    rows = evaluate_cohort(model, cohort, batch_size=args.batch_size, log=log)
     print(format_table(rows))
     if args.csv:
         write_csv(rows, args.csv, overwrite=args.overwrite)
-        _log(f"Wrote {args.csv}")
+        log(f"Wrote {args.csv}")
     return 0
 
 
@@ -125,10 +133,10 @@ def cmd_train_segmenter(args: argparse.Namespace) -> int:
         arch_options=arch_options,
         options=options,
         overwrite=args.overwrite,
-        log=_log,
+        log=log,
     )
     if result.best_scores:
-        _log("Best validation: " + ", ".join(f"{k} {v:.3f}" for k, v in result.best_scores.items() if k.startswith("dice_")))
+        log("Best validation: " + ", ".join(f"{k} {v:.3f}" for k, v in result.best_scores.items() if k.startswith("dice_")))
     return 0
 
 
@@ -136,10 +144,10 @@ def cmd_hooks(args: argparse.Namespace) -> int:
     from .networks import load_segmenter
 
     model = load_segmenter(args.model, device="cpu")
-    _log(f"{model.config.arch}: inputs {', '.join(model.config.modalities)} at {model.config.image_size}x{model.config.image_size}")
+    log(f"{model.config.arch}: inputs {', '.join(model.config.modalities)} at {model.config.image_size}x{model.config.image_size}")
     for name, (channels, height, width) in model.hook_points().items():
         mark = "  (default)" if name == model.config.hook_point else ""
-        _log(f"  {name:8s} {channels:4d} channels x {height}x{width} positions{mark}")
+        log(f"  {name:8s} {channels:4d} channels x {height}x{width} positions{mark}")
     return 0
 
 
@@ -148,7 +156,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from .networks import load_segmenter
     from .sae import ExtractionOptions, extract_activations
 
-    model = load_segmenter(args.model, device=_device(args))
+    model = load_segmenter(args.model, device=device_from_args(args))
     cohort = load_cohort(args.cohort)
     options = ExtractionOptions(
         hook=args.layer,
@@ -158,8 +166,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    _log(f"Extracting '{options.hook or model.config.hook_point}' activations of {len(cohort)} case(s)")
-    extract_activations(model, cohort, args.out, options, model_dir=args.model, overwrite=args.overwrite, log=_log)
+    log(f"Extracting '{options.hook or model.config.hook_point}' activations of {len(cohort)} case(s)")
+    extract_activations(model, cohort, args.out, options, model_dir=args.model, overwrite=args.overwrite, log=log)
     return 0
 
 
@@ -179,10 +187,10 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         seed=args.seed,
     )
-    sae, report = train_sae(store, options, device=_device(args), log=_log)
+    sae, report = train_sae(store, options, device=device_from_args(args), log=log)
     sae.save(args.out, overwrite=args.overwrite)
     save_training_report(report, args.out)
-    _log(f"Wrote {args.out}")
+    log(f"Wrote {args.out}")
     return 0
 
 
@@ -199,13 +207,13 @@ def cmd_evaluate_sae(args: argparse.Namespace) -> int:
             raise SegLensError(f"{args.activations}: vectors have {store.d_in} channels but the SAE takes {sae.config.d_in}")
         _, holdout = store.split(0.05, seed=0)
         metrics = evaluate_reconstruction(sae, store.vectors(holdout[:65536]))
-        _log("Reconstruction: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        log("Reconstruction: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if args.cohort:
         if not args.model:
             raise SegLensError("--cohort needs --model to measure Dice recovered")
-        model = load_segmenter(args.model, device=_device(args))
-        result = dice_recovered(model, sae, load_cohort(args.cohort), log=_log)
-        _log("Dice recovered: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+        model = load_segmenter(args.model, device=device_from_args(args))
+        result = dice_recovered(model, sae, load_cohort(args.cohort), log=log)
+        log("Dice recovered: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     if not args.activations and not args.cohort:
         raise SegLensError("give --activations (reconstruction metrics) and/or --model with --cohort (Dice recovered)")
     return 0
@@ -216,28 +224,34 @@ def cmd_latents(args: argparse.Namespace) -> int:
     from .sae import BatchTopKSAE
     from .sae.codes import encode_volume, save_heatmap
 
-    model = load_segmenter(args.model, device=_device(args))
+    model = load_segmenter(args.model, device=device_from_args(args))
     sae = BatchTopKSAE.load(args.sae)
-    case = _case_arg(args)
+    case = case_from_args(args)
     codes = encode_volume(model, sae, case, batch_size=args.batch_size)
-    _log(
+    log(
         f"{case.case_id}: {codes.num_positions} positions, mean {codes.mean_l0():.1f} active latents, "
         f"codes {codes.nbytes / 1e6:.1f} MB sparse ({codes.dense_nbytes / 1e6:.0f} MB dense)"
     )
     for latent, total in codes.top_latents(args.top):
-        _log(f"  latent {latent:5d}  total activation {total:.1f}")
+        log(f"  latent {latent:5d}  total activation {total:.1f}")
     for latent in args.heatmap or []:
         path = Path(args.out_dir or ".") / f"{case.case_id}-latent{latent:05d}.nii.gz"
         save_heatmap(codes, latent, path, overwrite=args.overwrite)
-        _log(f"Wrote {path}")
+        log(f"Wrote {path}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, data=args.data, minutes=args.minutes, overwrite=args.overwrite, log=_log)
+    run_demo(args.out, data=args.data, minutes=args.minutes, overwrite=args.overwrite, log=log)
     return 0
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--batch-size``, as every command that runs a segmenter takes them."""
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs (auto: GPU if any)")
+    p.add_argument("--batch-size", type=int, help="axial slices per forward pass (default: 16 on a GPU; on the CPU 1 for U-Net, 4 for SegFormer)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,17 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add_device(p):
-        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs (auto: GPU if any)")
-        p.add_argument("--batch-size", type=int, help="axial slices per forward pass (default: 16 on a GPU; on the CPU 1 for U-Net, 4 for SegFormer)")
-
     p = sub.add_parser("segment", help="segment one case and write its mask on the input's voxel grid")
     p.add_argument("--model", required=True, help="model folder (config.json + model.safetensors)")
     p.add_argument("--case", type=Path, help="case folder (BraTS 2023/2017-2021/2013 or FreeSurfer names)")
     p.add_argument("--image", action="append", metavar="MOD=FILE", help="explicit modality file, e.g. t1c=post.nrrd (repeat)")
     p.add_argument("--out", required=True, help="output mask (.nii.gz), BraTS 2023 labels")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    add_device(p)
+    add_device_arguments(p)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("evaluate", help="Dice, BraTS regions, precision and recall per case of a cohort")
@@ -267,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cohort", required=True, help="folder of case folders, or a text file listing them")
     p.add_argument("--csv", help="also write the table as CSV")
     p.add_argument("--overwrite", action="store_true", help="replace an existing CSV")
-    add_device(p)
+    add_device_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     from .networks import ARCHITECTURES
@@ -305,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    add_device(p)
+    add_device_arguments(p)
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("train-sae", help="train a BatchTopK sparse autoencoder on an activation store")
@@ -327,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activations", help="activation store for reconstruction metrics")
     p.add_argument("--model", help="model folder (for Dice recovered)")
     p.add_argument("--cohort", help="labelled cohort (for Dice recovered)")
-    add_device(p)
+    add_device_arguments(p)
     p.set_defaults(func=cmd_evaluate_sae)
 
     p = sub.add_parser("latents", help="encode a case with an SAE: top latents, heatmaps on the input grid")
@@ -339,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", type=int, action="append", metavar="LATENT", help="write this latent's heatmap (repeat)")
     p.add_argument("--out-dir", help="folder for heatmaps (default: current folder)")
     p.add_argument("--overwrite", action="store_true", help="replace existing heatmap files")
-    add_device(p)
+    add_device_arguments(p)
     p.set_defaults(func=cmd_latents)
 
     p = sub.add_parser("demo", help="end-to-end run: cohort -> trained model -> evaluation -> mask and activations")
@@ -348,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=2.0, help="training time budget (default 2)")
     p.add_argument("--overwrite", action="store_true", help="reuse an existing output folder")
     p.set_defaults(func=cmd_demo)
+
+    # Commands of later concepts live beside them; each module defines ``add_commands(subparsers)``.
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
     return parser
 
 

@@ -131,3 +131,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def real_pipeline(brats2018_dir, tmp_path_factory):
+    """A tiny U-Net trained on four real BraTS 2018 cases plus its SAE (see ``pipelines.py``), shared by every
+    suite of the session. Its folders on disk must not be modified by tests: copy them first."""
+    from pipelines import REAL_TEST_CASES, REAL_TRAIN_CASES, real_pipeline as build
+
+    for name in REAL_TRAIN_CASES + REAL_TEST_CASES:
+        if not (brats2018_dir / name).is_dir():
+            _skip_missing(brats2018_dir / name)
+    return build(brats2018_dir, tmp_path_factory.mktemp("real-pipeline"))
+
+
+@pytest.fixture(scope="session")
+def phantom_pipeline(tmp_path_factory):
+    """The same tiny pipeline trained on six synthetic phantoms (needs no real data)."""
+    from pipelines import phantom_pipeline as build
+
+    return build(tmp_path_factory.mktemp("phantom-pipeline"))
