@@ -252,6 +252,17 @@ def write_image(
     return path
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (identifies model and SAE weights in recipes, alignments and bundles)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_json(path: str | Path) -> Any:
     """Parse a JSON file; malformed JSON raises :class:`InputFileError` naming the file."""
     path = Path(path)

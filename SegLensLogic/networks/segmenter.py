@@ -12,7 +12,6 @@ Loading never unpickles anything.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.io import read_weights_folder, write_weights_folder
+from ..data.io import file_sha256, read_weights_folder, write_weights_folder
 from ..errors import InputFileError
 
 CONFIG_NAME = "config.json"
@@ -198,8 +197,4 @@ class Segmenter(nn.Module):
 
 def weights_sha256(folder: str | Path) -> str:
     """Content hash of a model folder's weights file (identifies a model in recipes and provenance)."""
-    digest = hashlib.sha256()
-    with open(Path(folder) / WEIGHTS_NAME, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(Path(folder) / WEIGHTS_NAME)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.io import read_weights_folder, write_weights_folder
+from ..data.io import file_sha256, read_weights_folder, write_weights_folder
 from ..errors import InputFileError
 
 SAE_CONFIG_NAME = "sae_config.json"
@@ -348,3 +348,8 @@ class BatchTopKSAE(nn.Module):
         if config.threshold is not None and not torch.isclose(sae.threshold, torch.tensor(float(config.threshold))):
             raise InputFileError(weights_path, f"threshold {float(sae.threshold)} disagrees with {SAE_CONFIG_NAME} ({config.threshold})")
         return sae.to(device or "cpu").eval()
+
+
+def sae_sha256(folder: str | Path) -> str:
+    """Content hash of an SAE folder's weights file (identifies an SAE in recipes, labels files and alignments)."""
+    return file_sha256(Path(folder) / SAE_WEIGHTS_NAME)
