@@ -66,6 +66,14 @@ def prepare_for_model(model: Segmenter, case: Case | CaseImages | PreparedCase |
     return prepare_case(case, model.config.modalities, model.config.image_size)
 
 
+def labels_from_logits(logits: torch.Tensor) -> np.ndarray:
+    """Class per pixel of logits ``(N, K, X, Y)`` already on the slice grid: ``uint8 (X, Y, N)``, ready to be
+    written into a RAS volume ``[:, :, slices]``. Shared by whole-volume prediction and steering so that both
+    turn logits into labels the same way, bit for bit."""
+    # max().indices: torch's CPU argmax over the channel axis is several times slower.
+    return logits.max(dim=1).indices.to(torch.uint8).cpu().numpy().transpose(1, 2, 0)
+
+
 @torch.no_grad()
 def predict_volume(
     model: Segmenter,
@@ -112,8 +120,7 @@ def predict_volume(
             activations, cache = model.encode(x)
             logits = model.decode(activation_edit(activations, batch), cache)
         logits = prepared.geometry.from_model(logits.float())  # (N, K, X, Y)
-        # max().indices: torch's CPU argmax over the channel axis is several times slower.
-        labels[:, :, batch] = logits.max(dim=1).indices.to(torch.uint8).cpu().numpy().transpose(1, 2, 0)
+        labels[:, :, batch] = labels_from_logits(logits)
         if probabilities is not None:
             probs = torch.softmax(logits, dim=1).cpu().numpy().transpose(2, 3, 0, 1)
             probabilities[:, :, batch, :] = probs.astype(np.float16)

@@ -47,11 +47,23 @@ def vectors_to_feature_map(vectors: torch.Tensor, n: int, spatial: tuple[int, ..
     return vectors.reshape(n, -1, d).transpose(1, 2).reshape(n, d, *spatial)
 
 
+def mask_fraction_on_grid(mask: np.ndarray, geometry, slices: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
+    """Fraction of each feature-map position's patch inside ``mask``: ``(N, h, w)`` in [0, 1].
+
+    Args:
+        mask: boolean ``(X, Y, Z)`` in RAS order (a :class:`PreparedCase`'s order).
+        geometry: the case's :class:`~SegLensLogic.data.preprocessing.SliceGeometry`.
+        slices: RAS axial slice indices ``(N,)``.
+        grid: feature-map ``(h, w)``.
+    """
+    mask = torch.from_numpy(np.ascontiguousarray(mask[:, :, slices].transpose(2, 0, 1))).float()
+    mask = geometry.to_model(mask[:, None], mode="nearest")
+    return F.adaptive_avg_pool2d(mask, grid)[:, 0]
+
+
 def brain_fraction_on_grid(prepared, slices: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
     """Fraction of each feature-map position's receptive patch that is brain: ``(N, h, w)`` in [0, 1]."""
-    mask = torch.from_numpy(np.ascontiguousarray(prepared.brain_mask[:, :, slices].transpose(2, 0, 1))).float()
-    mask = prepared.geometry.to_model(mask[:, None], mode="nearest")
-    return F.adaptive_avg_pool2d(mask, grid)[:, 0]
+    return mask_fraction_on_grid(prepared.brain_mask, prepared.geometry, slices, grid)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..data.preprocessing import PreparedCase
 from ..inference import default_batch_size, prepare_for_model
 from ..networks.segmenter import Segmenter
-from .activations import brain_fraction_on_grid, feature_map_to_vectors
+from .activations import brain_fraction_on_grid, feature_map_to_vectors, mask_fraction_on_grid
 from .model import BatchTopKSAE
 
 
@@ -113,8 +113,7 @@ class VolumeCodes:
             ras = self.prepared.orientation.apply(np.asarray(region, dtype=bool))
             if ras.shape != self.prepared.brain_mask.shape:
                 raise ValueError(f"region of shape {region.shape} is not on the case's grid {self.prepared.source.shape}")
-            fake = _MaskView(ras, self.prepared.geometry)
-            weights *= brain_fraction_on_grid(fake, self.slices, self.grid).numpy()
+            weights *= mask_fraction_on_grid(ras, self.prepared.geometry, self.slices, self.grid).numpy()
         return weights.reshape(-1)
 
     def top_latents(self, k: int = 10, region: np.ndarray | None = None, slice_range: tuple[int, int] | None = None) -> list[tuple[int, float]]:
@@ -137,14 +136,6 @@ class VolumeCodes:
         rows = self.positions_of()[lo:hi] - start
         out[rows, self.latents[lo:hi]] = self.values[lo:hi]
         return out
-
-
-@dataclass
-class _MaskView:
-    """Just enough of a PreparedCase for :func:`brain_fraction_on_grid` to pool an arbitrary mask."""
-
-    brain_mask: np.ndarray
-    geometry: object
 
 
 @torch.no_grad()
@@ -174,36 +165,59 @@ def encode_volume(
     prepared = prepare_for_model(model, case)
     device = next(model.parameters()).device
     model.eval()
-    sae = sae.to(device)
-    theta = sae._theta()
     batch_size = batch_size or default_batch_size(model)
     slices = prepared.brain_slices()
-    counts, latents, values = [], [], []
+    encoder = SparseEncoder(sae.to(device), prepared, (height, width), brain_only, min_brain_fraction)
     for start in range(0, len(slices), batch_size):
         batch = slices[start : start + batch_size]
         # Only the encoder up to the hook: the rest of the network is not needed for codes.
         activations, _ = model.encode(prepared.model_input(batch).to(device), hook)
-        pre = sae.pre_activations(feature_map_to_vectors(activations))
-        active = pre > theta
-        if brain_only:
-            inside = brain_fraction_on_grid(prepared, batch, (height, width)).flatten().to(device) >= min_brain_fraction
+        encoder.add(activations, batch)
+    return encoder.finish()
+
+
+class SparseEncoder:
+    """Accumulates the sparse codes of a volume's slices, batch by batch, into :class:`VolumeCodes`.
+
+    Used by :func:`encode_volume` and by the steering session, which encodes activations it has cached anyway.
+    """
+
+    def __init__(self, sae: BatchTopKSAE, prepared: PreparedCase, grid: tuple[int, int], brain_only: bool = True, min_brain_fraction: float = 0.5):
+        self.sae, self.prepared, self.grid = sae, prepared, grid
+        self.brain_only, self.min_brain_fraction = brain_only, min_brain_fraction
+        self.theta = sae._theta()
+        self.counts: list[np.ndarray] = []
+        self.latents: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+        self.slices: list[np.ndarray] = []
+
+    @torch.no_grad()
+    def add(self, activations: torch.Tensor, slices: np.ndarray) -> None:
+        """Encode the hook activations ``(N, D, h, w)`` of RAS axial ``slices`` ``(N,)``, in slice order."""
+        pre = self.sae.pre_activations(feature_map_to_vectors(activations).to(self.sae.W_enc.device))
+        active = pre > self.theta
+        if self.brain_only:
+            inside = brain_fraction_on_grid(self.prepared, slices, self.grid).flatten().to(pre.device) >= self.min_brain_fraction
             active &= inside[:, None]
         rows, cols = torch.nonzero(active, as_tuple=True)  # row-major: grouped by position
-        counts.append(active.sum(dim=1).cpu().numpy())
-        latents.append(cols.to(torch.int32).cpu().numpy())
-        values.append(pre[rows, cols].float().cpu().numpy())
-    count = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
-    offsets = np.zeros(len(count) + 1, dtype=np.int64)
-    np.cumsum(count, out=offsets[1:])
-    return VolumeCodes(
-        offsets=offsets,
-        latents=np.concatenate(latents) if latents else np.zeros(0, dtype=np.int32),
-        values=np.concatenate(values) if values else np.zeros(0, dtype=np.float32),
-        slices=slices,
-        grid=(height, width),
-        d_sae=sae.d_sae,
-        prepared=prepared,
-    )
+        self.counts.append(active.sum(dim=1).cpu().numpy())
+        self.latents.append(cols.to(torch.int32).cpu().numpy())
+        self.values.append(pre[rows, cols].float().cpu().numpy())
+        self.slices.append(np.asarray(slices))
+
+    def finish(self) -> VolumeCodes:
+        count = np.concatenate(self.counts) if self.counts else np.zeros(0, dtype=np.int64)
+        offsets = np.zeros(len(count) + 1, dtype=np.int64)
+        np.cumsum(count, out=offsets[1:])
+        return VolumeCodes(
+            offsets=offsets,
+            latents=np.concatenate(self.latents) if self.latents else np.zeros(0, dtype=np.int32),
+            values=np.concatenate(self.values) if self.values else np.zeros(0, dtype=np.float32),
+            slices=np.concatenate(self.slices) if self.slices else np.zeros(0, dtype=np.int64),
+            grid=self.grid,
+            d_sae=self.sae.d_sae,
+            prepared=self.prepared,
+        )
 
 
 def save_heatmap(codes: VolumeCodes, latent: int, path: str | Path, overwrite: bool = False) -> Path:
