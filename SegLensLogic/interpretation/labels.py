@@ -1,0 +1,208 @@
+"""The latent labels file (``latents.json``) and its reader :func:`load_latent_labels`.
+
+Format (version 1; the steering session, the Slicer module and bundles read it)::
+
+    {"format_version": 1, "kind": "seglens-latent-labels",
+     "sae": {"path": ..., "sha256": ...}, "model": {"path": ..., "sha256": ...},
+     "cohort": "adult", "top_k": 16, "class_names": ["background", "necrotic core", "edema", "enhancing tumour"],
+     "stability": {"agreement": 0.71, "n_compared": 90, "threshold": 0.5, "splits": 3, "n_unstable": 12},
+     "latents": [{"id": 12, "category": "edema", "description": "edema, localised, deep, left hemisphere",
+                  "confidence": 0.82, "stable": true, "stability": 1.0, "frequency": 0.013, "mean_activation": 1.7,
+                  "metrics": {"p_edema": 0.64, ...},
+                  "top_examples": [{"case_id": "...", "slice": 77, "activation": 12.3}]}],
+     "d_sae": 2048, "cases": [{"case_id": ..., "path": ...}], "base_rates": {"edema": 0.05, ...},
+     "positions": 123456, "slice_order": "RAS", "rules": {...}, "metric_options": {...}}
+
+``slice`` is the axial slice index in RAS order (``PreparedCase`` order, the model's slicing axis);
+``activation`` the latent's summed activation on that slice's feature grid. ``stable`` is null when the latent
+could not be compared (dead in a half, or a cohort of one case). ``base_rates`` are the fractions of the
+cohort's brain voxels in each class.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ..data.io import atomic_write_text, read_json
+from ..errors import InputFileError
+from .labeller import GENERIC_CATEGORIES, LabellingRules, LatentLabel
+
+LABELS_FORMAT_VERSION = 1
+LABELS_KIND = "seglens-latent-labels"
+
+
+def _weights_ref(folder, sha256) -> dict:
+    if folder is None:
+        return {"path": None, "sha256": None}
+    return {"path": str(Path(folder).resolve()), "sha256": sha256(folder)}
+
+
+def build_labels_document(
+    interpretation,
+    labels: list[LatentLabel],
+    stability=None,
+    *,
+    model_dir=None,
+    sae_dir=None,
+    cohort_name: str | None = None,
+    rules: LabellingRules | None = None,
+) -> dict:
+    """The JSON document of a labelled SAE.
+
+    Args:
+        interpretation: a :class:`~.cohort.CohortInterpretation`.
+        labels: one :class:`LatentLabel` per latent (``interpretation.full.label(...)``).
+        stability: a :class:`~.stability.Stability`, or None.
+        model_dir, sae_dir: folders recorded with their weights' SHA-256.
+    """
+    from ..networks.segmenter import weights_sha256
+    from ..sae.model import sae_sha256
+
+    full = interpretation.full
+    entries = []
+    for j, label in enumerate(labels):
+        n = full.count(j)
+        stable = None if stability is None else stability.stable(j)
+        agreement = None if stability is None or np.isnan(stability.per_latent[j]) else round(float(stability.per_latent[j]), 4)
+        entries.append(
+            {
+                "id": j,
+                "category": label.category,
+                "description": label.description,
+                "confidence": round(label.confidence, 4),
+                "stable": stable,
+                "stability": agreement,
+                "frequency": float(interpretation.frequency[j]),
+                "mean_activation": round(float(interpretation.mean_activation[j]), 5),
+                "metrics": {name: round(value, 5) for name, value in label.metrics.items()},
+                "top_examples": [
+                    {
+                        "case_id": interpretation.case_ids[int(full.case[j, i])],
+                        "slice": int(full.slice[j, i]),
+                        "activation": round(float(full.scores[j, i]), 4),
+                    }
+                    for i in range(n)
+                ],
+            }
+        )
+    return {
+        "format_version": LABELS_FORMAT_VERSION,
+        "kind": LABELS_KIND,
+        "sae": _weights_ref(sae_dir, sae_sha256),
+        "model": _weights_ref(model_dir, weights_sha256),
+        "cohort": cohort_name,
+        "top_k": full.k,
+        "class_names": list(interpretation.class_names),
+        "stability": None if stability is None else stability.to_dict(),
+        "d_sae": interpretation.d_sae,
+        "cases": [{"case_id": c, "path": p} for c, p in zip(interpretation.case_ids, interpretation.case_folders)],
+        "base_rates": {name: round(v, 6) for name, v in interpretation.base_rates.items()},
+        "positions": interpretation.positions,
+        "slice_order": "RAS",
+        "rules": (rules or LabellingRules()).to_dict(),
+        "metric_options": asdict(interpretation.options),
+        "latents": entries,
+    }
+
+
+def write_latent_labels(document: dict, path: str | Path, overwrite: bool = False) -> Path:
+    """Write a labels document atomically (refuses to replace a file unless ``overwrite``)."""
+    return atomic_write_text(path, json.dumps(document, indent=1) + "\n", overwrite=overwrite)
+
+
+class LatentLabels:
+    """A labels file in memory: category, description and metrics of each latent of one SAE.
+
+    Attributes:
+        path: the file read.
+        data: the parsed document.
+    """
+
+    def __init__(self, data: dict, path: str | Path = "<labels>"):
+        self.path = Path(path)
+        self.data = data
+        self._entries = {int(e["id"]): e for e in data["latents"]}
+
+    @property
+    def sae_sha256(self) -> str | None:
+        return (self.data.get("sae") or {}).get("sha256")
+
+    @property
+    def model_sha256(self) -> str | None:
+        return (self.data.get("model") or {}).get("sha256")
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.data.get("class_names", []))
+
+    @property
+    def stability(self) -> dict | None:
+        return self.data.get("stability")
+
+    @property
+    def cohort(self) -> str | None:
+        return self.data.get("cohort")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entry(self, latent: int) -> dict | None:
+        """The latent's whole record, or None when the file has none for it."""
+        return self._entries.get(int(latent))
+
+    def category(self, latent: int) -> str | None:
+        entry = self.entry(latent)
+        return None if entry is None else entry["category"]
+
+    def description(self, latent: int) -> str | None:
+        entry = self.entry(latent)
+        return None if entry is None else entry.get("description")
+
+    def latents_in_category(self, name: str) -> list[int]:
+        """Latent ids of a category, most confident first (ties by id)."""
+        hits = [e for e in self._entries.values() if e["category"] == name]
+        return [int(e["id"]) for e in sorted(hits, key=lambda e: (-float(e.get("confidence") or 0.0), int(e["id"])))]
+
+    def categories(self) -> dict[str, list[int]]:
+        """Category -> latent ids (as :meth:`latents_in_category`), categories in order of first appearance."""
+        out: dict[str, list[int]] = {}
+        for entry in self._entries.values():
+            out.setdefault(entry["category"], [])
+        return {name: self.latents_in_category(name) for name in out}
+
+
+def load_latent_labels(path: str | Path) -> LatentLabels:
+    """Read a ``latents.json`` written by ``seglens interpret``.
+
+    Raises:
+        InputFileError: missing file, invalid JSON, another kind of file, a newer format, or malformed entries.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(path, "latent labels file not found")
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("kind") != LABELS_KIND:
+        raise InputFileError(path, f"is not a SegLens latent labels file (expected \"kind\": \"{LABELS_KIND}\")")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > LABELS_FORMAT_VERSION:
+        raise InputFileError(path, f"has format_version {version!r}; this SegLens reads version {LABELS_FORMAT_VERSION}")
+    latents = data.get("latents")
+    if not isinstance(latents, list):
+        raise InputFileError(path, "has no \"latents\" list")
+    seen = set()
+    for i, entry in enumerate(latents):
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), int) or not isinstance(entry.get("category"), str):
+            raise InputFileError(path, f"latents[{i}] needs an integer \"id\" and a string \"category\"")
+        if entry["id"] in seen:
+            raise InputFileError(path, f"latent {entry['id']} is listed twice")
+        seen.add(entry["id"])
+    return LatentLabels(data, path)
+
+
+def known_categories(class_names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Every category the labeller can give for these label classes, in display order."""
+    return tuple(class_names[1:]) + GENERIC_CATEGORIES
