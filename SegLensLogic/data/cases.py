@@ -48,7 +48,8 @@ class Case:
         label: label map file (or ``archive.npz:key``), if any.
         label_scheme: scheme of the label file; None means detect it from the values.
         naming: which naming convention found the files (``brats2023``, ``brats2018``, ``brats2013``,
-            ``freesurfer`` or ``explicit``).
+            ``freesurfer`` or ``explicit``), or ``arrays`` for a case built in memory (:func:`case_from_arrays`;
+            its "files" are then ``<case_id>/<modality>`` names, not paths on disk).
         brain_mask: a brain-mask file shipped with the case, if any.
     """
 
@@ -293,12 +294,77 @@ def read_case(case: Case | str | Path, modalities: tuple[str, ...] | list[str] |
     return CaseImages(case=case, images=images, reference=reference, label=label, label_scheme=scheme, brain_mask=mask)
 
 
+def case_from_arrays(
+    images: Mapping[str, np.ndarray],
+    affine: np.ndarray,
+    case_id: str,
+    label: np.ndarray | None = None,
+    label_scheme: str | None = None,
+) -> CaseImages:
+    """A case from arrays already in memory (a Slicer volume node, a viewer), without touching disk.
+
+    Args:
+        images: modality (or alias: ``t1ce``, ``flair``...) -> voxel array of shape ``(I, J, K)``, indexed ``[i, j, k]``
+            (a Slicer ``arrayFromVolume`` array is ``[k, j, i]``: transpose it with ``.transpose(2, 1, 0)``).
+        affine: ``(4, 4)`` IJK -> RAS transform in millimetres (Slicer's ``IJKToRAS`` matrix).
+        case_id: name of the case; errors name ``<case_id>/<modality>``.
+        label: optional label map ``(I, J, K)``, in ``label_scheme`` (None: detect the BraTS scheme from its values).
+
+    Returns:
+        A :class:`CaseImages` whose reference grid is ``(first modality's shape, affine)``; images are ``float32``.
+
+    Raises:
+        InputFileError: unknown modality, an array that is not 3D, not numeric, holds NaN/Inf or has another shape
+            than the first, or an affine that is not a finite invertible 4x4 matrix.
+    """
+    if not images:
+        raise InputFileError(Path(case_id), "no image given; a case needs at least one modality")
+    source = Path(case_id)
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputFileError(source, f"IJK-to-RAS matrix must be a finite invertible 4x4 matrix, got shape {affine.shape}")
+    arrays: dict[str, np.ndarray] = {}
+    for name, array in images.items():
+        try:
+            modality = canonical_modality(name)
+        except ValueError as exc:
+            raise InputFileError(source / name, str(exc)) from None
+        array = np.asarray(array)
+        where = source / modality
+        if array.ndim != 3:
+            raise InputFileError(where, f"is a {array.ndim}D array of shape {tuple(array.shape)}; SegLens needs a 3D volume")
+        if array.dtype.kind not in "biuf":
+            raise InputFileError(where, f"has voxels of type {array.dtype}; SegLens needs numbers")
+        if modality in arrays:
+            raise InputFileError(where, "given twice (under two names)")
+        if arrays and array.shape != next(iter(arrays.values())).shape:
+            first = next(iter(arrays))
+            raise InputFileError(where, f"has shape {array.shape} but {first} has {next(iter(arrays.values())).shape}; modalities must share one grid")
+        values = array.astype(np.float32, copy=False)
+        if not np.isfinite(values).all():
+            raise InputFileError(where, f"has {int((~np.isfinite(values)).sum())} NaN or Inf voxels")
+        arrays[modality] = values
+    ordered = {m: arrays[m] for m in MODALITIES if m in arrays}
+    first = next(iter(ordered.values()))
+    reference = ImageData(array=first, affine=affine, path=source / next(iter(ordered)))
+    mapped = scheme = None
+    if label is not None:
+        label = np.asarray(label)
+        if label.shape != first.shape:
+            raise InputFileError(source / "label", f"has shape {label.shape} but the images have {first.shape}")
+        scheme = get_scheme(label_scheme) if label_scheme else detect_tumour_scheme(label)
+        mapped = scheme.apply(label, source / "label")
+    case = Case(case_id=case_id, images={m: source / m for m in ordered}, label_scheme=label_scheme, naming="arrays")
+    return CaseImages(case=case, images=ordered, reference=reference, label=mapped, label_scheme=scheme)
+
+
 __all__ = [
     "MODALITIES",
     "IMAGE_SUFFIXES",
     "Case",
     "CaseImages",
     "canonical_modality",
+    "case_from_arrays",
     "case_from_mapping",
     "find_case",
     "is_case_folder",

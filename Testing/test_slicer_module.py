@@ -1,0 +1,525 @@
+"""The Slicer module (SegLensExtension/) in CI, without a Slicer application.
+
+What covers what:
+
+- Real MRML: ``SegLens.py``'s Logic and ``SegLensLib`` run against Slicer's own MRML, segmentation-core and storage
+  classes from the ``slicer-core`` wheel (no Qt, no ``slicer.app``). A real BraTS case is read by Slicer's volume
+  reader into scalar volume nodes; segmentation, heatmap, preview, Apply, Undo and Export go through the Logic.
+  The wheel has no ``slicer.ScriptedLoadableModule`` (it imports qt), so a bare stand-in with the four base
+  classes is registered before ``SegLens.py`` is imported; everything else is the real library.
+- Real Qt: ``Resources/UI/SegLens.ui`` is loaded by PySide6's ``QUiLoader`` (offscreen). Slicer/CTK classes are
+  unknown to PySide6, so they are registered as placeholders deriving from the Qt class they extend; their names
+  and classes are checked from the .ui XML, and the members the module uses on them against the Qt base class or
+  the Slicer/CTK headers' member lists below. Standard Qt widgets are checked against the real PySide6 classes.
+- Real API names: every ``slicer.*`` name used by the module and ``SegLensLib`` (found with ``ast``) must resolve in
+  the installed ``slicer-core`` or be listed in ``../shared/docs/slicer/slicer_api.json``.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import os
+import re
+import sys
+import types
+import unittest
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (pip install -e '.[test]') is needed for the Slicer module tests")
+
+REPO = Path(__file__).resolve().parents[1]
+EXTENSION = REPO / "SegLensExtension"
+MODULE_FILE = EXTENSION / "SegLens.py"
+UI_FILE = EXTENSION / "Resources" / "UI" / "SegLens.ui"
+API_JSON = REPO.parent / "shared" / "docs" / "slicer" / "slicer_api.json"
+SOURCES = [MODULE_FILE, *sorted((EXTENSION / "SegLensLib").glob("*.py"))]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# -- importing the module the way Slicer does --------------------------------------------------------------------------
+def _install_scripted_module_stand_in() -> None:
+    """Register ``slicer.ScriptedLoadableModule`` when the real one (which needs qt) is absent."""
+    try:
+        importlib.import_module("slicer.ScriptedLoadableModule")
+        return
+    except ImportError:
+        pass
+    module = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            self.moduleName = type(self).__name__.removesuffix("Logic")
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, msec=None):
+            pass
+
+    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest):
+        setattr(module, cls.__name__, cls)
+    sys.modules[module.__name__] = module
+    slicer.ScriptedLoadableModule = module
+
+
+@pytest.fixture(scope="module")
+def SegLens():
+    """``SegLens.py`` imported as Slicer imports it (module folder on ``sys.path``), with no qt available."""
+    _install_scripted_module_stand_in()
+    if str(EXTENSION) not in sys.path:
+        sys.path.insert(0, str(EXTENSION))
+    module = importlib.import_module("SegLens")
+    assert "qt" not in sys.modules and "ctk" not in sys.modules
+    return module
+
+
+@pytest.fixture
+def scene():
+    """A fresh MRML scene as ``slicer.mrmlScene``, with the default colour nodes and two slice views' composite nodes."""
+    scene = slicer.vtkMRMLScene()
+    slicer.mrmlScene = scene
+    colour_logic = slicer.vtkMRMLColorLogic()
+    colour_logic.SetMRMLScene(scene)
+    for name in ("Red", "Yellow"):
+        composite = slicer.vtkMRMLSliceCompositeNode()
+        composite.SetLayoutName(name)
+        scene.AddNode(composite)
+    yield scene
+    colour_logic.SetMRMLScene(None)
+
+
+def load_volume(scene, path: Path, name: str):
+    """Read an image file into a scalar volume node with Slicer's own volume reader."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node), path
+    return node
+
+
+# -- case_from_arrays --------------------------------------------------------------------------------------------------
+def test_case_from_arrays_matches_reading_the_files(brats2018_case):
+    from SegLensLogic.data import case_from_arrays, read_case
+
+    from_files = read_case(brats2018_case)
+    case = case_from_arrays({("flair" if m == "t2f" else m): a for m, a in from_files.images.items()}, from_files.affine,
+                            "in-memory", label=from_files.label)
+    assert case.case_id == "in-memory" and case.case.modalities == from_files.case.modalities
+    assert case.shape == from_files.shape and np.array_equal(case.affine, from_files.affine)
+    for modality in from_files.images:
+        assert case.images[modality].dtype == np.float32
+        assert np.array_equal(case.images[modality], from_files.images[modality])
+    assert np.array_equal(case.label, from_files.label)
+
+
+def test_case_from_arrays_names_the_problem():
+    from SegLensLogic.data import case_from_arrays
+    from SegLensLogic.errors import InputFileError
+
+    good = np.zeros((4, 5, 6), np.float32)
+    cases = [
+        ({"t1": good, "t2": np.zeros((4, 5, 7))}, np.eye(4), "t2w: has shape (4, 5, 7)"),
+        ({"t1": np.zeros((4, 5))}, np.eye(4), "2D array"),
+        ({"t1": np.full((4, 5, 6), np.nan)}, np.eye(4), "NaN or Inf"),
+        ({"pd": good}, np.eye(4), "unknown modality 'pd'"),
+        ({"t1": good}, np.zeros((4, 4)), "invertible 4x4"),
+        ({}, np.eye(4), "no image given"),
+    ]
+    for images, affine, message in cases:
+        with pytest.raises(InputFileError, match=re.escape(message)) as info:
+            case_from_arrays(images, affine, "node")
+        assert str(info.value).startswith("node")
+
+
+# -- the workflow on real MRML ---------------------------------------------------------------------------------------
+def needs_steering_and_bundles() -> None:
+    """Skip (with the reason) until the steering session and bundles are in this checkout."""
+    pytest.importorskip("SegLensLogic.steering", reason="SegLensLogic.steering (SteeringSession) is not in this checkout")
+    pytest.importorskip("SegLensLogic.bundle", reason="SegLensLogic.bundle is not in this checkout")
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(real_pipeline, tmp_path_factory):
+    needs_steering_and_bundles()
+    from SegLensLogic.bundle import build_bundle
+
+    return build_bundle(real_pipeline.model_dir, real_pipeline.sae_dir, tmp_path_factory.mktemp("bundle") / "adult", name="adult").root
+
+
+def test_workflow_on_real_mrml(SegLens, scene, real_pipeline, bundle_dir, brats2018_dir, tmp_path):
+    from SegLensLib import nodes
+    from SegLensLogic.bundle import load_bundle
+    from SegLensLogic.data import read_case
+    from SegLensLogic.errors import OutputExistsError
+    from SegLensLogic.inference import predict_volume
+    from SegLensLogic.steering import load_recipe
+
+    from pipelines import REAL_TEST_CASES
+
+    case_dir = brats2018_dir / REAL_TEST_CASES[0]  # held out from training
+    name = case_dir.name
+    files = {"t1n": f"{name}_t1.nii.gz", "t1c": f"{name}_t1ce.nii.gz", "t2w": f"{name}_t2.nii.gz", "t2f": f"{name}_flair.nii.gz"}
+    volumes = {m: load_volume(scene, case_dir / f, f"{name}_{m}") for m, f in files.items()}
+    originals = {m: nodes.volume_array(v) for m, v in volumes.items()}
+    user_nodes = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+    # Slicer's reader and SegLens's reader agree on voxels and geometry, so the arrays path is the file path.
+    from_files = read_case(case_dir)
+    assert np.allclose(nodes.ijk_to_ras(volumes["t1n"]), from_files.affine, atol=1e-4)
+    assert np.array_equal(originals["t1n"], from_files.images["t1n"])
+
+    logic = SegLens.SegLensLogic()
+    case = logic.caseFromVolumes(volumes)
+    logic.openSession(case, bundlePath=bundle_dir)
+    bundle = load_bundle(bundle_dir)
+
+    # Segment: a new node, one named, coloured segment per class, labels on the input grid.
+    segmentation = logic.segment()
+    labels = logic.session.labels
+    expected = predict_volume(real_pipeline.model, from_files).labels
+    assert np.array_equal(labels, expected)
+    assert (labels > 0).sum() > 0
+    summary = nodes.segment_summary(segmentation)
+    assert [s["name"] for s in summary] == bundle.class_names[1:] == ["necrotic core", "edema", "enhancing tumour"]
+    assert [s["id"] for s in summary] == [nodes.segment_id(v) for v in range(1, len(bundle.class_names))]
+    for s, rgb in zip(summary, bundle.colours[1:]):
+        assert np.allclose(s["color"], np.array(rgb) / 255.0, atol=1e-6)
+    assert np.array_equal(nodes.labels_from_segmentation(segmentation, volumes["t1n"], logic.colourTableNode), labels)
+    assert segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()) is volumes["t1n"]
+    geometry = segmentation.GetBinaryLabelmapInternalRepresentation(nodes.segment_id(2))
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    geometry.GetImageToWorldMatrix(matrix)
+    assert np.allclose(slicer.util.arrayFromVTKMatrix(matrix), nodes.ijk_to_ras(volumes["t1n"]), atol=1e-4)
+
+    # Latent table and slice following: the Red view's centre at an input voxel maps to that voxel's RAS slice.
+    tumour = np.argwhere(labels > 0)[0]
+    ras = (from_files.affine @ np.array([*tumour, 1.0]))[:3]
+    k = logic.sliceIndexOfPoint(ras)
+    assert k == logic.session.slice_of_point(ras) and 0 <= k < logic.numberOfSlices() == logic.session.num_slices
+    rows = logic.latentTable(k)
+    assert rows and [r["slice_activation"] for r in rows] == sorted((r["slice_activation"] for r in rows), reverse=True)
+    assert {"id", "label", "category", "status", "slice_activation", "volume_activation"} <= set(rows[0])
+    latent = int(rows[0]["id"])
+    assert rows[0]["slice_activation"] > 0
+
+    # Heatmap layer: input geometry, the session's values, in the slice views' foreground with a threshold.
+    heat_node = logic.showHeatmap(latent, threshold=0.2, opacity=0.4)
+    assert nodes.same_geometry(heat_node, volumes["t1n"])
+    heat = logic.session.heatmap(latent)
+    assert np.array_equal(nodes.volume_array(heat_node), heat.astype(np.float32))
+    display = heat_node.GetDisplayNode()
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(0.2 * heat.max(), rel=1e-6)
+    assert display.GetColorNodeID() == "vtkMRMLPETProceduralColorNodePET-Heat"
+    assert heat_node.GetName().startswith(f"SegLens latent {latent}")
+    composite = scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+    assert composite.GetForegroundVolumeID() == heat_node.GetID() and composite.GetForegroundOpacity() == pytest.approx(0.4)
+    assert logic.showHeatmaps([latent]) == [heat_node]
+
+    # Live preview of the current slice: only slice k may differ from the unedited labels.
+    edit = logic.makeEdit([latent], "zero", region="current slice", sliceIndex=k)
+    preview_node = logic.previewEdit(edit, k)
+    preview = nodes.volume_array(preview_node)
+    assert np.array_equal(preview, logic.session.preview(edit, k))
+    prepared = logic.session.prepared
+    changed = np.argwhere(prepared.orientation.apply(preview) != prepared.orientation.apply(labels))
+    assert set(changed[:, 2].tolist()) <= {k}
+
+    # Apply: a new corrected node; the original node and labels stay as they were.
+    strong = logic.makeEdit([r["id"] for r in rows[:3]], "scale", alpha=4.0, region="whole volume")
+    corrected = logic.applyEdit(strong)
+    assert corrected is not segmentation and scene.GetNodeByID(segmentation.GetID()) is segmentation
+    assert np.array_equal(nodes.labels_from_segmentation(segmentation, volumes["t1n"], logic.colourTableNode), labels)
+    new_labels = logic.session.labels
+    assert not np.array_equal(new_labels, labels)
+    assert np.array_equal(nodes.labels_from_segmentation(corrected, volumes["t1n"], logic.colourTableNode), new_labels)
+    assert logic.currentSegmentationNode is corrected and len(logic.session.edits) == 1
+
+    # Export: .seg.nrrd and .nii.gz read back equal, with stable label values, names and colours; recipe JSON.
+    paths = logic.export(tmp_path / "out" / "case_seglens")
+    back = nodes.read_segmentation(scene, paths["seg_nrrd"])
+    assert [s["name"] for s in nodes.segment_summary(back)] == bundle.class_names[1:]
+    assert np.array_equal(nodes.labels_from_segmentation(back, volumes["t1n"], logic.colourTableNode), new_labels)
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(paths["seg_nrrd"]))
+    reader.ReadImageInformation()
+    header = {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()}
+    for index, (name, rgb) in enumerate(zip(bundle.class_names[1:], bundle.colours[1:])):
+        assert header[f"Segment{index}_Name"] == name and header[f"Segment{index}_LabelValue"] == str(index + 1)
+        assert np.allclose([float(v) for v in header[f"Segment{index}_Color"].split()], np.array(rgb) / 255, atol=1e-5)
+    import nibabel as nib
+
+    nifti = nib.load(str(paths["nifti"]))
+    assert np.array_equal(np.asanyarray(nifti.dataobj), new_labels) and np.allclose(nifti.affine, from_files.affine, atol=1e-4)
+    assert len(load_recipe(paths["recipe"]).edits) == 1
+    assert paths["colour_table"].read_text().splitlines()[3].startswith("1 necrotic_core 255 0 0 255")
+    with pytest.raises(OutputExistsError):
+        logic.export(tmp_path / "out" / "case_seglens")
+
+    # Undo: the corrected node goes, the original is current again.
+    assert logic.undo() is segmentation and scene.GetNodeByID(corrected.GetID()) is None
+    assert np.array_equal(logic.session.labels, labels) and not logic.session.edits
+
+    # The user's nodes were never modified or removed.
+    assert user_nodes <= {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    for modality, volume in volumes.items():
+        assert np.array_equal(nodes.volume_array(volume), originals[modality])
+
+
+def test_volumes_on_different_grids_are_refused(SegLens, scene):
+    from SegLensLib import nodes
+    from SegLensLogic.errors import SegLensError
+
+    a = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "a")
+    nodes.set_volume_array(a, np.ones((6, 5, 4), np.float32))
+    b = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "b")
+    b.SetSpacing(1.0, 1.0, 2.0)
+    nodes.set_volume_array(b, np.ones((6, 5, 4), np.float32))
+    with pytest.raises(SegLensError, match="'b' \\(t2f\\) is not on the grid of 'a'"):
+        SegLens.SegLensLogic().caseFromVolumes({"t1": a, "flair": b})
+
+
+def test_worker_runs_off_the_main_thread_and_cancels(real_pipeline):
+    import threading
+
+    needs_steering_and_bundles()
+
+    from SegLensLib.worker import Progress, Worker
+    from SegLensLogic.data.cases import read_case
+    from SegLensLogic.inference import PredictionCancelled
+    from SegLensLogic.steering import SteeringSession
+
+    from helpers import write_synthetic_case
+
+    case = read_case(write_synthetic_case(Path(os.environ.get("TMPDIR", "/tmp")) / f"seglens-worker-{os.getpid()}", shape=(48, 40, 24)))
+    worker = Worker()
+    try:
+        assert worker.run(threading.get_ident) != threading.get_ident()
+        session = SteeringSession(real_pipeline.model, real_pipeline.sae, case)
+        progress = Progress()
+        progress.cancel()
+        pumped = []
+        with pytest.raises(PredictionCancelled):
+            worker.run(session.segment, progress.callback, pump=lambda: pumped.append(1))
+        progress = Progress()
+        labels = worker.run(session.segment, progress.callback)
+        assert labels.shape == case.shape and progress.total > 0 and 0 < progress.done <= progress.total
+    finally:
+        worker.shutdown()
+
+
+# -- dependencies ------------------------------------------------------------------------------------------------------
+def test_requirements_file_is_the_package_requirements_without_torch():
+    import tomllib
+
+    from SegLensLib.dependencies import read_requirements
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert read_requirements() == [r for r in project if not r.startswith("torch")]
+
+
+def test_dependency_install_asks_first_and_explains_offline(SegLens):
+    from SegLensLib import dependencies as deps
+
+    asked, installed = [], []
+    confirm_yes = lambda text: asked.append(text) or True  # noqa: E731
+    # Everything is installed here: nothing is asked, torch comes from the environment, the device is named.
+    assert deps.ensure_requirements(confirm_yes, installed.append, online=lambda: True) == []
+    assert deps.ensure_torch(confirm_yes).__name__ == "torch"
+    assert asked == [] and installed == []
+    assert deps.device_description().startswith(("CPU", "GPU"))
+    missing = ["seglens-not-a-real-package>=1"]
+    with pytest.raises(deps.DependencyError, match="cannot reach the package index.*seglens-not-a-real-package"):
+        deps.ensure_requirements(confirm_yes, installed.append, missing, online=lambda: False)
+    assert installed == []
+    with pytest.raises(deps.DependencyError, match="installation was cancelled"):
+        deps.ensure_requirements(lambda text: False, installed.append, missing, online=lambda: True)
+    assert installed == []
+    with pytest.raises(deps.DependencyError, match="did not provide seglens-not-a-real-package"):
+        deps.ensure_requirements(confirm_yes, installed.extend, missing, online=lambda: True)
+    assert installed == missing and "seglens-not-a-real-package" in asked[-1]
+    assert deps.missing_requirements(["numpy>=1", "numpy<1"]) == ["numpy<1"]
+    assert deps.source_root() == REPO
+
+
+def test_latent_table_filters_and_sorts():
+    from SegLensLib import latenttable
+
+    rows = [
+        {"id": 3, "label": "b", "category": "edema", "status": "shared", "slice_activation": 1.0, "volume_activation": 9.0},
+        {"id": 1, "label": "a", "category": "edema", "status": "specific", "slice_activation": 5.0, "volume_activation": 2.0},
+        {"id": 2, "label": None, "category": "brain edge", "status": None, "slice_activation": 0.0, "volume_activation": 4.0},
+    ]
+    assert latenttable.choices(rows, "status") == ["all", "shared", "specific"]
+    assert [r["id"] for r in latenttable.filter_rows(rows, category="edema", status="specific")] == [1]
+    assert [r["id"] for r in latenttable.sort_rows(rows, "volume_activation")] == [3, 2, 1]
+    assert [r["id"] for r in latenttable.sort_rows(rows, "label", descending=False)] == [1, 3, 2]
+    with pytest.raises(ValueError, match="unknown column"):
+        latenttable.sort_rows(rows, "colour")
+
+
+# -- the .ui file in a real Qt -------------------------------------------------------------------------------------------
+# Members the module uses on Slicer/CTK widgets beyond their Qt base class, from the public headers
+# (Q_PROPERTY / public slots / signals) of qMRMLNodeComboBox.h, ctkSliderWidget.h, ctkRangeWidget.h,
+# ctkPathLineEdit.h, ctkDirectoryButton.h and ctkCollapsibleButton.h.
+CUSTOM_MEMBERS = {
+    "qMRMLNodeComboBox": {"setMRMLScene", "currentNode", "currentNodeID", "setCurrentNodeID", "addNode", "nodeTypes",
+                          "currentNodeChanged", "connect"},
+    "ctkSliderWidget": {"value", "minimum", "maximum", "singleStep", "decimals", "valueChanged", "connect"},
+    "ctkRangeWidget": {"minimumValue", "maximumValue", "minimum", "maximum", "singleStep", "decimals", "valuesChanged", "connect"},
+    "ctkPathLineEdit": {"currentPath", "setCurrentPath", "filters", "settingKey", "currentPathChanged", "connect"},
+    "ctkDirectoryButton": {"directory", "setDirectory", "directoryChanged", "connect"},
+    "ctkCollapsibleButton": {"collapsed", "text", "connect"},
+}
+
+
+def _ui_widgets() -> tuple[dict[str, str], dict[str, str]]:
+    """``({object name: class}, {custom class: Qt base class})`` from the .ui XML."""
+    root = ET.parse(UI_FILE).getroot()
+    widgets = {w.get("name"): w.get("class") for w in root.iter("widget")}
+    customs = {c.findtext("class"): c.findtext("extends") for c in root.iter("customwidget")}
+    return widgets, customs
+
+
+def _module_ui_usage() -> dict[str, set[str]]:
+    """``{ui name: {members used on it}}`` for every ``self.ui.<name>`` in SegLens.py, plus the selectors it reaches
+    with ``getattr(self.ui, name)`` through ``MODALITY_SELECTORS``."""
+    tree = ast.parse(MODULE_FILE.read_text())
+    usage: dict[str, set[str]] = {}
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui":
+            members = usage.setdefault(node.attr, set())
+            parent = parents.get(node)
+            if isinstance(parent, ast.Attribute):
+                members.add(parent.attr)
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "MODALITY_SELECTORS" for t in node.targets):
+            for value in ast.literal_eval(node.value).values():
+                usage.setdefault(value, set()).add("currentNode")
+    return usage
+
+
+def test_ui_loads_in_qt_and_has_every_widget_the_module_uses():
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    QtWidgets = pytest.importorskip("PySide6.QtWidgets", reason="PySide6 is needed to load the .ui file")
+    from PySide6.QtCore import QFile
+    from PySide6.QtUiTools import QUiLoader
+
+    widgets, customs = _ui_widgets()
+    assert widgets["SegLens"] == "qMRMLWidget" and ET.parse(UI_FILE).getroot().find("widget").get("class") == "qMRMLWidget"
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+    loader = QUiLoader()
+    for name, base in customs.items():  # placeholders with the Qt base class the .ui says they extend
+        loader.registerCustomWidget(type(name, (getattr(QtWidgets, base),), {}))
+    handle = QFile(str(UI_FILE))
+    assert handle.open(QFile.ReadOnly)
+    root = loader.load(handle)
+    handle.close()
+    assert root is not None, loader.errorString()
+    assert type(root).__name__ == "qMRMLWidget"
+
+    for name, members in sorted(_module_ui_usage().items()):
+        assert name in widgets, f"SegLens.py uses ui.{name}, which SegLens.ui does not have"
+        cls = widgets[name]
+        child = root.findChild(QtWidgets.QWidget, name)
+        assert child is not None and type(child).__name__ == cls, (name, type(child).__name__, cls)
+        qt_class = getattr(QtWidgets, cls, None) or getattr(QtWidgets, customs[cls])
+        meta = qt_class.staticMetaObject
+        for member in members:
+            known = (hasattr(qt_class, member) or meta.indexOfProperty(member) >= 0  # PythonQt exposes properties
+                     or member in CUSTOM_MEMBERS.get(cls, set()) or member in {"connect", "enabled", "text", "checked", "value"})
+            assert known, f"ui.{name}.{member}: {cls} has no such member"
+    # Each selector is connected to the scene through the root's mrmlSceneChanged signal.
+    receivers = {c.findtext("receiver") for c in ET.parse(UI_FILE).getroot().iter("connection")}
+    assert {n for n, c in widgets.items() if c == "qMRMLNodeComboBox"} <= receivers
+    root.deleteLater()
+    del app
+
+
+# -- Slicer API names ----------------------------------------------------------------------------------------------------
+def slicer_names(source: str) -> set[str]:
+    """Every dotted name ``slicer.a.b...`` in Python source, e.g. ``slicer.util.arrayFromVolume``."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute):
+            parts, value = [node.attr], node.value
+            while isinstance(value, ast.Attribute):
+                parts.append(value.attr)
+                value = value.value
+            if isinstance(value, ast.Name) and value.id == "slicer":
+                names.add(".".join(["slicer", *reversed(parts)]))
+    # Keep only the longest chains (slicer.util.x, not also slicer.util).
+    return {n for n in names if not any(other.startswith(n + ".") for other in names)}
+
+
+def _documented_names() -> set[str]:
+    api = json.loads(API_JSON.read_text())
+    names = {f"slicer.util.{n}" for n in api["slicer.util"]}
+    names |= {f"slicer.{cls}.{m}" for cls, methods in api["mrml_classes"].items() for m in methods}
+    names |= {f"slicer.{cls}" for cls in api["mrml_classes"]}
+    for entry in api["other"]:
+        names.add(entry.split("(")[0])
+    return names
+
+
+def unknown_slicer_names(source: str) -> list[str]:
+    """Names that neither resolve in the installed slicer-core nor appear in slicer_api.json."""
+    documented = _documented_names() if API_JSON.is_file() else set()
+    missing = []
+    for name in sorted(slicer_names(source)):
+        # The scene singleton is a vtkMRMLScene: its members are the class's.
+        resolved = name.replace("slicer.mrmlScene.", "slicer.vtkMRMLScene.", 1)
+        target, ok = slicer, True
+        for part in resolved.split(".")[1:]:
+            if not hasattr(target, part):
+                ok = False
+                break
+            target = getattr(target, part)
+        if not ok and name not in documented:
+            missing.append(name)
+    return missing
+
+
+def test_every_slicer_name_used_exists():
+    used = set()
+    for path in SOURCES:
+        source = path.read_text()
+        used |= slicer_names(source)
+        assert unknown_slicer_names(source) == [], path
+    # The module really is checked: it uses MRML, segmentation logic, storage and application names.
+    assert {"slicer.util.arrayFromVolume", "slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode",
+            "slicer.vtkMRMLSegmentationStorageNode", "slicer.app.layoutManager", "slicer.util.loadUI"} <= used
+    # ... and a name that does not exist fails the check.
+    assert unknown_slicer_names("slicer.util.arrayFromVolumeX(n)\nslicer.app.layoutManagr()") == [
+        "slicer.app.layoutManagr", "slicer.util.arrayFromVolumeX"]
+
+
+# -- extension files ---------------------------------------------------------------------------------------------------
+def test_extension_cmake_lists_every_shipped_file():
+    cmake = (EXTENSION / "CMakeLists.txt").read_text()
+    listed = set(re.findall(r"^\s+([\w/${}.]+\.(?:py|png|ui|txt))\s*$", cmake.replace("${MODULE_NAME}", "SegLens"), re.M))
+    shipped = {str(p.relative_to(EXTENSION)) for p in EXTENSION.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+               and p.suffix in (".py", ".png", ".ui", ".txt") and p.parts[len(EXTENSION.parts)] not in ("Testing",)
+               and p.name != "CMakeLists.txt"}
+    assert listed == shipped
+    top = (REPO / "CMakeLists.txt").read_text()
+    for needed in ('set(EXTENSION_DEPENDS "PyTorch")', "find_package(Slicer REQUIRED)", "add_subdirectory(SegLensExtension)",
+                   "project(SegLens)"):
+        assert needed in top
+    assert not [p for p in EXTENSION.glob("*.py") if p.name != "SegLens.py"], "helpers must live in SegLensLib/"
