@@ -675,16 +675,24 @@ class SegLensTest(ScriptedLoadableModuleTest):
         return build_bundle(folder / "model", folder / "sae", folder / "bundle", name="selftest").root
 
     def test_SegLensWorkflow(self):
+        import shutil
         import tempfile
 
-        import numpy as np
-
         from SegLensLib.dependencies import ensure_dependencies
-        from SegLensLogic.data.phantoms import make_phantom
 
         self.delayDisplay("Checking dependencies")
         ensure_dependencies(lambda text: True)
         work = Path(tempfile.mkdtemp(prefix="SegLensTest-"))
+        try:
+            self._runWorkflow(work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _runWorkflow(self, work):
+        import numpy as np
+
+        from SegLensLogic.data.phantoms import make_phantom
+
         images, labels = make_phantom(shape=(64, 64, 24), seed=0)
         affine = np.diag([1.0, 1.0, 2.0, 1.0])  # phantoms are in RAS voxel order
         volumes = {}

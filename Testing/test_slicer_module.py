@@ -282,6 +282,12 @@ def test_workflow_on_real_mrml(SegLens, scene, real_pipeline, bundle_dir, brats2
         assert np.array_equal(nodes.volume_array(volume), originals[modality])
 
 
+def test_module_self_test_runs_without_the_application(SegLens, scene):
+    """``SegLensTest`` (what users run from Reload and Test) on a phantom and a tiny untrained bundle."""
+    needs_steering_and_bundles()
+    SegLens.SegLensTest().runTest()
+
+
 def test_volumes_on_different_grids_are_refused(SegLens, scene):
     from SegLensLib import nodes
     from SegLensLogic.errors import SegLensError
