@@ -99,7 +99,8 @@ class CaseImages:
 
 
 # Folder naming conventions: (name, pattern on the file stem -> role). Roles are modalities, "seg" or "mask".
-_BRATS2023 = re.compile(r"-(t1n|t1c|t2w|t2f|seg)$", re.IGNORECASE)
+# ``-aseg``: FreeSurfer structure labels of a healthy case in BraTS 2023 naming (synthetic healthy cohorts).
+_BRATS2023 = re.compile(r"-(t1n|t1c|t2w|t2f|seg|aseg)$", re.IGNORECASE)
 _BRATS2018 = re.compile(r"_(t1|t1ce|t2|flair|seg)$", re.IGNORECASE)
 _BRATS2013 = re.compile(r"^(t1|t1c|t2|flair)_|^(otmulticlass|ot)$|^(brainmask|mask)$", re.IGNORECASE)
 # A FreeSurfer mri/ folder holds several T1 stages; the first present of these is the case's T1.
@@ -172,6 +173,8 @@ def find_case(folder: str | Path, case_id: str | None = None) -> Case:
                 found["t1n"] = fallback
         images = {m: found[m] for m in MODALITIES if m in found}
         if images:
+            if "seg" not in found and "aseg" in found:
+                found["seg"], scheme = found["aseg"], ASEG.name
             return Case(
                 case_id=case_id or folder.name,
                 images=images,
