@@ -1,0 +1,306 @@
+"""Model diffing: matchings, the shared-latent rule, metrics, alignment files, cohorts, spaces and swapping.
+
+Synthetic SAEs here have known answers (identity, permutations, replaced fractions); the real-data tests use the
+shared ``real_pipeline`` (a tiny U-Net on real BraTS 2018 cases and its SAE) plus SAEs trained on its activation
+store with other seeds and on BraTS 2013 activations.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import assert_one_line_error, seglens
+from SegLensLogic.alignment import (
+    align_saes,
+    align_vectors,
+    alignment_document,
+    alignment_metrics,
+    baselines_table,
+    collision_rate,
+    cosine_matrix,
+    format_table,
+    greedy,
+    hungarian,
+    is_valid_matching,
+    load_alignment,
+    nearest,
+    sae_record,
+    sinkhorn,
+    tau_sweep,
+    write_alignment,
+)
+from SegLensLogic.alignment.matching import greedy_assign
+from SegLensLogic.errors import InputFileError, OutputExistsError, SegLensError
+from SegLensLogic.sae import BatchTopKSAE, SAEConfig
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# -- synthetic SAEs --------------------------------------------------------------------------------------
+def random_sae(d_in: int = 32, expansion: int = 4, seed: int = 0, model_sha256: str | None = "m" * 64) -> BatchTopKSAE:
+    """An SAE with independent random encoder and decoder directions (unit decoder rows), threshold 0."""
+    g = torch.Generator().manual_seed(seed)
+    sae = BatchTopKSAE(SAEConfig(d_in=d_in, expansion=expansion, k=4, threshold=0.0, hook_point="down_3", model_sha256=model_sha256))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, sae.d_sae, generator=g))
+        sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(sae.d_sae, d_in, generator=g), dim=1))
+        sae.b_enc.copy_(torch.randn(sae.d_sae, generator=g) * 0.1)
+    sae.threshold.fill_(0.0)
+    return sae
+
+
+def permuted(sae: BatchTopKSAE, perm: np.ndarray) -> BatchTopKSAE:
+    """The same SAE with latent ``j`` moved to position ``inverse(perm)[j]``: new latent ``i`` is old ``perm[i]``."""
+    out = BatchTopKSAE(SAEConfig(**sae.config.to_dict()))
+    state = {k: v.clone() for k, v in sae.state_dict().items()}
+    p = torch.as_tensor(perm)
+    state["W_enc"], state["b_enc"], state["W_dec"] = state["W_enc"][:, p], state["b_enc"][p], state["W_dec"][p]
+    out.load_state_dict(state)
+    return out
+
+
+def with_replaced(sae: BatchTopKSAE, latents: np.ndarray, seed: int = 99) -> BatchTopKSAE:
+    """A copy whose ``latents`` get fresh random encoder and decoder vectors."""
+    fresh = random_sae(sae.config.d_in, sae.config.expansion, seed=seed)
+    out = permuted(sae, np.arange(sae.d_sae))
+    with torch.no_grad():
+        idx = torch.as_tensor(latents)
+        out.W_enc[:, idx] = fresh.W_enc[:, idx]
+        out.W_dec[idx] = fresh.W_dec[idx]
+    return out
+
+
+def noisy_copy(sae: BatchTopKSAE, noise, seed: int = 5) -> BatchTopKSAE:
+    """A copy with Gaussian noise added to every encoder and decoder vector (``noise``: relative to each vector's
+    norm; a number or one value per latent)."""
+    g = torch.Generator().manual_seed(seed)
+    out = permuted(sae, np.arange(sae.d_sae))
+    noise = torch.as_tensor(np.broadcast_to(np.asarray(noise, dtype=np.float32), (sae.d_sae,)).copy())
+    with torch.no_grad():
+        w_enc, w_dec = out.W_enc, out.W_dec
+        w_enc += noise * w_enc.norm(dim=0, keepdim=True) * torch.randn(w_enc.shape, generator=g) / w_enc.shape[0] ** 0.5
+        w_dec += noise[:, None] * torch.randn(w_dec.shape, generator=g) / w_dec.shape[1] ** 0.5
+    return out
+
+
+# -- matchings -------------------------------------------------------------------------------------------
+def brute_greedy(weights: np.ndarray) -> np.ndarray:
+    n_a, n_b = weights.shape
+    partner = np.full(n_a, -1)
+    used_r, used_c = set(), set()
+    for flat in np.argsort(-weights, axis=None, kind="stable"):
+        r, c = divmod(int(flat), n_b)
+        if r not in used_r and c not in used_c:
+            partner[r] = c
+            used_r.add(r)
+            used_c.add(c)
+    return partner
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (50, 30), (30, 50)])
+def test_sinkhorn_and_greedy_give_valid_matchings(shape):
+    rng = np.random.default_rng(1)
+    sims = cosine_matrix(rng.normal(size=(shape[0], 16)), rng.normal(size=(shape[1], 16)))
+    for matcher in (greedy, sinkhorn, hungarian):
+        m = matcher(sims)
+        assert m.is_one_to_one() and is_valid_matching(m.partner, shape[1]), matcher.__name__
+        assert len(m.matched) == min(shape), matcher.__name__  # every latent of the smaller side is used
+    # Greedy is exactly "most similar free pair first".
+    assert (greedy(sims).partner == brute_greedy(sims)).all()
+    # Hungarian is optimal: no other method beats its total similarity.
+    total = lambda m: sims[m.matched, m.partner[m.matched]].sum()  # noqa: E731
+    assert total(hungarian(sims)) >= max(total(greedy(sims)), total(sinkhorn(sims))) - 1e-6
+    # Nearest neighbours are not a matching: collisions on random data.
+    near = nearest(sims)
+    assert not near.is_one_to_one() and collision_rate(near.partner) > 0
+    assert not is_valid_matching(np.array([0, 0]), 3) and not is_valid_matching(np.array([0, 3]), 3)
+
+
+def test_greedy_matches_brute_force_over_many_rounds():
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        w = rng.normal(size=(rng.integers(2, 40), rng.integers(2, 40)))
+        assert (greedy_assign(w) == brute_greedy(w)).all()
+    # With ties the pick among equals may differ, but the result is still a maximal matching.
+    w = rng.integers(0, 3, size=(15, 11)).astype(float)
+    partner = greedy_assign(w)
+    assert is_valid_matching(partner, 11) and (partner >= 0).sum() == 11
+
+
+def test_sinkhorn_and_greedy_recover_a_clear_permutation():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(64, 24))
+    perm = rng.permutation(64)
+    sims = cosine_matrix(a, a[perm] + 0.05 * rng.normal(size=(64, 24)))
+    expected = np.argsort(perm)  # latent i of A sits at position inverse(perm)[i] in B
+    for matcher in (greedy, sinkhorn, hungarian):
+        assert (matcher(sims).partner == expected).all(), matcher.__name__
+
+
+def test_matchers_reject_bad_matrices():
+    with pytest.raises(ValueError, match="NaN"):
+        hungarian(np.array([[np.nan, 1.0]]))
+    with pytest.raises(ValueError, match="2-D"):
+        greedy(np.zeros(3))
+
+
+# -- the shared-latent rule on synthetic SAEs ---------------------------------------------------------------
+def test_sae_aligned_with_itself_is_fully_shared():
+    sae = random_sae()
+    alignment = align_saes(sae, sae)
+    assert alignment.shared_fraction() == 1.0
+    assert (alignment.partner == np.arange(sae.d_sae)).all()
+    metrics = alignment_metrics(alignment, trials=3, seed=0)
+    assert metrics["agreement"] == 100.0 and metrics["agreement_all"] == 100.0
+    assert metrics["stability"] == 100.0 and metrics["collision"] == 0.0 and metrics["coverage"] == 100.0
+    assert metrics["matched_similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert 80 < metrics["predictability"] <= 100
+
+
+def test_permuted_latents_are_recovered_exactly():
+    sae = random_sae(seed=1)
+    perm = np.random.default_rng(4).permutation(sae.d_sae)
+    other = permuted(sae, perm)
+    alignment = align_saes(sae, other)
+    inverse = np.argsort(perm)
+    assert (alignment.partner == inverse).all()
+    assert alignment.shared_fraction() == 1.0
+    # Both directions: aligning B to A gives the permutation itself.
+    assert (align_saes(other, sae).partner == perm).all()
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
+def test_shared_fraction_matches_the_fraction_kept(fraction):
+    sae = random_sae(seed=2)
+    rng = np.random.default_rng(5)
+    replaced = rng.choice(sae.d_sae, int(fraction * sae.d_sae), replace=False)
+    perm = rng.permutation(sae.d_sae)
+    other = permuted(with_replaced(sae, replaced), perm)
+    alignment = align_saes(sae, other)
+    assert alignment.shared_fraction() == pytest.approx(1 - fraction)
+    shared_a, shared_b = alignment.shared_pairs()
+    assert set(shared_a.tolist()) == set(range(sae.d_sae)) - set(replaced.tolist())
+    assert (shared_b == np.argsort(perm)[shared_a]).all()  # and each with its true partner
+
+
+def test_both_spaces_must_agree_and_reach_tau():
+    sae = random_sae(seed=3)
+    other = permuted(sae, np.arange(sae.d_sae))
+    with torch.no_grad():  # latent 0: decoder kept, encoder replaced -> not shared (encoder cosine low)
+        other.W_enc[:, 0] = torch.randn(sae.config.d_in)
+    alignment = align_saes(sae, other)
+    assert not alignment.shared_mask()[0] and alignment.shared_mask()[1:].all()
+    # A uniformly noisy copy: the tau sweep falls as tau rises, and tau 1 keeps nothing.
+    noisy = align_saes(sae, noisy_copy(sae, 0.6))
+    sweep = tau_sweep(noisy, (0.5, 0.7, 0.8, 0.9, 1.0))
+    fractions = [row["shared_fraction"] for row in sweep]
+    assert fractions == sorted(fractions, reverse=True) and fractions[-1] == 0.0 and 0 < fractions[2] < 1
+
+
+def test_rectangular_dictionaries_align():
+    small = random_sae(expansion=2, seed=4)
+    big = permuted(random_sae(expansion=4, seed=4), np.arange(128))
+    with torch.no_grad():  # the big SAE holds the small one's 64 latents at positions 64..127
+        big.W_enc[:, 64:] = small.W_enc
+        big.W_dec[64:] = small.W_dec
+    alignment = align_saes(small, big)
+    assert (alignment.partner == np.arange(64, 128)).all() and alignment.shared_fraction() == 0.5
+    reverse = align_saes(big, small)
+    assert (reverse.partner[64:] == np.arange(64)).all() and (reverse.partner[:64] == -1).all()
+
+
+def test_cosine_alignment_refuses_different_activation_dimensions():
+    with pytest.raises(ValueError, match="different spaces"):
+        align_saes(random_sae(d_in=32), random_sae(d_in=16))
+
+
+# -- metrics --------------------------------------------------------------------------------------------
+def test_bootstrap_stability_is_reproducible_with_a_seed():
+    sae = random_sae(seed=6)
+    alignment = align_saes(sae, noisy_copy(sae, 0.9))
+    first = baselines_table(alignment, trials=4, seed=11)
+    again = baselines_table(alignment, trials=4, seed=11)
+    assert first == again
+    other_seed = baselines_table(alignment, trials=4, seed=12)
+    assert [r["stability_events"] for r in first] != [r["stability_events"] for r in other_seed]
+    for row in first:
+        assert 0 <= row["stability"] <= 100 and 0 <= row["stability_events"] <= 100
+
+
+def test_baselines_table_like_table_2():
+    sae = random_sae(seed=7)
+    noise = np.where(np.arange(128) < 64, 0.3, 2.0)  # half the latents close copies, half far
+    alignment = align_saes(sae, permuted(noisy_copy(sae, noise), np.random.default_rng(0).permutation(128)))
+    rows = {r["method"]: r for r in baselines_table(alignment, methods=("greedy", "sinkhorn", "enc-only", "nearest", "ours"), trials=3)}
+    ours = rows["ours"]
+    assert ours["agreement"] == 100.0 and ours["collision"] == 0.0 and rows["enc-only"]["collision"] == 0.0
+    assert ours["agreement_all"] < 100.0  # the two spaces do disagree on some latents before the tau filter
+    assert rows["nearest"]["collision"] > 0 and rows["greedy"]["collision"] > 0  # proposals collide
+    assert ours["predictability"] > max(rows[m]["predictability"] for m in ("greedy", "sinkhorn", "enc-only"))
+    assert 40 < ours["coverage"] < 60 and rows["greedy"]["coverage"] == 100.0
+    text = format_table(list(rows.values()))
+    assert text.splitlines()[0].split() == ["method", "coverage", "agreement", "stability", "collision", "predictability"]
+    assert len(text.splitlines()) == 6
+
+
+# -- alignment files --------------------------------------------------------------------------------------
+def saved_sae(tmp_path, name, sae):
+    folder = tmp_path / name
+    sae.save(folder)
+    return folder
+
+
+def test_alignment_file_round_trip(tmp_path):
+    sae = random_sae(seed=8)
+    perm = np.random.default_rng(6).permutation(sae.d_sae)
+    replaced = np.arange(0, 128, 4)
+    other = permuted(with_replaced(sae, replaced), perm)
+    dir_a, dir_b = saved_sae(tmp_path, "adult", sae), saved_sae(tmp_path, "pediatric", other)
+    a, b = BatchTopKSAE.load(dir_a), BatchTopKSAE.load(dir_b)
+    alignment = align_saes(a, b)
+    doc = alignment_document(alignment, sae_record(a, dir_a), sae_record(b, dir_b), alignment_metrics(alignment, trials=2), tau_sweep=tau_sweep(alignment))
+    path = write_alignment(doc, tmp_path / "alignment.json")
+    with pytest.raises(OutputExistsError):
+        write_alignment(doc, path)
+    loaded = load_alignment(path)
+    assert loaded.sae_a["name"] == "adult" and loaded.sae_b["d_sae"] == 128
+    from SegLensLogic.sae import sae_sha256
+
+    assert loaded.side_of(sae_sha256(dir_a)) == "a" and loaded.side_of(sae_sha256(dir_b)) == "b"
+    with pytest.raises(SegLensError, match="neither side"):
+        loaded.side_of("0" * 64)
+    inverse = np.argsort(perm)
+    assert loaded.status(0, "a") == "specific" and loaded.partner(0, "a") is None
+    assert loaded.matched_partner(0, "a") is not None
+    assert loaded.status(1, "a") == "shared" and loaded.partner(1, "a") == inverse[1]
+    assert loaded.partner(int(inverse[1]), "b") == 1 and loaded.status(int(inverse[1]), "b") == "shared"
+    assert loaded.specific("a") == replaced.tolist()
+    assert len(loaded.shared("b")) == 96 and loaded.shared_fraction == 0.75
+    assert set(loaded.shared("b")) | set(loaded.specific("b")) == set(range(128))
+    data = json.loads(path.read_text())
+    assert data["kind"] == "seglens-alignment" and data["method"] == "decoder-encoder-cosine" and data["tau"] == 0.8
+    assert {"a", "b", "enc", "dec", "shared"} <= set(data["pairs"][0])
+    assert data["metrics"]["agreement"] == 100.0
+    with pytest.raises(ValueError, match="out of range"):
+        loaded.status(128, "a")
+
+
+def test_load_alignment_reports_bad_files(tmp_path):
+    with pytest.raises(InputFileError, match="not found"):
+        load_alignment(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(InputFileError, match="not valid JSON"):
+        load_alignment(bad)
+    bad.write_text(json.dumps({"kind": "seglens-latent-labels", "format_version": 1}))
+    with pytest.raises(InputFileError, match="not a SegLens alignment"):
+        load_alignment(bad)
+    doc = {"format_version": 1, "kind": "seglens-alignment", "sae_a": {"d_sae": 4}, "sae_b": {"d_sae": 4},
+           "method": "x", "tau": 0.8, "pairs": [{"a": 0, "b": 9}], "shared_a": [], "shared_b": []}  # fmt: skip
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(InputFileError, match="out of range"):
+        load_alignment(bad)
