@@ -192,6 +192,8 @@ class Segmenter(nn.Module):
             detail = "; ".join(line.strip() for line in first[1:4]) or first[0]
             raise InputFileError(weights_path, f"weights do not match {config_path.name} ({detail})") from None
         model.eval()
+        # Recipes, labels files and alignments name a model by this hash.
+        model.weights_sha256 = weights_sha256(folder)
         return model.to(device or default_device())
 
 

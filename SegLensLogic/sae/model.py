@@ -347,6 +347,8 @@ class BatchTopKSAE(nn.Module):
         sae.load_state_dict(state)
         if config.threshold is not None and not torch.isclose(sae.threshold, torch.tensor(float(config.threshold))):
             raise InputFileError(weights_path, f"threshold {float(sae.threshold)} disagrees with {SAE_CONFIG_NAME} ({config.threshold})")
+        # Recipes, labels files and alignments name an SAE by this hash.
+        sae.weights_sha256 = sae_sha256(folder)
         return sae.to(device or "cpu").eval()
 
 

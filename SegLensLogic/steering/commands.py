@@ -1,0 +1,64 @@
+"""``seglens steer``: replay a steering recipe, or apply one edit, and write the corrected mask with its recipe."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..cli import add_device_arguments, case_from_args, device_from_args, log
+from ..errors import SegLensError, refuse_existing
+from .interventions import MODES, LatentEdit, Region
+from .recipe import load_recipe, recipe_path_for
+
+
+def _region(args: argparse.Namespace) -> Region:
+    if args.slices is None:
+        return Region.volume()
+    start, sep, stop = args.slices.partition(":")
+    try:
+        return Region.slice(int(start)) if not sep else Region.slices(int(start), int(stop))
+    except ValueError:
+        raise SegLensError(f"--slices expects K or START:STOP (axial slice indices, RAS order), got '{args.slices}'") from None
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    from ..sae import BatchTopKSAE
+    from .session import SteeringSession
+
+    out = refuse_existing(args.out, args.overwrite)
+    refuse_existing(recipe_path_for(out), args.overwrite)
+    if (args.recipe is None) == (args.latent is None):
+        raise SegLensError("give either --recipe R.json or --latent J (with --mode and --alpha)")
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    start = time.monotonic()
+    session = SteeringSession.open(args.model, args.sae, case_from_args(args), labels=args.labels, device=device_from_args(args), batch_size=args.batch_size)
+    session.segment()
+    if recipe is not None:
+        swap_saes = [BatchTopKSAE.load(path) for path in args.swap_sae or ()]
+        session.apply_recipe(recipe, swap_saes, source=args.recipe)
+    else:
+        session.apply(LatentEdit(tuple(args.latent), args.mode, args.alpha, where=args.where, region=_region(args)))
+    mask, recipe_file = session.export(out, overwrite=args.overwrite)
+    changed = int((session.labels != session.base_labels).sum())
+    log(f"Wrote {mask} and {recipe_file} ({len(session.edits)} edit(s), {changed} voxels changed, {time.monotonic() - start:.1f} s)")
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("steer", help="steer SAE latents and write the corrected mask with its recipe")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--sae", required=True, help="SAE folder (trained at the model's hook point)")
+    p.add_argument("--case", help="case folder")
+    p.add_argument("--image", action="append", metavar="MOD=FILE", help="explicit modality file (repeat)")
+    p.add_argument("--recipe", help="replay this recipe (JSON); the mask is reproduced bit for bit")
+    p.add_argument("--latent", type=int, action="append", metavar="J", help="latent to edit (repeat), instead of --recipe")
+    p.add_argument("--mode", choices=MODES[:-1], default="scale", help="edit: scale, add, zero or clamp (default scale)")
+    p.add_argument("--alpha", type=float, default=1.0, help="factor (scale), amount (add) or value (clamp)")
+    p.add_argument("--where", choices=("active", "everywhere"), default="active", help="add/clamp where the latent is active (default) or everywhere")
+    p.add_argument("--slices", help="region: axial slice K or START:STOP (RAS order, stop exclusive); default the whole volume")
+    p.add_argument("--labels", help="latent labels file (seglens interpret), recorded with the session")
+    p.add_argument("--swap-sae", action="append", metavar="SAE", help="second SAE a recipe's swap edits take values from (repeat)")
+    p.add_argument("--out", required=True, help="corrected mask (.nii.gz); its recipe is written beside it as NAME.recipe.json")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_device_arguments(p)
+    p.set_defaults(func=cmd_steer)

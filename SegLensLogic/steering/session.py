@@ -1,0 +1,366 @@
+"""The interactive steering session: one loaded case, its cached activations and codes, edits, undo, export.
+
+This is the object the Slicer module (and the Python console) drives::
+
+    session = SteeringSession.open("models/adult", "saes/adult", "BraTS-GLI-00001-000", labels="latents.json")
+    mask = session.segment()                                  # the model's own mask, input grid
+    session.top_latents(5, Region.from_mask(mask == 2))       # most active latents in the predicted edema
+    heat = session.heatmap(412)                               # a latent's heatmap, input grid
+    preview = session.preview(LatentEdit((412,), "scale", 3.0), slice_index=77)   # one slice, fast
+    corrected = session.apply(LatentEdit((412,), "scale", 3.0, region=Region.slices(60, 90)))
+    session.undo()
+    session.export("corrected.nii.gz")                        # + corrected.recipe.json beside it
+
+It never imports Slicer, Qt or VTK. Every method raises :class:`~SegLensLogic.errors.SegLensError` with a clear
+message for bad input (a latent id out of range, a region outside the volume, a recipe for another model) and
+leaves the session as it was, so an interactive user can correct the input and go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.io import write_image
+from ..errors import SegLensError, refuse_existing
+from ..networks import load_segmenter
+from ..networks.segmenter import Segmenter
+from ..sae.codes import SparseEncoder, VolumeCodes
+from ..sae.model import BatchTopKSAE
+from .interventions import LatentEdit, Region, check_latent_ids
+from .recipe import Recipe, edit_from_json, edit_to_json, recipe_path_for
+from .resegment import MIN_BRAIN_FRACTION, CachedForward
+from . import selection
+
+
+@dataclass
+class _State:
+    """One step of the edit history: the edits so far, the labels they give (RAS) and their activation changes."""
+
+    edits: tuple[LatentEdit, ...]
+    labels_ras: np.ndarray
+    deltas: dict[int, torch.Tensor]
+
+
+class SteeringSession:
+    """A case opened for steering with one segmenter and one SAE at its hook point.
+
+    Args:
+        model: the segmenter (its device is used).
+        sae: the SAE trained at the model's hook point.
+        case: a case folder, :class:`~SegLensLogic.data.Case`, :class:`~SegLensLogic.data.CaseImages` (e.g. from
+            Slicer volume nodes) or :class:`~SegLensLogic.data.PreparedCase`.
+        labels: a latent labels file (``seglens interpret``) or loaded labels, for names and categories.
+        alignments: alignment files (``seglens align``) naming which latents are shared or population-specific.
+        batch_size: slices per forward pass (default: the model's on this device).
+
+    Raises:
+        SegLensError: the SAE does not fit the model's hook point.
+    """
+
+    def __init__(
+        self,
+        model: Segmenter,
+        sae: BatchTopKSAE,
+        case,
+        labels=None,
+        alignments: Sequence = (),
+        batch_size: int | None = None,
+    ):
+        hook = sae.config.hook_point or model.config.hook_point
+        if hook not in model.hook_points():
+            raise SegLensError(f"the SAE was trained at hook point '{hook}', which model {model.config.arch} does not have")
+        channels = model.hook_points()[hook][0]
+        if channels != sae.config.d_in:
+            raise SegLensError(
+                f"the SAE takes {sae.config.d_in}-dimensional activations but hook point '{hook}' of the model has {channels} channels"
+            )
+        sae._theta()  # an SAE without an inference threshold cannot encode a case: say so now
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.sae = sae.to(self.device).eval()
+        self.hook = hook
+        self.case = case
+        self.batch_size = batch_size
+        self.latent_labels = selection.as_latent_labels(labels)
+        self.alignments = [selection.as_alignment(a) for a in alignments]
+        self.forward: CachedForward | None = None
+        self.codes: VolumeCodes | None = None
+        self._history: list[_State] = []
+
+    @classmethod
+    def open(
+        cls,
+        model_dir: str | Path,
+        sae_dir: str | Path,
+        case,
+        labels: str | Path | None = None,
+        alignments: Sequence[str | Path] = (),
+        device: str | torch.device | None = None,
+        batch_size: int | None = None,
+    ) -> "SteeringSession":
+        """Open a session from a model folder and an SAE folder (the form recipes name by hash)."""
+        model = load_segmenter(model_dir, device=device)
+        sae = BatchTopKSAE.load(sae_dir, device=next(model.parameters()).device)
+        return cls(model, sae, case, labels=labels, alignments=alignments, batch_size=batch_size)
+
+    @classmethod
+    def from_bundle(cls, bundle, case, device: str | torch.device | None = None, batch_size: int | None = None) -> "SteeringSession":
+        """Open a session from a model bundle (a folder or a loaded :class:`~SegLensLogic.bundle.Bundle`)."""
+        from ..bundle import Bundle, load_bundle
+
+        bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        return cls.open(bundle.model_dir, bundle.sae_dir, case, labels=bundle.labels_path, alignments=bundle.alignment_paths,
+                        device=device, batch_size=batch_size)  # fmt: skip
+
+    # -- loading and the unedited mask ----------------------------------------------------------------------
+    def segment(self, progress: Callable[[int, int], bool | None] | None = None) -> np.ndarray:
+        """Run the model once over the case (caching the layers before the hook and encoding the codes).
+
+        Args:
+            progress: ``progress(done, total)``; returning False cancels (raises ``PredictionCancelled``).
+
+        Returns:
+            The unmodified model's labels, ``uint8`` on the input's voxel grid (file order).
+        """
+        if self.forward is None:
+            report = None
+            if progress is not None:
+                report = lambda done, total: progress(done, 2 * total)  # noqa: E731  (encoding: first half)
+            forward = CachedForward(self.model, self.case, hook=self.hook, batch_size=self.batch_size, progress=report)
+            encoder = SparseEncoder(self.sae, forward.prepared, forward.grid, brain_only=True, min_brain_fraction=MIN_BRAIN_FRACTION)
+            for start in range(0, len(forward.slices), 64):
+                encoder.add(forward.activations[start : start + 64], forward.slices[start : start + 64])
+            if progress is not None:
+                report = lambda done, total: progress(total + done, 2 * total)  # noqa: E731  (decoding: second half)
+            base = forward.base_labels_ras(progress=report)
+            self.forward, self.codes = forward, encoder.finish()
+            self._history = [_State((), base, {})]
+        return self.base_labels
+
+    def _ready(self) -> CachedForward:
+        if self.forward is None:
+            self.segment()
+        return self.forward
+
+    @property
+    def prepared(self):
+        return self._ready().prepared
+
+    @property
+    def case_id(self) -> str:
+        return self.prepared.source.case_id
+
+    @property
+    def num_slices(self) -> int:
+        """Axial slices of the volume (RAS order: 0 is the most inferior)."""
+        return self.prepared.num_slices
+
+    @property
+    def d_sae(self) -> int:
+        return self.sae.d_sae
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.model.config.class_names)
+
+    @property
+    def base_labels(self) -> np.ndarray:
+        """The unmodified model's labels on the input grid."""
+        self._ready()
+        return self.prepared.to_input_grid(self._history[0].labels_ras)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The current labels (after the applied edits) on the input grid."""
+        self._ready()
+        return self.prepared.to_input_grid(self._history[-1].labels_ras)
+
+    @property
+    def edits(self) -> list[LatentEdit]:
+        """The applied edits, in order."""
+        return list(self._history[-1].edits) if self._history else []
+
+    # -- looking at latents ---------------------------------------------------------------------------------
+    def heatmap(self, latent: int) -> np.ndarray:
+        """Activation of ``latent`` on the input's voxel grid, ``float32`` (0 where it is inactive)."""
+        check_latent_ids([latent], self.d_sae)
+        self._ready()
+        return self.codes.heatmap(int(latent))
+
+    def region_arguments(self, region: Region | None) -> dict:
+        """``region=``/``slice_range=`` for :class:`VolumeCodes` methods from a :class:`Region` (checked)."""
+        if region is None or region.kind == "volume":
+            return {}
+        region.check(self.num_slices, self.prepared.source.shape)
+        if region.kind == "mask":
+            return {"region": region.mask}
+        return {"slice_range": (region.start, region.stop)}
+
+    def top_latents(self, k: int = 10, region: Region | None = None) -> list[tuple[int, float]]:
+        """The ``k`` latents with the largest summed activation in ``region``: ``[(latent, total), ...]``."""
+        self._ready()
+        return self.codes.top_latents(k, **self.region_arguments(region))
+
+    def latent_table(self, slice_index: int | None = None) -> list[dict]:
+        """One row per latent active in the volume, most active first.
+
+        Keys: ``id``, ``label`` (auto-interp description), ``category``, ``status`` (``universal``, ``shared``,
+        ``specific`` or None without alignment files), ``shared_with`` (cohort names), ``slice_activation`` (summed
+        in ``slice_index``, RAS axial; 0 without one) and ``volume_activation`` (summed over the volume).
+        """
+        self._ready()
+        codes = self.codes
+        volume = np.bincount(codes.latents, weights=codes.values, minlength=self.d_sae)
+        in_slice = np.zeros(self.d_sae)
+        if slice_index is not None:
+            Region.slice(slice_index).check(self.num_slices, self.prepared.source.shape)
+            weights = codes.region_weights(slice_range=(slice_index, slice_index + 1))
+            in_slice = np.bincount(codes.latents, weights=codes.values * weights[codes.positions_of()], minlength=self.d_sae)
+        rows = []
+        for j in np.flatnonzero(volume > 0)[np.argsort(-volume[volume > 0], kind="stable")]:
+            status, shared_with = selection.population_status(self.alignments, self.sae_sha256, int(j))
+            rows.append({
+                "id": int(j),
+                "label": selection.describe(self.latent_labels, int(j)),
+                "category": selection.category_of(self.latent_labels, int(j)),
+                "status": status,
+                "shared_with": shared_with,
+                "slice_activation": float(in_slice[j]),
+                "volume_activation": float(volume[j]),
+            })  # fmt: skip
+        return rows
+
+    def select(self, category: str | None = None, status: str | None = None, top: int | None = None, region: Region | None = None) -> list[int]:
+        """Latents by auto-interp category, population status and/or the ``top`` most active in ``region``
+        (criteria combine; see :mod:`~SegLensLogic.steering.selection`)."""
+        self._ready()
+        return selection.select_latents(self.codes, self.latent_labels, self.alignments, self.sae_sha256,
+                                        category=category, status=status, top=top, **self.region_arguments(region))  # fmt: skip
+
+    def slice_of_point(self, ras: Sequence[float]) -> int:
+        """RAS axial slice index holding the world point ``ras`` (mm), as Slicer's slice views report it."""
+        prepared = self.prepared
+        ijk = np.linalg.solve(prepared.source.affine, np.array([*ras[:3], 1.0]))[:3]
+        ijk = np.rint(ijk).astype(int)
+        shape = prepared.source.shape
+        if any(not 0 <= v < n for v, n in zip(ijk, shape)):
+            raise SegLensError(f"point {tuple(float(v) for v in ras[:3])} mm is outside the volume")
+        axis = int(np.flatnonzero(prepared.orientation.to_ras[:, 0] == 2)[0])  # file axis that becomes S
+        flip = prepared.orientation.to_ras[axis, 1]
+        return int(ijk[axis] if flip > 0 else shape[axis] - 1 - ijk[axis])
+
+    # -- steering -------------------------------------------------------------------------------------------
+    def _check(self, edits: Sequence[LatentEdit]) -> None:
+        prepared = self.prepared
+        for edit in edits:
+            edit.check(self.sae)
+            edit.region.check(prepared.num_slices, prepared.source.shape)
+
+    def preview(self, edit: LatentEdit, slice_index: int) -> np.ndarray:
+        """The labels the current edits plus ``edit`` give, recomputed on one axial slice only (RAS index).
+
+        Fast enough to follow a slider: one slice through the layers after the hook. Other slices keep the
+        current labels. Returns the whole volume on the input grid; nothing is recorded.
+        """
+        forward = self._ready()
+        Region.slice(slice_index).check(self.num_slices, self.prepared.source.shape)
+        self._check([edit])
+        current = self._history[-1]
+        position = forward.slice_position.get(int(slice_index))
+        if position is None:  # no brain in this slice: nothing to recompute
+            return self.prepared.to_input_grid(current.labels_ras)
+        edits = (*current.edits, edit)
+        deltas = forward.deltas(self.sae, edits, positions=np.array([position]))
+        labels = forward.relabel(current.labels_ras, [position], deltas, exact_batches=False)
+        return self.prepared.to_input_grid(labels)
+
+    def apply(self, edit: LatentEdit) -> np.ndarray:
+        """Apply ``edit`` on top of the current edits and re-segment the slices it changes.
+
+        Returns:
+            The new labels on the input grid (also :attr:`labels`); :meth:`undo` goes back.
+        """
+        forward = self._ready()
+        self._check([edit])
+        current = self._history[-1]
+        edits = (*current.edits, edit)
+        deltas = forward.deltas(self.sae, edits)
+        changed = [p for p in set(deltas) | set(current.deltas) if p not in deltas or p not in current.deltas or not torch.equal(deltas[p], current.deltas[p])]
+        labels = forward.relabel(current.labels_ras, changed, deltas)
+        self._history.append(_State(edits, labels, deltas))
+        return self.prepared.to_input_grid(labels)
+
+    def undo(self) -> np.ndarray:
+        """Remove the last applied edit; returns the labels before it."""
+        self._ready()
+        if len(self._history) < 2:
+            raise SegLensError("there is no edit to undo")
+        self._history.pop()
+        return self.labels
+
+    def reset(self) -> np.ndarray:
+        """Remove every edit; returns the unmodified model's labels."""
+        self._ready()
+        del self._history[1:]
+        return self.labels
+
+    # -- recipes and export ---------------------------------------------------------------------------------
+    @property
+    def model_sha256(self) -> str | None:
+        return getattr(self.model, "weights_sha256", None)
+
+    @property
+    def sae_sha256(self) -> str | None:
+        return getattr(self.sae, "weights_sha256", None)
+
+    def recipe(self) -> Recipe:
+        """The recipe of the current labels (model and SAE hashes, the case's grid, the edits in order)."""
+        prepared = self.prepared
+        return Recipe(
+            model={"sha256": self.model_sha256, "arch": self.model.config.arch, "hook_point": self.hook},
+            sae={"sha256": self.sae_sha256, "d_sae": self.d_sae, "k": self.sae.config.k},
+            case={"case_id": self.case_id, "shape": list(prepared.source.shape), "affine": prepared.source.affine.tolist()},
+            edits=[edit_to_json(e, getattr(e.swap_sae, "weights_sha256", None)) for e in self.edits],
+        )
+
+    def apply_recipe(self, recipe: Recipe, swap_saes: Sequence[BatchTopKSAE] = (), source: str | Path = "<recipe>") -> np.ndarray:
+        """Replay a recipe's edits from the unmodified mask; the result is the recipe's mask, bit for bit.
+
+        Raises:
+            InputFileError: the recipe names another model, SAE or voxel grid; an edit is malformed.
+        """
+        self._ready()
+        recipe.check_matches(self.model_sha256, self.sae_sha256, source)
+        recipe.check_case(self.case_id, self.prepared.source.shape, self.prepared.source.affine, source)
+        by_hash = {getattr(s, "weights_sha256", None): s for s in swap_saes}
+        edits = [edit_from_json(data, source, by_hash) for data in recipe.edits]
+        self._check(edits)
+        self.reset()
+        for edit in edits:
+            self.apply(edit)
+        return self.labels
+
+    def export(self, path: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
+        """Write the current labels as NIfTI on the input's exact voxel grid (2023 label values) and the recipe
+        beside it (``name.recipe.json``). Neither file replaces an existing one unless ``overwrite``; both are
+        checked before either is written.
+
+        Returns:
+            ``(mask_path, recipe_path)``.
+        """
+        path = Path(path)
+        recipe_path = recipe_path_for(path)
+        refuse_existing(path, overwrite)
+        refuse_existing(recipe_path, overwrite)
+        labels = self.labels
+        write_image(labels, self.prepared.source.reference, path, overwrite=overwrite, dtype=np.uint8)
+        recipe = self.recipe()
+        recipe.output = {"mask": path.name, "voxels_sha256": hashlib.sha256(np.ascontiguousarray(labels, dtype=np.uint8).tobytes()).hexdigest()}
+        recipe.save(recipe_path, overwrite=overwrite)
+        return path, recipe_path
