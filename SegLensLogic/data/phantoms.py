@@ -1,110 +1,687 @@
-"""Synthetic brain-tumour cases with exact labels, for the demo and tests on machines without real data.
+"""Synthetic cohorts with planted shifts: brain phantoms built on the MNI152 template, with exact labels.
 
-A phantom is an ellipsoidal brain with a smoothly deformed outline, cortical grey matter, white matter,
-cerebrospinal fluid and two ventricles, rendered as T1n, T1c, T2w and T2-FLAIR from a tissue contrast table,
-with a smooth multiplicative bias field and noise. A tumour has three subregions: a necrotic core inside an
-enhancing rim, surrounded by edema with an irregular border. Everything is deterministic from a seed and is
-written in BraTS 2023 naming, so phantoms load like real cases.
+Anatomy comes from a real template: the ICBM 2009a MNI152 T1 and grey/white-matter probability maps that ship inside
+the ``nilearn`` wheel (read from the package folder, no network). Per case the tissue maps are resampled onto the
+phantom grid through a random smooth deformation (plus a random head scale), rendered as T1n, T1c, T2w and T2-FLAIR
+from a tissue contrast table (partial volumes mix), and given a smooth multiplicative bias field, Rician noise and,
+for thick-slice protocols, blur and resampling along the slice axis. A tumour has three subregions -- a necrotic core
+inside an enhancing rim, surrounded by edema that spreads along white matter -- and its labels are exact (they are
+drawn on the phantom grid, not resampled).
+
+Populations (:data:`POPULATIONS`) are presets that change named *factors* relative to ``adult``:
+
+- ``adult``: large supratentorial hemispheric tumours with wide edema, good signal-to-noise, 1 mm slices.
+- ``pediatric``: smaller heads; smaller tumours in the midline or posterior fossa, little edema, weak enhancement;
+  lower grey/white contrast (less myelinated white matter).
+- ``ssa`` (sub-Saharan-like acquisition): adult anatomy and tumours, low signal-to-noise, strong bias field, thick
+  slices.
+- ``healthy``: no tumour; FreeSurfer ``aseg`` labels (cortex, white matter, ventricles, cerebellum, brainstem and the
+  eight subcortical structures SegLens segments) in a ``<id>-aseg.nii.gz`` file.
+
+A cohort folder holds one folder per case in BraTS 2023 naming and ``cohort.json`` (:data:`COHORT_MANIFEST`): the
+population, the factors shifted relative to ``adult`` with both settings, and each case's seed and tumour. The shifted
+factors are the ground truth against which model diffing is scored (:func:`planted_shift_categories`).
+
+Arrays are RAS ``(X, Y, Z)``; Z is the axial slice axis. Files are stored LPS, as BraTS stores them.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from ..errors import InputFileError, OutputExistsError, SegLensError
 from .cases import MODALITIES
 
-# Relative signal of each tissue per modality (background, CSF, GM, WM, necrotic, edema, enhancing).
+COHORT_MANIFEST = "cohort.json"
+COHORT_KIND = "seglens-phantom-cohort"
+TEMPLATE_FILES = {name: f"mni_icbm152_{name}_tal_nlin_sym_09a_converted.nii.gz" for name in ("t1", "gm", "wm")}
+
+# Rendered tissues, in the order of the contrast tables.
 TISSUES = ("background", "csf", "grey matter", "white matter", "necrotic core", "edema", "enhancing tumour")
-CONTRAST = {
-    "t1n": (0.0, 0.30, 0.60, 0.80, 0.35, 0.55, 0.60),
-    "t1c": (0.0, 0.30, 0.60, 0.80, 0.30, 0.55, 1.25),
-    "t2w": (0.0, 1.00, 0.70, 0.50, 0.95, 0.90, 0.75),
-    "t2f": (0.0, 0.15, 0.65, 0.50, 0.60, 1.00, 0.80),
+# Relative signal per tissue and modality (white matter of an adult T1n ~0.85). Adult brains: myelinated white matter
+# is bright on T1 and dark on T2/FLAIR; edema is bright on T2/FLAIR; the rim enhances on T1c; the core is fluid-like.
+ADULT_CONTRAST = {
+    "t1n": (0.0, 0.25, 0.60, 0.85, 0.30, 0.52, 0.55),
+    "t1c": (0.0, 0.25, 0.62, 0.85, 0.28, 0.52, 1.30),
+    "t2w": (0.0, 1.00, 0.65, 0.45, 0.95, 0.85, 0.70),
+    "t2f": (0.0, 0.10, 0.62, 0.48, 0.55, 1.00, 0.75),
+}
+# Children: less myelin (grey/white contrast shrinks, white matter darker on T1 and brighter on T2), tumours enhance
+# less (e.g. diffuse midline gliomas) and their cores hold less fluid.
+PEDIATRIC_CONTRAST = {
+    "t1n": (0.0, 0.25, 0.64, 0.74, 0.40, 0.55, 0.56),
+    "t1c": (0.0, 0.25, 0.65, 0.75, 0.38, 0.55, 0.92),
+    "t2w": (0.0, 1.00, 0.70, 0.62, 0.85, 0.82, 0.76),
+    "t2f": (0.0, 0.12, 0.62, 0.58, 0.60, 0.92, 0.80),
 }
 # Tissue index -> BraTS 2023 label.
 TISSUE_TO_LABEL = np.array([0, 0, 0, 0, 1, 2, 3], dtype=np.uint8)
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
-    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
-    return field / (np.abs(field).max() + 1e-8)
+@dataclass(frozen=True)
+class Population:
+    """Generation parameters of one population (distances in mm, noise and bias relative to white matter).
+
+    Attributes:
+        name: population name (``adult``, ``pediatric``, ``ssa``, ``healthy``).
+        tumour: whether cases have a tumour.
+        location: where tumours grow: ``supratentorial`` (hemispheric) or ``midline-posterior`` (midline or
+            posterior fossa).
+        tumour_radius: range of the enhancing tumour's radius.
+        core_fraction: range of the necrotic core's radius over the tumour's.
+        edema_factor: range of the edema's outer radius over the tumour's (1 means no edema).
+        contrast: modality -> relative signal per tissue (:data:`TISSUES` order).
+        head_scale: range of the isotropic head scale relative to the template.
+        deformation: maximum displacement of the random smooth deformation.
+        noise: Rician noise standard deviation.
+        bias: amplitude of the log bias field (the field is ``exp(bias * smooth noise in [-1, 1])``).
+        slice_thickness: acquired slice thickness along Z (blur + resampling when thicker than the grid spacing).
+    """
+
+    name: str
+    tumour: bool = True
+    location: str = "supratentorial"
+    tumour_radius: tuple[float, float] = (11.0, 18.0)
+    core_fraction: tuple[float, float] = (0.35, 0.6)
+    edema_factor: tuple[float, float] = (1.7, 2.3)
+    contrast: dict = field(default_factory=lambda: ADULT_CONTRAST)
+    head_scale: tuple[float, float] = (0.95, 1.05)
+    deformation: float = 4.0
+    noise: float = 0.025
+    bias: float = 0.12
+    slice_thickness: float = 1.0
 
 
-def make_phantom(
-    shape: tuple[int, int, int] = (96, 96, 48),
-    seed: int = 0,
-    tumour: bool = True,
-    noise: float = 0.03,
-    bias: float = 0.15,
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Render one phantom.
+POPULATIONS = {
+    "adult": Population("adult"),
+    "pediatric": Population(
+        "pediatric", location="midline-posterior", tumour_radius=(6.0, 10.0), core_fraction=(0.2, 0.45),
+        edema_factor=(1.05, 1.3), contrast=PEDIATRIC_CONTRAST, head_scale=(0.86, 0.94),
+    ),
+    "ssa": Population("ssa", noise=0.09, bias=0.45, slice_thickness=6.0),
+    "healthy": Population("healthy", tumour=False),
+}  # fmt: skip
+
+# What each factor shifts, and the latent categories (interpretation vocabulary) a factor is expected to move: the
+# population-specific latents of a diffing should fall into these.
+FACTORS = {
+    "location": ("tumour location", ("necrotic core", "enhancing tumour", "tumour boundary", "edema")),
+    "tumour_radius": ("tumour size", ("necrotic core", "enhancing tumour", "tumour boundary")),
+    "core_fraction": ("necrotic core size", ("necrotic core",)),
+    "edema_factor": ("edema extent", ("edema", "tumour boundary")),
+    "contrast": ("tissue contrast", ("healthy tissue", "enhancing tumour", "edema", "brain edge")),
+    "head_scale": ("head size", ("brain edge", "background")),
+    "noise": ("signal-to-noise", ("healthy tissue", "diffuse", "brain edge", "background")),
+    "bias": ("bias field", ("healthy tissue", "diffuse", "brain edge")),
+    "slice_thickness": ("slice thickness", ("tumour boundary", "brain edge", "diffuse", "healthy tissue")),
+    "tumour": ("tumour presence", ("necrotic core", "edema", "enhancing tumour", "tumour boundary")),
+}
+
+
+def get_population(name: str) -> Population:
+    try:
+        return POPULATIONS[name]
+    except KeyError:
+        raise SegLensError(f"unknown population '{name}'; choose one of {', '.join(POPULATIONS)}") from None
+
+
+def shifted_factors(population: Population, reference: Population | None = None) -> dict[str, dict]:
+    """Factors whose setting differs from ``reference`` (default adult): ``{factor: {"adult": .., "pediatric": ..}}``."""
+    reference = reference or POPULATIONS["adult"]
+    out = {}
+    for name in FACTORS:
+        ours, theirs = getattr(population, name), getattr(reference, name)
+        if name == "location" and not population.tumour:
+            continue  # no tumour: location, size, edema and contrast of tumours are moot, the presence shifted
+        if ours != theirs:
+            out[name] = {reference.name: _jsonable(theirs), population.name: _jsonable(ours), "what": FACTORS[name][0]}
+    return out
+
+
+def planted_shift_categories(manifest_or_population) -> list[str]:
+    """Latent categories tied to the factors a cohort shifted (the ground truth for scoring diffing).
 
     Args:
-        shape: volume shape ``(X, Y, Z)`` in RAS voxel order.
-        seed: makes the anatomy, tumour, bias field and noise reproducible.
-        tumour: add a tumour (False gives a healthy phantom).
-        noise: Gaussian noise standard deviation relative to white-matter signal.
-        bias: amplitude of the smooth multiplicative bias field.
-
-    Returns:
-        ``(images, labels)``: modality -> ``float32`` volume scaled to scanner-like units (white matter ~800),
-        and BraTS 2023 labels ``uint8``.
+        manifest_or_population: a cohort manifest (dict), a path to one, a population name or a :class:`Population`.
     """
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
-    radii = np.array([0.78, 0.88, 0.80]) * rng.uniform(0.92, 1.05, 3)
-    radius = np.sqrt(((grid / radii[:, None, None, None]) ** 2).sum(0))
-    radius = radius * (1 + 0.06 * _smooth_noise(rng, shape, sigma=max(shape) / 8))
-    tissue = np.zeros(shape, dtype=np.int64)
-    tissue[radius < 1.0] = 1  # CSF shell
-    tissue[radius < 0.93] = 2  # cortex
-    tissue[radius < 0.78] = 3  # white matter
-    for side in (-1, 1):  # lateral ventricles
-        centre = np.array([0.12 * side, 0.05, 0.1])
-        ventricle = (((grid - centre[:, None, None, None]) / np.array([0.07, 0.25, 0.12])[:, None, None, None]) ** 2).sum(0)
-        tissue[ventricle < 1] = 1
-    if tumour:
-        direction = rng.normal(size=3)
-        direction /= np.linalg.norm(direction)
-        centre = direction * rng.uniform(0.2, 0.45) * radii
-        size = rng.uniform(0.12, 0.22)
-        distance = np.sqrt((((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0)) / size
-        distance = distance * (1 + 0.15 * _smooth_noise(rng, shape, sigma=max(shape) / 12))
-        brain = tissue > 0
-        tissue[(distance < rng.uniform(1.6, 2.2)) & brain] = 5
-        tissue[(distance < 1.0) & brain] = 6
-        tissue[(distance < rng.uniform(0.45, 0.7)) & brain] = 4
-    labels = TISSUE_TO_LABEL[tissue]
-    field = np.exp(bias * _smooth_noise(rng, shape, sigma=max(shape) / 4))
-    images = {}
-    for modality in MODALITIES:
-        signal = np.asarray(CONTRAST[modality])[tissue] * field
-        signal = signal + noise * rng.standard_normal(shape) * (tissue > 0)
-        signal = ndimage.gaussian_filter(signal, 0.6) * (tissue > 0)
-        images[modality] = (1000 * np.clip(signal, 0, None)).astype(np.float32)
-    return images, labels
+    if isinstance(manifest_or_population, (str, Path)) and Path(manifest_or_population).suffix == ".json":
+        from .io import read_json
+
+        manifest_or_population = read_json(manifest_or_population)
+    if isinstance(manifest_or_population, dict):
+        factors = manifest_or_population.get("shifted_factors", {})
+    else:
+        population = manifest_or_population if isinstance(manifest_or_population, Population) else get_population(manifest_or_population)
+        factors = shifted_factors(population)
+    categories: list[str] = []
+    for name in factors:
+        for category in FACTORS.get(name, ("", ()))[1]:
+            if category not in categories:
+                categories.append(category)
+    return categories
 
 
-def write_phantom_case(folder: str | Path, case_id: str, images: dict[str, np.ndarray], labels: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> Path:
-    """Write a phantom in BraTS 2023 naming, stored LPS like BraTS volumes (the affine says so)."""
-    folder = Path(folder) / case_id
-    folder.mkdir(parents=True, exist_ok=True)
-    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
-    flip = (slice(None, None, -1), slice(None, None, -1), slice(None))  # RAS arrays -> LPS voxel order
-    for modality, image in images.items():
-        nib.save(nib.Nifti1Image(image[flip], affine), str(folder / f"{case_id}-{modality}.nii.gz"))
-    nib.save(nib.Nifti1Image(labels[flip], affine), str(folder / f"{case_id}-seg.nii.gz"))
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: list(v) for k, v in value.items()}
+    return list(value) if isinstance(value, tuple) else value
+
+
+# -- the template --------------------------------------------------------------------------------------------------
+def template_folder() -> Path:
+    """The folder of nilearn's bundled MNI152 files (found without importing nilearn)."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise SegLensError("the nilearn package (which ships the MNI152 template) is not installed: pip install nilearn")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    for name in TEMPLATE_FILES.values():
+        if not (folder / name).is_file():
+            raise InputFileError(folder / name, "MNI152 template file missing from the nilearn installation")
     return folder
 
 
-def write_phantom_cohort(out: str | Path, n: int, seed: int = 0, shape=(96, 96, 48), prefix: str = "SYN-GLI") -> Path:
-    """Write ``n`` phantom cases (seeds ``seed`` ... ``seed + n - 1``) into ``out``; returns ``out``."""
+@dataclass
+class Template:
+    """Tissue probabilities of the template on a phantom grid covering the brain's bounding box.
+
+    Attributes:
+        csf, gm, wm: ``float32`` probability maps, shape ``shape`` (RAS), summing to the brain mask.
+        spacing: voxel size in mm of the phantom grid.
+        origin: MNI coordinates (mm) of voxel ``(0, 0, 0)``.
+    """
+
+    csf: np.ndarray
+    gm: np.ndarray
+    wm: np.ndarray
+    spacing: np.ndarray
+    origin: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.gm.shape
+
+    def mni(self) -> np.ndarray:
+        """MNI coordinates of every voxel, ``(3, X, Y, Z)`` float32."""
+        axes = [(self.origin[d] + self.spacing[d] * np.arange(n)).astype(np.float32) for d, n in enumerate(self.shape)]
+        return np.stack(np.meshgrid(*axes, indexing="ij"))
+
+
+@functools.lru_cache(maxsize=4)
+def load_template(shape: tuple[int, int, int]) -> Template:
+    """The MNI152 tissue maps resampled onto a ``shape`` grid spanning the brain (with a margin), cached per shape."""
+    folder = template_folder()
+    images = {name: nib.load(str(folder / file)) for name, file in TEMPLATE_FILES.items()}
+    affine = images["t1"].affine  # 1 mm, RAS, axis-aligned
+    t1 = np.asarray(images["t1"].dataobj, dtype=np.float32)
+    brain = t1 > 0
+    gm = np.asarray(images["gm"].dataobj, dtype=np.float32) / 255.0
+    wm = np.asarray(images["wm"].dataobj, dtype=np.float32) / 255.0
+    total = gm + wm
+    scale = np.where(total > 1, 1 / np.maximum(total, 1e-6), 1.0)
+    gm, wm = gm * scale * brain, wm * scale * brain
+    csf = np.clip(brain - gm - wm, 0, 1)
+    lo = np.array([np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != d)))[0] for d in range(3)])
+    hi = np.array([np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != d)))[-1] for d in range(3)])
+    margin = 0.08 * (hi - lo)  # room for larger heads and deformation
+    start, stop = lo - margin, hi + margin
+    spacing = (stop - start) / (np.asarray(shape) - 1)
+    coords = np.stack(np.meshgrid(*[start[d] + spacing[d] * np.arange(shape[d]) for d in range(3)], indexing="ij"))
+    maps = {}
+    for name, volume in (("csf", csf), ("gm", gm), ("wm", wm)):
+        # Smooth before sampling coarser grids so thin cortex averages into partial volumes instead of aliasing.
+        sigma = np.maximum(spacing / 2.355 * 0.8, 0.0)
+        smoothed = ndimage.gaussian_filter(volume, sigma) if (sigma > 0.4).any() else volume
+        maps[name] = ndimage.map_coordinates(smoothed, coords, order=1, mode="constant").astype(np.float32)
+    origin = affine[:3, :3] @ start + affine[:3, 3]
+    return Template(maps["csf"], maps["gm"], maps["wm"], spacing.astype(np.float64), origin.astype(np.float64))
+
+
+# -- random fields -------------------------------------------------------------------------------------------------
+def smooth_field(rng: np.random.Generator, shape: tuple[int, ...], coarse: int = 5) -> np.ndarray:
+    """A smooth random field in ``[-1, 1]``: Gaussian noise on a ``coarse``-per-axis grid of control points, spread
+    onto ``shape`` by separable Gaussian bumps (a few tensor products, far cheaper than spline zooming)."""
+    field_ = rng.standard_normal((coarse,) * len(shape))
+    for axis, n in enumerate(shape):
+        centres = np.linspace(0, n - 1, coarse)
+        width = max((n - 1) / (coarse - 1), 1.0)
+        basis = np.exp(-0.5 * ((np.arange(n)[:, None] - centres[None, :]) / width) ** 2)  # (n, coarse)
+        field_ = np.moveaxis(np.tensordot(field_, basis, axes=([axis], [1])), -1, axis)
+    return (field_ / (np.abs(field_).max() + 1e-8)).astype(np.float32)
+
+
+def _deformed_coordinates(rng: np.random.Generator, template: Template, population: Population) -> tuple[np.ndarray, float]:
+    """Sampling coordinates (template voxels) of a random head: isotropic scale about the centre plus a smooth warp."""
+    shape = template.shape
+    scale = rng.uniform(*population.head_scale)
+    centre = (np.asarray(shape) - 1) / 2
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
+    coords = centre[:, None, None, None] + (grid - centre[:, None, None, None]) / scale
+    for d in range(3):
+        coords[d] += population.deformation / template.spacing[d] * smooth_field(rng, shape, coarse=4)
+    return coords.astype(np.float32), float(scale)
+
+
+def _warp(volume: np.ndarray, coords: np.ndarray, order: int = 1) -> np.ndarray:
+    return ndimage.map_coordinates(volume, coords, order=order, mode="constant").astype(volume.dtype)
+
+
+# -- tumours -------------------------------------------------------------------------------------------------------
+def _tumour_centre(rng: np.random.Generator, mni: np.ndarray, wm: np.ndarray, population: Population) -> np.ndarray:
+    """A tumour centre (MNI mm) in the population's region (in white matter for hemispheric tumours)."""
+    x, y, z = mni
+    if population.location == "supratentorial":
+        region = (np.abs(x) > 14) & (z > 0) & (y > -75)
+    elif population.location == "midline-posterior":
+        if rng.uniform() < 0.5:  # posterior fossa: cerebellum and fourth ventricle region
+            region = (np.abs(x) < 14) & (y < -42) & (y > -70) & (z < -18) & (z > -45)
+        else:  # midline: thalamus and brainstem (diffuse midline glioma)
+            region = (np.abs(x) < 9) & (y < -8) & (y > -35) & (z < 12) & (z > -25)
+    else:
+        raise ValueError(f"unknown tumour location '{population.location}'")
+    if population.location == "supratentorial":
+        region = region & (wm > 0.2)  # hemispheric gliomas grow in white matter
+    candidates = np.argwhere(region)
+    if len(candidates) == 0:
+        raise SegLensError(f"no voxel of the phantom grid lies in the {population.location} tumour region; use a larger shape")
+    voxel = candidates[rng.integers(len(candidates))]
+    return mni[:, voxel[0], voxel[1], voxel[2]].astype(np.float64)
+
+
+def _tumour_tissue(
+    rng: np.random.Generator, mni: np.ndarray, brain: np.ndarray, wm: np.ndarray, population: Population
+) -> tuple[np.ndarray, dict]:
+    """Tumour tissue index per voxel (0 none, 4 necrotic, 5 edema, 6 enhancing) and a description of the tumour."""
+    radius = rng.uniform(*population.tumour_radius)
+    centre = _tumour_centre(rng, mni, wm, population)
+    axes = rng.uniform(0.8, 1.2, 3)
+    offset = (mni - centre[:, None, None, None].astype(np.float32)) / axes[:, None, None, None].astype(np.float32)
+    distance = np.sqrt((offset**2).sum(0)) / radius
+    # Irregular borders: the radial distance is modulated by a smooth field.
+    distance = distance * (1 + 0.18 * smooth_field(rng, brain.shape, coarse=6))
+    core = rng.uniform(*population.core_fraction)
+    edema_factor = rng.uniform(*population.edema_factor)
+    tumour = np.zeros(brain.shape, dtype=np.uint8)
+    # Edema spreads along white matter: its reach is longer where white matter is.
+    edema_reach = 1 + (edema_factor - 1) * np.clip(0.35 + wm, 0, 1.2)
+    tumour[(distance < edema_reach) & brain & (edema_factor > 1.01)] = 5
+    tumour[(distance < 1.0) & brain] = 6
+    tumour[(distance < core) & brain] = 4
+    info = {"centre_mni": [round(float(c), 1) for c in centre], "radius_mm": round(float(radius), 2),
+            "core_fraction": round(float(core), 3), "edema_factor": round(float(edema_factor), 3)}  # fmt: skip
+    return tumour, info
+
+
+# -- healthy structure labels (FreeSurfer aseg codes) ----------------------------------------------------------------
+# Subcortical structures as ellipsoids in MNI space (left-hemisphere centre, radii in mm), aseg codes (left, right).
+_STRUCTURES = {
+    "thalamus": ((-11, -18, 7), (7, 12, 8), (10, 49)),
+    "caudate": ((-13, 11, 10), (4.5, 12, 8), (11, 50)),
+    "putamen": ((-25, 2, 1), (5, 14, 8), (12, 51)),
+    "pallidum": ((-19, -3, 0), (3, 7, 4), (13, 52)),
+    "hippocampus": ((-27, -22, -13), (5, 15, 5), (17, 53)),
+    "amygdala": ((-23, -4, -19), (6, 6, 6), (18, 54)),
+    "accumbens": ((-10, 11, -7), (4, 4, 4), (26, 58)),
+    "ventral diencephalon": ((-11, -16, -9), (5, 7, 5), (28, 60)),
+}
+
+
+def aseg_labels(mni: np.ndarray, csf: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
+    """FreeSurfer ``aseg`` codes of a template-space head: cortex (3/42), white matter (2/41), lateral ventricles (4/43),
+    other CSF (24), cerebellum cortex/white matter (8/47, 7/46), brainstem (16) and the eight subcortical structures.
+
+    The subcortical structures are ellipsoids at their MNI positions (an approximation of an atlas, not a
+    segmentation); everything else follows the tissue maps.
+    """
+    x, y, z = mni
+    brain = (csf + gm + wm) > 0.5
+    dominant = np.argmax(np.stack([csf, gm, wm]), axis=0)
+    left = x < 0
+    labels = np.zeros(brain.shape, dtype=np.int16)
+    labels[brain & (dominant == 0)] = 24
+    labels[brain & (dominant == 1)] = np.where(left, 3, 42)[brain & (dominant == 1)]
+    labels[brain & (dominant == 2)] = np.where(left, 2, 41)[brain & (dominant == 2)]
+    ventricle = brain & (dominant == 0) & (np.abs(x) < 30) & (y > -45) & (y < 30) & (z > -5) & (z < 35)
+    labels[ventricle] = np.where(left, 4, 43)[ventricle]
+    cerebellum = brain & (y < -40) & (z < -10) & (np.abs(x) > 4 + 0.3 * np.clip(-z - 30, 0, None))
+    labels[cerebellum & (dominant == 1)] = np.where(left, 8, 47)[cerebellum & (dominant == 1)]
+    labels[cerebellum & (dominant == 2)] = np.where(left, 7, 46)[cerebellum & (dominant == 2)]
+    brainstem = brain & (np.abs(x) < 11) & (y > -45) & (y < -12) & (z < -12) & (dominant != 0)
+    labels[brainstem] = 16
+    for centre, radii, (code_left, code_right) in _STRUCTURES.values():
+        for side, code in ((-1, code_left), (1, code_right)):
+            c = np.array([side * abs(centre[0]), centre[1], centre[2]], dtype=np.float32)
+            inside = sum(((mni[d] - c[d]) / radii[d]) ** 2 for d in range(3)) <= 1
+            labels[inside & brain & (dominant != 0)] = code
+    return labels
+
+
+# -- rendering -----------------------------------------------------------------------------------------------------
+def add_acquisition(
+    image: np.ndarray, rng: np.random.Generator, noise: float, bias_field: np.ndarray | None, slice_thickness: float,
+    spacing_z: float, reference: float,
+) -> np.ndarray:
+    """Apply an acquisition to a clean image: bias field, thick slices along Z, Rician noise.
+
+    Args:
+        image: ``(X, Y, Z)`` clean signal.
+        noise: noise standard deviation relative to ``reference`` (the white-matter signal).
+        bias_field: multiplicative field of the image's shape, or None.
+        slice_thickness: acquired slice thickness (mm); thicker than ``spacing_z``, each acquired slice averages its
+            slab, the noise is that of the acquired slices, and interpolation brings them back onto the original grid
+            (the voxel grid is kept, so labels stay valid).
+        spacing_z: the grid's Z spacing (mm).
+    """
+    out = image * bias_field if bias_field is not None else image
+    acquired, centres = _acquire_slices(out, slice_thickness / spacing_z)
+    if noise > 0:
+        sigma = noise * reference
+        real = acquired + sigma * rng.standard_normal(acquired.shape, dtype=np.float32)
+        imag = sigma * rng.standard_normal(acquired.shape, dtype=np.float32)
+        acquired = np.sqrt(real**2 + imag**2)
+    return _slices_to_grid(acquired, centres, image.shape[2]).astype(np.float32)
+
+
+def _acquire_slices(image: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """Slabs ``factor`` grid slices thick (box profile), ``factor`` apart: ``(acquired slices, their Z centres)``."""
+    if factor <= 1.05:
+        return image.astype(np.float32, copy=True), None
+    depth = image.shape[2]
+    smoothed = ndimage.uniform_filter1d(image, size=max(int(round(factor)), 1), axis=2, mode="nearest")
+    centres = np.arange(factor / 2 - 0.5, depth, factor)
+    return smoothed[:, :, np.clip(np.round(centres).astype(int), 0, depth - 1)].astype(np.float32), centres
+
+
+def _slices_to_grid(acquired: np.ndarray, centres: np.ndarray | None, depth: int) -> np.ndarray:
+    """Linear interpolation of acquired slices at ``centres`` back onto ``depth`` grid slices."""
+    if centres is None:
+        return acquired
+    z = np.clip(np.interp(np.arange(depth), centres, np.arange(len(centres))), 0, len(centres) - 1)
+    lo = np.floor(z).astype(int)
+    hi = np.minimum(lo + 1, len(centres) - 1)
+    w = (z - lo).astype(np.float32)
+    return acquired[:, :, lo] * (1 - w) + acquired[:, :, hi] * w
+
+
+def thick_slices(image: np.ndarray, thickness: float, spacing_z: float) -> np.ndarray:
+    """Simulate slices ``thickness`` mm thick on a grid of ``spacing_z`` mm (no noise), on the same grid."""
+    if thickness / spacing_z <= 1.05:
+        return image
+    return _slices_to_grid(*_acquire_slices(image, thickness / spacing_z), image.shape[2])
+
+
+def make_phantom(
+    shape: tuple[int, int, int] = (96, 112, 96),
+    seed: int = 0,
+    tumour: bool = True,
+    noise: float | None = None,
+    bias: float | None = None,
+    population: str | Population = "adult",
+    return_info: bool = False,
+):
+    """Render one phantom.
+
+    Args:
+        shape: volume shape ``(X, Y, Z)`` in RAS voxel order; the grid spans the template brain, so small shapes
+            have coarse (anisotropic) voxels.
+        seed: makes the anatomy, tumour, bias field and noise reproducible.
+        tumour: add a tumour (False gives a healthy head with BraTS labels all 0; the ``healthy`` population also
+            returns aseg labels in ``info``).
+        noise, bias: override the population's noise and bias amplitude.
+        population: a preset name from :data:`POPULATIONS` or a :class:`Population`.
+        return_info: also return a dict describing the case (spacing, origin, tumour, aseg labels for healthy).
+
+    Returns:
+        ``(images, labels)`` or ``(images, labels, info)``: modality -> ``float32`` volume in scanner-like units
+        (white matter ~850), and BraTS 2023 labels ``uint8`` (all 0 without a tumour).
+    """
+    population = get_population(population) if isinstance(population, str) else population
+    if noise is not None or bias is not None:
+        population = replace(population, noise=population.noise if noise is None else noise, bias=population.bias if bias is None else bias)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 8:
+        raise ValueError(f"phantom shape must be three sizes of at least 8 voxels, got {shape}")
+    rng = np.random.default_rng(seed)
+    template = load_template(shape)
+    coords, scale = _deformed_coordinates(rng, template, population)
+    csf, gm, wm = (_warp(m, coords) for m in (template.csf, template.gm, template.wm))
+    mni = template.mni()
+    brain = (csf + gm + wm) > 0.5
+    info: dict = {"population": population.name, "seed": int(seed), "shape": list(shape),
+                  "spacing_mm": [round(float(s), 4) for s in template.spacing], "head_scale": round(scale, 4)}  # fmt: skip
+    tumour_tissue = np.zeros(shape, dtype=np.uint8)
+    if tumour and population.tumour:
+        tumour_tissue, info["tumour"] = _tumour_tissue(rng, mni, brain, wm, population)
+    labels = TISSUE_TO_LABEL[tumour_tissue]
+    if not population.tumour:
+        # Template coordinates of each phantom voxel: structure positions follow the head's deformation.
+        template_mni = np.stack([template.origin[d] + template.spacing[d] * coords[d] for d in range(3)]).astype(np.float32)
+        info["aseg"] = aseg_labels(template_mni, csf, gm, wm)
+
+    bias_field = np.exp(population.bias * smooth_field(rng, shape, coarse=4)).astype(np.float32)
+    heterogeneity = 1 + 0.12 * smooth_field(rng, shape, coarse=8)
+    healthy = np.stack([csf, gm, wm])
+    reference = 1000 * population.contrast["t1n"][3]
+    images = {}
+    for modality in MODALITIES:
+        table = np.asarray(population.contrast[modality], dtype=np.float32)
+        signal = np.tensordot(table[1:4], healthy, axes=1)
+        if tumour_tissue.any():
+            # Tumour voxels take the tumour's signal, mixed with some healthy tissue at the border for partial volume.
+            tumour_signal = table[tumour_tissue] * heterogeneity
+            weight = ndimage.gaussian_filter((tumour_tissue > 0).astype(np.float32), 0.6)
+            weight = np.where(tumour_tissue > 0, np.maximum(weight, 0.85), 0.0)
+            signal = (1 - weight) * signal + weight * tumour_signal
+        clean = 1000 * signal * brain
+        images[modality] = add_acquisition(clean, rng, population.noise, bias_field, population.slice_thickness,
+                                           template.spacing[2], reference) * brain  # fmt: skip
+    if return_info:
+        return images, labels, info
+    return images, labels
+
+
+def phantom_affine(spacing, shape, origin_ras) -> np.ndarray:
+    """LPS-stored affine of a RAS array flipped on X and Y: voxel ``(i, j, k)`` of the file is RAS ``(X-1-i, Y-1-j, k)``."""
+    spacing = np.asarray(spacing, dtype=np.float64)
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = np.asarray(origin_ras, dtype=np.float64) + np.array([spacing[0] * (shape[0] - 1), spacing[1] * (shape[1] - 1), 0.0])
+    return affine
+
+
+def write_phantom_case(
+    folder: str | Path, case_id: str, images: dict[str, np.ndarray], labels: np.ndarray | None, spacing=(1.0, 1.0, 1.0),
+    origin=(0.0, 0.0, 0.0), aseg: np.ndarray | None = None,
+) -> Path:
+    """Write a phantom in BraTS 2023 naming (``-t1n -t1c -t2w -t2f -seg``, ``-aseg`` for structure labels), stored LPS
+    like BraTS volumes (the affine says so). ``labels`` None writes no ``-seg`` file."""
+    folder = Path(folder) / case_id
+    folder.mkdir(parents=True, exist_ok=True)
+    shape = next(iter(images.values())).shape
+    affine = phantom_affine(spacing, shape, origin)
+    flip = (slice(None, None, -1), slice(None, None, -1), slice(None))  # RAS arrays -> LPS voxel order
+    for modality, image in images.items():
+        _save(image[flip].astype(np.float32), affine, folder / f"{case_id}-{modality}.nii.gz")
+    if labels is not None:
+        _save(labels[flip].astype(np.uint8), affine, folder / f"{case_id}-seg.nii.gz")
+    if aseg is not None:
+        _save(aseg[flip].astype(np.int16), affine, folder / f"{case_id}-aseg.nii.gz")
+    return folder
+
+
+def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    image = nib.Nifti1Image(array, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, str(path))
+
+
+def write_phantom_cohort(
+    out: str | Path, n: int, seed: int = 0, shape=(96, 112, 96), prefix: str | None = None, population: str | Population = "adult",
+    overwrite: bool = False, log=None,
+) -> Path:
+    """Write ``n`` phantom cases (seeds ``seed`` ... ``seed + n - 1``) and ``cohort.json`` into ``out``; returns ``out``.
+
+    Case ids are ``<prefix>-<index:05d>-000`` (BraTS 2023 style; default prefix ``SYN-<POPULATION>``). Healthy cases
+    get ``-aseg`` structure labels instead of ``-seg``.
+
+    Raises:
+        OutputExistsError: ``out`` already holds a cohort manifest or a case folder of this cohort (unless ``overwrite``).
+    """
+    from .io import atomic_write_text
+
+    population = get_population(population) if isinstance(population, str) else population
     out = Path(out)
-    for index in range(n):
-        images, labels = make_phantom(shape=shape, seed=seed + index)
-        write_phantom_case(out, f"{prefix}-{index:05d}-000", images, labels)
+    prefix = prefix or f"SYN-{population.name.upper()}"
+    ids = [f"{prefix}-{index:05d}-000" for index in range(n)]
+    if not overwrite:
+        for existing in [out / COHORT_MANIFEST] + [out / case_id for case_id in ids]:
+            if existing.exists():
+                raise OutputExistsError(existing)
+    out.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for index, case_id in enumerate(ids):
+        images, labels, info = make_phantom(shape=shape, seed=seed + index, population=population, return_info=True)
+        aseg = info.pop("aseg", None)
+        template = load_template(tuple(int(s) for s in shape))
+        write_phantom_case(out, case_id, images, None if aseg is not None else labels, template.spacing, template.origin, aseg=aseg)
+        info["case_id"] = case_id
+        if aseg is None:
+            info["label_counts"] = {str(v): int(c) for v, c in zip(*np.unique(labels, return_counts=True)) if v}
+        cases.append(info)
+        if log:
+            log(f"  {case_id} ({population.name}, seed {seed + index})")
+    manifest = {
+        "format_version": 1,
+        "kind": COHORT_KIND,
+        "population": population.name,
+        "reference_population": "adult",
+        "seed": int(seed),
+        "n": int(n),
+        "shape": [int(s) for s in shape],
+        "label_scheme": "brats2023" if population.tumour else "aseg",
+        "template": "ICBM 2009a nonlinear symmetric MNI152 (T1, GM, WM) from the nilearn package",
+        "parameters": {k: _jsonable(v) for k, v in asdict(population).items()},
+        "shifted_factors": shifted_factors(population),
+        "expected_specific_categories": planted_shift_categories(population),
+        "cases": cases,
+    }
+    atomic_write_text(out / COHORT_MANIFEST, json.dumps(manifest, indent=2) + "\n", overwrite=True)
     return out
+
+
+def read_cohort_manifest(path: str | Path) -> dict:
+    """Read a phantom cohort's ``cohort.json`` (a cohort folder or the file)."""
+    from .io import read_json
+
+    path = Path(path)
+    path = path / COHORT_MANIFEST if path.is_dir() else path
+    if not path.is_file():
+        raise InputFileError(path, "cohort manifest not found (write a cohort with seglens phantoms)")
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or manifest.get("kind") != COHORT_KIND:
+        raise InputFileError(path, f"is not a phantom cohort manifest (kind '{COHORT_KIND}')")
+    if manifest.get("format_version") != 1:
+        raise InputFileError(path, f"cohort manifest format_version {manifest.get('format_version')!r} is not supported")
+    return manifest
+
+
+# -- degrading real cases ------------------------------------------------------------------------------------------
+# Presets of ``seglens degrade``: the acquisition factors of a population, applied to real images.
+DEGRADE_PRESETS = {name: POPULATIONS[name] for name in ("ssa",)}
+DEGRADATION_RECORD = "degradation.json"
+
+
+def slice_axis(affine: np.ndarray) -> int:
+    """The array axis closest to the world's superior-inferior axis (the axial slice axis of the file)."""
+    codes = nib.aff2axcodes(affine)
+    return next(axis for axis, code in enumerate(codes) if code in ("S", "I"))
+
+
+def degrade_images(
+    images: dict[str, np.ndarray], affine: np.ndarray, preset: str | Population = "ssa", seed: int = 0,
+    brain: np.ndarray | None = None,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Apply a population's acquisition shift (noise, bias field, thick slices) to co-registered images.
+
+    Args:
+        images: modality -> array in file order, all on one grid with voxel->RAS ``affine``.
+        preset: a :data:`DEGRADE_PRESETS` name or a :class:`Population` (its noise, bias and slice_thickness).
+        brain: where the head is (default: any modality non-zero); the background stays as it was.
+
+    Returns:
+        ``(degraded images as float32, record of what was done)``. The grid is unchanged, so labels stay valid.
+    """
+    population = _degrade_preset(preset) if isinstance(preset, str) else preset
+    rng = np.random.default_rng(seed)
+    shape = next(iter(images.values())).shape
+    if brain is None:
+        brain = np.any([np.asarray(image) != 0 for image in images.values()], axis=0)
+    axis = slice_axis(affine)
+    spacing = float(np.sqrt((affine[:3, axis] ** 2).sum()))
+    bias_field = np.exp(population.bias * smooth_field(rng, shape, coarse=4)).astype(np.float32)
+    out = {}
+    for modality, image in images.items():
+        image = np.asarray(image, dtype=np.float32)
+        reference = float(np.percentile(image[brain], 75)) if brain.any() else 1.0
+        moved = np.moveaxis(image, axis, 2)
+        degraded = add_acquisition(moved, rng, population.noise, np.moveaxis(bias_field, axis, 2), population.slice_thickness,
+                                   spacing, reference)  # fmt: skip
+        out[modality] = np.where(brain, np.moveaxis(degraded, 2, axis), image).astype(np.float32)
+    record = {"preset": population.name, "seed": int(seed), "noise": population.noise, "bias": population.bias,
+              "slice_thickness_mm": population.slice_thickness, "slice_axis": int(axis), "slice_spacing_mm": round(spacing, 4),
+              "shifted_factors": shifted_factors(population)}  # fmt: skip
+    return out, record
+
+
+def _degrade_preset(name: str) -> Population:
+    if name not in DEGRADE_PRESETS:
+        raise SegLensError(f"unknown degradation preset '{name}'; choose one of {', '.join(DEGRADE_PRESETS)}")
+    return DEGRADE_PRESETS[name]
+
+
+def degrade_case(case_dir: str | Path, out: str | Path, preset: str = "ssa", seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a degraded copy of a real case into ``out/<case folder name>``: same file names, same voxel grid.
+
+    Images get the preset's acquisition shift (stored in their original integer type when they had one); the label
+    map and brain mask are copied byte for byte (the grid is unchanged, so they stay exact); ``degradation.json``
+    records what was done.
+
+    Raises:
+        OutputExistsError: the output case folder exists (unless ``overwrite``) or is the input folder.
+    """
+    import shutil
+
+    from .cases import find_case, read_case
+    from .io import atomic_write_text, read_image, refuse_existing, write_image
+
+    population = _degrade_preset(preset)
+    case_dir = Path(case_dir)
+    case = find_case(case_dir)
+    target = Path(out) / case_dir.name
+    if target.resolve() == case_dir.resolve():
+        raise OutputExistsError(target)
+    refuse_existing(target, overwrite)
+    data = read_case(case, with_label=False)
+    degraded, record = degrade_images(data.images, data.affine, population, seed=seed, brain=data.brain_mask)
+    target.mkdir(parents=True, exist_ok=True)
+    for modality, path in case.images.items():
+        source = read_image(path)
+        array = degraded[modality]
+        if source.array.dtype.kind in "iu":
+            info = np.iinfo(source.array.dtype)
+            array = np.clip(np.round(array), info.min, info.max).astype(source.array.dtype)
+        name = path.name if path.name.endswith((".nii.gz", ".nii")) else f"{case_dir.name}-{modality}.nii.gz"
+        write_image(array, source, target / name, overwrite=overwrite)
+    for extra in (case.label, case.brain_mask):
+        if extra is not None and Path(str(extra)).is_file():
+            shutil.copyfile(extra, target / Path(str(extra)).name)
+    record["source"] = str(case_dir)
+    atomic_write_text(target / DEGRADATION_RECORD, json.dumps(record, indent=2) + "\n", overwrite=True)
+    return target
