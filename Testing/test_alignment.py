@@ -304,3 +304,121 @@ def test_load_alignment_reports_bad_files(tmp_path):
     bad.write_text(json.dumps(doc))
     with pytest.raises(InputFileError, match="out of range"):
         load_alignment(bad)
+
+
+# -- different activation spaces ---------------------------------------------------------------------------
+def test_procrustes_recovers_latents_across_spaces_of_different_width():
+    """SAE B lives in a 64-channel space holding A's 32 channels rotated (plus scale and offset): cosines cannot
+    compare them, the Procrustes map fitted on paired activations recovers every latent."""
+    from SegLensLogic.alignment.spaces import fit_procrustes, procrustes_alignment
+
+    rng = np.random.default_rng(7)
+    sae_a = random_sae(d_in=32, expansion=4, seed=9)
+    q, _ = np.linalg.qr(rng.normal(size=(64, 64)))
+    q = q[:32]  # (32, 64), orthonormal rows: an isometry of A's space into B's
+    h_a = rng.normal(size=(500, 32)) * rng.uniform(0.5, 2, size=32)
+    h_b = 3.0 * h_a @ q + rng.normal(size=64)
+    sae_b = random_sae(d_in=64, expansion=2, seed=10)
+    perm = rng.permutation(128)
+    with torch.no_grad():
+        sae_b.W_dec.copy_(torch.as_tensor(sae_a.W_dec.numpy() @ q, dtype=torch.float32)[perm])
+        sae_b.W_enc.copy_(torch.as_tensor(q.T @ sae_a.W_enc.numpy(), dtype=torch.float32)[:, perm])
+    with pytest.raises(ValueError, match="different spaces"):
+        align_saes(sae_a, sae_b)
+    rotation, fit = fit_procrustes(h_a, h_b)
+    assert fit["explained"] > 0.999 and fit["d_a"] == 32 and fit["d_b"] == 64
+    alignment = procrustes_alignment(sae_a, sae_b, h_a, h_b)
+    assert (alignment.partner == np.argsort(perm)).all() and alignment.shared_fraction() == 1.0
+    assert alignment.method == "procrustes-decoder-encoder-cosine"
+
+
+def test_space_relation_reads_model_provenance(tmp_path):
+    from SegLensLogic.alignment.spaces import space_relation
+    from SegLensLogic.data.io import file_sha256
+
+    def model_folder(name, init=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(name.encode())
+        training = {"init_model_sha256": init} if init else {}
+        (folder / "config.json").write_text(json.dumps({"arch": "unet", "training": training}))
+        return folder, file_sha256(folder / "model.safetensors")
+
+    base, base_sha = model_folder("base")
+    adult, adult_sha = model_folder("adult", init=base_sha)
+    ped, ped_sha = model_folder("pediatric", init=base_sha)
+    other, other_sha = model_folder("scratch")
+    a, b, c = random_sae(model_sha256=adult_sha), random_sae(model_sha256=ped_sha, seed=1), random_sae(model_sha256=other_sha, seed=2)
+    assert space_relation(a, random_sae(model_sha256=adult_sha, seed=3))["relation"] == "same-model"
+    assert space_relation(a, b)["relation"] == "unknown" and space_relation(a, b)["shared_space"] is None
+    shared = space_relation(a, b, adult, ped)
+    assert shared["relation"] == "shared-init" and shared["shared_space"] is True
+    assert space_relation(a, random_sae(model_sha256=base_sha, seed=4), adult, base)["relation"] == "shared-init"
+    assert space_relation(a, c, adult, other) == {**space_relation(a, c, adult, other), "relation": "unrelated", "shared_space": False}
+    with pytest.raises(InputFileError, match="is not the model SAE B"):
+        space_relation(a, b, adult, other)
+    assert space_relation(random_sae(d_in=32), random_sae(d_in=16))["relation"] == "different-dimensions"
+
+
+# -- many cohorts ---------------------------------------------------------------------------------------------
+def three_cohorts():
+    base = random_sae(seed=20)
+    rng = np.random.default_rng(21)
+    ped = permuted(with_replaced(base, np.arange(0, 32), seed=30), rng.permutation(128))
+    ssa = permuted(with_replaced(base, np.arange(32, 64), seed=31), rng.permutation(128))
+    return base, ped, ssa
+
+
+def test_cohorts_matrix_universal_and_specific_sets():
+    from SegLensLogic.alignment.cohorts import diff_cohorts
+
+    base, ped, ssa = three_cohorts()
+    diff = diff_cohorts({"adult": base, "pediatric": ped, "ssa": ssa}, seed_replicas={"adult": noisy_copy(base, 0.9)})
+    matrix = diff.fraction_matrix()
+    np.testing.assert_allclose(matrix, [[1, 0.75, 0.75], [0.75, 1, 0.5], [0.75, 0.5, 1]])
+    universal = diff.universal_groups()
+    assert [g["adult"] for g in universal] == list(range(64, 128))  # kept in both other cohorts
+    assert all(align_saes(ped, ssa).partner[g["pediatric"]] == g["ssa"] for g in universal)
+    specific = diff.population_specific()
+    assert specific["adult"] == list(range(64)) and len(specific["ssa"]) == 64
+    assert diff.exclusive()["adult"] == []  # every adult latent is shared with at least one cohort
+    assert len(diff.exclusive()["pediatric"]) == 32
+    rows = diff.pair_rows()
+    assert rows[0]["seed_noise_floor"] == diff.seed_noise_floor["adult"] and rows[2]["seed_noise_floor"] is None
+    assert rows[0]["relative_to_floor"] == pytest.approx(0.75 / diff.seed_noise_floor["adult"])
+
+
+def test_diff_and_align_commands(tmp_path, capsys):
+    base, ped, ssa = three_cohorts()
+    folders = [saved_sae(tmp_path, n, s) for n, s in (("adult", base), ("pediatric", ped), ("ssa", ssa))]
+    replica = saved_sae(tmp_path, "adult-seed1", noisy_copy(base, 0.9))
+    out = tmp_path / "diff"
+    code, stdout, err = seglens(capsys, "diff", *folders, "--out", out, "--seed-replica", f"adult={replica}", "--bootstrap", "2")
+    assert code == 0, err
+    lines = (out / "fraction_shared.csv").read_text().splitlines()
+    assert lines[0] == "cohort,adult,pediatric,ssa" and lines[1] == "adult,1.000000,0.750000,0.750000"
+    assert (out / "fraction_shared.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "diff.json").read_text())
+    assert len(summary["universally_shared"]) == 64 and summary["population_specific"]["adult"]["count"] == 64
+    assert 0 <= summary["seed_noise_floor"]["adult"] < 1
+    pairs = (out / "pairs.csv").read_text().splitlines()
+    assert pairs[0].startswith("a,b,shared,shared_fraction,seed_noise_floor") and len(pairs) == 4
+    loaded = load_alignment(out / summary["alignments"]["adult|pediatric"])
+    assert loaded.shared_fraction == 0.75 and loaded.seed_noise_floor["shared_fraction"] == summary["seed_noise_floor"]["adult"]
+    assert "Universally shared latents: 64" in stdout
+    code, _, err = seglens(capsys, "diff", *folders, "--out", out)
+    assert_one_line_error(code, err, "already exists")
+
+    target = tmp_path / "alignment.json"
+    code, stdout, err = seglens(capsys, "align", folders[0], folders[1], "--out", target, "--table", "--bootstrap", "2")
+    assert code == 0, err
+    doc = json.loads(target.read_text())
+    assert doc["shared_fraction"] == 0.75 and doc["space"]["relation"] == "same-model" and len(doc["baselines"]) == 4
+    assert "predictability" in stdout and "75.0%" in stdout
+    narrow = saved_sae(tmp_path, "narrow", random_sae(d_in=16))
+    code, _, err = seglens(capsys, "align", folders[0], narrow, "--out", tmp_path / "x.json")
+    assert_one_line_error(code, err, "--model-a")
+    code, _, err = seglens(capsys, "align", folders[0], narrow, "--out", tmp_path / "x.json", "--method", "cosine")
+    assert_one_line_error(code, err, "meaningless", "16-dimensional")
+    code, _, err = seglens(capsys, "diff", folders[0], narrow, "--out", tmp_path / "d2")
+    assert_one_line_error(code, err, "cannot compare")
