@@ -20,7 +20,7 @@ from . import __version__
 from .errors import SegLensError, refuse_existing
 
 # Modules that add their own subcommands (steering, interpretation, alignment, experiments, bundles, ...).
-COMMAND_MODULES: tuple[str, ...] = ("SegLensLogic.steering.commands", "SegLensLogic.bundle", "SegLensLogic.data.commands", "SegLensLogic.interpretation.commands", "SegLensLogic.alignment.commands")
+COMMAND_MODULES: tuple[str, ...] = ("SegLensLogic.steering.commands", "SegLensLogic.bundle", "SegLensLogic.data.commands", "SegLensLogic.interpretation.commands", "SegLensLogic.alignment.commands", "SegLensLogic.experiments.commands")
 
 
 def log(message: str) -> None:
