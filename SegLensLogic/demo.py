@@ -28,6 +28,8 @@ from .sae.training import save_training_report
 from .training import TrainingOptions, train_segmenter
 
 DEMO_UNET_FEATURES = [16, 16, 32, 64, 128, 16]
+# MNI152 phantoms at about 2 x 2 x 2.4 mm: small enough to train on within the demo's minutes on two CPU cores.
+DEMO_PHANTOM_SHAPE = (80, 96, 64)
 
 
 def hook_activation_norm(model, case) -> np.ndarray:
@@ -66,7 +68,7 @@ def run_demo(
         cohort_dir = out / "phantom-cohort"
         log(f"1. Writing {n_phantoms} synthetic brain-tumour phantoms to {cohort_dir} (BraTS 2023 naming)")
         if not cohort_dir.exists():
-            write_phantom_cohort(cohort_dir, n_phantoms, seed=0)
+            write_phantom_cohort(cohort_dir, n_phantoms, seed=0, shape=DEMO_PHANTOM_SHAPE, population="adult")
         cohort = load_cohort(cohort_dir, name="phantoms")
         image_size, val_cases = 96, 2
     else:
@@ -128,6 +130,33 @@ def run_demo(
     log("   Most active latents inside the predicted tumour: " + ", ".join(f"{j} ({v:.0f})" for j, v in top))
     if top:
         written["heatmap"] = save_heatmap(codes, top[0][0], out / f"{case.case_id}-latent{top[0][0]:05d}.nii.gz", overwrite=True)
+
+    log("8. Bundle: model, SAE, classes and preprocessing in one folder that loads in one call")
+    from .bundle import build_bundle
+    from .report import render_report
+
+    bundle = build_bundle(model_dir, out / "sae", out / "bundle", name=cohort.name, overwrite=True)
+    written["bundle"] = bundle.root
+    mean = next(row for row in rows if row.get("case") == "mean")
+    holdout = report.get("holdout", {})
+    results = {
+        "title": "SegLens demo audit report",
+        "subtitle": f"Cohort '{cohort.name}' ({'synthetic phantoms' if data is None else data}).",
+        "cohorts": [{"name": cohort.name, "population": cohort.name if data is None else "-", "n_cases": len(cohort),
+                     "source": "MNI152 phantoms" if data is None else str(data)}],
+        "models": [{"name": cohort.name, "cohort": train_cohort.name, "arch": model.config.arch,
+                    "dice": {test_cohort.name: mean.get("dice_mean")}}],
+        "sae_quality": [{"model": cohort.name, "d_sae": sae.config.d_sae, "k": sae.config.k,
+                         "explained_variance": holdout.get("explained_variance"), "l0": holdout.get("l0"),
+                         "dead_fraction": holdout.get("dead_fraction"),
+                         "dice_recovered": recovered["dice_sae"] / recovered["dice_model"] if recovered["dice_model"] else None}],
+    }  # fmt: skip
+    if top:
+        z = int(np.argmax(codes.heatmap(top[0][0]).sum(axis=(0, 1))))
+        image = prediction.prepared.source.images[model.config.modalities[-1]][:, :, z]
+        gallery = [{"id": j, "image": image.T[::-1], "heatmap": codes.heatmap(j)[:, :, z].T[::-1]} for j, _ in top[:3]]
+        results["latent_galleries"] = [{"model": cohort.name, "categories": {"most active in the predicted tumour (not yet labelled)": gallery}}]
+    written["report"] = render_report(results, out / "report.html", overwrite=True)
 
     log("Done. Files written:")
     for role, path in written.items():
