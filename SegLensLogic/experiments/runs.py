@@ -21,7 +21,6 @@ from ..metrics import confusion_matrix, overlap_scores
 from ..networks.segmenter import Segmenter
 from ..sae.codes import VolumeCodes, encode_volume
 from ..sae.model import BatchTopKSAE
-from ._interim_steering import Edit, resegment
 
 # Short names of the tumour classes (BraTS 2023 scheme), used as table columns.
 TUMOUR_SHORT = {1: "NC", 2: "ED", 3: "ET"}
@@ -126,6 +125,7 @@ class Experiment:
         self.sae = sae.to(next(model.parameters()).device)
         self.class_names = tuple(model.config.class_names)
         self.log = log or (lambda message: None)
+        self._forwards: dict[str, object] = {}
 
     def run_case(self, case: Case) -> CaseRun:
         """Read, segment (with softmax) and encode one labelled case."""
@@ -163,5 +163,23 @@ class Experiment:
         return self.steer_many(run, [(tuple(int(j) for j in latents), mode, float(alpha), where)])
 
     def steer_many(self, run: CaseRun, edits: Sequence[tuple[tuple[int, ...], str, float, str]]) -> np.ndarray:
-        """Labels with several edits applied together: ``[(latents, mode, alpha, where), ...]``."""
-        return resegment(self.model, self.sae, run.prepared, [Edit(tuple(l), m, a, w) for l, m, a, w in edits], run.labels, run.codes)
+        """Labels with several edits applied together: ``[(latents, mode, alpha, where), ...]``.
+
+        Goes through the steering package's cached partial forward: the case's encoder outputs are kept (one
+        :class:`~SegLensLogic.steering.resegment.CachedForward` per case) and only slices whose activations an
+        edit changes are decoded again; the others keep the unedited labels.
+        """
+        from ..steering import LatentEdit
+        from ..steering.resegment import CachedForward
+
+        forward = self._forwards.get(run.case_id)
+        if forward is None:
+            forward = self._forwards[run.case_id] = CachedForward(self.model, run.prepared, hook=self.sae.config.hook_point)
+        latent_edits = [LatentEdit(tuple(int(j) for j in l), mode=m, alpha=float(a), where=w).check(self.sae) for l, m, a, w in edits]
+        deltas = forward.deltas(self.sae, latent_edits)
+        base = run.prepared.orientation.apply(run.labels)
+        return run.prepared.to_input_grid(forward.relabel(base, list(deltas), deltas))
+
+    def forget(self, run: CaseRun) -> None:
+        """Drop the cached encoder outputs of a case (memory) once its sweeps are done."""
+        self._forwards.pop(run.case_id, None)
