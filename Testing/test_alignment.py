@@ -422,3 +422,130 @@ def test_diff_and_align_commands(tmp_path, capsys):
     assert_one_line_error(code, err, "meaningless", "16-dimensional")
     code, _, err = seglens(capsys, "diff", folders[0], narrow, "--out", tmp_path / "d2")
     assert_one_line_error(code, err, "cannot compare")
+
+
+# -- real data: the tiny U-Net trained on real BraTS 2018 cases and its SAE ------------------------------------
+REPLICA_STEPS = 100  # a seed replica: the pipeline's SAE options with another seed, shorter (tests stay fast)
+
+
+@pytest.fixture(scope="module")
+def seed_replica(real_pipeline, tmp_path_factory):
+    """An SAE trained on the real pipeline's activation store with seed 1 (the pipeline's SAE has seed 0)."""
+    from pipelines import QUIET, SAE_OPTIONS
+
+    from SegLensLogic.sae import ActivationStore, SAETrainingOptions, train_sae
+
+    options = SAETrainingOptions(**{**SAE_OPTIONS, "seed": 1, "max_steps": REPLICA_STEPS})
+    sae, _ = train_sae(ActivationStore(real_pipeline.root / "activations"), options, device="cpu", log=QUIET)
+    folder = tmp_path_factory.mktemp("replica") / "sae-seed1"
+    sae.save(folder)
+    return folder
+
+
+def real_variant(real_pipeline, tmp_path, replaced=np.arange(32), seed=0):
+    """The real SAE with ``replaced`` latents given random directions and all latents permuted, saved."""
+    perm = np.random.default_rng(seed).permutation(real_pipeline.sae.d_sae)
+    sae = permuted(with_replaced(real_pipeline.sae, replaced), perm)
+    sae.config.training = {**real_pipeline.sae.config.training, "cohort": "variant"}
+    return saved_sae(tmp_path, "variant", sae), perm
+
+
+def test_real_seed_noise_floor_and_diff(real_pipeline, seed_replica, tmp_path, capsys):
+    variant, perm = real_variant(real_pipeline, tmp_path)
+    out = tmp_path / "diff"
+    code, stdout, err = seglens(capsys, "diff", real_pipeline.sae_dir, variant, "--out", out, "--seed-replica", seed_replica, "--bootstrap", "2")
+    assert code == 0, err
+    summary = json.loads((out / "diff.json").read_text())
+    assert summary["cohorts"] == ["adult", "variant"]
+    assert summary["fraction_shared"][0][1] == 0.75  # the 96 kept latents of a trained dictionary, each found
+    floor = summary["seed_noise_floor"]["adult"]  # two seeds of one cohort share far fewer latents
+    assert floor == align_saes(real_pipeline.sae, BatchTopKSAE.load(seed_replica)).shared_fraction() and floor < 0.75
+    assert f"seed floor {100 * floor:.1f}%" in stdout
+    groups = summary["universally_shared"]
+    assert len(groups) == 96 and all(np.argsort(perm)[g["adult"]] == g["variant"] for g in groups)
+
+
+def test_real_align_records_space_metrics_and_floor(real_pipeline, seed_replica, tmp_path, capsys):
+    target = tmp_path / "alignment.json"
+    code, stdout, err = seglens(capsys, "align", real_pipeline.sae_dir, seed_replica, "--out", target, "--model-a", real_pipeline.model_dir,
+                                "--model-b", real_pipeline.model_dir, "--seed-replica", seed_replica, "--bootstrap", "2")  # fmt: skip
+    assert code == 0, err
+    loaded = load_alignment(target)
+    assert loaded.space["relation"] == "same-model" and loaded.space["shared_space"] is True
+    assert loaded.method == "decoder-encoder-cosine" and loaded.sae_a["name"] == "adult" and loaded.sae_b["seed"] == 1
+    assert loaded.seed_noise_floor["shared_fraction"] == loaded.shared_fraction  # the replica is B itself here
+    sweep = loaded.document["tau_sweep"]
+    assert [row["shared"] for row in sweep] == sorted((row["shared"] for row in sweep), reverse=True)
+    assert {"agreement_all", "stability", "collision", "predictability", "coverage"} <= set(loaded.metrics)
+    assert "warning" not in stdout  # different seeds: no shared-initialisation warning
+    code, _, err = seglens(capsys, "align", real_pipeline.sae_dir, seed_replica, "--out", tmp_path / "y.json", "--model-a", tmp_path)
+    assert_one_line_error(code, err, "not a model folder")
+
+
+def test_real_feature_swapping(real_pipeline, tmp_path):
+    from SegLensLogic.alignment.swapping import feature_swap
+
+    variant, perm = real_variant(real_pipeline, tmp_path, replaced=np.arange(0, 128, 2))
+    other = BatchTopKSAE.load(variant)
+    alignment = align_saes(real_pipeline.sae, other)
+    case = next(iter(real_pipeline.test))
+    rows = {r["group"]: r for r in feature_swap(real_pipeline.model, real_pipeline.sae, other, alignment, [case], n_latents=12)}
+    shared, specific = rows["shared"], rows["specific"]
+    assert shared["latents"] == specific["latents"] == 12
+    # A shared latent's partner is the same direction: swapping it changes nothing.
+    assert shared["spatial_correlation"] == pytest.approx(1.0, abs=1e-4) and shared["latents_active"] > 0
+    assert shared["dice_change"] == pytest.approx(0.0, abs=1e-6) and shared["mask_agreement"] == pytest.approx(1.0, abs=1e-6)
+    # A specific latent's partner is an unrelated direction: its map does not follow the original.
+    assert specific["spatial_correlation"] < 0.5
+    assert np.isfinite(specific["dice_change"]) and 0 <= specific["mask_agreement"] <= 1
+
+
+def one_case_cohort(case, tmp_path):
+    """A cohort folder holding one real case (a symlink to its folder)."""
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    (folder / case.case_id).symlink_to(next(iter(case.images.values())).parent)
+    return folder
+
+
+def test_real_activation_alignment_across_architectures(real_pipeline, tmp_path, capsys):
+    """U-Net (32 channels at 8x8) against a SegFormer (hook stage3: 64 channels at 4x4) on the same real images."""
+    from SegLensLogic.alignment.spaces import correlation_alignment, paired_activations
+    from SegLensLogic.networks import SegmenterConfig, build_segmenter
+    from SegLensLogic.sae.training import estimate_threshold
+
+    torch.manual_seed(0)
+    config = SegmenterConfig(arch="segformer-b0", modalities=list(real_pipeline.model.config.modalities),
+                             class_names=list(real_pipeline.model.config.class_names), image_size=64, hook_point="stage3",
+                             arch_options={"hidden_sizes": [16, 32, 64, 128], "decoder_hidden_size": 64, "num_attention_heads": [1, 1, 2, 4]})  # fmt: skip
+    segformer = build_segmenter(config).eval()
+    segformer_dir = segformer.save_pretrained(tmp_path / "segformer")
+    case = next(iter(real_pipeline.test))
+    pairs = list(paired_activations(real_pipeline.model, segformer, [case], max_slices_per_case=12))
+    h_unet, h_seg = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    assert h_unet.shape[1] == 32 and h_seg.shape[1] == 64 and h_unet.shape[0] == h_seg.shape[0] > 0
+    sae_seg = random_sae(d_in=64, expansion=2, seed=12, model_sha256=None)
+    sae_seg.config.hook_point = "stage3"
+    estimate_threshold(sae_seg, h_seg)
+    sae_seg_dir = saved_sae(tmp_path, "segformer-sae", sae_seg)
+
+    # The same model's SAE against its permuted copy: every latent active on the images finds its partner.
+    unet_sae = real_pipeline.sae
+    perm = np.random.default_rng(3).permutation(unet_sae.d_sae)
+    same = correlation_alignment(unet_sae, permuted(unet_sae, perm), pairs=[(h_unet, h_unet)])
+    active = np.abs(same.similarities["corr"]).max(1) > 0
+    assert active.sum() == same.info["active_a"] > 10
+    assert (same.partner[active] == np.argsort(perm)[active]).all() and same.shared_mask()[active].all()
+
+    # Across architectures: only the CLI's activation method applies, and it records why.
+    code, _, err = seglens(capsys, "align", real_pipeline.sae_dir, sae_seg_dir, "--out", tmp_path / "x.json")
+    assert_one_line_error(code, err, "--model-a", "--cohort")
+    target = tmp_path / "unet-segformer.json"
+    code, stdout, err = seglens(capsys, "align", real_pipeline.sae_dir, sae_seg_dir, "--out", target, "--model-a", real_pipeline.model_dir,
+                                "--model-b", segformer_dir, "--cohort", one_case_cohort(case, tmp_path), "--max-slices", "6", "--bootstrap", "2")  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(target.read_text())
+    assert doc["method"] == "activation-correlation" and doc["space"]["relation"] == "different-dimensions"
+    assert doc["sae_a"]["d_in"] == 32 and doc["sae_b"]["d_in"] == 64 and doc["info"]["positions"] > 0
+    assert all(-1 <= p["corr"] <= 1 and set(p) >= {"a", "b", "corr", "shared"} for p in doc["pairs"])
+    assert is_valid_matching(np.array([p["b"] for p in doc["pairs"]]), 128)

@@ -243,7 +243,7 @@ def diff_command(args: argparse.Namespace, log=print) -> dict:
         summary["alignments"][f"{names[i]}|{names[j]}"] = str(path.relative_to(out))
     atomic_write_text(outputs[3], json.dumps(summary, indent=1) + "\n", overwrite=args.overwrite)
     for row in diff.pair_rows():
-        floor = f"  (seed floor {100 * row['seed_noise_floor']:.1f}%)" if row["seed_noise_floor"] else ""
+        floor = f"  (seed floor {100 * row['seed_noise_floor']:.1f}%)" if row["seed_noise_floor"] is not None else ""
         log(f"  {row['a']} <-> {row['b']}: {row['shared']} shared, {100 * row['shared_fraction']:.1f}%{floor}")
     log(f"Universally shared latents: {len(summary['universally_shared'])}")
     log(f"Wrote {', '.join(str(p) for p in outputs)} and {len(diff.alignments)} alignment file(s)")

@@ -120,7 +120,10 @@ def paired_activations(
     device_a, device_b = next(model_a.parameters()).device, next(model_b.parameters()).device
     batch_size = min(default_batch_size(model_a), default_batch_size(model_b))
     for case in cases:
-        pa, pb = prepare_for_model(model_a, case), prepare_for_model(model_b, case)
+        pa = prepare_for_model(model_a, case)
+        # Models with the same inputs share one preparation (reading and resampling a case dominates here).
+        same_inputs = model_a.config.modalities == model_b.config.modalities and model_a.config.image_size == model_b.config.image_size
+        pb = pa if same_inputs else prepare_for_model(model_b, case)
         slices = np.intersect1d(pa.brain_slices(), pb.brain_slices())
         if max_slices_per_case and len(slices) > max_slices_per_case:
             slices = slices[np.linspace(0, len(slices) - 1, max_slices_per_case).round().astype(int)]

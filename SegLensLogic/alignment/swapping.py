@@ -14,8 +14,8 @@ and ``h~`` runs through the rest of the network. Reported per group of latents (
 - ``dice_original`` / ``dice_swapped`` / ``dice_change``: mean class Dice against the ground truth without and
   with the swap, and ``mask_agreement``: Dice overlap of the tumour voxels of the two predictions.
 
-The swap is computed here with the formula above: the steering package's ``LatentEdit(mode="swap")`` had not
-landed in ``main`` when this module was written (same formula, error term kept).
+The swap goes through the steering package (``LatentEdit(mode="swap")`` and ``steer_activations``), so feature
+swapping and interactive steering edit activations in exactly the same way.
 """
 
 from __future__ import annotations
@@ -27,27 +27,25 @@ import torch
 
 from ..data.cases import CaseImages, read_case
 from ..metrics import segmentation_scores
-from ..sae.activations import feature_map_to_vectors, vectors_to_feature_map
+from ..sae.activations import feature_map_to_vectors
 
 
 def swap_edit(sae_a, sae_b, latents: np.ndarray, partners: np.ndarray, record: list | None = None):
     """An ``activation_edit`` for :func:`~SegLensLogic.inference.predict_volume` that swaps ``latents`` of A
-    for ``partners`` of B (same order); appends ``(z^A_I, z^B_pi(I))`` per batch to ``record`` when given."""
-    idx_a = torch.as_tensor(np.asarray(latents, dtype=np.int64))
-    idx_b = torch.as_tensor(np.asarray(partners, dtype=np.int64))
+    for ``partners`` of B (same order), through the steering package's ``LatentEdit(mode="swap")``; appends
+    ``(z^A_I, z^B_pi(I))`` per batch to ``record`` when given."""
+    from ..steering.interventions import LatentEdit, latent_values, steer_activations
 
-    def edit(activations: torch.Tensor, _slices: np.ndarray) -> torch.Tensor:
-        n, _, *spatial = activations.shape
-        h = feature_map_to_vectors(activations.float())
-        z_a = sae_a.encode(h)[:, idx_a]
-        z_b = sae_b.encode(h)[:, idx_b]
+    latents, partners = tuple(int(j) for j in latents), tuple(int(j) for j in partners)
+    edit = LatentEdit(latents=latents, mode="swap", swap_sae=sae_b, partners=partners).check(sae_a)
+
+    def activation_edit(activations: torch.Tensor, _slices: np.ndarray) -> torch.Tensor:
         if record is not None:
-            record.append((z_a.cpu(), z_b.cpu()))
-        directions = sae_a.W_dec[idx_a] / sae_a.norm_scale  # decode() divides by norm_scale too
-        swapped = h + (z_b - z_a) @ directions
-        return vectors_to_feature_map(swapped, n, tuple(spatial)).to(activations.dtype)
+            vectors = feature_map_to_vectors(activations.float())
+            record.append((latent_values(sae_a, vectors, latents).cpu(), latent_values(sae_b, vectors, partners).cpu()))
+        return steer_activations(sae_a, activations, [edit])
 
-    return edit
+    return activation_edit
 
 
 def _spatial_correlations(record: list) -> np.ndarray:
@@ -107,6 +105,11 @@ def feature_swap(model, sae_a, sae_b, alignment, cases: Iterable, n_latents: int
         originals.append((images, plain))
     rows = []
     for name, (latents, partners) in groups.items():
+        if len(latents) == 0:
+            rows.append({"group": name, "latents": 0, "spatial_correlation": float("nan"), "latents_active": 0,
+                         "dice_original": float("nan"), "dice_swapped": float("nan"), "dice_change": float("nan"),
+                         "mask_agreement": float("nan"), "cases": len(originals)})  # fmt: skip
+            continue
         record: list = []
         edit = swap_edit(sae_a, sae_b, latents, partners, record)
         dice_before, dice_after, agreement = [], [], []
@@ -118,7 +121,7 @@ def feature_swap(model, sae_a, sae_b, alignment, cases: Iterable, n_latents: int
             if images.label is not None:
                 dice_before.append(segmentation_scores(plain.labels, images.label, model.config.class_names)["dice_mean"])
                 dice_after.append(segmentation_scores(swapped.labels, images.label, model.config.class_names)["dice_mean"])
-        correlations = _spatial_correlations(record) if len(latents) else np.zeros(0)
+        correlations = _spatial_correlations(record)
         active = np.isfinite(correlations)
         before = float(np.mean(dice_before)) if dice_before else float("nan")
         after = float(np.mean(dice_after)) if dice_after else float("nan")
