@@ -169,12 +169,17 @@ def test_diagnosis_ranks_cases_and_zscores_usage(phantom_runs):
     assert np.sign(z[rows[0]["latent"]]) == np.sign(worst.usage()[rows[0]["latent"]] - others[rows[0]["latent"]]) or z[rows[0]["latent"]] == 0
 
 
+def _cohort_file(path, cases):
+    path.write_text("".join(f"{case.images['t1n'].parent}\n" for case in cases))
+    return path
+
+
 def test_failure_recovery_and_diagnose_commands_on_phantoms(phantom_pipeline, capsys, tmp_path):
     common = ["--model", phantom_pipeline.model_dir, "--sae", phantom_pipeline.sae_dir, "--device", "cpu"]
-    cohort = phantom_pipeline.train.cases[0].images["t1n"].parent.parent
+    cohort = _cohort_file(tmp_path / "four.txt", phantom_pipeline.train.cases)  # 2 failures, 2 left for class latents
     out = tmp_path / "recovery"
-    code, stdout, err = seglens(capsys, "experiment", "failure-recovery", *common, "--cohort", cohort, "--worst", "3",
-                                "--alphas", "0.5,1,2", "--out", out, "--class-max-dice", "0")  # fmt: skip
+    code, stdout, err = seglens(capsys, "experiment", "failure-recovery", *common, "--cohort", cohort, "--worst", "2",
+                                "--alphas", "0.5,1", "--out", out, "--class-max-dice", "0")  # fmt: skip
     assert code == 0, err
     readme = (out / "README.md").read_text()
     assert "latent steering (oracle" in readme and "latent steering (calibrated)" in readme
@@ -197,7 +202,7 @@ def test_adaptation_command_on_degraded_phantoms(phantom_pipeline, capsys, tmp_p
     target = degrade_cohort(phantom_pipeline.test, tmp_path / "degraded", noise=0.15, bias=0.4, seed=0)
     out = tmp_path / "adaptation"
     common = ["--model", phantom_pipeline.model_dir, "--sae", phantom_pipeline.sae_dir, "--device", "cpu"]
-    source = phantom_pipeline.train.cases[0].images["t1n"].parent.parent
+    source = _cohort_file(tmp_path / "two.txt", phantom_pipeline.train.cases[:2])
     code, _, err = seglens(capsys, "experiment", "adaptation", *common, "--source", source, "--target", target, "--out", out,
                            "--additive-alphas=-1,0,1", "--multiplicative-alphas=0,1,2")  # fmt: skip
     assert code == 0, err

@@ -86,10 +86,11 @@ def error_mode(run: CaseRun, cls: int = 2, ratio: float = 2.0) -> str:
     return "mixed"
 
 
-def class_latents_from_truth(reference: Sequence[CaseRun], cls: int, n: int = 4, min_share: float = 0.3) -> list[int]:
-    """Latents of class ``cls`` found without a labels file: the share of each latent's activation mass that lies
-    on ground-truth ``cls`` over the ``reference`` cases (never the evaluated ones); the ``n`` with the largest
-    share (at least ``min_share``) weighted by their mass's square root, so rare one-voxel latents do not win."""
+def class_latents_from_truth(reference: Sequence[CaseRun], cls: int, n: int = 4, enrichment: float = 2.0) -> list[int]:
+    """Latents of class ``cls`` found without a labels file, from the ``reference`` cases' ground truth (never
+    the evaluated ones): the share of each latent's activation mass that lies on class ``cls``, compared with the
+    share of *all* latents' mass there. The ``n`` latents whose share is at least ``enrichment`` times that
+    baseline, ranked by share times the square root of their mass (rare one-voxel latents do not win)."""
     inside = total = 0.0
     for run in reference:
         share, mass = run.class_fraction(cls)
@@ -97,10 +98,11 @@ def class_latents_from_truth(reference: Sequence[CaseRun], cls: int, n: int = 4,
         total = total + mass
     total = np.asarray(total, dtype=np.float64)
     share = np.divide(inside, total, out=np.zeros_like(total), where=total > 0)
-    score = np.where(share >= min_share, share * np.sqrt(total), 0.0)
+    baseline = float(np.sum(inside) / max(np.sum(total), 1e-12))
+    score = np.where(share >= enrichment * baseline, share * np.sqrt(total), 0.0)
     order = [int(j) for j in np.argsort(-score) if score[j] > 0]
     if not order:
-        raise SegLensError(f"no latent puts {min_share:.0%} of its activation on class {cls} in the reference cases")
+        raise SegLensError(f"no latent has {enrichment:g}x the average share of activation on class {cls} in the reference cases")
     return order[:n]
 
 
