@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy.optimize import linear_sum_assignment
 
 UNMATCHED = -1
@@ -152,33 +153,35 @@ def nearest(similarity: np.ndarray) -> Matching:
     return Matching(best, best.copy(), similarity.shape[1], "nearest")
 
 
-def sinkhorn_plan(similarity: np.ndarray, epsilon: float = 0.05, iterations: int = 300, tolerance: float = 1e-3) -> np.ndarray:
+def sinkhorn_plan(similarity: np.ndarray, epsilon: float = 0.05, iterations: int = 100, tolerance: float = 5e-3) -> np.ndarray:
     """Entropic optimal transport plan between uniform marginals for the cost ``1 - S``: ``(n_a, n_b)``.
 
     Sinkhorn's scaling iterations ``u = a / K v``, ``v = b / K^T u`` with ``K = exp((S - max S) / epsilon)``:
-    two float32 matrix-vector products per iteration (a log-domain version costs several full-matrix
-    exponentials per iteration, ~100x slower at n = 2048). Entries of ``K`` below float32's range flush to 0,
-    harmless since each row keeps its best entries. Stops when the row sums (read off the ``u`` update, at no
-    extra cost) are within ``tolerance`` (relative) of uniform, or after ``iterations``; the plan is rounded to a
-    matching afterwards, so a loose tolerance is enough.
+    two float32 matrix-vector products per iteration (torch: about twice numpy's speed on 2 cores; a log-domain
+    version costs several full-matrix exponentials per iteration, ~100x slower at n = 2048). Entries of ``K``
+    below float32's range flush to 0, harmless since each row keeps its best entries. Stops when the row sums
+    (read off the ``u`` update at no extra cost) are within ``tolerance`` (relative) of uniform, or after
+    ``iterations``. The plan is only rounded to a matching, and the rounding settles long before the marginals
+    do (SAE-like 2,048 x 2,048: 99.5% of the rounded pairs final after 50 iterations, all after 100, while the
+    row sums are still 0.6% off), so the defaults stop early.
     """
     if epsilon <= 0:
         raise ValueError(f"Sinkhorn epsilon must be positive, got {epsilon}")
-    s = np.asarray(similarity, dtype=np.float32)
+    s = torch.as_tensor(np.asarray(similarity, dtype=np.float32))
     n_a, n_b = s.shape
-    kernel = np.exp((s - s.max()) / np.float32(epsilon))
-    u, v = np.ones(n_a, dtype=np.float32), np.ones(n_b, dtype=np.float32)
-    tiny = np.float32(1e-30)
+    kernel = torch.exp((s - s.max()) / epsilon)
+    kernel_t = kernel.t().contiguous()
+    u, v = torch.ones(n_a), torch.ones(n_b)
     for _ in range(iterations):
         row_mass = kernel @ v
-        if np.abs(u * row_mass * n_a - 1).max() < tolerance:
+        if float((u * row_mass * n_a - 1).abs().max()) < tolerance:
             break
-        u = (1.0 / n_a) / np.maximum(row_mass, tiny)
-        v = (1.0 / n_b) / np.maximum(kernel.T @ u, tiny)
-    return u[:, None] * kernel * v[None, :]
+        u = (1.0 / n_a) / row_mass.clamp_min(1e-30)
+        v = (1.0 / n_b) / (kernel_t @ u).clamp_min(1e-30)
+    return (u[:, None] * kernel * v[None, :]).numpy()
 
 
-def sinkhorn(similarity: np.ndarray, epsilon: float = 0.05, iterations: int = 300) -> Matching:
+def sinkhorn(similarity: np.ndarray, epsilon: float = 0.05, iterations: int = 100) -> Matching:
     """Sinkhorn alignment: the entropic transport plan rounded greedily to a one-to-one matching.
 
     ``proposal`` is each A latent's heaviest plan entry (the soft assignment before rounding).
