@@ -549,3 +549,28 @@ def test_real_activation_alignment_across_architectures(real_pipeline, tmp_path,
     assert doc["sae_a"]["d_in"] == 32 and doc["sae_b"]["d_in"] == 64 and doc["info"]["positions"] > 0
     assert all(-1 <= p["corr"] <= 1 and set(p) >= {"a", "b", "corr", "shared"} for p in doc["pairs"])
     assert is_valid_matching(np.array([p["b"] for p in doc["pairs"]]), 128)
+
+
+@pytest.mark.slow
+def test_real_cross_cohort_alignment_and_initialisation_effect(real_pipeline, tmp_path, capsys):
+    """SAEs on the held-out real cases' activations (another cohort: other patients and sites) against the
+    training cohort's SAE. With the same seed they share most latents; with another seed almost none, as two
+    seeds of one cohort do: these small SAEs stay near their initialisation, which is why the noise floor and
+    the same-seed warning exist. Also runs ``--method procrustes`` against a SegFormer through the CLI."""
+    from pipelines import QUIET, SAE_OPTIONS
+
+    from SegLensLogic.sae import ExtractionOptions, SAETrainingOptions, extract_activations, train_sae
+
+    store = extract_activations(real_pipeline.model, real_pipeline.test, tmp_path / "heldout-activations", ExtractionOptions(),
+                                model_dir=real_pipeline.model_dir, log=QUIET)  # fmt: skip
+    same_seed, _ = train_sae(store, SAETrainingOptions(**SAE_OPTIONS), device="cpu", log=QUIET)
+    other_seed, _ = train_sae(store, SAETrainingOptions(**{**SAE_OPTIONS, "seed": 1}), device="cpu", log=QUIET)
+    same = align_saes(real_pipeline.sae, same_seed).shared_fraction()
+    other = align_saes(real_pipeline.sae, other_seed).shared_fraction()
+    assert same > 0.5 and other < same / 2
+    folder = tmp_path / "heldout-sae"
+    same_seed.save(folder)
+    code, stdout, err = seglens(capsys, "align", real_pipeline.sae_dir, folder, "--out", tmp_path / "a.json", "--name-b", "heldout")
+    assert code == 0, err
+    assert "warning: both SAEs were trained with seed 0" in stdout
+    assert load_alignment(tmp_path / "a.json").document["warnings"]

@@ -159,11 +159,13 @@ def sinkhorn_plan(similarity: np.ndarray, epsilon: float = 0.05, iterations: int
     Sinkhorn's scaling iterations ``u = a / K v``, ``v = b / K^T u`` with ``K = exp((S - max S) / epsilon)``:
     two float32 matrix-vector products per iteration (torch: about twice numpy's speed on 2 cores; a log-domain
     version costs several full-matrix exponentials per iteration, ~100x slower at n = 2048). Entries of ``K``
-    below float32's range flush to 0, harmless since each row keeps its best entries. Stops when the row sums
-    (read off the ``u`` update at no extra cost) are within ``tolerance`` (relative) of uniform, or after
-    ``iterations``. The plan is only rounded to a matching, and the rounding settles long before the marginals
-    do (SAE-like 2,048 x 2,048: 99.5% of the rounded pairs final after 50 iterations, all after 100, while the
-    row sums are still 0.6% off), so the defaults stop early.
+    below float32's range flush to 0, harmless since each row keeps its best entries.
+
+    The plan is only rounded to a matching, and the rounding settles long before the marginals do: on SAE-like
+    2,048 x 2,048 cosines every latent's heaviest plan entry is final after 10-20 iterations, and the rounded
+    matching then agrees with a 300-iteration plan's on 99.3-99.8% of latents (the rest drift among near-ties),
+    while the row sums are still 1-3% off. So iterations stop when every row's heaviest entry is unchanged over
+    10 iterations, when the row sums are within ``tolerance`` (relative) of uniform, or after ``iterations``.
     """
     if epsilon <= 0:
         raise ValueError(f"Sinkhorn epsilon must be positive, got {epsilon}")
@@ -172,12 +174,18 @@ def sinkhorn_plan(similarity: np.ndarray, epsilon: float = 0.05, iterations: int
     kernel = torch.exp((s - s.max()) / epsilon)
     kernel_t = kernel.t().contiguous()
     u, v = torch.ones(n_a), torch.ones(n_b)
-    for _ in range(iterations):
+    heaviest = None
+    for step in range(iterations):
         row_mass = kernel @ v
         if float((u * row_mass * n_a - 1).abs().max()) < tolerance:
             break
         u = (1.0 / n_a) / row_mass.clamp_min(1e-30)
         v = (1.0 / n_b) / (kernel_t @ u).clamp_min(1e-30)
+        if step % 10 == 9:
+            now = (kernel * v[None, :]).argmax(dim=1)  # u_i scales a whole row: it cannot move the row's argmax
+            if heaviest is not None and bool((now == heaviest).all()):
+                break
+            heaviest = now
     return (u[:, None] * kernel * v[None, :]).numpy()
 
 
