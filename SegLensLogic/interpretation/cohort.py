@@ -169,11 +169,22 @@ def _case_folder(case) -> str:
     return str(first.parent) if first is not None else case.case_id
 
 
-def _case_scores(codes: VolumeCodes) -> np.ndarray:
-    """``(S, d_sae)`` summed activation of every latent on every encoded slice."""
+SCORES = ("sum", "max")
+
+
+def _case_scores(codes: VolumeCodes, score: str = "sum") -> np.ndarray:
+    """``(S, d_sae)`` score of every latent on every encoded slice: its summed (``sum``) or peak (``max``)
+    activation over the slice's feature grid."""
     per_slice = codes.grid[0] * codes.grid[1]
-    slice_of_pair = codes.positions_of() // per_slice
-    flat = np.bincount(slice_of_pair * codes.d_sae + codes.latents, weights=codes.values, minlength=len(codes.slices) * codes.d_sae)
+    index = (codes.positions_of() // per_slice) * codes.d_sae + codes.latents
+    size = len(codes.slices) * codes.d_sae
+    if score == "sum":
+        flat = np.bincount(index, weights=codes.values, minlength=size)
+    elif score == "max":
+        flat = np.zeros(size)
+        np.maximum.at(flat, index, codes.values)
+    else:
+        raise ValueError(f"unknown slice score '{score}' (expected one of {', '.join(SCORES)})")
     return flat.reshape(len(codes.slices), codes.d_sae)
 
 
@@ -186,6 +197,7 @@ def interpret_cohort(
     seed: int = 0,
     batch_size: int | None = None,
     options: MetricOptions | None = None,
+    score: str = "sum",
     log: Log | None = None,
 ) -> CohortInterpretation:
     """One pass over ``cohort``: top-K slices per latent with metrics, frequencies, base rates, split halves.
@@ -196,6 +208,7 @@ def interpret_cohort(
         top_k: examples kept per latent.
         splits: random split-halves of the cohort for stability (0 for none; needs at least 2 cases).
         seed: for the splits.
+        score: how a slice ranks for a latent: ``sum`` of its activation over the slice (default) or its ``max``.
 
     Raises:
         InputFileError: a case has no label map, or the cases' label schemes have different classes.
@@ -239,6 +252,9 @@ def interpret_cohort(
                 f"case has ({', '.join(class_names)}); interpret one kind of cohort at a time",
             )
         codes = encode_volume(model, sae, prepared, hook=hook, batch_size=batch_size)
+        if len(codes.slices) == 0:
+            log(f"  {index + 1}/{len(cohort)} {case.case_id}: no brain slices, skipped")
+            continue
         eligible = brain_fraction_on_grid(prepared, codes.slices, codes.grid) >= 0.5
         positions += int(eligible.sum())
         active_counts += np.bincount(codes.latents, minlength=d_sae)
@@ -247,7 +263,7 @@ def interpret_cohort(
         class_voxels += np.bincount(prepared.label[:, :, codes.slices][brain].astype(np.int64), minlength=len(class_names))[: len(class_names)]
 
         # This case's best K slices per latent, as (d_sae, K) candidates.
-        scores = _case_scores(codes)  # (S, d_sae)
+        scores = _case_scores(codes, score)  # (S, d_sae)
         k = min(top_k, len(codes.slices))
         best = np.argsort(-scores, axis=0, kind="stable")[:k].T  # (d_sae, k) encoded-slice numbers
         cand = np.take_along_axis(scores.T, best, axis=1)
@@ -298,16 +314,28 @@ def _candidate_metrics(codes, best, needed, class_names, prepared, options, num_
     brain_slices = prepared.brain_slices()
     low, high = brain_slices.min(), brain_slices.max()
     for s in np.unique(slice_numbers):
-        pick = slice_numbers == s
-        latents = latent_ids[pick]
+        pick = np.flatnonzero(slice_numbers == s)
         z = int(codes.slices[s])
-        context = slice_context(
-            prepared.label[:, :, z], prepared.brain_mask[:, :, z], len(class_names), spacing=(spacing[0], spacing[1]),
-            si=float(2 * (z - low) / max(high - low, 1) - 1), options=options,
-        )  # fmt: skip
-        for chunk in range(0, len(latents), 256):  # bounded memory at image resolution
-            part = slice(chunk, chunk + 256)
-            grid_maps, heatmaps = slice_heatmaps(codes, int(s), latents[part])
-            metrics[latents[part], slots[pick][part]] = slice_metrics(heatmaps, context)
-            maps[latents[part], slots[pick][part]] = grid_maps
+        label, brain = prepared.label[:, :, z], prepared.brain_mask[:, :, z]
+        si = float(2 * (z - low) / max(high - low, 1) - 1)
+        for chunk in range(0, len(pick), 256):  # bounded memory at image resolution
+            part = pick[chunk : chunk + 256]
+            grid_maps, heatmaps = slice_heatmaps(codes, int(s), latent_ids[part])
+            # Measure on the box holding the brain and every pixel these heatmaps reach: outside it both the
+            # maps and the masks are zero, so the metrics are exact and the slice work shrinks to the head.
+            box = _bounding_box(brain | (heatmaps > 0).any(axis=0))
+            context = slice_context(label[box], brain[box], len(class_names), spacing=(spacing[0], spacing[1]), si=si, options=options)
+            metrics[latent_ids[part], slots[part]] = slice_metrics(heatmaps[(slice(None), *box)], context)
+            maps[latent_ids[part], slots[part]] = grid_maps
     return metrics, maps
+
+
+def _bounding_box(mask: np.ndarray, pad: int = 1) -> tuple[slice, slice]:
+    """Index box of the mask's true pixels, grown by ``pad`` (the whole array when the mask is empty)."""
+    if not mask.any():
+        return slice(None), slice(None)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return (
+        slice(max(rows[0] - pad, 0), min(rows[-1] + pad + 1, mask.shape[0])),
+        slice(max(cols[0] - pad, 0), min(cols[-1] + pad + 1, mask.shape[1])),
+    )

@@ -122,16 +122,17 @@ def render_gallery(
     path = refuse_existing(path, overwrite)
     colours = class_colours(class_names)
     n = max(len(examples), 1)
-    fig, axes = plt.subplots(2, n, figsize=(2.3 * n + 0.6, 5.0), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(2.0 * n + 0.8, 5.0), squeeze=False)
     vmax = max((float(e["heatmap"].max()) for e in examples), default=1.0) or 1.0
     image_handle = None
     for column, example in enumerate(examples):
         cx, cy = _crop(example["brain"])
-        image = example["image"][cx, cy].T
+        brain = example["brain"][cx, cy].T
         label = example["label"][cx, cy].T
         heat = example["heatmap"][cx, cy].T
-        values = image[example["brain"][cx, cy].T]
-        low, high = (np.percentile(values, [1, 99]) if values.size else (0.0, 1.0))
+        values = example["image"][cx, cy].T
+        low, high = np.percentile(values[brain], [1, 99]) if brain.any() else (0.0, 1.0)
+        image = np.where(brain, values, low)  # black outside the brain (z-scored images are 0 there: mid-grey)
         for row in range(2):
             ax = axes[row, column]
             ax.imshow(image, cmap="gray", vmin=low, vmax=high, origin="lower", interpolation="nearest")
@@ -157,9 +158,9 @@ def render_gallery(
     )
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[i]) for i in range(1, len(class_names))]
     fig.legend(handles, class_names[1:], loc="lower center", ncol=min(len(class_names) - 1, 5), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.05, 0.93 if image_handle is not None else 1, 0.9))
+    fig.subplots_adjust(left=0.01, right=0.92, bottom=0.07, top=0.84, wspace=0.04, hspace=0.16)
     if image_handle is not None:
-        fig.colorbar(image_handle, cax=fig.add_axes((0.94, 0.1, 0.012, 0.35)), label="activation")
+        fig.colorbar(image_handle, cax=fig.add_axes((0.935, 0.1, 0.012, 0.33)), label="activation")
     return _save(fig, path, overwrite)
 
 
@@ -223,7 +224,7 @@ def render_category_chart(document: dict, path: str | Path, overwrite: bool = Fa
     for entry in document["latents"]:
         counts[entry["category"]][entry.get("stable")] += 1
     names = [name for name in order if sum(counts[name].values()) > 0]
-    fig, ax = plt.subplots(figsize=(7.0, 0.45 * len(names) + 1.6))
+    fig, ax = plt.subplots(figsize=(8.0, 0.45 * len(names) + 1.6))
     y = np.arange(len(names))[::-1]
     left = np.zeros(len(names))
     styles = ((True, 1.0, "stable"), (None, 0.55, "not compared"), (False, 0.25, "unstable"))
@@ -236,13 +237,16 @@ def render_category_chart(document: dict, path: str | Path, overwrite: bool = Fa
         left += widths
     for yi, total in zip(y, left):
         ax.text(total + 0.3, yi, str(int(total)), va="center", fontsize=8)
+    from matplotlib.patches import Patch
+
     ax.set_yticks(y, names)
+    handles = [Patch(facecolor="#777777", alpha=alpha, edgecolor="black", label=legend) for _, alpha, legend in styles]
     ax.set_xlabel("latents")
     stability = document.get("stability") or {}
     agreement = stability.get("agreement")
     subtitle = f"split-half agreement {agreement:.2f} over {stability.get('n_compared')} latents" if agreement is not None else "no split-half stability"
     ax.set_title(f"Latents per category: {document.get('cohort')} cohort, {len(document['latents'])} latents\n{subtitle}", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_xlim(0, max(left.max(initial=1) * 1.15, 1))
     fig.tight_layout()
     return _save(fig, path, overwrite)

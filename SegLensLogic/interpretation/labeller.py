@@ -9,11 +9,13 @@ first rule that holds, in this order (thresholds are the fields of :class:`Label
    labelled class ``c`` (not background) with the largest association ``p_c`` holds at least ``class_mass``
    (0.5) of the activation.
 4. ``tumour boundary`` (tumour label schemes only): at least ``boundary_mass`` (0.3) of the activation lies in
-   the band around label borders and that is at least ``boundary_enrichment`` (2) times the band's share of the
-   brain.
-5. The same class as in 3 when it holds at least ``class_mass_enriched`` (0.25) of the activation and that is
-   at least ``class_enrichment`` (3) times the class's share of the brain on the same slices (small structures
-   and small tumours never fill half of a blurred heatmap).
+   the band around label borders, that is at least ``boundary_enrichment`` (2) times the band's share of the
+   brain, and the band is more enriched than the labelled regions themselves (mass over area): a rim, not a
+   blob over the tumour that spills across its border.
+5. The same class as in 3 when it holds at least ``class_mass_enriched`` (0.1) of the activation and that is
+   at least ``class_enrichment`` (3) times the class's share of the brain on the same slices: small structures
+   and tumours never fill half of a heatmap upsampled from a coarse feature grid (a 16x16 grid cell is 15 mm
+   of a 240 mm slice), but a latent that puts three times the class's share of its mass on it is about it.
 6. ``brain edge``: at least ``edge_mass`` (0.5) of the in-brain activation lies in the brain's edge band and
    that is at least ``edge_enrichment`` (1.5) times the band's share of the brain.
 7. ``diffuse``: the map's extent (``exp(entropy)`` as a share of the brain) is at least ``diffuse_extent`` (0.6):
@@ -52,7 +54,7 @@ class LabellingRules:
     class_mass: float = 0.5
     boundary_mass: float = 0.3
     boundary_enrichment: float = 2.0
-    class_mass_enriched: float = 0.25
+    class_mass_enriched: float = 0.1
     class_enrichment: float = 3.0
     edge_mass: float = 0.5
     edge_enrichment: float = 1.5
@@ -87,7 +89,14 @@ def categorise(metrics: dict[str, float], class_names: Sequence[str], rules: Lab
     if best is not None and metrics[f"p_{best}"] >= rules.class_mass:
         return best, metrics[f"p_{best}"]
     boundary = metrics["r_boundary"]
-    if is_tumour_scheme(class_names) and boundary >= rules.boundary_mass and boundary >= rules.boundary_enrichment * metrics["area_boundary"]:
+    boundary_enrichment = boundary / max(metrics["area_boundary"], 1e-6)
+    inside_enrichment = metrics["r_inside"] / max(metrics["area_inside"], 1e-6)
+    if (
+        is_tumour_scheme(class_names)
+        and boundary >= rules.boundary_mass
+        and boundary_enrichment >= rules.boundary_enrichment
+        and boundary_enrichment > inside_enrichment  # on the border more than in the tumour itself
+    ):
         return "tumour boundary", boundary
     if best is not None:
         mass = metrics[f"p_{best}"]

@@ -151,7 +151,7 @@ def slice_context(
     inside = label > 0
     # The border of the segmentation M (labelled vs unlabelled), as in the paper; not between subregions.
     boundary = label_boundary(inside.astype(np.uint8), half)
-    xs, ys = np.meshgrid(np.arange(label.shape[0], dtype=np.float64), np.arange(label.shape[1], dtype=np.float64), indexing="ij")
+    xs, ys = np.meshgrid(np.arange(label.shape[0], dtype=np.float32), np.arange(label.shape[1], dtype=np.float32), indexing="ij")
     if brain.any():
         bx, by = np.nonzero(brain)
         x0, x1, y0, y1 = bx.min(), bx.max(), by.min(), by.max()
@@ -161,12 +161,16 @@ def slice_context(
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     x_rel = 2 * (xs - x0) / max(x1 - x0, 1) - 1
     y_rel = 2 * (ys - y0) / max(y1 - y0, 1) - 1
-    angle = np.arctan2((ys - cy) * spacing[1], (xs - cx) * spacing[0])
-    bins = np.minimum(((angle + np.pi) / (2 * np.pi) * options.angle_bins).astype(np.int64), options.angle_bins - 1)
-    edge_bins = np.where(edge, bins, -1)
-    columns = [label.reshape(-1)[:, None] == np.arange(num_classes)[None, :]]
-    columns += [c.reshape(-1, 1) for c in (inside, boundary, brain, edge, depth * brain, brain & (xs < cx), brain & (xs >= cx))]
-    indicators = np.concatenate([c.astype(np.float32) for c in columns], axis=1)
+    edge_bins = np.full(label.shape, -1, dtype=np.int64)
+    ex, ey = np.nonzero(edge)
+    angle = np.arctan2((ey - cy) * spacing[1], (ex - cx) * spacing[0])
+    edge_bins[ex, ey] = np.minimum(((angle + np.pi) / (2 * np.pi) * options.angle_bins).astype(np.int64), options.angle_bins - 1)
+    indicators = np.empty((n, num_classes + 7), dtype=np.float32)
+    flat_label = label.reshape(-1)
+    for c in range(num_classes):
+        indicators[:, c] = flat_label == c
+    for i, column in enumerate((inside, boundary, brain, edge, depth * brain, brain & (xs < cx), brain & (xs >= cx))):
+        indicators[:, num_classes + i] = column.reshape(-1)
     brain_pixels = int(brain.sum())
     denominator = max(brain_pixels, 1)
     class_area = [(brain & (label == c)).sum() / denominator for c in range(1, num_classes)]
