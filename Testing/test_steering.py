@@ -346,3 +346,12 @@ def test_steer_command_applies_one_edit_and_reports_bad_latents(real_pipeline, t
     bad.write_text('{"kind": "something else"}')
     code, _, err = seglens(capsys, *common, "--recipe", bad, "--out", tmp_path / "o.nii.gz")
     assert_one_line_error(code, err, bad, "is not a SegLens steering recipe")
+
+
+def test_session_opens_from_a_bundle_in_one_call(real_pipeline, real_session, tmp_path):
+    from SegLensLogic.bundle import build_bundle
+
+    bundle = build_bundle(real_pipeline.model_dir, real_pipeline.sae_dir, tmp_path / "bundle", name="adult")
+    session = SteeringSession.from_bundle(bundle, real_pipeline.test[0], device="cpu")
+    assert np.array_equal(session.segment(), real_session.base_labels)
+    assert session.sae_sha256 == real_session.sae.weights_sha256
