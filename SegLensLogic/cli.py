@@ -244,7 +244,7 @@ def cmd_latents(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, data=args.data, minutes=args.minutes, overwrite=args.overwrite, log=log)
+    run_demo(args.out, data=args.data, quick=args.quick, overwrite=args.overwrite, log=log)
     return 0
 
 
@@ -352,11 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arguments(p)
     p.set_defaults(func=cmd_latents)
 
-    p = sub.add_parser("demo", help="end-to-end run: cohort -> trained model -> evaluation -> mask and activations")
-    p.add_argument("--out", default="seglens-demo", help="output folder (default seglens-demo)")
-    p.add_argument("--data", help="a labelled cohort to use instead of synthetic phantoms")
-    p.add_argument("--minutes", type=float, default=2.0, help="training time budget (default 2)")
-    p.add_argument("--overwrite", action="store_true", help="reuse an existing output folder")
+    p = sub.add_parser("demo", help="the whole method in one resumable run: cohorts, models, SAEs, labels, diffing, steering, bundles, report")
+    p.add_argument("--out", default="seglens-demo", help="output folder (default seglens-demo); rerun to continue an interrupted run")
+    p.add_argument("--data", nargs="+", metavar="DIR", help="labelled cohort folders to use instead of synthetic phantoms (the first is the reference)")
+    p.add_argument("--quick", action="store_true", help="reduced sizes: about two minutes on two CPU cores")
+    p.add_argument("--overwrite", action="store_true", help="start the demo in --out over instead of continuing it")
     p.set_defaults(func=cmd_demo)
 
     # Commands of later concepts live beside them; each module defines ``add_commands(subparsers)``.

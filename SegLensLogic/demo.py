@@ -1,164 +1,983 @@
-"""``seglens demo``: the way a volume travels, end to end, on a machine with no data and no GPU.
+"""``seglens demo``: the whole Med-SegLens method in one resumable command, on a machine with no data and no GPU.
 
-Without ``--data`` it writes a synthetic cohort of brain-tumour phantoms (BraTS 2023 naming, exact labels); with
-``--data`` it uses a real labelled cohort. Then: train a small U-Net for a few minutes, evaluate it on held-out
-cases, segment one of them onto its exact voxel grid, capture the activations at the model's mid-encoder hook
-point, train a BatchTopK sparse autoencoder on them, measure the Dice kept with SAE reconstructions, and write
-the heatmap of the latent most active in the predicted tumour on the case's grid.
+Steps (each writes into its own numbered folder of ``OUT``, built in a hidden temporary folder and renamed into
+place when it is complete, then recorded in ``OUT/demo.json``):
+
+1. ``cohorts``: synthetic cohorts with planted shifts (:mod:`SegLensLogic.data.phantoms` presets adult,
+   pediatric, ssa, healthy; each with ``cohort.json`` naming the shifted factors), or the ``--data`` folders
+   (each folder a cohort; the first is the reference). Every cohort is split into training and test cases.
+2. ``base``: a tiny U-Net trained on the reference cohort: the shared initialisation.
+3. ``models``: one model per population fine-tuned from the base (``train_segmenter(init=BASE)``), so that their
+   activation spaces stay comparable. A population with other label classes (healthy: FreeSurfer structures)
+   keeps the base's weights except the output layer, which is new.
+4. ``evaluation``: every model on every test split with the same label classes (mean Dice).
+5. ``saes``: hook-point activations of each model on its own training cohort and a BatchTopK SAE on them (each
+   population its own seed), plus a second seed of the reference SAE (the seed noise floor); explained variance,
+   L0, dead fraction and Dice recovered on the test split.
+6. ``interpretation``: a labels file per SAE (``latents.json``) and galleries of a few latents per category.
+7. ``alignment``: every pair of SAEs aligned (encoder and decoder cosines), the fraction-shared matrix with the
+   seed noise floor, and one alignment file per population against the reference.
+8. ``diffing``: the reference-vs-population specific latents scored against the planted shift (precision and
+   recall against ``cohort.json``'s shifted factors, beside the precision of chance).
+9. ``experiments``: the reference model on every tumour test case: failure diagnosis, failure recovery by
+   latent steering and adaptation to a shifted population, each with oracle and calibrated (cross-fitted)
+   results (:mod:`SegLensLogic.experiments`).
+10. ``bundles``: one bundle per population (model, SAE, labels, alignments; ``load_bundle`` opens it).
+11. ``steering``: the worst failure cases opened from the reference bundle (``SteeringSession.from_bundle``),
+    steered with the recovery sweep's setting, exported as a corrected mask with its recipe; the recipe is
+    replayed and must give the same mask.
+12. ``report``: ``OUT/report.html``, the audit report (:func:`SegLensLogic.report.render_report`).
+
+Rerunning the same command continues after the last finished step; ``--overwrite`` starts over. A folder that
+holds anything but a demo is refused. ``--quick`` shrinks every size (phantoms, cases, SAE ``k`` and expansion,
+sweeps) to finish in about two minutes on two CPU cores; the log and the report say so.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from .data.cohort import Cohort, load_cohort
-from .data.io import write_image
-from .data.phantoms import write_phantom_cohort
-from .errors import OutputExistsError
-from .evaluation import evaluate_cohort, format_table, write_csv
-from .inference import prepare_for_model, segment_case
-from .sae import ExtractionOptions, SAETrainingOptions, extract_activations, train_sae
-from .sae.codes import encode_volume, save_heatmap
-from .sae.evaluation import dice_recovered
-from .sae.training import save_training_report
-from .training import TrainingOptions, train_segmenter
+from .data.io import atomic_write_bytes, atomic_write_text, read_json
+from .errors import InputFileError, SegLensError
 
-DEMO_UNET_FEATURES = [16, 16, 32, 64, 128, 16]
-# MNI152 phantoms at about 2 x 2 x 2.4 mm: small enough to train on within the demo's minutes on two CPU cores.
-DEMO_PHANTOM_SHAPE = (80, 96, 64)
+STATE_NAME = "demo.json"
+STATE_KIND = "seglens-demo"
+STATE_FORMAT_VERSION = 1
+PHANTOM_POPULATIONS = ("adult", "pediatric", "ssa", "healthy")
+REFERENCE = "adult"
 
 
-def hook_activation_norm(model, case) -> np.ndarray:
-    """L2 norm of the hook-point activation vector at every position, upsampled onto the case's voxel grid."""
-    prepared = prepare_for_model(model, case)
-    device = next(model.parameters()).device
-    volume = np.zeros(prepared.brain_mask.shape, dtype=np.float32)
-    slices = prepared.brain_slices()
-    with torch.no_grad():
-        for start in range(0, len(slices), 16):
-            batch = slices[start : start + 16]
-            _, activations = model.capture(prepared.model_input(batch).to(device))
-            norm = activations.norm(dim=1, keepdim=True)
-            norm = torch.nn.functional.interpolate(norm, size=(model.config.image_size,) * 2, mode="bilinear", align_corners=False)
-            volume[:, :, batch] = prepared.geometry.from_model(norm)[:, 0].cpu().numpy().transpose(1, 2, 0)
-    volume[~prepared.brain_mask] = 0
-    return prepared.to_input_grid(volume)
+# -- sizes ----------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DemoSettings:
+    """Every size the demo uses. ``quick`` trades fidelity for time; both fit two CPU cores (module docstring).
+
+    Attributes:
+        shape: phantom volume ``(X, Y, Z)`` in voxels (the grid spans the MNI brain: ~2.5-4 mm voxels).
+        cases: phantom cases per population; ``test_cases`` of them are held out.
+        image_size: model input side in pixels.
+        unet_features: the tiny U-Net's widths; ``hook_point``: where SAEs read it (``down_2``, the middle of the
+            five encoder levels: ``unet_features[2]`` channels at a quarter of the input side).
+        base_epochs, finetune_epochs: training epochs of ``slices_per_epoch`` slices; ``train_minutes`` caps each run.
+        sae_k, sae_expansion, sae_steps: SAE sparsity, dictionary size over ``d_in`` and training steps.
+        resample_fraction: share of the reference's activations the resampled replica SAE is trained on.
+        top_k: examples per latent in interpretation; ``galleries``: gallery latents per SAE.
+        alphas: the failure-recovery scale grid; ``adaptation_alphas``: the additive grid (multiplicative below).
+    """
+
+    quick: bool = False
+    shape: tuple[int, int, int] = (64, 72, 40)
+    cases: int = 8
+    test_cases: int = 4
+    image_size: int = 64
+    unet_features: tuple[int, ...] = (8, 16, 32, 32, 64, 8)
+    hook_point: str = "down_2"
+    base_epochs: int = 6
+    finetune_epochs: int = 3
+    slices_per_epoch: int = 256
+    train_minutes: float = 1.5
+    sae_k: int = 8
+    sae_expansion: int = 8
+    sae_steps: int = 400
+    resample_fraction: float = 0.8
+    top_k: int = 12
+    galleries: int = 8
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 2.0, 4.0)
+    adaptation_alphas: tuple[float, ...] = (-2.0, -1.0, 0.0, 1.0, 2.0)
+    multiplicative_alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
+
+    @classmethod
+    def for_run(cls, quick: bool) -> "DemoSettings":
+        if not quick:
+            return cls()
+        return cls(quick=True, shape=(48, 56, 24), cases=6, test_cases=2, image_size=48, base_epochs=6, finetune_epochs=2,
+                   slices_per_epoch=128, train_minutes=0.5, sae_k=4, sae_expansion=4, sae_steps=300, top_k=6, galleries=4, alphas=(0.0, 0.5, 2.0), adaptation_alphas=(-1.0, 0.0, 1.0),
+                   multiplicative_alphas=(0.5, 1.0, 2.0))  # fmt: skip
+
+    def describe(self) -> str:
+        return (
+            f"{'QUICK run (reduced sizes)' if self.quick else 'default run'}: phantoms {'x'.join(map(str, self.shape))} voxels, "
+            f"{self.cases} cases per population ({self.test_cases} held out), U-Net widths {list(self.unet_features)} at "
+            f"{self.image_size} px, SAE k {self.sae_k} x expansion {self.sae_expansion}"
+            + (" (the paper uses k 32, expansion 16)" if self.quick or self.sae_k < 32 else "")
+        )
+
+
+# -- state and steps ------------------------------------------------------------------------------------------------
+class DemoState:
+    """``OUT/demo.json``: the run's options and every finished step with its folder, seconds and outputs."""
+
+    def __init__(self, out: Path, options: dict):
+        self.out = out
+        self.path = out / STATE_NAME
+        self.data: dict = {"format_version": STATE_FORMAT_VERSION, "kind": STATE_KIND, "options": options, "steps": {},
+                           "started": _now()}  # fmt: skip
+
+    @classmethod
+    def open(cls, out: Path, options: dict, overwrite: bool, log: Callable[[str], None]) -> "DemoState":
+        """Continue the demo in ``out``, start over (``overwrite``), or refuse a folder that holds something else."""
+        state = cls(out, options)
+        if not out.exists():
+            out.mkdir(parents=True)
+            return state
+        if not out.is_dir():
+            raise InputFileError(out, "exists and is not a folder")
+        if not state.path.is_file():
+            if any(out.iterdir()):
+                raise InputFileError(out, f"exists and is not a SegLens demo folder (no {STATE_NAME}); choose another --out")
+            return state
+        previous = read_json(state.path)
+        if not isinstance(previous, dict) or previous.get("kind") != STATE_KIND:
+            raise InputFileError(state.path, "is not a SegLens demo state file; choose another --out")
+        if overwrite:
+            log(f"--overwrite: starting over in {out}")
+            for name in [previous_folder for previous_folder in _step_folders(out)] + [STATE_NAME, "report.html"]:
+                path = out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+            return state
+        if previous.get("format_version") != STATE_FORMAT_VERSION:
+            raise InputFileError(state.path, f"demo state format_version {previous.get('format_version')!r} is not supported; use --overwrite")
+        if previous.get("options") != options:
+            raise SegLensError(
+                f"{out} holds a demo run with other options ({_options_text(previous.get('options'))}); rerun with those, "
+                f"or add --overwrite to start over with {_options_text(options)}"
+            )
+        state.data = previous
+        return state
+
+    def done(self, name: str) -> dict | None:
+        record = self.data["steps"].get(name)
+        if record is None or not (self.out / record["folder"]).exists():
+            return None
+        return record
+
+    def finish(self, name: str, folder: str, seconds: float, outputs: dict) -> None:
+        self.data["steps"][name] = {"folder": folder, "seconds": round(seconds, 1), "finished": _now(), "outputs": outputs}
+        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n", overwrite=True)
+
+    def outputs(self, name: str) -> dict:
+        return self.data["steps"][name]["outputs"]
+
+    def folder(self, name: str) -> Path:
+        return self.out / self.data["steps"][name]["folder"]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _options_text(options: Any) -> str:
+    if not isinstance(options, dict):
+        return "unknown options"
+    text = "--quick" if options.get("quick") else "default sizes"
+    if options.get("data"):
+        text += ", --data " + " ".join(options["data"])
+    return text
+
+
+def _step_folders(out: Path) -> list[str]:
+    names = [f"{i:02d}-{name}" for i, (name, _title, _fn) in enumerate(STEPS, start=1)]
+    return names + [f".{name}.tmp" for name in names]
+
+
+@dataclass
+class Demo:
+    """One demo run: where it writes, its sizes, its state and its log."""
+
+    out: Path
+    settings: DemoSettings
+    data: list[Path] | None
+    state: DemoState
+    log: Callable[[str], None]
+    device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def path(self, relative: str) -> Path:
+        return self.out / relative
+
+    def rel(self, path: Path) -> str:
+        return Path(path).resolve().relative_to(self.out.resolve()).as_posix()
+
+    def sub(self, message: str) -> None:
+        self.log(f"        {message}")
+
+
+def run_step(demo: Demo, index: int, name: str, title: str, function: Callable[[Demo, Path], dict]) -> dict:
+    """Run one step into a temporary folder, rename it into place, record it; or skip it when already finished."""
+    total = len(STEPS)
+    folder = f"{index:02d}-{name}"
+    record = demo.state.done(name)
+    if record is not None:
+        demo.log(f"[{index:2d}/{total}] {title}: already done ({record['seconds']:.1f} s in an earlier run), skipped")
+        return record["outputs"]
+    demo.log(f"[{index:2d}/{total}] {title}")
+    final, tmp = demo.out / folder, demo.out / f".{folder}.tmp"
+    for leftover in (final, tmp):  # an interrupted run may have left a partial folder
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir()
+    start = time.monotonic()
+    outputs = function(demo, tmp)
+    os.rename(tmp, final)
+    outputs = json.loads(json.dumps(outputs).replace(f".{folder}.tmp", folder))  # paths recorded inside the step
+    seconds = time.monotonic() - start
+    demo.state.finish(name, folder, seconds, outputs)
+    demo.log(f"        done in {seconds:.1f} s")
+    return outputs
+
+
+# -- helpers --------------------------------------------------------------------------------------------------------
+def _quiet(_message: str) -> None:
+    pass
+
+
+def _load_cohorts(demo: Demo, split: str):
+    """``{name: Cohort}`` of the ``train`` or ``test`` split of every cohort."""
+    from .data.cohort import load_cohort
+
+    cohorts = demo.state.outputs("cohorts")["cohorts"]
+    return {c["name"]: load_cohort(demo.path(c[split]) if not Path(c[split]).is_absolute() else Path(c[split]), name=f"{c['name']}-{split}")
+            for c in cohorts}  # fmt: skip
+
+
+def _cohort_records(demo: Demo) -> list[dict]:
+    return demo.state.outputs("cohorts")["cohorts"]
+
+
+def _link_cases(cases, folder: Path, within: Path | None = None) -> Path:
+    """A cohort folder of symlinks to case folders (no image is copied); links to cases inside ``within`` (the
+    step's folder, renamed when the step ends) are relative."""
+    folder.mkdir(parents=True)
+    for case in cases:
+        source = _case_folder(case).resolve()
+        inside = within is not None and within.resolve() in source.parents
+        os.symlink(os.path.relpath(source, folder.resolve()) if inside else source, folder / source.name)
+    return folder
+
+
+def _case_folder(case) -> Path:
+    """The folder of a case's files (the parent of its first image)."""
+    return Path(next(iter(case.images.values()))).parent
+
+
+def _training_options(demo: Demo, epochs: int, learning_rate: float, seed: int):
+    from .training import TrainingOptions
+
+    s = demo.settings
+    return TrainingOptions(epochs=epochs, minutes=s.train_minutes, batch_size=16, learning_rate=learning_rate,
+                           slices_per_epoch=s.slices_per_epoch, val_cases=1, seed=seed)  # fmt: skip
+
+
+def _write_json(path: Path, document: Any) -> Path:
+    return atomic_write_text(path, json.dumps(document, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value: Any):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return None if not np.isfinite(value) else float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    return str(value)
+
+
+# -- 1. cohorts -----------------------------------------------------------------------------------------------------
+def step_cohorts(demo: Demo, folder: Path) -> dict:
+    from .data.cohort import load_cohort
+    from .data.phantoms import read_cohort_manifest, write_phantom_cohort
+
+    s = demo.settings
+    records = []
+    if demo.data is None:
+        for index, population in enumerate(PHANTOM_POPULATIONS):
+            start = time.monotonic()
+            target = folder / population / "all"
+            write_phantom_cohort(target, s.cases, seed=1000 * index, shape=s.shape, population=population)
+            cohort = load_cohort(target, name=population)
+            manifest = read_cohort_manifest(target)
+            train = _link_cases(cohort.cases[: -s.test_cases], folder / population / "train", within=folder)
+            test = _link_cases(cohort.cases[-s.test_cases :], folder / population / "test", within=folder)
+            records.append({
+                "name": population, "population": population, "source": f"MNI152 phantoms ({population} preset)",
+                "n_cases": len(cohort), "train": demo.rel(train), "test": demo.rel(test), "manifest": demo.rel(target / "cohort.json"),
+                "label_scheme": manifest["label_scheme"], "shifted_factors": manifest["shifted_factors"],
+            })  # fmt: skip
+            factors = ", ".join(manifest["shifted_factors"]) or "none (the reference)"
+            demo.sub(f"{population}: {len(cohort)} phantoms ({s.test_cases} held out), shifted vs adult: {factors} ({time.monotonic() - start:.1f} s)")
+    else:
+        names = []
+        for path in demo.data:
+            cohort = load_cohort(path)
+            name = cohort.name if cohort.name not in names else f"{cohort.name}-{len(names)}"
+            names.append(name)
+            labelled = [c for c in cohort if c.label is not None]
+            if len(labelled) < 3:
+                raise InputFileError(path, f"holds {len(labelled)} labelled case(s); the demo needs at least 3 per cohort (2 to train, 1 to test)")
+            n_test = max(1, min(s.test_cases, len(labelled) // 3))
+            train = _link_cases(labelled[:-n_test], folder / name / "train")
+            test = _link_cases(labelled[-n_test:], folder / name / "test")
+            from .data.cases import read_case
+
+            scheme = read_case(labelled[0]).label_scheme.name
+            records.append({
+                "name": name, "population": "-", "source": str(path), "n_cases": len(labelled), "train": demo.rel(train),
+                "test": demo.rel(test), "manifest": None, "label_scheme": "aseg" if scheme == "aseg" else "brats2023",
+                "shifted_factors": None,
+            })  # fmt: skip
+            demo.sub(f"{name}: {len(labelled)} labelled cases from {path} ({n_test} held out)")
+        if records[0]["label_scheme"] != "brats2023":
+            raise InputFileError(demo.data[0], "the first --data cohort is the reference and must have tumour labels")
+    return {"cohorts": records, "reference": records[0]["name"]}
+
+
+def _modalities(demo: Demo) -> list[str]:
+    """Modalities every cohort has (all four for phantoms; e.g. t1c and t2f with BraTS 2013 among --data)."""
+    cohorts = _load_cohorts(demo, "train")
+    common = None
+    for cohort in cohorts.values():
+        have = set(cohort.modalities)
+        common = have if common is None else common & have
+    order = [m for m in ("t1n", "t1c", "t2w", "t2f") if m in (common or set())]
+    if not order:
+        raise SegLensError("the --data cohorts share no modality; a single base model cannot take them all")
+    return order
+
+
+# -- 2. base model ------------------------------------------------------------------------------------------------
+def step_base(demo: Demo, folder: Path) -> dict:
+    from .training import train_segmenter
+
+    s = demo.settings
+    reference = demo.state.outputs("cohorts")["reference"]
+    cohort = _load_cohorts(demo, "train")[reference]
+    modalities = _modalities(demo)
+    demo.sub(f"U-Net {list(s.unet_features)} at {s.image_size} px on '{reference}' ({len(cohort)} cases, {', '.join(modalities)}), "
+             f"{s.base_epochs} epochs of {s.slices_per_epoch} slices, device {demo.device.type}")  # fmt: skip
+    result = train_segmenter(
+        cohort, folder / "model", arch="unet", modalities=modalities, image_size=s.image_size,
+        arch_options={"features": list(s.unet_features)}, options=_training_options(demo, s.base_epochs, 1e-2, seed=0), log=_quiet,
+    )  # fmt: skip
+    result.model.config.hook_point = s.hook_point  # every fine-tuned model inherits it
+    result.model.save_pretrained(folder / "model", overwrite=True)
+    demo.sub(f"best epoch {result.best_epoch}: validation Dice {result.best_scores.get('dice_mean', float('nan')):.3f}")
+    return {"model": demo.rel(folder / "model"), "cohort": reference, "best_validation": result.best_scores}
+
+
+# -- 3. population models ---------------------------------------------------------------------------------------------
+def init_with_new_head(base_dir: Path, class_names: list[str], label_scheme: str, out: Path) -> Path:
+    """A copy of the base model for other label classes: every weight kept except the output layer (new, random).
+
+    The encoder, and so the hook point, starts where the base is: fine-tuned from this, a model with other classes
+    (healthy structures) stays in the base's activation space, like the tumour models.
+    """
+    from .networks import build_segmenter, load_segmenter, weights_sha256
+
+    base = load_segmenter(base_dir, device="cpu")
+    provenance = {"encoder_from": str(base_dir), "encoder_from_sha256": weights_sha256(base_dir), "output_layer": "new (random)"}
+    config = replace(base.config, class_names=list(class_names), label_scheme=label_scheme, training=provenance)
+    torch.manual_seed(0)
+    model = build_segmenter(config)
+    own = model.state_dict()
+    kept = {k: v for k, v in base.state_dict().items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(kept, strict=False)
+    model.save_pretrained(out)
+    return out
+
+
+def step_models(demo: Demo, folder: Path) -> dict:
+    from .data.labels import get_scheme
+    from .training import train_segmenter
+
+    s = demo.settings
+    base = demo.path(demo.state.outputs("base")["model"])
+    cohorts = _load_cohorts(demo, "train")
+    models = {}
+    for index, record in enumerate(_cohort_records(demo)):
+        name = record["name"]
+        start = time.monotonic()
+        init = base
+        if record["label_scheme"] != "brats2023":
+            scheme = get_scheme(record["label_scheme"])
+            init = init_with_new_head(base, list(scheme.class_names), scheme.name, folder / f".{name}-init")
+        result = train_segmenter(cohorts[name], folder / name, init=init,
+                                 options=_training_options(demo, s.finetune_epochs, 3e-3, seed=index + 1), log=_quiet)  # fmt: skip
+        if init != base:
+            shutil.rmtree(init)
+        models[name] = {"model": demo.rel(folder / name), "validation_dice": result.best_scores.get("dice_mean"),
+                        "new_head": init != base}  # fmt: skip
+        head = " (new output layer for its classes)" if init != base else ""
+        demo.sub(f"{name}: fine-tuned from the base{head}, validation Dice {result.best_scores.get('dice_mean', float('nan')):.3f} "
+                 f"({time.monotonic() - start:.1f} s)")  # fmt: skip
+    return {"models": models}
+
+
+def _load_model(demo: Demo, name: str):
+    from .networks import load_segmenter
+
+    return load_segmenter(demo.path(demo.state.outputs("models")["models"][name]["model"]), device=demo.device)
+
+
+# -- 4. evaluation --------------------------------------------------------------------------------------------------
+def step_evaluation(demo: Demo, folder: Path) -> dict:
+    from .evaluation import evaluate_cohort, write_csv
+
+    tests = _load_cohorts(demo, "test")
+    records = {r["name"]: r for r in _cohort_records(demo)}
+    dice: dict[str, dict[str, float]] = {}
+    for name in demo.state.outputs("models")["models"]:
+        model = _load_model(demo, name)
+        dice[name] = {}
+        for cohort_name, cohort in tests.items():
+            if (records[cohort_name]["label_scheme"] == "aseg") != (model.config.label_scheme == "aseg"):
+                continue  # other label classes: nothing to score against
+            rows = evaluate_cohort(model, cohort)
+            write_csv(rows, folder / f"{name}-on-{cohort_name}.csv")
+            dice[name][cohort_name] = float(rows[-1]["dice_mean"])
+        demo.sub(f"model {name}: " + ", ".join(f"{c} {d:.3f}" for c, d in dice[name].items()))
+    _write_json(folder / "dice.json", dice)
+    return {"dice": dice}
+
+
+# -- 5. SAEs --------------------------------------------------------------------------------------------------------
+SAE_SEED = 0  # every population SAE starts from the same dictionary, as every model starts from the same base
+
+
+def step_saes(demo: Demo, folder: Path) -> dict:
+    """An SAE per population model on its own training activations, all from one initialisation (``SAE_SEED``), and
+    two replicas of the reference SAE: ``resampled`` (same initialisation, a random ``resample_fraction`` of the
+    activations: the floor of sharing that training noise alone leaves) and ``other-init`` (another seed)."""
+    from .data.cohort import Cohort
+    from .sae import ExtractionOptions, SAETrainingOptions, extract_activations, train_sae
+    from .sae.evaluation import dice_recovered
+    from .sae.training import save_training_report
+
+    s = demo.settings
+    trains, tests = _load_cohorts(demo, "train"), _load_cohorts(demo, "test")
+    reference = demo.state.outputs("cohorts")["reference"]
+    saes = {}
+    jobs = [(name, name, 1.0, SAE_SEED) for name in trains]
+    jobs += [(reference, f"{reference}-resampled", s.resample_fraction, SAE_SEED), (reference, f"{reference}-other-init", 1.0, SAE_SEED + 1)]
+    stores = {}
+    for model_name, sae_name, fraction, seed in jobs:
+        start = time.monotonic()
+        model = _load_model(demo, model_name)
+        model_dir = demo.path(demo.state.outputs("models")["models"][model_name]["model"])
+        key = (model_name, fraction)
+        if key not in stores:
+            suffix = "" if fraction == 1.0 else f"-{round(100 * fraction)}pct"
+            stores[key] = extract_activations(model, trains[model_name], folder / "activations" / f"{model_name}{suffix}",
+                                              ExtractionOptions(subsample=fraction, seed=1), model_dir=model_dir, log=_quiet)  # fmt: skip
+        store = stores[key]
+        options = SAETrainingOptions(k=s.sae_k, expansion=s.sae_expansion, batch_size=512, epochs=1000, max_steps=s.sae_steps,
+                                     learning_rate=3e-3, holdout_fraction=0.2, log_every=10**6, seed=seed)  # fmt: skip
+        sae, report = train_sae(store, options, device=demo.device, log=_quiet)
+        sae.save(folder / sae_name)
+        save_training_report(report, folder / sae_name)
+        holdout = report.get("holdout", {})
+        record = {"sae": demo.rel(folder / sae_name), "model": model_name, "seed": seed, "activations_fraction": fraction,
+                  "d_sae": sae.config.d_sae, "k": sae.config.k, "explained_variance": holdout.get("explained_variance"),
+                  "l0": holdout.get("l0"), "dead_fraction": holdout.get("dead_fraction"), "vectors": len(store)}  # fmt: skip
+        if sae_name == model_name:
+            recovered = dice_recovered(model, sae, Cohort(model_name, list(tests[model_name])))
+            record.update(dice_model=recovered["dice_model"], dice_sae=recovered["dice_sae"], dice_recovered=recovered["dice_recovered"])
+        saes[sae_name] = record
+        recovered_text = f", Dice {record['dice_sae']:.3f} with it vs {record['dice_model']:.3f}" if "dice_sae" in record else ""
+        demo.sub(f"{sae_name}: {sae.config.d_sae} latents (k {sae.config.k}, seed {seed}) on {len(store)} vectors, EV {record['explained_variance']:.3f}, "
+                 f"L0 {record['l0']:.1f}, dead {record['dead_fraction']:.2f}{recovered_text} ({time.monotonic() - start:.1f} s)")  # fmt: skip
+    return {"saes": saes, "reference": reference, "resampled": f"{reference}-resampled", "other_init": f"{reference}-other-init"}
+
+
+def _sae_dir(demo: Demo, name: str) -> Path:
+    return demo.path(demo.state.outputs("saes")["saes"][name]["sae"])
+
+
+def _population_names(demo: Demo) -> list[str]:
+    return [r["name"] for r in _cohort_records(demo)]
+
+
+# -- 6. interpretation ------------------------------------------------------------------------------------------------
+def step_interpretation(demo: Demo, folder: Path) -> dict:
+    from .interpretation import interpret_sae, write_latent_labels
+    from .interpretation.commands import gallery_choice
+    from .interpretation.figures import render_category_chart, write_galleries
+    from .sae import BatchTopKSAE
+
+    s = demo.settings
+    trains = _load_cohorts(demo, "train")
+    out = {}
+    for name in _population_names(demo):
+        start = time.monotonic()
+        model, sae_dir = _load_model(demo, name), _sae_dir(demo, name)
+        model_dir = demo.path(demo.state.outputs("models")["models"][name]["model"])
+        sae = BatchTopKSAE.load(sae_dir)
+        result = interpret_sae(model, sae, trains[name], top_k=s.top_k, splits=2, model_dir=model_dir, sae_dir=sae_dir)
+        labels_path = write_latent_labels(result.document, folder / name / "latents.json")
+        render_category_chart(result.document, folder / name / "categories.png")
+        chosen = gallery_choice(result.document, s.galleries)
+        write_galleries(result.cohort, result.document, folder / name / "galleries", model.config.modalities, model.config.image_size,
+                        latents=chosen, examples=4)  # fmt: skip
+        thumbnails = _thumbnails(result, chosen, model, folder / name / "thumbnails")
+        counts = result.category_counts()
+        agreement = result.stability.agreement if result.stability is not None else None
+        out[name] = {"labels": demo.rel(labels_path), "categories": counts, "stability": agreement,
+                     "galleries": [demo.rel(folder / name / "galleries" / f"latent_{j:05d}.png") for j in chosen],
+                     "thumbnails": {str(j): demo.rel(p) for j, p in thumbnails.items()}}  # fmt: skip
+        demo.sub(f"{name}: " + ", ".join(f"{c} {n}" for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+                 + (f"; split-half agreement {agreement:.2f}" if agreement is not None else "") + f" ({time.monotonic() - start:.1f} s)")  # fmt: skip
+    return {"labels": out}
+
+
+def _thumbnails(result, latents: list[int], model, folder: Path) -> dict[int, Path]:
+    """One PNG per latent for the report: its strongest example slice with the heatmap over the image."""
+    from .interpretation.cohort import upsample
+    from .interpretation.figures import load_display_slices
+    from .report import array_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    full = result.cohort.full
+    out = {}
+    for j in latents:
+        if full.count(j) == 0:
+            continue
+        c, z = int(full.case[j, 0]), int(full.slice[j, 0])
+        slices = load_display_slices(result.cohort.case_folders[c], model.config.modalities, model.config.image_size, [z])
+        image, _label, brain = slices[z]
+        heat = upsample(full.maps[j, 0][None].astype(np.float32), slices["geometry"])[0]
+        image = np.where(brain, image, 0)
+        # RAS (X, Y) -> display rows from anterior (top) to posterior, patient right on the left (radiological)
+        png = array_png(image.T[::-1], np.where(brain, heat, 0).T[::-1])
+        out[j] = atomic_write_bytes(folder / f"latent_{j:05d}.png", png)
+    return out
+
+
+# -- 7. alignment ---------------------------------------------------------------------------------------------------
+def _live_latents(demo: Demo, name: str) -> set[int]:
+    """Latents of a population's SAE that fired on its cohort (category not ``dead`` in its labels file)."""
+    document = read_json(demo.path(demo.state.outputs("interpretation")["labels"][name]["labels"]))
+    return {e["id"] for e in document["latents"] if e["category"] != "dead"}
+
+
+def step_alignment(demo: Demo, folder: Path) -> dict:
+    """Every pair aligned; the fraction of each row SAE's *live* latents with a shared partner in the column SAE.
+
+    Dead latents never move from the common initialisation, so every pair would "share" them: they are left out
+    of the fractions (the alignment files list every latent). The floor is the same fraction between the
+    reference SAE and its resampled replica (same initialisation, other activations of the same population).
+    """
+    from .alignment import alignment_document, sae_record, write_alignment
+    from .alignment.alignment import align_saes, tau_sweep
+    from .alignment.cohorts import diff_cohorts
+    from .sae import BatchTopKSAE
+
+    names = _population_names(demo)
+    outputs = demo.state.outputs("saes")
+    reference = outputs["reference"]
+    saes = {name: BatchTopKSAE.load(_sae_dir(demo, name)) for name in names}
+    resampled = BatchTopKSAE.load(_sae_dir(demo, outputs["resampled"]))
+    other_init = BatchTopKSAE.load(_sae_dir(demo, outputs["other_init"]))
+    diff = diff_cohorts(saes, seed_replicas={reference: resampled})
+    _write_json(folder / "diff.json", diff.summary())
+    live = {name: _live_latents(demo, name) for name in names}
+    n = len(names)
+    matrix = np.eye(n)
+    for i in range(n):
+        for j in range(n):
+            if i != j and live[names[i]]:
+                matrix[i, j] = len(set(diff.shared_partners(i, j)) & live[names[i]]) / len(live[names[i]])
+    ref_live = live[reference]
+
+    def live_fraction(replica) -> float | None:
+        a, _ = align_saes(saes[reference], replica).shared_pairs()
+        return len(set(a.tolist()) & ref_live) / len(ref_live) if ref_live else None
+
+    floor, other = live_fraction(resampled), live_fraction(other_init)
+    floor_record = {"shared_fraction": floor, "replica": outputs["resampled"], "of": "live latents of the reference SAE",
+                    "replica_kind": "same initialisation, resampled activations", "other_init_shared_fraction": other}  # fmt: skip
+    files = {}
+    ref_index = names.index(reference)
+    for j, name in enumerate(names):
+        if name == reference:
+            continue
+        alignment, flipped = diff.alignment(ref_index, j)
+        assert not flipped  # the reference comes first, so it is always side A
+        document = alignment_document(
+            alignment, sae_record(saes[reference], _sae_dir(demo, reference), reference), sae_record(saes[name], _sae_dir(demo, name), name),
+            tau_sweep=tau_sweep(alignment), seed_noise_floor=floor_record,
+        )  # fmt: skip
+        files[name] = demo.rel(write_alignment(document, folder / f"{reference}-vs-{name}.json"))
+    demo.sub(f"live latents: " + ", ".join(f"{name} {len(live[name])}" for name in names))
+    demo.sub("share of the reference's live latents shared: " + ", ".join(f"with {n_} {matrix[ref_index, k]:.2f}" for k, n_ in enumerate(names) if n_ != reference)
+             + f"; floor (resampled replica) {floor if floor is None else round(floor, 2)}; another initialisation {other if other is None else round(other, 2)}")  # fmt: skip
+    return {"names": names, "fraction_shared": matrix.tolist(), "fraction_shared_all_latents": diff.fraction_matrix().tolist(),
+            "seed_noise_floor": floor, "other_init_fraction": other, "live": {k: len(v) for k, v in live.items()}, "files": files,
+            "reference": reference, "tau": diff.tau}  # fmt: skip
+
+
+# -- 8. diffing against the planted shift -------------------------------------------------------------------------------
+def expected_categories(manifest: dict, class_names: list[str]) -> list[str]:
+    """The latent categories the planted shift should move, in the vocabulary of an SAE with ``class_names``.
+
+    :func:`~SegLensLogic.data.phantoms.planted_shift_categories` names tumour-scheme categories. A model with
+    other classes cannot have them: the labeller gives a healthy (``aseg``) SAE structure names instead of tumour
+    classes and never ``tumour boundary``. Its latents tied to the shift ("tumour presence": a model that
+    segments anatomy instead of tumours) are the structure latents, so those replace the tumour categories.
+    """
+    from .data.phantoms import planted_shift_categories
+    from .interpretation.labels import known_categories
+
+    vocabulary = set(known_categories(class_names))
+    expected = [c for c in planted_shift_categories(manifest) if c in vocabulary]
+    if "tumour" in (manifest.get("shifted_factors") or {}):
+        expected += [c for c in class_names[1:] if c not in expected]
+    return expected
+
+
+def step_diffing(demo: Demo, folder: Path) -> dict:
+    from .alignment import load_alignment
+    from .data.phantoms import planted_shift_categories
+    from .interpretation import load_latent_labels
+    from .report import planted_shift_scores
+
+    alignment = demo.state.outputs("alignment")
+    reference = alignment["reference"]
+    records = {r["name"]: r for r in _cohort_records(demo)}
+    rows = []
+    for name, path in alignment["files"].items():
+        record = records[name]
+        if not record.get("manifest"):
+            continue  # a real cohort: no planted shift to score against
+        manifest = read_json(demo.path(record["manifest"]))
+        labels = load_latent_labels(demo.path(demo.state.outputs("interpretation")["labels"][name]["labels"]))
+        specific = load_alignment(demo.path(path)).specific("b")
+        category_of = {j: labels.category(j) for j in range(len(labels))}
+        expected = expected_categories(manifest, labels.class_names)
+        scores = planted_shift_scores(specific, category_of, expected)
+        alive = [j for j, c in category_of.items() if c not in (None, "dead")]
+        chance = scores["n_expected"] / len(alive) if alive else None
+        hit_categories: dict[str, int] = {}
+        for j in specific:
+            if category_of.get(j) not in (None, "dead"):
+                hit_categories[category_of[j]] = hit_categories.get(category_of[j], 0) + 1
+        rows.append({
+            "reference": reference, "population": name, "shifted_factors": list(manifest["shifted_factors"]),
+            "expected_categories": expected, **scores, "chance_precision": chance,
+            "precision_over_chance": scores["precision"] / chance if scores["precision"] is not None and chance else None,
+            "specific_by_category": dict(sorted(hit_categories.items(), key=lambda kv: -kv[1])),
+            "mapping_note": None if expected == planted_shift_categories(manifest)
+            else "tumour categories replaced by this SAE's structure categories (it segments anatomy)",
+        })  # fmt: skip
+        precision = "-" if scores["precision"] is None else f"{scores['precision']:.2f}"
+        recall = "-" if scores["recall"] is None else f"{scores['recall']:.2f}"
+        demo.sub(f"{name}: {scores['n_specific']} specific live latents, precision {precision} (chance {chance if chance is None else round(chance, 2)}), recall {recall}")
+    _write_json(folder / "diffing.json", rows)
+    return {"rows": rows}
+
+
+# -- 9. experiments ---------------------------------------------------------------------------------------------------
+def step_experiments(demo: Demo, folder: Path) -> dict:
+    from .experiments import Experiment, diagnose
+    from .experiments.adaptation import adaptation_report
+    from .experiments.recovery import failure_recovery_report
+    from .interpretation import load_latent_labels
+    from .sae import BatchTopKSAE
+
+    s = demo.settings
+    reference = demo.state.outputs("cohorts")["reference"]
+    records = {r["name"]: r for r in _cohort_records(demo)}
+    tests = _load_cohorts(demo, "test")
+    model = _load_model(demo, reference)
+    sae = BatchTopKSAE.load(_sae_dir(demo, reference))
+    labels = load_latent_labels(demo.path(demo.state.outputs("interpretation")["labels"][reference]["labels"]))
+    experiment = Experiment(model, sae)
+    runs_by_population = {}
+    for name, cohort in tests.items():
+        if records[name]["label_scheme"] != "brats2023":
+            continue
+        runs_by_population[name] = experiment.run_cohort(cohort)
+    runs = [r for rs in runs_by_population.values() for r in rs]
+    population_of = {r.case_id: name for name, rs in runs_by_population.items() for r in rs}
+    demo.sub(f"model '{reference}' on {len(runs)} tumour test cases: " + ", ".join(
+        f"{name} {np.mean([r.base_scores['dice_mean'] for r in rs]):.3f}" for name, rs in runs_by_population.items()))
+
+    # Diagnosis: worst cases, their most active latents and how unusual their use is against the reference's cases.
+    diagnosis = diagnose(runs, reference=runs_by_population[reference], worst=min(4, len(runs)), top=3, labels=labels)
+    _write_json(folder / "diagnosis.json", diagnosis)
+
+    # Failure recovery (instance-level sweep and class-level steering), oracle and calibrated side by side.
+    worst = max(2, len(runs) // 2)
+    use_labels = labels if labels.latents_in_category("edema") else None
+    recovery = failure_recovery_report(experiment, runs, worst=worst, alphas=s.alphas, top=1, folds=2, labels=use_labels,
+                                       population="all tumour test cases")  # fmt: skip
+    recovery.write(folder / "failure-recovery")
+    cases3 = {row["case"]: row for row in recovery.tables["table3_cases"][1]}
+    failures = []
+    for row in cases3.values():
+        rows_d = [d for d in diagnosis if d["case"] == row["case"]]
+        failures.append({
+            "population": population_of[row["case"]], "case": row["case"], "dice_before": row["base_dice_mean"],
+            "dice_oracle": row["latent steering dice_mean"], "dice_calibrated": row["latent steering calibrated dice_mean"],
+            "oracle alpha": row["latent steering setting"], "calibrated alpha": row["latent steering calibrated setting"],
+            "steered latents": row["steered latents"],
+            "diagnosis": "; ".join(f"{d['latent']} {d['category'] or '?'} z {d['z']:+.1f}" for d in rows_d) or None,
+        })  # fmt: skip
+    table3 = recovery.tables["table3_failure_recovery"][1]
+    demo.sub(f"failure recovery on {len(failures)} worst cases: mean Dice {_method(table3, 'base model'):.3f} -> oracle "
+             f"{_method(table3, 'latent steering (oracle'):.3f}, calibrated {_method(table3, 'latent steering (calibrated)'):.3f}")  # fmt: skip
+
+    # Adaptation: the reference model on each shifted tumour population, its edema latents steered.
+    adaptation = []
+    for name, target in runs_by_population.items():
+        if name == reference or len(target) < 2:
+            continue
+        report = adaptation_report(experiment, target, source=runs_by_population[reference], labels=use_labels, source_name=reference,
+                                   target_name=name, additive=s.adaptation_alphas, multiplicative=s.multiplicative_alphas)  # fmt: skip
+        report.write(folder / f"adaptation-{name}")
+        table5 = report.tables["table5_adaptation"][1]
+        base = _method(table5, "base model")
+        for method in ("ALS", "MLS"):
+            adaptation.append({"population": name, "method": f"{method} ({'additive' if method == 'ALS' else 'multiplicative'})",
+                               "dice_before": base, "dice_oracle": _method(table5, f"{method} (oracle: best per case)"),
+                               "dice_calibrated": _method(table5, f"{method} (calibrated")})  # fmt: skip
+        demo.sub(f"adaptation {reference} -> {name}: " + ", ".join(
+            f"{a['method'].split()[0]} oracle {a['dice_oracle']:.3f} / calibrated {a['dice_calibrated']:.3f}" for a in adaptation[-2:])
+            + f" (base {base:.3f})")  # fmt: skip
+    _write_json(folder / "summary.json", {"failure_recovery": failures, "adaptation": adaptation})
+    return {"failure_recovery": failures, "adaptation": adaptation, "diagnosis": demo.rel(folder / "diagnosis.json"),
+            "recovery_table": [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in table3]}  # fmt: skip
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def _method(table: list[dict], prefix: str) -> float:
+    row = next(r for r in table if r["method"].startswith(prefix))
+    return float(row["dice_mean"])
+
+
+# -- 10. bundles ------------------------------------------------------------------------------------------------------
+def step_bundles(demo: Demo, folder: Path) -> dict:
+    from .bundle import build_bundle
+
+    alignment = demo.state.outputs("alignment")
+    reference = alignment["reference"]
+    labels = demo.state.outputs("interpretation")["labels"]
+    bundles = {}
+    for name in _population_names(demo):
+        files = list(alignment["files"].values()) if name == reference else [alignment["files"][name]]
+        bundle = build_bundle(
+            demo.path(demo.state.outputs("models")["models"][name]["model"]), _sae_dir(demo, name), folder / name, name=name,
+            labels=demo.path(labels[name]["labels"]), alignments=[demo.path(f) for f in files], cohort=name,
+        )  # fmt: skip
+        bundles[name] = demo.rel(bundle.root)
+        demo.sub(f"{name}: {bundle.root} ({len(bundle.files)} files, {len(bundle.alignment_paths)} alignment(s))")
+    return {"bundles": bundles}
+
+
+# -- 11. steering ---------------------------------------------------------------------------------------------------
+def step_steering(demo: Demo, folder: Path) -> dict:
+    from .bundle import load_bundle
+    from .data.cases import find_case, read_case
+    from .experiments import class_scores
+    from .steering import LatentEdit, SteeringSession, load_recipe
+
+    reference = demo.state.outputs("cohorts")["reference"]
+    bundle = load_bundle(demo.path(demo.state.outputs("bundles")["bundles"][reference]))
+    failures = demo.state.outputs("experiments")["failure_recovery"]
+    tests = _load_cohorts(demo, "test")
+    cases = {c.case_id: c for cohort in tests.values() for c in cohort}
+    chosen = sorted(failures, key=lambda f: f["dice_oracle"] - f["dice_before"], reverse=True)[:2]
+    steered = []
+    for failure in chosen:
+        case = cases[failure["case"]]
+        session = SteeringSession.from_bundle(bundle, case, device=demo.device)
+        before = session.segment()
+        alpha = float(failure["oracle alpha"])
+        latents = tuple(int(j) for j in failure["steered latents"])
+        if latents and alpha != 1.0:
+            session.apply(LatentEdit(latents, mode="scale", alpha=alpha))
+        mask, recipe_path = session.export(folder / f"{case.case_id}-corrected.nii.gz")
+        after = session.labels
+        # The recipe must reproduce the mask bit for bit.
+        replay = SteeringSession.from_bundle(bundle, case, device=demo.device)
+        replayed = replay.apply_recipe(load_recipe(recipe_path), source=recipe_path)
+        identical = bool(np.array_equal(replayed, after))
+        truth = read_case(find_case(_case_folder(case)), modalities=bundle.modalities).label
+        names = bundle.class_names
+        dice_before, dice_after = class_scores(before, truth, names)["dice_mean"], class_scores(after, truth, names)["dice_mean"]
+        changed = np.flatnonzero((before != after).sum(axis=(0, 1)))
+        z = int(changed[np.argmax((before != after).sum(axis=(0, 1))[changed])]) if changed.size else int(np.argmax((truth > 0).sum(axis=(0, 1))))
+        images = read_case(find_case(_case_folder(case)), modalities=bundle.modalities)
+        display = "t1c" if "t1c" in images.images else bundle.modalities[0]
+        np_file = folder / f"{case.case_id}-panels.npz"
+        np.savez_compressed(np_file, image=images.images[display][:, :, z].T.astype(np.float32), before=before[:, :, z].T,
+                            after=after[:, :, z].T, truth=truth[:, :, z].T)  # fmt: skip
+        steered.append({
+            "case_id": case.case_id, "population": failure["population"], "mask": demo.rel(mask), "recipe": demo.rel(recipe_path),
+            "edit": f"scale latents {list(latents)} by {alpha:g} (the recovery sweep's oracle setting)" if latents and alpha != 1.0 else "no edit helped: unchanged",
+            "dice_before": dice_before, "dice_after": dice_after, "replay_identical": identical, "slice": z, "panels": demo.rel(np_file),
+            "voxels_changed": int((before != after).sum()),
+        })  # fmt: skip
+        demo.sub(f"{case.case_id}: Dice {dice_before:.3f} -> {dice_after:.3f}, {steered[-1]['voxels_changed']} voxels changed; "
+                 f"wrote {mask.name} + {recipe_path.name}; recipe replays {'identically' if identical else 'DIFFERENTLY'}")  # fmt: skip
+        if not identical:
+            raise SegLensError(f"the recipe {recipe_path} did not reproduce the corrected mask of {case.case_id}")
+    return {"cases": steered, "bundle": demo.rel(bundle.root)}
+
+
+# -- 12. report -----------------------------------------------------------------------------------------------------
+def step_report(demo: Demo, folder: Path) -> dict:
+    from .report import render_report
+
+    results = report_results(demo)
+    path = render_report(results, folder / "report.html")
+    return {"report": demo.rel(path)}
+
+
+def report_results(demo: Demo) -> dict:
+    """The :func:`~SegLensLogic.report.render_report` input, read from the finished steps' outputs."""
+    from .bundle import load_bundle
+
+    s = demo.settings
+    state = demo.state
+    cohorts = _cohort_records(demo)
+    dice = state.outputs("evaluation")["dice"]
+    saes = state.outputs("saes")["saes"]
+    labels = state.outputs("interpretation")["labels"]
+    alignment = state.outputs("alignment")
+    experiments = state.outputs("experiments")
+    reference = alignment["reference"]
+    seconds = {name: record["seconds"] for name, record in state.data["steps"].items()}
+    results: dict = {
+        "title": "SegLens demo: audit of four population models" if demo.data is None else "SegLens demo: audit of real cohorts",
+        "subtitle": (f"Synthetic MNI152 phantom cohorts with planted shifts; {s.describe()}." if demo.data is None
+                     else f"Real cohorts {', '.join(c['name'] for c in cohorts)}; {s.describe()}."),
+        "notes": [
+            "Every model was fine-tuned from one base U-Net trained on the reference cohort "
+            f"('{reference}'), so their activation spaces are comparable and SAE latents can be aligned by cosine similarity.",
+            "Oracle results choose the steering setting per case with its ground truth: an upper bound. Calibrated results "
+            "choose it on the other fold's cases only (2-fold cross-fitting): what a user could expect.",
+            f"Tiny models and few cases: the numbers show the method end to end, not the paper's results."
+            + (" This is the --quick run: SAE k and expansion, phantom sizes and sweeps are reduced further." if s.quick else ""),
+            "Step times: " + ", ".join(f"{name} {sec:.0f} s" for name, sec in seconds.items()) + ".",
+        ],
+    }
+    results["cohorts"] = [{"name": c["name"], "population": c["population"], "n_cases": c["n_cases"], "source": c["source"],
+                           "shifted_factors": c["shifted_factors"] if c["shifted_factors"] is not None else ["unknown (real data)"]}
+                          for c in cohorts]  # fmt: skip
+    results["models"] = [{"name": name, "cohort": name, "arch": f"U-Net {list(s.unet_features)} @ {s.image_size} px", "dice": d}
+                         for name, d in dice.items()]  # fmt: skip
+    results["sae_quality"] = [{"model": name, **{k: r.get(k) for k in ("d_sae", "k", "explained_variance", "l0", "dead_fraction", "dice_recovered")}}
+                              for name, r in saes.items()]  # fmt: skip
+    galleries = []
+    for name, record in labels.items():
+        document = read_json(demo.path(record["labels"]))
+        entries = {e["id"]: e for e in document["latents"]}
+        categories: dict[str, list] = {}
+        for j_text, png in record["thumbnails"].items():
+            entry = entries[int(j_text)]
+            categories.setdefault(entry["category"], []).append({"id": int(j_text), "description": entry["description"],
+                                                                 "confidence": entry["confidence"], "image": demo.path(png)})  # fmt: skip
+        galleries.append({"model": f"{name} ({', '.join(f'{c} {n}' for c, n in sorted(record['categories'].items(), key=lambda kv: -kv[1]))})",
+                          "categories": categories})  # fmt: skip
+    results["latent_galleries"] = galleries
+    floor, other = alignment["seed_noise_floor"], alignment.get("other_init_fraction")
+    results["shared_matrix"] = {
+        "names": alignment["names"], "shared_fraction": alignment["fraction_shared"], "seed_noise_floor": floor,
+        "description": (
+            f"Share of the row SAE's live latents (those that fire on its cohort; dead ones never leave the common "
+            f"initialisation) with a shared partner in the column SAE: encoder and decoder cosines both at least "
+            f"{alignment.get('tau', 0.8):g} under one Hungarian matching. Every SAE starts from the same dictionary, as every "
+            f"model starts from the same base. Floor: {_pct(floor)} between the {reference} SAE and a replica trained from the "
+            f"same initialisation on a random {round(100 * s.resample_fraction)}% of the same activations (training noise "
+            f"alone); hatched cells are at or below it. From another initialisation the {reference} SAE shares only "
+            f"{_pct(other)}: SAEs this small do not converge to one dictionary, which is why all start from one."
+        ),
+    }  # fmt: skip
+    results["diffing"] = [{k: v for k, v in row.items() if k not in ("specific_by_category",)} for row in state.outputs("diffing")["rows"]]
+    results["failure_recovery"] = experiments["failure_recovery"]
+    results["adaptation"] = experiments["adaptation"]
+    bundle = load_bundle(demo.path(state.outputs("bundles")["bundles"][reference]), verify=False)
+    steered = []
+    for case in state.outputs("steering")["cases"]:
+        with np.load(demo.path(case["panels"])) as panels:
+            steered.append({"case_id": f"{case['case_id']} ({case['population']}), axial slice {case['slice']}", "image": panels["image"],
+                            "before": panels["before"], "after": panels["after"], "truth": panels["truth"],
+                            "dice_before": case["dice_before"], "dice_after": case["dice_after"],
+                            "recipe": f"{case['recipe']}: {case['edit']}; replayed {'identically' if case['replay_identical'] else 'differently'}",
+                            "colours": [list(c) for c in bundle.colours]})  # fmt: skip
+    results["steered_cases"] = steered
+    return results
+
+
+STEPS: tuple[tuple[str, str, Callable[[Demo, Path], dict]], ...] = (
+    ("cohorts", "Cohorts: synthetic populations with planted shifts, or the --data folders", step_cohorts),
+    ("base", "Base model: a tiny U-Net on the reference cohort", step_base),
+    ("models", "Population models: fine-tuned from the base", step_models),
+    ("evaluation", "Evaluation: every model on every test split", step_evaluation),
+    ("saes", "Sparse autoencoders: activations and a BatchTopK SAE per model (+ a second seed of the reference)", step_saes),
+    ("interpretation", "Interpretation: latent labels and galleries", step_interpretation),
+    ("alignment", "Alignment: shared latents across populations and the seed noise floor", step_alignment),
+    ("diffing", "Diffing scored against the planted shift", step_diffing),
+    ("experiments", "Experiments: failure diagnosis, recovery and adaptation (oracle and calibrated)", step_experiments),
+    ("bundles", "Bundles: one per population", step_bundles),
+    ("steering", "Steering: corrected masks with recipes, from the reference bundle", step_steering),
+    ("report", "Report: the HTML audit report", step_report),
+)
 
 
 def run_demo(
-    out: str | Path,
-    data: str | Path | None = None,
-    minutes: float = 2.0,
-    n_phantoms: int = 8,
+    out: str | Path = "seglens-demo",
+    data: list[str | Path] | str | Path | None = None,
+    quick: bool = False,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
-) -> dict[str, Path]:
-    """Run the demo into ``out``; returns the files it wrote by role."""
+) -> dict[str, Any]:
+    """Run (or continue) the demo in ``out``; returns the state document (``OUT/demo.json``).
+
+    Args:
+        out: the demo folder (created; a folder holding anything but a demo is refused).
+        data: labelled cohort folders to use instead of phantoms (each a cohort; the first is the reference).
+        quick: reduced sizes (about two minutes on two CPU cores).
+        overwrite: start over in a demo folder instead of continuing it.
+    """
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(out)
-    out.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
-
-    if data is None:
-        cohort_dir = out / "phantom-cohort"
-        log(f"1. Writing {n_phantoms} synthetic brain-tumour phantoms to {cohort_dir} (BraTS 2023 naming)")
-        if not cohort_dir.exists():
-            write_phantom_cohort(cohort_dir, n_phantoms, seed=0, shape=DEMO_PHANTOM_SHAPE, population="adult")
-        cohort = load_cohort(cohort_dir, name="phantoms")
-        image_size, val_cases = 96, 2
-    else:
-        cohort = load_cohort(data)
-        log(f"1. Using cohort '{cohort.name}' from {data} ({len(cohort)} cases)")
-        image_size, val_cases = 128, max(1, round(0.25 * len(cohort)))
-    train_cohort, test_cohort = Cohort(cohort.name, cohort.cases[:-val_cases]), Cohort(f"{cohort.name}-test", cohort.cases[-val_cases:])
-
-    log(f"2. Training a small U-Net for {minutes:g} min on {len(train_cohort)} cases")
-    model_dir = out / "model"
-    result = train_segmenter(
-        train_cohort,
-        model_dir,
-        arch="unet",
-        image_size=image_size,
-        arch_options={"features": DEMO_UNET_FEATURES},
-        options=TrainingOptions(epochs=None, minutes=minutes, batch_size=16, learning_rate=3e-3, slices_per_epoch=256, val_cases=1),
-        overwrite=True,
-        log=log,
-    )
-    model = result.model
-    written["model"] = model_dir
-
-    log(f"3. Evaluating on {len(test_cohort)} held-out case(s)")
-    rows = evaluate_cohort(model, test_cohort, log=log)
-    log(format_table(rows))
-    written["evaluation"] = write_csv(rows, out / "evaluation.csv", overwrite=True)
-
-    case = test_cohort[0]
-    log(f"4. Segmenting {case.case_id} onto its own voxel grid")
-    mask_path = out / f"{case.case_id}-seglens.nii.gz"
-    prediction = segment_case(model, case, mask_path, overwrite=True)
-    written["segmentation"] = mask_path
-
-    hook = model.config.hook_point
-    channels, height, width = model.hook_points()[hook]
-    log(f"5. Activations at hook point '{hook}': {channels} channels at {height}x{width} positions per slice")
-    norm = hook_activation_norm(model, prediction.prepared)
-    written["activations"] = write_image(norm, prediction.prepared.source.reference, out / f"{case.case_id}-{hook}-norm.nii.gz", overwrite=True)
-
-    log(f"6. Sparse autoencoder on '{hook}': extracting activations of the training cases")
-    store = extract_activations(model, train_cohort, out / "activations", ExtractionOptions(), model_dir=model_dir, overwrite=True, log=log)
-    sae, report = train_sae(store, SAETrainingOptions(k=32, expansion=16, batch_size=1024, epochs=20, learning_rate=1e-3, log_every=100), log=log)
-    sae.save(out / "sae", overwrite=True)
-    save_training_report(report, out / "sae")
-    written["sae"] = out / "sae"
-    recovered = dice_recovered(model, sae, Cohort("test", [case]))
-    log(
-        f"   Dice with SAE reconstructions at the hook: {recovered['dice_sae']:.3f} "
-        f"(model {recovered['dice_model']:.3f}, mask agreement {recovered['mask_agreement']:.3f})"
-    )
-    codes = encode_volume(model, sae, prediction.prepared)
-    tumour = prediction.labels > 0
-    top = codes.top_latents(5, region=tumour if tumour.any() else None)
-    log(
-        f"7. Sparse codes of {case.case_id}: mean {codes.mean_l0():.1f} active latents per position, "
-        f"{codes.nbytes / 1e6:.2f} MB ({100 * codes.nbytes / codes.dense_nbytes:.1f}% of dense)"
-    )
-    log("   Most active latents inside the predicted tumour: " + ", ".join(f"{j} ({v:.0f})" for j, v in top))
-    if top:
-        written["heatmap"] = save_heatmap(codes, top[0][0], out / f"{case.case_id}-latent{top[0][0]:05d}.nii.gz", overwrite=True)
-
-    log("8. Bundle: model, SAE, classes and preprocessing in one folder that loads in one call")
-    from .bundle import build_bundle
-    from .report import render_report
-
-    bundle = build_bundle(model_dir, out / "sae", out / "bundle", name=cohort.name, overwrite=True)
-    written["bundle"] = bundle.root
-    mean = next(row for row in rows if row.get("case") == "mean")
-    holdout = report.get("holdout", {})
-    results = {
-        "title": "SegLens demo audit report",
-        "subtitle": f"Cohort '{cohort.name}' ({'synthetic phantoms' if data is None else data}).",
-        "cohorts": [{"name": cohort.name, "population": cohort.name if data is None else "-", "n_cases": len(cohort),
-                     "source": "MNI152 phantoms" if data is None else str(data)}],
-        "models": [{"name": cohort.name, "cohort": train_cohort.name, "arch": model.config.arch,
-                    "dice": {test_cohort.name: mean.get("dice_mean")}}],
-        "sae_quality": [{"model": cohort.name, "d_sae": sae.config.d_sae, "k": sae.config.k,
-                         "explained_variance": holdout.get("explained_variance"), "l0": holdout.get("l0"),
-                         "dead_fraction": holdout.get("dead_fraction"),
-                         "dice_recovered": recovered["dice_sae"] / recovered["dice_model"] if recovered["dice_model"] else None}],
-    }  # fmt: skip
-    if top:
-        z = int(np.argmax(codes.heatmap(top[0][0]).sum(axis=(0, 1))))
-        image = prediction.prepared.source.images[model.config.modalities[-1]][:, :, z]
-        gallery = [{"id": j, "image": image.T[::-1], "heatmap": codes.heatmap(j)[:, :, z].T[::-1]} for j, _ in top[:3]]
-        results["latent_galleries"] = [{"model": cohort.name, "categories": {"most active in the predicted tumour (not yet labelled)": gallery}}]
-    written["report"] = render_report(results, out / "report.html", overwrite=True)
-
-    log("Done. Files written:")
-    for role, path in written.items():
-        log(f"  {role:12s} {path}")
-    return written
+    if data is not None and not isinstance(data, (list, tuple)):
+        data = [data]
+    paths = [Path(p) for p in data] if data else None
+    for path in paths or []:
+        if not path.is_dir():
+            raise InputFileError(path, "cohort folder not found")
+    options = {"quick": bool(quick), "data": [str(p.resolve()) for p in paths] if paths else None}
+    state = DemoState.open(out, options, overwrite, log)
+    settings = DemoSettings.for_run(quick)
+    demo = Demo(out=out, settings=settings, data=paths, state=state, log=log)
+    start = time.monotonic()
+    log(f"SegLens demo in {out} ({settings.describe()}; device {demo.device.type}, {torch.get_num_threads()} CPU thread(s))")
+    for index, (name, title, function) in enumerate(STEPS, start=1):
+        run_step(demo, index, name, title, function)
+    report = state.folder("report") / "report.html"
+    state.data["finished"] = _now()
+    atomic_write_text(state.path, json.dumps(state.data, indent=2) + "\n", overwrite=True)
+    log(f"Finished in {time.monotonic() - start:.1f} s (all steps: {sum(r['seconds'] for r in state.data['steps'].values()):.1f} s).")
+    log(f"  report:   {report}")
+    log(f"  bundles:  {', '.join(str(demo.path(p)) for p in state.outputs('bundles')['bundles'].values())}")
+    for case in state.outputs("steering")["cases"]:
+        log(f"  corrected mask: {demo.path(case['mask'])} (recipe {demo.path(case['recipe']).name})")
+    return state.data

@@ -12,9 +12,10 @@ Each section is drawn only from its own inputs; a section whose inputs are absen
     sae_quality: [{"model", "d_sae", "k", "explained_variance", "l0", "dead_fraction", "dice_recovered"}]
     latent_galleries: [{"model", "categories": {category: [{"id", "description", "image": PNG | array,
                         "heatmap": array (optional, over "image"), "confidence"}]}}]
-    shared_matrix: {"names": [model names], "shared_fraction": n x n, "seed_noise_floor": float | None}
+    shared_matrix: {"names": [model names], "shared_fraction": n x n, "seed_noise_floor": float | None,
+                    "description": str (optional: replaces the standard text above the matrix)}
     diffing: [{"reference", "population", "shifted_factors": [..], "expected_categories": [..], "n_specific",
-               "precision", "recall"}]            # see planted_shift_scores
+               "precision", "recall", "chance_precision" (optional)}]            # see planted_shift_scores
     failure_recovery: [{"population", "case", "dice_before", "dice_oracle", "dice_calibrated", ...}]
     adaptation: [{"population", "method", "dice_before", "dice_oracle", "dice_calibrated", ...}]
     steered_cases: [{"case_id", "image": 2D array, "before": 2D labels, "after": 2D labels, "truth": 2D labels
@@ -300,7 +301,7 @@ def _section_shared(results: dict) -> str | None:
     if matrix.shape != (len(names), len(names)):
         raise ValueError(f"shared_fraction is {matrix.shape} for {len(names)} names")
     floor = shared.get("seed_noise_floor")
-    text = (
+    text = shared["description"] if shared.get("description") else (
         f"Fraction of latents of the row SAE with a partner in the column SAE. Seed noise floor: {floor:.3f} "
         "(the same fraction between two SAEs trained on the same activations with different seeds); hatched cells "
         "are at or below it."
@@ -318,10 +319,11 @@ def _section_diffing(results: dict) -> str | None:
     return (
         "<p>Population-specific latents of each shifted cohort's SAE, scored against the factors planted in the "
         "synthetic cohort: precision is the share of specific latents whose category is tied to a shifted factor, "
-        "recall the share of latents in those categories that came out specific.</p>"
+        "recall the share of latents in those categories that came out specific. The precision of chance is the share "
+        "of all live latents in those categories: what a random choice of latents would score.</p>"
         + _table(rows, [("reference", "reference"), ("population", "population"), ("shifted_factors", "shifted factors"),
                         ("expected_categories", "expected categories"), ("n_specific", "specific latents"),
-                        ("precision", "precision"), ("recall", "recall")])  # fmt: skip
+                        ("precision", "precision"), ("chance_precision", "precision of chance"), ("recall", "recall")])  # fmt: skip
     )
 
 
