@@ -482,13 +482,28 @@ def test_real_align_records_space_metrics_and_floor(real_pipeline, seed_replica,
     assert_one_line_error(code, err, "not a model folder")
 
 
+def tumour_slab(case, n_slices: int = 32):
+    """A real case cut to ``n_slices`` axial slices centred on its tumour (read once, kept in memory)."""
+    from SegLensLogic.data.cases import case_from_arrays, read_case
+
+    images = read_case(case)
+    tumour = np.flatnonzero(images.label.any(axis=(0, 1)))
+    centre = int(tumour.mean()) if len(tumour) else images.shape[2] // 2
+    k0 = max(0, min(centre - n_slices // 2, images.shape[2] - n_slices))
+    shift = np.eye(4)
+    shift[2, 3] = k0  # voxel k0 becomes the first slice: move the origin with it
+    arrays = {m: a[:, :, k0 : k0 + n_slices] for m, a in images.images.items()}
+    return case_from_arrays(arrays, images.reference.affine @ shift, case.case_id, images.label[:, :, k0 : k0 + n_slices], "brats2023")
+
+
 def test_real_feature_swapping(real_pipeline, tmp_path):
     from SegLensLogic.alignment.swapping import feature_swap
 
     variant, perm = real_variant(real_pipeline, tmp_path, replaced=np.arange(0, 128, 2))
     other = BatchTopKSAE.load(variant)
     alignment = align_saes(real_pipeline.sae, other)
-    case = next(iter(real_pipeline.test))
+    case = tumour_slab(next(iter(real_pipeline.test)))
+    assert case.label.any()
     rows = {r["group"]: r for r in feature_swap(real_pipeline.model, real_pipeline.sae, other, alignment, [case], n_latents=12)}
     shared, specific = rows["shared"], rows["specific"]
     assert shared["latents"] == specific["latents"] == 12
@@ -521,7 +536,7 @@ def test_real_activation_alignment_across_architectures(real_pipeline, tmp_path,
     segformer = build_segmenter(config).eval()
     segformer_dir = segformer.save_pretrained(tmp_path / "segformer")
     case = next(iter(real_pipeline.test))
-    pairs = list(paired_activations(real_pipeline.model, segformer, [case], max_slices_per_case=12))
+    pairs = list(paired_activations(real_pipeline.model, segformer, [tumour_slab(case, 12)]))
     h_unet, h_seg = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
     assert h_unet.shape[1] == 32 and h_seg.shape[1] == 64 and h_unet.shape[0] == h_seg.shape[0] > 0
     sae_seg = random_sae(d_in=64, expansion=2, seed=12, model_sha256=None)
