@@ -90,10 +90,11 @@ class DemoSettings:
     sae_k: int = 8
     sae_expansion: int = 8
     sae_steps: int = 400
+    sae_batch: int = 512
     resample_fraction: float = 0.8
     top_k: int = 12
     galleries: int = 8
-    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 2.0, 4.0)
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 2.0, 4.0, 8.0)
     adaptation_alphas: tuple[float, ...] = (-2.0, -1.0, 0.0, 1.0, 2.0)
     multiplicative_alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
 
@@ -102,7 +103,7 @@ class DemoSettings:
         if not quick:
             return cls()
         return cls(quick=True, shape=(48, 56, 24), cases=6, test_cases=2, image_size=48, base_epochs=6, finetune_epochs=2,
-                   slices_per_epoch=128, train_minutes=0.5, sae_k=4, sae_expansion=4, sae_steps=300, top_k=6, galleries=4, alphas=(0.0, 0.5, 2.0), adaptation_alphas=(-1.0, 0.0, 1.0),
+                   slices_per_epoch=128, train_minutes=0.5, sae_k=4, sae_expansion=4, sae_steps=200, sae_batch=256, top_k=6, galleries=4, alphas=(0.0, 0.5, 2.0, 8.0), adaptation_alphas=(-1.0, 0.0, 1.0),
                    multiplicative_alphas=(0.5, 1.0, 2.0))  # fmt: skip
 
     def describe(self) -> str:
@@ -484,7 +485,7 @@ def step_saes(demo: Demo, folder: Path) -> dict:
             stores[key] = extract_activations(model, trains[model_name], folder / "activations" / f"{model_name}{suffix}",
                                               ExtractionOptions(subsample=fraction, seed=1), model_dir=model_dir, log=_quiet)  # fmt: skip
         store = stores[key]
-        options = SAETrainingOptions(k=s.sae_k, expansion=s.sae_expansion, batch_size=512, epochs=1000, max_steps=s.sae_steps,
+        options = SAETrainingOptions(k=s.sae_k, expansion=s.sae_expansion, batch_size=s.sae_batch, epochs=1000, max_steps=s.sae_steps,
                                      learning_rate=3e-3, holdout_fraction=0.2, log_every=10**6, seed=seed)  # fmt: skip
         sae, report = train_sae(store, options, device=demo.device, log=_quiet)
         sae.save(folder / sae_name)
@@ -559,7 +560,7 @@ def _thumbnails(result, latents: list[int], model, folder: Path) -> dict[int, Pa
         slices = load_display_slices(result.cohort.case_folders[c], model.config.modalities, model.config.image_size, [z])
         image, _label, brain = slices[z]
         heat = upsample(full.maps[j, 0][None].astype(np.float32), slices["geometry"])[0]
-        image = np.where(brain, image, 0)
+        image = np.where(brain, image, image[brain].min() if brain.any() else 0)  # black, not z-score 0 grey, outside
         # RAS (X, Y) -> display rows from anterior (top) to posterior, patient right on the left (radiological)
         png = array_png(image.T[::-1], np.where(brain, heat, 0).T[::-1])
         out[j] = atomic_write_bytes(folder / f"latent_{j:05d}.png", png)

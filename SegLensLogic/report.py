@@ -51,6 +51,7 @@ th, td { border: 1px solid #d8dde6; padding: 0.3em 0.6em; text-align: right; }
 th { background: #f1f4f8; } td.text, th.text { text-align: left; }
 .note { background: #fff8e5; border-left: 4px solid #f0b400; padding: 0.5em 0.8em; color: #5a4a00; }
 .gallery { display: flex; flex-wrap: wrap; gap: 0.8em; }
+.categories { display: flex; flex-wrap: wrap; gap: 0 2em; } .categories h4 { margin: 0.6em 0 0.4em; }
 figure { margin: 0; width: 170px; font-size: 0.82em; }
 figure img { width: 170px; height: auto; image-rendering: pixelated; border: 1px solid #d8dde6; }
 .wide img { width: auto; max-width: 100%; }
@@ -277,6 +278,7 @@ def _section_galleries(results: dict) -> str | None:
         categories = gallery.get("categories") or {}
         if not categories:
             parts.append(_note("No labelled latents for this SAE."))
+        blocks = []
         for category, latents in categories.items():
             figures = []
             for latent in latents:
@@ -288,7 +290,8 @@ def _section_galleries(results: dict) -> str | None:
                 image = latent.get("image")
                 img = _img(_png_bytes(image, latent.get("heatmap")), caption) if image is not None else ""
                 figures.append(f"<figure>{img}<figcaption>{_e(caption)}</figcaption></figure>")
-            parts.append(f"<h4>{_e(category)} ({len(latents)})</h4><div class='gallery'>{''.join(figures)}</div>")
+            blocks.append(f"<div><h4>{_e(category)} ({len(latents)})</h4><div class='gallery'>{''.join(figures)}</div></div>")
+        parts.append(f"<div class='categories'>{''.join(blocks)}</div>")  # categories side by side, wrapping
     return "".join(parts)
 
 

@@ -1,0 +1,108 @@
+"""``seglens demo --quick`` end to end: every step finishes, its bundles load in one call, a corrected mask's recipe
+replays to the same mask, the report has every section, and a second run resumes without redoing any step."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import assert_one_line_error, seglens
+
+from SegLensLogic.demo import STATE_NAME, STEPS
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REPORT_SECTIONS = ("Cohorts and models", "SAE quality", "Latent galleries", "Shared latents across populations",
+                   "Diffing against the planted shift", "Failure recovery", "Population adaptation", "Steered cases: before and after")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """The quick demo, run once for the module on one thread (module fixtures start before ``one_torch_thread``)."""
+    import torch
+
+    from SegLensLogic import cli
+
+    out = tmp_path_factory.mktemp("demo") / "seglens-demo"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["demo", "--out", str(out), "--quick"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _state(out):
+    return json.loads((out / STATE_NAME).read_text())
+
+
+def test_quick_demo_outputs(quick_demo, capsys):
+    from SegLensLogic.bundle import load_bundle
+    from SegLensLogic.data import read_image
+    from SegLensLogic.data.cases import find_case
+    from SegLensLogic.steering import SteeringSession, load_recipe
+
+    out = quick_demo
+    state = _state(out)
+    assert list(state["steps"]) == [name for name, _title, _function in STEPS]
+    assert state["options"]["quick"] is True
+
+    # A bundle per population, each loading (hashes verified) with its labels and alignments; a session opens from it.
+    bundles = state["steps"]["bundles"]["outputs"]["bundles"]
+    assert set(bundles) == {"adult", "pediatric", "ssa", "healthy"}
+    for name, relative in bundles.items():
+        bundle = load_bundle(out / relative)
+        assert bundle.name == name and bundle.labels_path is not None and bundle.load_labels() is not None
+        assert len(bundle.alignment_paths) == (3 if name == "adult" else 1)
+    assert load_bundle(out / bundles["healthy"]).label_scheme == "aseg"
+
+    # A corrected mask and its recipe; replaying the recipe from the bundle gives the mask, voxel for voxel.
+    steered = state["steps"]["steering"]["outputs"]["cases"]
+    assert steered, "no case was steered"
+    case = steered[0]
+    mask, recipe = out / case["mask"], out / case["recipe"]
+    assert mask.is_file() and recipe.is_file() and case["replay_identical"]
+    cohort_test = next(c for c in state["steps"]["cohorts"]["outputs"]["cohorts"] if c["name"] == case["population"])["test"]
+    session = SteeringSession.from_bundle(out / bundles["adult"], find_case(out / cohort_test / case["case_id"]))
+    replayed = session.apply_recipe(load_recipe(recipe), source=recipe)
+    written = read_image(mask).array
+    assert replayed.shape == written.shape and np.array_equal(replayed, written)
+    assert len(load_recipe(recipe).edits) in (0, 1)
+
+    # The report: one file with every section filled in (none replaced by an "Omitted" note), images inline.
+    html = (out / state["steps"]["report"]["outputs"]["report"]).read_text(encoding="utf-8")
+    for heading in REPORT_SECTIONS:
+        assert f">{heading}</h2>" in html.replace("&#x27;", "'").replace("&amp;", "&"), heading
+    assert "Omitted:" not in html
+    assert html.count("<img") >= 8 and "src=\"http" not in html
+    assert "QUICK run" in html  # reduced sizes are said in the report
+
+    # Diffing was scored against the planted shift of every shifted synthetic population.
+    rows = state["steps"]["diffing"]["outputs"]["rows"]
+    assert {r["population"] for r in rows} == {"pediatric", "ssa", "healthy"}
+    healthy = next(r for r in rows if r["population"] == "healthy")
+    assert "thalamus" in healthy["expected_categories"] and "necrotic core" not in healthy["expected_categories"]
+
+
+def test_quick_demo_resumes_without_redoing_steps(quick_demo, capsys):
+    out = quick_demo
+    before = _state(out)
+    code, stdout, stderr = seglens(capsys, "demo", "--out", out, "--quick")
+    assert code == 0, stderr
+    skipped = [line for line in stdout.splitlines() if "already done" in line]
+    assert len(skipped) == len(STEPS), stdout
+    after = _state(out)
+    assert {k: v["finished"] for k, v in after["steps"].items()} == {k: v["finished"] for k, v in before["steps"].items()}
+
+
+def test_demo_refuses_other_options_and_foreign_folders(quick_demo, tmp_path, capsys):
+    code, _, stderr = seglens(capsys, "demo", "--out", quick_demo)  # the folder holds a --quick run
+    assert_one_line_error(code, stderr, "--quick", "--overwrite")
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not a demo")
+    code, _, stderr = seglens(capsys, "demo", "--out", foreign, "--quick", "--overwrite")
+    assert_one_line_error(code, stderr, str(foreign), "not a SegLens demo folder")
+    assert (foreign / "notes.txt").read_text() == "not a demo"
