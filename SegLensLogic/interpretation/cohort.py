@@ -1,7 +1,7 @@
 """Top-K activating slices of every latent over a cohort, with their metrics, in one pass over the cases.
 
 Each case is encoded once (:func:`~SegLensLogic.sae.codes.encode_volume`, sparse codes). Every (slice, latent)
-pair is scored by the latent's summed activation on the slice (feature grid), and a running top-K per latent is
+pair is scored by the latent's peak (or summed) activation on the slice (feature grid), and a running top-K per latent is
 kept across the cohort (:class:`TopK`). Metrics need heatmaps at image resolution and the case's label and brain
 mask, so they are computed while the case is in memory, only for the pairs that enter some running top-K; the
 top-K then carries each entry's metric vector (and its small feature-grid map, for galleries). No dense codes of
@@ -46,7 +46,7 @@ class TopK:
     """The K highest-scoring (case, slice) examples of every latent seen so far.
 
     Attributes:
-        scores: ``(d_sae, K)`` float64 summed activation on the slice, descending; ``-inf`` for empty slots.
+        scores: ``(d_sae, K)`` float64 score of the slice (peak or summed activation), descending; ``-inf`` empty.
         case: ``(d_sae, K)`` int32 index of the case in the cohort (-1 empty).
         slice: ``(d_sae, K)`` int32 axial slice index in RAS order.
         metrics: ``(d_sae, K, M)`` float32 slice metrics of each example (:func:`metric_names` columns).
@@ -197,7 +197,7 @@ def interpret_cohort(
     seed: int = 0,
     batch_size: int | None = None,
     options: MetricOptions | None = None,
-    score: str = "sum",
+    score: str = "max",
     log: Log | None = None,
 ) -> CohortInterpretation:
     """One pass over ``cohort``: top-K slices per latent with metrics, frequencies, base rates, split halves.
@@ -208,7 +208,9 @@ def interpret_cohort(
         top_k: examples kept per latent.
         splits: random split-halves of the cohort for stability (0 for none; needs at least 2 cases).
         seed: for the splits.
-        score: how a slice ranks for a latent: ``sum`` of its activation over the slice (default) or its ``max``.
+        score: how a slice ranks for a latent: its peak activation on the slice (``max``, default: the slices
+            where the latent is strongest, which surfaces localised features) or the ``sum`` over the slice
+            (favours slices where it is broadly active).
 
     Raises:
         InputFileError: a case has no label map, or the cases' label schemes have different classes.

@@ -36,7 +36,7 @@ def cmd_interpret(args: argparse.Namespace) -> int:
     start = time.monotonic()
     result = interpret_sae(
         model, sae, cohort, top_k=args.top_k, splits=args.splits, seed=args.seed, stability_threshold=args.stability_threshold,
-        model_dir=args.model, sae_dir=args.sae, batch_size=args.batch_size, log=log,
+        model_dir=args.model, sae_dir=args.sae, batch_size=args.batch_size, score=args.score, log=log,
     )  # fmt: skip
     write_latent_labels(result.document, args.out, overwrite=args.overwrite)
     log(f"Wrote {args.out} ({time.monotonic() - start:.1f} s)")
@@ -103,6 +103,7 @@ def add_commands(sub) -> None:
     p.add_argument("--cohort", required=True, help="labelled cohort: folder of case folders, or a text file listing them")
     p.add_argument("--out", required=True, help="labels file to write (latents.json)")
     p.add_argument("--top-k", type=int, default=16, help="top activating slices per latent (default 16)")
+    p.add_argument("--score", choices=("max", "sum"), default="max", help="rank a latent's slices by peak (default) or summed activation")
     p.add_argument("--splits", type=int, default=3, help="random split-halves of the cohort for stability (default 3; 0 none)")
     p.add_argument("--stability-threshold", type=float, default=0.5, help="split agreement a latent needs to be stable (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split-halves")

@@ -55,6 +55,7 @@ def interpret_sae(
     model_dir: str | Path | None = None,
     sae_dir: str | Path | None = None,
     batch_size: int | None = None,
+    score: str = "max",
     log: Log | None = None,
 ) -> Interpretation:
     """Label every latent of ``sae`` from its top-K slices over ``cohort``.
@@ -66,10 +67,12 @@ def interpret_sae(
         splits: random split-halves for stability (0: none).
         stability_threshold: per-latent split agreement needed for ``stable``.
         model_dir, sae_dir: recorded (with weight hashes) in the labels document.
+        score: how slices rank for a latent: summed (``sum``) or peak (``max``) activation on the slice.
     """
     rules = rules or LabellingRules()
-    result = interpret_cohort(model, sae, cohort, top_k=top_k, splits=splits, seed=seed, batch_size=batch_size, options=options, log=log)
+    result = interpret_cohort(model, sae, cohort, top_k=top_k, splits=splits, seed=seed, batch_size=batch_size, options=options, score=score, log=log)
     labels = result.full.label(result.class_names, rules)
     stability = split_half_stability(result, rules, stability_threshold) if result.halves else None
     document = build_labels_document(result, labels, stability, model_dir=model_dir, sae_dir=sae_dir, cohort_name=cohort.name, rules=rules)
+    document["slice_score"] = score
     return Interpretation(result, labels, stability, document)

@@ -12,7 +12,7 @@ first rule that holds, in this order (thresholds are the fields of :class:`Label
    the band around label borders, that is at least ``boundary_enrichment`` (2) times the band's share of the
    brain, and the band is more enriched than the labelled regions themselves (mass over area): a rim, not a
    blob over the tumour that spills across its border.
-5. The same class as in 3 when it holds at least ``class_mass_enriched`` (0.1) of the activation and that is
+5. The same class as in 3 when it holds at least ``class_mass_enriched`` (0.05) of the activation and that is
    at least ``class_enrichment`` (3) times the class's share of the brain on the same slices: small structures
    and tumours never fill half of a heatmap upsampled from a coarse feature grid (a 16x16 grid cell is 15 mm
    of a 240 mm slice), but a latent that puts three times the class's share of its mass on it is about it.
@@ -54,7 +54,7 @@ class LabellingRules:
     class_mass: float = 0.5
     boundary_mass: float = 0.3
     boundary_enrichment: float = 2.0
-    class_mass_enriched: float = 0.1
+    class_mass_enriched: float = 0.05
     class_enrichment: float = 3.0
     edge_mass: float = 0.5
     edge_enrichment: float = 1.5

@@ -11,10 +11,10 @@ Format (version 1; the steering session, the Slicer module and bundles read it):
                   "metrics": {"p_edema": 0.64, ...},
                   "top_examples": [{"case_id": "...", "slice": 77, "activation": 12.3}]}],
      "d_sae": 2048, "cases": [{"case_id": ..., "path": ...}], "base_rates": {"edema": 0.05, ...},
-     "positions": 123456, "slice_order": "RAS", "rules": {...}, "metric_options": {...}}
+     "positions": 123456, "slice_order": "RAS", "slice_score": "max", "rules": {...}, "metric_options": {...}}
 
 ``slice`` is the axial slice index in RAS order (``PreparedCase`` order, the model's slicing axis);
-``activation`` the latent's summed activation on that slice's feature grid. ``stable`` is null when the latent
+``activation`` the latent's score on that slice's feature grid (``slice_score``: peak or summed activation). ``stable`` is null when the latent
 could not be compared (dead in a half, or a cohort of one case). ``base_rates`` are the fractions of the
 cohort's brain voxels in each class.
 """
