@@ -16,7 +16,6 @@ import torch
 from helpers import assert_one_line_error, seglens
 from SegLensLogic.alignment import (
     align_saes,
-    align_vectors,
     alignment_document,
     alignment_metrics,
     baselines_table,
@@ -564,6 +563,15 @@ def test_real_activation_alignment_across_architectures(real_pipeline, tmp_path,
     assert doc["sae_a"]["d_in"] == 32 and doc["sae_b"]["d_in"] == 64 and doc["info"]["positions"] > 0
     assert all(-1 <= p["corr"] <= 1 and set(p) >= {"a", "b", "corr", "shared"} for p in doc["pairs"])
     assert is_valid_matching(np.array([p["b"] for p in doc["pairs"]]), 128)
+    target = tmp_path / "unet-segformer-procrustes.json"
+    code, stdout, err = seglens(capsys, "align", real_pipeline.sae_dir, sae_seg_dir, "--out", target, "--model-a", real_pipeline.model_dir,
+                                "--model-b", segformer_dir, "--cohort", tmp_path / "cohort", "--method", "procrustes", "--bootstrap", "2",
+                                "--max-slices", "6")  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(target.read_text())
+    fit = doc["info"]["procrustes"]
+    assert doc["method"] == "procrustes-decoder-encoder-cosine" and (fit["d_a"], fit["d_b"]) == (32, 64)
+    assert fit["explained"] <= 1 and fit["positions"] > 0 and {"enc", "dec"} <= set(doc["pairs"][0])
 
 
 @pytest.mark.slow
@@ -571,7 +579,7 @@ def test_real_cross_cohort_alignment_and_initialisation_effect(real_pipeline, tm
     """SAEs on the held-out real cases' activations (another cohort: other patients and sites) against the
     training cohort's SAE. With the same seed they share most latents; with another seed almost none, as two
     seeds of one cohort do: these small SAEs stay near their initialisation, which is why the noise floor and
-    the same-seed warning exist. Also runs ``--method procrustes`` against a SegFormer through the CLI."""
+    the same-seed warning exist."""
     from pipelines import QUIET, SAE_OPTIONS
 
     from SegLensLogic.sae import ExtractionOptions, SAETrainingOptions, extract_activations, train_sae
