@@ -216,3 +216,40 @@ def test_adaptation_command_on_degraded_phantoms(phantom_pipeline, capsys, tmp_p
     assert (out / "figure8_adaptation.png").read_bytes()[:4] == b"\x89PNG"
     code, _, err = seglens(capsys, "experiment", "adaptation", *common, "--target", target, "--out", tmp_path / "x")
     assert_one_line_error(code, err, "class latents are needed")
+
+
+def test_population_steering_command_on_phantoms(phantom_pipeline, capsys, tmp_path):
+    """Figure 5 on phantoms: a second 'population' SAE shares half of the dictionary (the other half replaced by
+    random directions), so the alignment splits latents into shared (universal) and specific; every set is steered
+    on two cohorts, and alpha 1 is the unedited model."""
+    import torch
+
+    from SegLensLogic.sae import BatchTopKSAE
+
+    other = BatchTopKSAE.load(phantom_pipeline.sae_dir)
+    half = other.d_sae // 2
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        other.W_enc[:, :half] = torch.randn(other.config.d_in, half, generator=generator)
+        other.W_dec[:half] = torch.nn.functional.normalize(torch.randn(half, other.config.d_in, generator=generator), dim=1)
+    other.save(tmp_path / "other-sae")
+    alignment = tmp_path / "alignment.json"
+    code, _, err = seglens(capsys, "align", phantom_pipeline.sae_dir, tmp_path / "other-sae", "--out", alignment)
+    assert code == 0, err
+
+    own = _cohort_file(tmp_path / "own.txt", phantom_pipeline.train.cases[:2])
+    held_out = _cohort_file(tmp_path / "held-out.txt", phantom_pipeline.test.cases)
+    out = tmp_path / "population"
+    code, _, err = seglens(capsys, "experiment", "population-steering", "--model", phantom_pipeline.model_dir, "--sae", phantom_pipeline.sae_dir,
+                           "--cohort", f"own={own}", "--cohort", f"held-out={held_out}", "--alignment", alignment,
+                           "--alphas", "0,1,3", "--n-latents", "2", "--out", out, "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    rows = (out / "figure5_population_steering.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    records = [dict(zip(header, row.split(","))) for row in rows[1:]]
+    assert {r["set"] for r in records} == {"specific", "universal", "random"}
+    assert {r["cohort"] for r in records} == {"own", "held-out"}
+    assert all(float(r["delta"]) == 0.0 for r in records if float(r["alpha"]) == 1.0)
+    assert (out / "figure5_population_steering.png").read_bytes()[:4] == b"\x89PNG"
+    readme = (out / "README.md").read_text()
+    assert "oracle" in readme and "calibrated" in readme
