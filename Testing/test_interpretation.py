@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import assert_one_line_error, seglens
-from pipelines import REAL_TEST_CASES
+from pipelines import REAL_TRAIN_CASES
 
 from SegLensLogic.data.labels import HEALTHY_CLASSES, TUMOUR_CLASSES
 from SegLensLogic.errors import InputFileError
@@ -225,21 +225,22 @@ def test_labels_file_reader(tmp_path):
 
 @pytest.fixture(scope="module")
 def interpreted(real_pipeline, tmp_path_factory):
-    """``seglens interpret`` run once, as a user would, on held-out real cases, with figures."""
+    """``seglens interpret`` run once, as a user would, with figures, on the real cases the SAE was trained on
+    (as the paper interprets each SAE on its own cohort)."""
     import contextlib
     import io
 
     from SegLensLogic import cli
 
     out = tmp_path_factory.mktemp("interpret")
-    # Two held-out cases (a cohort listed in a text file) keep the run within the suite's time budget.
-    cohort = out / "held-out.txt"
-    cohort.write_text("".join(f"{real_pipeline.root / 'adult-test' / name}\n" for name in REAL_TEST_CASES[:2]))
+    # Three of the four training cases (a cohort listed in a text file) keep the run within the time budget.
+    cohort = out / "cohort.txt"
+    cohort.write_text("".join(f"{real_pipeline.root / 'adult-train' / name}\n" for name in REAL_TRAIN_CASES[:3]))
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = cli.main(["interpret", "--model", str(real_pipeline.model_dir), "--sae", str(real_pipeline.sae_dir),
                          "--cohort", str(cohort), "--out", str(out / "latents.json"),
-                         "--figures", str(out / "figures"), "--gallery-max", "3"])  # fmt: skip
+                         "--figures", str(out / "figures"), "--gallery-max", "2", "--splits", "2"])  # fmt: skip
     return out, code, stdout.getvalue()
 
 
@@ -268,17 +269,17 @@ def test_interpret_real_cases(real_pipeline, interpreted):
     for j in edema:
         entry = labels.entry(j)
         assert entry["description"].startswith("edema") and 0 < entry["confidence"] <= 1
-        assert len(entry["top_examples"]) == 16 and entry["frequency"] > 0
+        assert 1 <= len(entry["top_examples"]) <= 16 and entry["frequency"] > 0
         acts = [x["activation"] for x in entry["top_examples"]]
         assert acts == sorted(acts, reverse=True)
-    assert {x["case_id"] for e in doc["latents"] for x in e["top_examples"]} == set(REAL_TEST_CASES[:2])
+    assert {x["case_id"] for e in doc["latents"] for x in e["top_examples"]} == set(REAL_TRAIN_CASES[:3])
 
 
 def test_interpret_figures(interpreted):
     out, code, _ = interpreted
     assert code == 0
     pngs = sorted((out / "figures").glob("*.png"))
-    assert len(pngs) == 4 and pngs[0].name == "categories.png"  # the chart and three galleries
+    assert len(pngs) == 3 and pngs[0].name == "categories.png"  # the chart and two galleries
     labels = load_latent_labels(out / "latents.json")
     shown = [int(p.stem.split("_")[1]) for p in pngs[1:]]
     assert all(labels.category(j) != "dead" for j in shown)

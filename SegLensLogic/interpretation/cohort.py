@@ -91,12 +91,12 @@ class TopK:
     def count(self, latent: int) -> int:
         return int(np.isfinite(self.scores[latent]).sum())
 
-    def label(self, class_names, rules: LabellingRules | None = None) -> list[LatentLabel]:
+    def label(self, class_names, rules: LabellingRules | None = None, base_rates: dict[str, float] | None = None) -> list[LatentLabel]:
         """Label every latent from its examples (:func:`~.labeller.label_latent`)."""
         out = []
         for j in range(len(self.scores)):
             n = self.count(j)
-            out.append(label_latent(self.metrics[j, :n], self.scores[j, :n], class_names, rules))
+            out.append(label_latent(self.metrics[j, :n], self.scores[j, :n], class_names, rules, base_rates))
         return out
 
 

@@ -71,7 +71,7 @@ def interpret_sae(
     """
     rules = rules or LabellingRules()
     result = interpret_cohort(model, sae, cohort, top_k=top_k, splits=splits, seed=seed, batch_size=batch_size, options=options, score=score, log=log)
-    labels = result.full.label(result.class_names, rules)
+    labels = result.full.label(result.class_names, rules, result.base_rates)
     stability = split_half_stability(result, rules, stability_threshold) if result.halves else None
     document = build_labels_document(result, labels, stability, model_dir=model_dir, sae_dir=sae_dir, cohort_name=cohort.name, rules=rules)
     document["slice_score"] = score

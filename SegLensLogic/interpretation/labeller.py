@@ -13,7 +13,8 @@ first rule that holds, in this order (thresholds are the fields of :class:`Label
    brain, and the band is more enriched than the labelled regions themselves (mass over area): a rim, not a
    blob over the tumour that spills across its border.
 5. The same class as in 3 when it holds at least ``class_mass_enriched`` (0.05) of the activation and that is
-   at least ``class_enrichment`` (3) times the class's share of the brain on the same slices: small structures
+   at least ``class_enrichment`` (3) times the class's share of the brain, both on the same slices and over the
+   whole cohort (the cohort's base rate, when given): small structures
    and tumours never fill half of a heatmap upsampled from a coarse feature grid (a 16x16 grid cell is 15 mm
    of a 240 mm slice), but a latent that puts three times the class's share of its mass on it is about it.
 6. ``brain edge``: at least ``edge_mass`` (0.5) of the in-brain activation lies in the brain's edge band and
@@ -73,15 +74,22 @@ def is_tumour_scheme(class_names: Sequence[str]) -> bool:
     return any(name in TUMOUR_CATEGORIES for name in class_names)
 
 
-def categorise(metrics: dict[str, float], class_names: Sequence[str], rules: LabellingRules | None = None) -> tuple[str, float]:
+def categorise(
+    metrics: dict[str, float],
+    class_names: Sequence[str],
+    rules: LabellingRules | None = None,
+    base_rates: dict[str, float] | None = None,
+) -> tuple[str, float]:
     """The category of one set of metrics (averaged over a latent's top-K, or one example's) and the score of
     the rule that decided it (the mass or entropy it tested).
 
     Args:
         metrics: ``name -> value`` with every name of :func:`metric_names` for ``class_names``.
         class_names: label classes, index 0 background.
+        base_rates: class name -> share of the cohort's brain voxels (rule 5 needs the class enriched over it too).
     """
     rules = rules or LabellingRules()
+    base_rates = base_rates or {}
     if metrics.get("p_outside_brain", 0.0) >= rules.background_mass:
         return "background", metrics["p_outside_brain"]
     classes = list(class_names[1:])
@@ -100,7 +108,8 @@ def categorise(metrics: dict[str, float], class_names: Sequence[str], rules: Lab
         return "tumour boundary", boundary
     if best is not None:
         mass = metrics[f"p_{best}"]
-        if mass >= rules.class_mass_enriched and mass >= rules.class_enrichment * metrics[f"area_{best}"]:
+        share = max(metrics[f"area_{best}"], base_rates.get(best, 0.0))
+        if mass >= rules.class_mass_enriched and mass >= rules.class_enrichment * share:
             return best, mass
     edge = metrics["edge_ratio"]
     if edge >= rules.edge_mass and edge >= rules.edge_enrichment * metrics["area_edge"]:
@@ -162,6 +171,7 @@ def label_latent(
     weights: np.ndarray,
     class_names: Sequence[str],
     rules: LabellingRules | None = None,
+    base_rates: dict[str, float] | None = None,
 ) -> LatentLabel:
     """Label one latent from its top-K examples.
 
@@ -169,14 +179,15 @@ def label_latent(
         example_metrics: ``(K', M)`` metrics of its top examples (``K' <= K``; none for a dead latent).
         weights: ``(K',)`` the examples' activations (slice sums), for the confidence.
         class_names: label classes, index 0 background.
+        base_rates: the cohort's class shares of the brain (see :func:`categorise`).
     """
     rules = rules or LabellingRules()
     names = metric_names(class_names)
     if len(example_metrics) == 0:
         return LatentLabel("dead", describe("dead", {}, rules), 1.0, {})
     mean = as_dict(np.mean(example_metrics, axis=0), names)
-    category, _ = categorise(mean, class_names, rules)
-    per_example = [categorise(as_dict(row, names), class_names, rules)[0] for row in example_metrics]
+    category, _ = categorise(mean, class_names, rules, base_rates)
+    per_example = [categorise(as_dict(row, names), class_names, rules, base_rates)[0] for row in example_metrics]
     w = np.asarray(weights, dtype=np.float64)
     agree = np.array([c == category for c in per_example])
     confidence = float((w * agree).sum() / w.sum()) if w.sum() > 0 else float(agree.mean())

@@ -74,8 +74,8 @@ def split_half_stability(interpretation, rules: LabellingRules | None = None, th
     compared = np.zeros(d_sae)
     agreed = np.zeros(d_sae)
     for half_a, half_b in interpretation.halves:
-        cats_a = [label.category for label in half_a.label(interpretation.class_names, rules)]
-        cats_b = [label.category for label in half_b.label(interpretation.class_names, rules)]
+        cats_a = [label.category for label in half_a.label(interpretation.class_names, rules, interpretation.base_rates)]
+        cats_b = [label.category for label in half_b.label(interpretation.class_names, rules, interpretation.base_rates)]
         seen, same = category_agreement(cats_a, cats_b)
         compared += seen
         agreed += same
