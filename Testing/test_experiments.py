@@ -178,6 +178,33 @@ def _cohort_file(path, cases):
     return path
 
 
+def _degraded(cases, out):
+    """The sub-Saharan-like acquisition shift (``seglens degrade --preset ssa``) applied to copies of ``cases``."""
+    from SegLensLogic.data.phantoms import degrade_case
+
+    for number, case in enumerate(cases):
+        degrade_case(case.images["t1n"].parent, out, preset="ssa", seed=number)
+    return out
+
+
+def test_runs_of_cases_sharing_an_id_keep_their_own_cached_forward(phantom_pipeline, tmp_path):
+    """A degraded copy keeps its case's name: its re-segmentations must still come from its own images."""
+    from SegLensLogic.data import load_cohort
+    from SegLensLogic.experiments.runs import Experiment
+    from SegLensLogic.steering import LatentEdit, resegment
+
+    case = phantom_pipeline.test.cases[0]
+    degraded = load_cohort(_degraded([case], tmp_path / "degraded"))[0]
+    assert degraded.case_id == case.case_id
+    experiment = Experiment(phantom_pipeline.model, phantom_pipeline.sae)
+    runs = [experiment.run_case(case), experiment.run_case(degraded)]
+    latent = runs[0].codes.top_latents(1)[0][0]
+    steered = [experiment.steer(run, [latent], "scale", 3.0) for run in runs]
+    for run, labels in zip(runs, steered):
+        assert np.array_equal(labels, resegment(experiment.model, experiment.sae, run.prepared, [LatentEdit((latent,), "scale", 3.0)]))
+    assert not np.array_equal(steered[0], steered[1])
+
+
 def test_failure_recovery_and_diagnose_commands_on_phantoms(phantom_pipeline, capsys, tmp_path):
     common = ["--model", phantom_pipeline.model_dir, "--sae", phantom_pipeline.sae_dir, "--device", "cpu"]
     cohort = _cohort_file(tmp_path / "four.txt", phantom_pipeline.train.cases)  # 2 failures, 2 left for class latents
@@ -201,9 +228,7 @@ def test_failure_recovery_and_diagnose_commands_on_phantoms(phantom_pipeline, ca
 
 
 def test_adaptation_command_on_degraded_phantoms(phantom_pipeline, capsys, tmp_path):
-    from SegLensLogic.experiments.shift import degrade_cohort
-
-    target = degrade_cohort(phantom_pipeline.test, tmp_path / "degraded", noise=0.15, bias=0.4, seed=0)
+    target = _degraded(phantom_pipeline.test.cases, tmp_path / "degraded")
     out = tmp_path / "adaptation"
     common = ["--model", phantom_pipeline.model_dir, "--sae", phantom_pipeline.sae_dir, "--device", "cpu"]
     source = _cohort_file(tmp_path / "two.txt", phantom_pipeline.train.cases[:2])

@@ -80,6 +80,9 @@ class CaseRun:
     codes: VolumeCodes = field(repr=False)
     class_names: tuple[str, ...] = ()
     _base_scores: dict | None = field(default=None, repr=False)
+    # The case's encoder outputs for re-segmentation (a CachedForward), kept with the run itself: cohorts of
+    # different populations may hold cases of the same id (degraded copies keep their names).
+    forward: object | None = field(default=None, repr=False)
 
     def score(self, labels: np.ndarray) -> dict[str, float]:
         """Per-class scores of ``labels`` against this case's ground truth (:func:`class_scores`)."""
@@ -125,7 +128,6 @@ class Experiment:
         self.sae = sae.to(next(model.parameters()).device)
         self.class_names = tuple(model.config.class_names)
         self.log = log or (lambda message: None)
-        self._forwards: dict[str, object] = {}
 
     def run_case(self, case: Case) -> CaseRun:
         """Read, segment (with softmax) and encode one labelled case."""
@@ -172,9 +174,9 @@ class Experiment:
         from ..steering import LatentEdit
         from ..steering.resegment import CachedForward
 
-        forward = self._forwards.get(run.case_id)
-        if forward is None:
-            forward = self._forwards[run.case_id] = CachedForward(self.model, run.prepared, hook=self.sae.config.hook_point)
+        if run.forward is None:
+            run.forward = CachedForward(self.model, run.prepared, hook=self.sae.config.hook_point)
+        forward = run.forward
         latent_edits = [LatentEdit(tuple(int(j) for j in l), mode=m, alpha=float(a), where=w).check(self.sae) for l, m, a, w in edits]
         deltas = forward.deltas(self.sae, latent_edits)
         base = run.prepared.orientation.apply(run.labels)
@@ -182,4 +184,4 @@ class Experiment:
 
     def forget(self, run: CaseRun) -> None:
         """Drop the cached encoder outputs of a case (memory) once its sweeps are done."""
-        self._forwards.pop(run.case_id, None)
+        run.forward = None
