@@ -106,3 +106,22 @@ def test_demo_refuses_other_options_and_foreign_folders(quick_demo, tmp_path, ca
     code, _, stderr = seglens(capsys, "demo", "--out", foreign, "--quick", "--overwrite")
     assert_one_line_error(code, stderr, str(foreign), "not a SegLens demo folder")
     assert (foreign / "notes.txt").read_text() == "not a demo"
+
+
+@pytest.mark.slow
+def test_quick_demo_on_real_cohorts(brats2018_dir, brats2013_dir, tmp_path, capsys):
+    """``--data`` with the real BraTS 2018 and 2013 cohorts: the shared modalities (t1c, t2f), no planted shift to
+    score, and every other step as on phantoms (several minutes: real volumes are 240 x 240 x 155)."""
+    from SegLensLogic.bundle import load_bundle
+
+    out = tmp_path / "real-demo"
+    code, stdout, stderr = seglens(capsys, "demo", "--out", out, "--quick", "--data", brats2018_dir, brats2013_dir)
+    assert code == 0, stderr
+    state = _state(out)
+    bundles = state["steps"]["bundles"]["outputs"]["bundles"]
+    assert set(bundles) == {"brats2018", "brats2013"}
+    assert load_bundle(out / bundles["brats2018"]).modalities == ["t1c", "t2f"]
+    assert state["steps"]["diffing"]["outputs"]["rows"] == []  # real cohorts: no planted shift
+    assert state["steps"]["steering"]["outputs"]["cases"][0]["replay_identical"]
+    html = (out / state["steps"]["report"]["outputs"]["report"]).read_text(encoding="utf-8")
+    assert "real data" in html
