@@ -355,3 +355,38 @@ def test_session_opens_from_a_bundle_in_one_call(real_pipeline, real_session, tm
     session = SteeringSession.from_bundle(bundle, real_pipeline.test[0], device="cpu")
     assert np.array_equal(session.segment(), real_session.base_labels)
     assert session.sae_sha256 == real_session.sae.weights_sha256
+
+
+def test_latents_are_chosen_by_category_and_population_status(real_pipeline, real_session, tmp_path, capsys):
+    """Selection reads a labels file (categories) and an alignment file (shared or specific) of this SAE."""
+    sae = BatchTopKSAE.load(real_pipeline.sae_dir)
+    half = sae.d_sae // 2
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # a second population's SAE: the first half of the dictionary replaced
+        sae.W_enc[:, :half] = torch.randn(sae.config.d_in, half, generator=generator)
+        sae.W_dec[:half] = torch.nn.functional.normalize(torch.randn(half, sae.config.d_in, generator=generator), dim=1)
+    sae.save(tmp_path / "other-sae")
+    alignment = tmp_path / "alignment.json"
+    code, _, err = seglens(capsys, "align", real_pipeline.sae_dir, tmp_path / "other-sae", "--out", alignment)
+    assert code == 0, err
+    active = [j for j, _ in real_session.top_latents(20)]
+    edema = active[:3]
+    labels = {
+        "format_version": 1, "kind": "seglens-latent-labels",
+        "latents": [{"id": j, "category": "edema" if j in edema else "background", "description": f"latent {j}"} for j in range(real_session.d_sae)],
+    }  # fmt: skip
+    (tmp_path / "latents.json").write_text(json.dumps(labels))
+    session = SteeringSession(real_pipeline.model, real_pipeline.sae, real_session.prepared, labels=tmp_path / "latents.json", alignments=[alignment])
+    session.segment()
+    assert session.select(category="edema") == edema  # most active first
+    specific = session.select(status="specific")
+    shared = session.select(status="shared")
+    assert specific and shared and set(specific).isdisjoint(shared)
+    assert all(j < half for j in specific) and all(j >= half for j in shared)
+    assert session.select(category="edema", status="shared") == [j for j in edema if j >= half]
+    row = next(r for r in session.latent_table() if r["id"] == edema[0])
+    assert row["category"] == "edema" and row["label"] == f"latent {edema[0]}" and row["status"] in ("shared", "specific")
+    with pytest.raises(SegLensError, match="no latent has category 'necrotic core'"):
+        session.select(category="necrotic core")
+    with pytest.raises(SegLensError, match="needs alignment files"):
+        real_session.select(status="specific")
