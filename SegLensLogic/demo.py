@@ -106,10 +106,11 @@ class DemoSettings:
                    slices_per_epoch=128, train_minutes=0.4, sae_k=4, sae_expansion=4, sae_steps=200, sae_batch=256, top_k=6, galleries=4, alphas=(0.0, 0.5, 2.0, 8.0), adaptation_alphas=(-1.0, 0.0, 1.0),
                    multiplicative_alphas=(0.5, 1.0, 2.0))  # fmt: skip
 
-    def describe(self) -> str:
+    def describe(self, real: bool = False) -> str:
+        cohorts = ("real cohorts, " if real else
+                   f"phantoms {'x'.join(map(str, self.shape))} voxels, {self.cases} cases per population ({self.test_cases} held out), ")
         return (
-            f"{'QUICK run (reduced sizes)' if self.quick else 'default run'}: phantoms {'x'.join(map(str, self.shape))} voxels, "
-            f"{self.cases} cases per population ({self.test_cases} held out), U-Net widths {list(self.unet_features)} at "
+            f"{'QUICK run (reduced sizes)' if self.quick else 'default run'}: {cohorts}U-Net widths {list(self.unet_features)} at "
             f"{self.image_size} px, SAE k {self.sae_k} x expansion {self.sae_expansion}"
             + (" (the paper uses k 32, expansion 16)" if self.quick or self.sae_k < 32 else "")
         )
@@ -872,7 +873,7 @@ def report_results(demo: Demo) -> dict:
     results: dict = {
         "title": "SegLens demo: audit of four population models" if demo.data is None else "SegLens demo: audit of real cohorts",
         "subtitle": (f"Synthetic MNI152 phantom cohorts with planted shifts; {s.describe()}." if demo.data is None
-                     else f"Real cohorts {', '.join(c['name'] for c in cohorts)}; {s.describe()}."),
+                     else f"Real cohorts {', '.join(c['name'] for c in cohorts)}; {s.describe(real=True)}."),
         "notes": [
             "Every model was fine-tuned from one base U-Net trained on the reference cohort "
             f"('{reference}'), so their activation spaces are comparable and SAE latents can be aligned by cosine similarity.",
@@ -1004,7 +1005,7 @@ def run_demo(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or (previous_threads if demo.device.type == "cuda" else 1))
     start = time.monotonic()
-    log(f"SegLens demo in {out} ({settings.describe()}; device {demo.device.type}, {torch.get_num_threads()} CPU thread(s))")
+    log(f"SegLens demo in {out} ({settings.describe(real=paths is not None)}; device {demo.device.type}, {torch.get_num_threads()} CPU thread(s))")
     try:
         for index, (name, title, function) in enumerate(STEPS, start=1):
             run_step(demo, index, name, title, function)

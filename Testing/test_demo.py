@@ -96,6 +96,19 @@ def test_quick_demo_resumes_without_redoing_steps(quick_demo, capsys):
     after = _state(out)
     assert {k: v["finished"] for k, v in after["steps"].items()} == {k: v["finished"] for k, v in before["steps"].items()}
 
+    # An interruption inside the last step: it is not recorded, and its half-written folder is left behind.
+    state = _state(out)
+    record = state["steps"].pop("report")
+    (out / STATE_NAME).write_text(json.dumps(state))
+    partial = out / f".{record['folder']}.tmp"
+    partial.mkdir()
+    (partial / "report.html").write_text("<html>half written")
+    code, stdout, stderr = seglens(capsys, "demo", "--out", out, "--quick")
+    assert code == 0, stderr
+    assert sum("already done" in line for line in stdout.splitlines()) == len(STEPS) - 1, stdout
+    assert not partial.exists() and "Steered cases" in (out / record["folder"] / "report.html").read_text(encoding="utf-8")
+    assert _state(out)["steps"]["report"]["finished"] >= record["finished"]
+
 
 def test_demo_refuses_other_options_and_foreign_folders(quick_demo, tmp_path, capsys):
     code, _, stderr = seglens(capsys, "demo", "--out", quick_demo)  # the folder holds a --quick run
