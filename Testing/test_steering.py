@@ -297,7 +297,8 @@ def test_recipe_reproduces_its_mask_bit_for_bit_in_a_new_process(real_pipeline, 
     mask_path, recipe_path = session.export(tmp_path / "steered.nii.gz")
     case_dir = Path(real_pipeline.test[1].images["t1n"]).parent
     replay = tmp_path / "replay.nii.gz"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # One thread, as this module's own session ran (a busy 2-core machine makes OpenMP threads spin for minutes).
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "SegLensLogic.cli", "steer", "--model", str(real_pipeline.model_dir), "--sae", str(real_pipeline.sae_dir),
          "--case", str(case_dir), "--recipe", str(recipe_path), "--out", str(replay), "--device", "cpu"],
