@@ -930,8 +930,25 @@ def report_results(demo: Demo) -> dict:
                             "recipe": f"{case['recipe']}: {case['edit']}; replayed {'identically' if case['replay_identical'] else 'differently'}",
                             "colours": [list(c) for c in bundle.colours]})  # fmt: skip
     results["steered_cases"] = steered
-    results["notes"] += _findings(demo, dice, saes)
+    results["notes"] = _headlines(demo, dice, alignment) + results["notes"] + _findings(demo, dice, saes)
     return results
+
+
+def _headlines(demo: Demo, dice: dict, alignment: dict) -> list[str]:
+    """The run's main results in two sentences: the reference model under shift, and what diffing saw."""
+    reference = alignment["reference"]
+    own = dice.get(reference, {})
+    lines = []
+    if own:
+        lines.append(f"Results: the {reference} model's mean Dice is {own.get(reference, float('nan')):.3f} on its own test cases and "
+                     + ", ".join(f"{score:.3f} on {name}" for name, score in own.items() if name != reference) + ".")  # fmt: skip
+    names, matrix = alignment["names"], alignment["fraction_shared"]
+    row = matrix[names.index(reference)]
+    pairs = ", ".join(f"{row[k]:.0%} in {name}" for k, name in enumerate(names) if name != reference)
+    if alignment.get("seed_noise_floor") is not None:
+        lines.append(f"Live latents of its SAE with a shared partner: {pairs}; {alignment['seed_noise_floor']:.0%} in a replica "
+                     "trained on resampled activations of its own cohort (the floor).")  # fmt: skip
+    return lines
 
 
 def _findings(demo: Demo, dice: dict, saes: dict) -> list[str]:
