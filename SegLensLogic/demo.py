@@ -11,14 +11,18 @@ place when it is complete, then recorded in ``OUT/demo.json``):
    activation spaces stay comparable. A population with other label classes (healthy: FreeSurfer structures)
    keeps the base's weights except the output layer, which is new.
 4. ``evaluation``: every model on every test split with the same label classes (mean Dice).
-5. ``saes``: hook-point activations of each model on its own training cohort and a BatchTopK SAE on them (each
-   population its own seed), plus a second seed of the reference SAE (the seed noise floor); explained variance,
-   L0, dead fraction and Dice recovered on the test split.
+5. ``saes``: hook-point activations (``down_2``, the middle encoder level) of each model on its own training
+   cohort and a BatchTopK SAE on them, every SAE from one initialisation (as every model from one base: SAEs this
+   small trained from different seeds share almost no latents, so seeds would swamp populations); plus two
+   replicas of the reference SAE: the same initialisation on a random 80% of its activations (the floor: what
+   training noise alone leaves shared) and another seed. Explained variance, L0, dead fraction and Dice recovered.
 6. ``interpretation``: a labels file per SAE (``latents.json``) and galleries of a few latents per category.
-7. ``alignment``: every pair of SAEs aligned (encoder and decoder cosines), the fraction-shared matrix with the
-   seed noise floor, and one alignment file per population against the reference.
+7. ``alignment``: every pair of SAEs aligned (encoder and decoder cosines, tau 0.8), the share of each SAE's live
+   latents with a shared partner (dead latents never leave the common initialisation), the floor from the
+   replica, and one alignment file per population against the reference.
 8. ``diffing``: the reference-vs-population specific latents scored against the planted shift (precision and
-   recall against ``cohort.json``'s shifted factors, beside the precision of chance).
+   recall against ``cohort.json``'s shifted factors, beside the precision of chance), with the expected categories
+   put in the vocabulary of each SAE (:func:`expected_categories`).
 9. ``experiments``: the reference model on every tumour test case: failure diagnosis, failure recovery by
    latent steering and adaptation to a shifted population, each with oracle and calibrated (cross-fitted)
    results (:mod:`SegLensLogic.experiments`).
@@ -26,11 +30,14 @@ place when it is complete, then recorded in ``OUT/demo.json``):
 11. ``steering``: the worst failure cases opened from the reference bundle (``SteeringSession.from_bundle``),
     steered with the recovery sweep's setting, exported as a corrected mask with its recipe; the recipe is
     replayed and must give the same mask.
-12. ``report``: ``OUT/report.html``, the audit report (:func:`SegLensLogic.report.render_report`).
+12. ``report``: ``OUT/12-report/report.html``, the audit report (:func:`SegLensLogic.report.render_report`).
 
 Rerunning the same command continues after the last finished step; ``--overwrite`` starts over. A folder that
 holds anything but a demo is refused. ``--quick`` shrinks every size (phantoms, cases, SAE ``k`` and expansion,
-sweeps) to finish in about two minutes on two CPU cores; the log and the report say so.
+sweeps) to finish in about a minute on two CPU cores (the default run: about four); the log and the report say
+so. Without a GPU the demo runs PyTorch on one thread (``threads``): models this small run faster on one thread
+than on two that contend. State file ``demo.json``: ``{"format_version": 1, "kind": "seglens-demo", "options":
+{"quick", "data"}, "started", "finished", "steps": {name: {"folder", "seconds", "finished", "outputs"}}}``.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -799,7 +806,7 @@ def step_bundles(demo: Demo, folder: Path) -> dict:
 # -- 11. steering ---------------------------------------------------------------------------------------------------
 def step_steering(demo: Demo, folder: Path) -> dict:
     from .bundle import load_bundle
-    from .data.cases import find_case, read_case
+    from .data.cases import read_case
     from .experiments import class_scores
     from .steering import LatentEdit, SteeringSession, load_recipe
 
@@ -824,12 +831,12 @@ def step_steering(demo: Demo, folder: Path) -> dict:
         replay = SteeringSession.from_bundle(bundle, case, device=demo.device)
         replayed = replay.apply_recipe(load_recipe(recipe_path), source=recipe_path)
         identical = bool(np.array_equal(replayed, after))
-        truth = read_case(find_case(_case_folder(case)), modalities=bundle.modalities).label
+        images = read_case(case, modalities=bundle.modalities)
+        truth = images.label
         names = bundle.class_names
         dice_before, dice_after = class_scores(before, truth, names)["dice_mean"], class_scores(after, truth, names)["dice_mean"]
         changed = np.flatnonzero((before != after).sum(axis=(0, 1)))
         z = int(changed[np.argmax((before != after).sum(axis=(0, 1))[changed])]) if changed.size else int(np.argmax((truth > 0).sum(axis=(0, 1))))
-        images = read_case(find_case(_case_folder(case)), modalities=bundle.modalities)
         display = "t1c" if "t1c" in images.images else bundle.modalities[0]
         np_file = folder / f"{case.case_id}-panels.npz"
         np.savez_compressed(np_file, image=images.images[display][:, :, z].T.astype(np.float32), before=before[:, :, z].T,
