@@ -975,7 +975,7 @@ def _findings(demo: Demo, dice: dict, saes: dict) -> list[str]:
         notes.append(f"Steering moved few voxels here ({', '.join(map(str, changed))} in the steered cases), and splicing SAE "
                      f"reconstructions in at the hook keeps the Dice (recovered {min(recovered):.2f}-{max(recovered):.2f}): in U-Nets "
                      "this small the decoder's skip connections from the encoder levels above the hook carry most of the signal "
-                     "past it, so edits at the hook change little. Larger models (the paper's) rely on their mid-encoder features more.")  # fmt: skip
+                     "past it, so edits at the hook change little. Whether larger models lean on it more, this demo cannot tell.")  # fmt: skip
     return notes
 
 
