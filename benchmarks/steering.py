@@ -15,8 +15,8 @@ with the same model, the same SAE and the same edit:
 
 Two edits are timed:
 
-* ``tumour latents``: scale by 3, inside the tumour, the three latents most active there (the predicted tumour,
-  else the labelled one) -- the typical steering edit; slices outside the region are not re-run;
+* ``tumour latents``: scale by 3, inside the tumour, the three latents most active there (the labelled tumour,
+  else the predicted one) -- the typical steering edit; slices outside the region are not re-run;
 * ``every slice``: add 1 everywhere to the most active latent of the volume, so every brain slice changes --
   the worst case, where the only saving is the cached first layers.
 
@@ -119,9 +119,9 @@ def run_one(label: str, model, sae, case, repeats: int, device) -> dict:
     session = SteeringSession(model, sae, prepared)
     session.segment()
     open_seconds = time.perf_counter() - start
-    tumour = session.base_labels > 0
-    if tumour.sum() < 100 and prepared.source.label is not None:
-        tumour = prepared.to_input_grid(prepared.label) > 0
+    # The region a user would steer in: the labelled tumour when the case has labels (a random model's predicted
+    # "tumour" is noise all over the brain), else the predicted one.
+    tumour = prepared.to_input_grid(prepared.label) > 0 if prepared.label is not None else session.base_labels > 0
     region = Region.from_mask(tumour) if tumour.any() else None
     edits = {
         "tumour latents": LatentEdit(tuple(j for j, _ in session.top_latents(3, region)), "scale", 3.0, region=region or Region.volume()),
