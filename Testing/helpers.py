@@ -227,3 +227,24 @@ def save_tiny_unet(folder: Path, modalities, seed: int = 0) -> Path:
         arch_options={"features": list(TINY_UNET_FEATURES)},
     )
     return build_segmenter(config).save_pretrained(folder)
+
+
+def align_with_half_replaced(capsys, sae_dir: Path, tmp_path: Path, seed: int = 0) -> Path:
+    """A second 'population' SAE: ``sae_dir``'s with the first half of its dictionary replaced by random
+    directions; aligned with the original by ``seglens align``. Returns the alignment file (latents of the first
+    half come out population-specific, the second half shared)."""
+    import torch
+
+    from SegLensLogic.sae import BatchTopKSAE
+
+    other = BatchTopKSAE.load(sae_dir)
+    half = other.d_sae // 2
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        other.W_enc[:, :half] = torch.randn(other.config.d_in, half, generator=generator)
+        other.W_dec[:half] = torch.nn.functional.normalize(torch.randn(half, other.config.d_in, generator=generator), dim=1)
+    other.save(tmp_path / "other-sae")
+    alignment = tmp_path / "alignment.json"
+    code, _, err = seglens(capsys, "align", sae_dir, tmp_path / "other-sae", "--out", alignment)
+    assert code == 0, err
+    return alignment

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
-from helpers import assert_one_line_error, seglens
+from helpers import align_with_half_replaced, assert_one_line_error, seglens
 from SegLensLogic.experiments.baselines import connected_component_filter, normalised_entropy, uncertainty_filter
 from SegLensLogic.experiments.calibration import CaseSweep, calibrated, choose_setting, oracle, split_folds
 
@@ -247,20 +247,7 @@ def test_population_steering_command_on_phantoms(phantom_pipeline, capsys, tmp_p
     """Figure 5 on phantoms: a second 'population' SAE shares half of the dictionary (the other half replaced by
     random directions), so the alignment splits latents into shared (universal) and specific; every set is steered
     on two cohorts, and alpha 1 is the unedited model."""
-    import torch
-
-    from SegLensLogic.sae import BatchTopKSAE
-
-    other = BatchTopKSAE.load(phantom_pipeline.sae_dir)
-    half = other.d_sae // 2
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        other.W_enc[:, :half] = torch.randn(other.config.d_in, half, generator=generator)
-        other.W_dec[:half] = torch.nn.functional.normalize(torch.randn(half, other.config.d_in, generator=generator), dim=1)
-    other.save(tmp_path / "other-sae")
-    alignment = tmp_path / "alignment.json"
-    code, _, err = seglens(capsys, "align", phantom_pipeline.sae_dir, tmp_path / "other-sae", "--out", alignment)
-    assert code == 0, err
+    alignment = align_with_half_replaced(capsys, phantom_pipeline.sae_dir, tmp_path, seed=5)
 
     own = _cohort_file(tmp_path / "own.txt", phantom_pipeline.train.cases[:2])
     held_out = _cohort_file(tmp_path / "held-out.txt", phantom_pipeline.test.cases)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_one_line_error, seglens
+from helpers import align_with_half_replaced, assert_one_line_error, seglens
 from SegLensLogic.data import read_case
 from SegLensLogic.errors import InputFileError, OutputExistsError, SegLensError
 from SegLensLogic.inference import predict_volume
@@ -360,16 +360,8 @@ def test_session_opens_from_a_bundle_in_one_call(real_pipeline, real_session, tm
 
 def test_latents_are_chosen_by_category_and_population_status(real_pipeline, real_session, tmp_path, capsys):
     """Selection reads a labels file (categories) and an alignment file (shared or specific) of this SAE."""
-    sae = BatchTopKSAE.load(real_pipeline.sae_dir)
-    half = sae.d_sae // 2
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # a second population's SAE: the first half of the dictionary replaced
-        sae.W_enc[:, :half] = torch.randn(sae.config.d_in, half, generator=generator)
-        sae.W_dec[:half] = torch.nn.functional.normalize(torch.randn(half, sae.config.d_in, generator=generator), dim=1)
-    sae.save(tmp_path / "other-sae")
-    alignment = tmp_path / "alignment.json"
-    code, _, err = seglens(capsys, "align", real_pipeline.sae_dir, tmp_path / "other-sae", "--out", alignment)
-    assert code == 0, err
+    alignment = align_with_half_replaced(capsys, real_pipeline.sae_dir, tmp_path, seed=3)
+    half = real_session.d_sae // 2
     active = [j for j, _ in real_session.top_latents(20)]
     edema = active[:3]
     labels = {
