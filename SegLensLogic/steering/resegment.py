@@ -172,7 +172,9 @@ def resegment(
     edits: Sequence[LatentEdit],
     batch_size: int | None = None,
 ) -> np.ndarray:
-    """Segment ``case`` with ``edits`` applied at the hook point, through a cached partial forward.
+    """Segment ``case`` once with ``edits`` applied at the hook point (encoder once, every brain slice decoded
+    once with its change); no faster than a full forward. Repeated edits of one case belong in a
+    :class:`~SegLensLogic.steering.SteeringSession`, which keeps the unedited labels and re-runs changed slices only.
 
     Returns:
         ``uint8`` labels on the input's voxel grid (file order).
