@@ -453,7 +453,7 @@ def _version() -> str:
 
 # -- command line ----------------------------------------------------------------------------------------------------
 def cmd_bundle(args) -> int:
-    from .cli import log
+    from .console import log
 
     if args.check:
         log(load_bundle(args.check).summary())

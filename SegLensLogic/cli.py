@@ -2,7 +2,8 @@
 
 Commands of the later concepts (steering, interpretation, alignment, experiments, bundles) are defined in a
 ``commands.py`` beside each concept and registered through :data:`COMMAND_MODULES`; they reuse the helpers here
-(:func:`log`, :func:`device_from_args`, :func:`case_from_args`, :func:`add_device_arguments`).
+from :mod:`SegLensLogic.console` (:func:`log`, :func:`device_from_args`, :func:`case_from_args`,
+:func:`add_device_arguments`), as this module does.
 
 Every user error is printed as one line ``seglens: error: <file>: <problem>`` with exit status 2 (no traceback;
 ``--debug`` shows one). Outputs are never overwritten unless ``--overwrite`` is given.
@@ -17,56 +18,11 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .console import add_device_arguments, case_from_args, device_from_args, log, progress_printer
 from .errors import SegLensError, refuse_existing
 
 # Modules that add their own subcommands (steering, interpretation, alignment, experiments, bundles, ...).
-COMMAND_MODULES: tuple[str, ...] = ("SegLensLogic.steering.commands", "SegLensLogic.bundle", "SegLensLogic.data.commands", "SegLensLogic.interpretation.commands", "SegLensLogic.alignment.commands", "SegLensLogic.experiments.commands")
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
-def progress_printer(label: str):
-    """A progress callback printing ``label: done/total`` on one updating line when attached to a terminal."""
-    interactive = sys.stderr.isatty()
-
-    def progress(done: int, total: int) -> None:
-        if interactive:
-            print(f"\r{label}: {done}/{total} slices", end="" if done < total else "\n", file=sys.stderr, flush=True)
-
-    return progress
-
-
-def case_from_args(args: argparse.Namespace):
-    """The case to read: a folder, or ``--image MOD=FILE`` pairs (plus ``--seg``)."""
-    from .data.cases import case_from_mapping, find_case
-
-    if args.image:
-        mapping = {}
-        for item in args.image:
-            modality, sep, path = item.partition("=")
-            if not sep or not path:
-                raise SegLensError(f"--image expects MODALITY=FILE, got '{item}'")
-            mapping[modality] = path
-        if getattr(args, "seg", None):
-            mapping["seg"] = args.seg
-        return case_from_mapping(mapping, case_id=args.case.name if args.case else None)
-    if args.case is None:
-        raise SegLensError("give --case FOLDER or --image MODALITY=FILE for each modality")
-    return find_case(args.case)
-
-
-def device_from_args(args: argparse.Namespace):
-    import torch
-
-    from .networks import default_device
-
-    if args.device == "auto":
-        return default_device()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SegLensError("--device cuda was asked for but PyTorch sees no GPU")
-    return torch.device(args.device)
+COMMAND_MODULES: tuple[str, ...] = ("SegLensLogic.steering.commands", "SegLensLogic.bundle", "SegLensLogic.data.commands", "SegLensLogic.interpretation.commands", "SegLensLogic.alignment.commands", "SegLensLogic.experiments.commands", "SegLensLogic.reference.commands")
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -246,12 +202,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(args.out, data=args.data, quick=args.quick, overwrite=args.overwrite, threads=args.threads, log=log)
     return 0
-
-
-def add_device_arguments(p: argparse.ArgumentParser) -> None:
-    """``--device`` and ``--batch-size``, as every command that runs a segmenter takes them."""
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs (auto: GPU if any)")
-    p.add_argument("--batch-size", type=int, help="axial slices per forward pass (default: 16 on a GPU; on the CPU 1 for U-Net, 4 for SegFormer)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -632,7 +632,7 @@ def step_alignment(demo: Demo, folder: Path) -> dict:
             tau_sweep=tau_sweep(alignment), seed_noise_floor=floor_record,
         )  # fmt: skip
         files[name] = demo.rel(write_alignment(document, folder / f"{reference}-vs-{name}.json"))
-    demo.sub(f"live latents: " + ", ".join(f"{name} {len(live[name])}" for name in names))
+    demo.sub("live latents: " + ", ".join(f"{name} {len(live[name])}" for name in names))
     demo.sub("share of the reference's live latents shared: " + ", ".join(f"with {n_} {matrix[ref_index, k]:.2f}" for k, n_ in enumerate(names) if n_ != reference)
              + f"; floor (resampled replica) {floor if floor is None else round(floor, 2)}; another initialisation {other if other is None else round(other, 2)}")  # fmt: skip
     return {"names": names, "fraction_shared": matrix.tolist(), "fraction_shared_all_latents": diff.fraction_matrix().tolist(),
@@ -886,7 +886,7 @@ def report_results(demo: Demo) -> dict:
             f"('{reference}'), so their activation spaces are comparable and SAE latents can be aligned by cosine similarity.",
             "Oracle results choose the steering setting per case with its ground truth: an upper bound. Calibrated results "
             "choose it on the other fold's cases only (2-fold cross-fitting): what a user could expect.",
-            f"Tiny models and few cases: the numbers show the method end to end, not the paper's results."
+            "Tiny models and few cases: the numbers show the method end to end, not the paper's results."
             + (" This is the --quick run: SAE k and expansion, phantom sizes and sweeps are reduced further." if s.quick else ""),
             "Step times: " + ", ".join(f"{name} {sec:.0f} s" for name, sec in seconds.items()) + ".",
         ],

@@ -56,14 +56,18 @@ class VolumePrediction:
 def prepare_for_model(model: Segmenter, case: Case | CaseImages | PreparedCase | str | Path) -> PreparedCase:
     """Read and preprocess ``case`` (a folder, a :class:`Case`, or images already read) for ``model``."""
     if isinstance(case, PreparedCase):
-        if case.modalities != tuple(model.config.modalities) or case.geometry.size != model.config.image_size:
+        if (
+            case.modalities != tuple(model.config.modalities)
+            or case.geometry.size != model.config.image_size
+            or (case.geometry.crop is not None and not model.config.crop_to_brain)
+        ):
             raise ValueError("the prepared case was made for another model's inputs")
         return case
     if isinstance(case, str | Path):
         case = find_case(case)
     if isinstance(case, Case):
-        case = read_case(case, modalities=model.config.modalities)
-    return prepare_case(case, model.config.modalities, model.config.image_size)
+        case = read_case(case, modalities=model.config.modalities, allow_missing=model.config.accepts_missing_modalities)
+    return prepare_case(case, model.config.modalities, model.config.image_size, crop_to_brain=model.config.crop_to_brain)
 
 
 def labels_from_logits(logits: torch.Tensor) -> np.ndarray:

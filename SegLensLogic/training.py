@@ -4,9 +4,14 @@ Cohort models that are to be diffed must share an initialisation, so that their 
 comparable (design notes): train a base model once, then fine-tune every cohort model from it with ``init``.
 
 Training runs on axial slices that contain brain, half of each epoch drawn from slices with foreground labels,
-with random flips and intensity scaling/shifting and Dice + cross-entropy loss (MONAI
-``DiceCELoss``). After every epoch the held-out cases are segmented whole and scored per class; the best
-checkpoint by mean class Dice is what stays in the output folder.
+with random flips and intensity scaling/shifting (optionally rotation and scaling, and modality dropout so that
+a model tolerates a missing sequence) and Dice + cross-entropy loss (MONAI ``DiceCELoss``). After every epoch
+the held-out cases are segmented whole and scored per class; the best checkpoint by mean class Dice is what
+stays in the output folder.
+
+Long runs are resumable: after every epoch the whole training state (weights, best weights, optimiser,
+schedule, random generators, history) is written to ``OUT/checkpoint/`` as safetensors + JSON, and
+``train_segmenter(..., resumable=True)`` continues from it with the same results as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch.utils.data import WeightedRandomSampler
 from tqdm.auto import tqdm
@@ -45,10 +52,16 @@ class TrainingOptions:
         minutes: wall-clock budget; training stops after the batch that exceeds it (then validates once more).
         batch_size: slices per step.
         learning_rate: AdamW learning rate (cosine-decayed when ``epochs`` is set).
+        warmup_steps: steps of linear learning-rate warm-up (transformers trained from scratch need some).
         slices_per_epoch: slices drawn per epoch; None means the number of brain slices in the training cases.
         foreground_fraction: share of each epoch drawn from slices that hold a labelled structure.
         val_cases: held-out cases for validation (the cohort's last ones); None: 20 %, at least one when
             the cohort has two or more cases.
+        spatial_augmentation: random in-plane rotation (up to 15 degrees) and scaling (0.85-1.15) per slice.
+        modality_dropout: probability that a slice loses a random subset of its input channels (set to 0, the
+            brain mean after z-scoring), so that the model still works when sequences are missing.
+        precision: ``"float32"`` or ``"bfloat16"`` (autocast for the forward pass; about 1.7x faster on CPUs with
+            AVX512-BF16, and on GPUs).
         seed: seeds weights, sampling and augmentation.
     """
 
@@ -56,10 +69,14 @@ class TrainingOptions:
     minutes: float | None = None
     batch_size: int = 16
     learning_rate: float = 1e-3
+    warmup_steps: int = 0
     weight_decay: float = 1e-4
     slices_per_epoch: int | None = None
     foreground_fraction: float = 0.5
     val_cases: int | None = None
+    spatial_augmentation: bool = False
+    modality_dropout: float = 0.0
+    precision: str = "float32"
     seed: int = 0
 
 
@@ -106,12 +123,23 @@ class SliceDataset:
         return self.images[items].to(device).float(), self.labels[items].to(device).long()[:, None]
 
 
-def augment(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random left-right and anterior-posterior flips, and per-slice intensity scaling and shifting.
+def augment(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    spatial: bool = False,
+    modality_dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random left-right and anterior-posterior flips, per-slice intensity scaling and shifting, and optionally
+    rotation and scaling and modality dropout.
 
     Done on whole batches on the model's device: per-sample MONAI dictionary transforms cost more than the
-    forward pass of a small model on the CPU. Ranges follow MONAI's ``RandScaleIntensity(0.1)`` and
-    ``RandShiftIntensity(0.1)`` on z-scored inputs.
+    forward pass of a small model on the CPU. Ranges follow MONAI's ``RandScaleIntensity(0.1)``,
+    ``RandShiftIntensity(0.1)`` and ``RandAffine`` (rotation 15 degrees, scale 0.15) on z-scored inputs.
+
+    Args:
+        images: ``(B, C, S, S)`` float32; labels ``(B, 1, S, S)`` int64.
+        generator: the CPU generator that makes every draw (so a seeded run is reproducible).
     """
     n = images.shape[0]
     draws = torch.rand(n, 4, generator=generator).to(images.device)
@@ -124,18 +152,44 @@ def augment(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generat
     shift = 0.1 * (2 * torch.rand(n, generator=generator) - 1).to(images.device)
     scale = torch.where(draws[:, 2] < 0.5, scale, torch.ones_like(scale))
     shift = torch.where(draws[:, 3] < 0.5, shift, torch.zeros_like(shift))
-    return images * scale[:, None, None, None] + shift[:, None, None, None], labels
+    images = images * scale[:, None, None, None] + shift[:, None, None, None]
+    if spatial:
+        images, labels = _rotate_and_scale(images, labels, generator)
+    if modality_dropout > 0 and images.shape[1] > 1:
+        # A dropped slice loses each channel with probability 1/2, but never all of them.
+        drop = torch.rand(n, generator=generator) < modality_dropout
+        lost = (torch.rand(n, images.shape[1], generator=generator) < 0.5) & drop[:, None]
+        lost[lost.all(dim=1), torch.randint(images.shape[1], (1,), generator=generator)] = False
+        images = images * (~lost).to(images.device)[:, :, None, None]
+    return images, labels
 
 
-def _prepare_cohort(cohort: Cohort, modalities: list[str], size: int, log: Callable[[str], None]) -> tuple[list[PreparedCase], str]:
+def _rotate_and_scale(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half of the slices rotated by up to 15 degrees and scaled by 0.85-1.15 about the centre (labels nearest)."""
+    n = images.shape[0]
+    active = (torch.rand(n, generator=generator) < 0.5).float()
+    angle = active * math.radians(15) * (2 * torch.rand(n, generator=generator) - 1)
+    zoom = 1 + active * 0.15 * (2 * torch.rand(n, generator=generator) - 1)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
+    grid = F.affine_grid(theta.to(images.device), list(images.shape), align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    labels = F.grid_sample(labels.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False).long()
+    return images, labels
+
+
+def _prepare_cohort(
+    cohort: Cohort, modalities: list[str], size: int, crop_to_brain: bool, allow_missing: bool, log: Callable[[str], None]
+) -> tuple[list[PreparedCase], str]:
     prepared, schemes = [], set()
     for case in cohort:
         if case.label is None:
             raise InputFileError(next(iter(case.images.values())).parent, f"case '{case.case_id}' has no label map to train on")
-        images = read_case(case, modalities=modalities)
+        images = read_case(case, modalities=modalities, allow_missing=allow_missing)
         schemes.add(images.label_scheme.name if images.label_scheme.name != "brats2013" else "brats2023")
-        prepared.append(prepare_case(images, modalities, size))
-        log(f"  loaded {case.case_id}")
+        prepared.append(prepare_case(images, modalities, size, crop_to_brain=crop_to_brain))
+        missing = prepared[-1].missing_modalities
+        log(f"  loaded {case.case_id}" + (f" (no {', '.join(missing)}: set to 0)" if missing else ""))
     tumour = {"brats2023", "brats2018"}
     kinds = {"tumour" if s in tumour else s for s in schemes}
     if len(kinds) > 1:
@@ -151,6 +205,77 @@ def _validate(model: Segmenter, cases: list[PreparedCase], batch_size: int) -> d
     return {key: float(np.mean([s[key] for s in per_case])) for key in per_case[0]}
 
 
+def _learning_rate_factor(warmup_steps: int, total_steps: int | None, step: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps`` (constant when None)."""
+    factor = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    if total_steps:
+        factor *= 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return factor
+
+
+CHECKPOINT_FOLDER = "checkpoint"
+_CHECKPOINT_STATE = "training_state.json"
+_CHECKPOINT_TENSORS = "training_state.safetensors"
+
+
+def _save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    """The whole training state after an epoch: tensors as safetensors, the rest as JSON (each atomic, the JSON
+    last, so a checkpoint whose JSON names its epoch is complete)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{_CHECKPOINT_TENSORS}.tmp"
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(folder / _CHECKPOINT_TENSORS)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_text(folder / _CHECKPOINT_STATE, json.dumps(state, indent=1) + "\n", overwrite=True)
+
+
+def _load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """A checkpoint written by :func:`_save_checkpoint`, or None when there is none."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state_path, tensor_path = folder / _CHECKPOINT_STATE, folder / _CHECKPOINT_TENSORS
+    if not state_path.exists():
+        return None
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        tensors = load_file(str(tensor_path))
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise InputFileError(folder, f"training checkpoint cannot be read ({exc}); delete it to start afresh") from None
+    if not isinstance(state, dict) or state.get("kind") != "seglens-training-checkpoint":
+        raise InputFileError(state_path, "is not a SegLens training checkpoint")
+    return tensors, state
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimiser's state split into tensors (safetensors) and plain values (JSON)."""
+    full = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for index, values in full["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{name}"] = value
+            else:
+                plain[f"{index}.{name}"] = value
+    return tensors, {"param_groups": full["param_groups"], "plain": plain}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], saved: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in saved["plain"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": saved["param_groups"]}
+
+
 def train_segmenter(
     cohort: Cohort,
     out_dir: str | Path,
@@ -162,6 +287,8 @@ def train_segmenter(
     options: TrainingOptions | None = None,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    crop_to_brain: bool = False,
+    resumable: bool = False,
 ) -> TrainingResult:
     """Train (or fine-tune from ``init``) a segmenter on ``cohort`` and save the best checkpoint to ``out_dir``.
 
@@ -173,17 +300,24 @@ def train_segmenter(
         modalities: input channels; default: the base model's, else every modality all cases share.
         image_size: model input side for a model trained from scratch.
         arch_options: architecture overrides for small models (see :class:`SegmenterConfig`).
-        options: epochs, time budget, batch size, learning rate, validation split, seed.
+        options: epochs, time budget, batch size, learning rate, validation split, augmentation, seed.
         overwrite: replace an existing model folder.
         log: where progress lines go.
+        crop_to_brain: a model trained from scratch sees the brain's bounding box, not the whole slice.
+        resumable: write the whole training state to ``out_dir/checkpoint`` after every epoch, and continue
+            from it when a previous run (same cohort, model and options) left one.
     """
     options = options or TrainingOptions()
     out_dir = Path(out_dir)
     refuse_existing(out_dir / "model.safetensors", overwrite)
     if options.epochs is None and options.minutes is None:
         raise ValueError("give a number of epochs, a time budget in minutes, or both")
+    if options.precision not in ("float32", "bfloat16"):
+        raise SegLensError(f"precision must be float32 or bfloat16, not '{options.precision}'")
     if len(cohort) == 0:
         raise SegLensError(f"cohort '{cohort.name}' has no cases")
+    checkpoint_dir = out_dir / CHECKPOINT_FOLDER
+    checkpoint = _load_checkpoint(checkpoint_dir) if resumable else None
     torch.manual_seed(options.seed)
     device = default_device()
 
@@ -193,6 +327,7 @@ def train_segmenter(
         if modalities is not None and list(modalities) != list(config.modalities):
             raise SegLensError(f"the base model {init} takes {config.modalities}; cannot fine-tune on {list(modalities)}")
         init_info = {"init_model": str(init), "init_model_sha256": weights_sha256(init)}
+        crop_to_brain = config.crop_to_brain
     else:
         config = None
         init_info = {}
@@ -202,7 +337,9 @@ def train_segmenter(
     size = config.image_size if config else image_size
 
     log(f"Preparing {len(cohort)} case(s) of cohort '{cohort.name}' ({', '.join(wanted)}, {size}x{size})")
-    prepared, scheme_name = _prepare_cohort(cohort, wanted, size, log)
+    # Missing sequences are tolerated when the model learns (or learnt) with modality dropout.
+    allow_missing = options.modality_dropout > 0 or (config is not None and config.accepts_missing_modalities)
+    prepared, scheme_name = _prepare_cohort(cohort, wanted, size, crop_to_brain, allow_missing, log)
     scheme = get_scheme(scheme_name)
     if config is None:
         config = SegmenterConfig(
@@ -211,6 +348,7 @@ def train_segmenter(
             class_names=list(scheme.class_names),
             label_scheme=scheme.name,
             image_size=size,
+            crop_to_brain=crop_to_brain,
             arch_options=dict(arch_options or {}),
         )
         model = build_segmenter(config).to(device)
@@ -235,20 +373,41 @@ def train_segmenter(
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
     scheduler = None
-    if options.epochs is not None:
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.epochs * steps_per_epoch)
+    if options.epochs is not None or options.warmup_steps:
+        total_steps = options.epochs * steps_per_epoch if options.epochs is not None else None
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_learning_rate_factor, options.warmup_steps, total_steps))
 
-    log(
-        f"Training {config.arch} on {len(train_cases)} case(s) ({len(dataset)} brain slices, {int(fg.sum())} with labels), "
-        f"validating on {len(val_cases)}; device {device.type}"
-    )
-    start = time.monotonic()
-    deadline = start + 60 * options.minutes if options.minutes is not None else math.inf
     history: list[dict] = []
     best_scores: dict[str, float] = {}
     best_state: dict[str, torch.Tensor] | None = None
     best_epoch, best_metric = 0, -math.inf
     epoch = 0
+    elapsed_before = 0.0
+    run_key = {"cohort": [c.case_id for c in cohort], "options": asdict(options), "config": config.to_dict(), **init_info}
+    if checkpoint is not None:
+        tensors, saved = checkpoint
+        if saved["run"] != json.loads(json.dumps(run_key)):
+            raise SegLensError(f"{checkpoint_dir} was written by a run with another cohort, model or options; "
+                               "delete it or pass the same options to resume")  # fmt: skip
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        optimizer.load_state_dict(_optimizer_state(tensors, saved["optimizer"]))
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        generator.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+        history, epoch = saved["history"], saved["epoch"]
+        best_epoch, best_metric, best_scores = saved["best_epoch"], saved["best_metric"], saved["best_scores"]
+        elapsed_before = saved["seconds"]
+        log(f"Resuming from {checkpoint_dir} after epoch {epoch} (best so far: epoch {best_epoch})")
+
+    log(
+        f"Training {config.arch} on {len(train_cases)} case(s) ({len(dataset)} brain slices, {int(fg.sum())} with labels), "
+        f"validating on {len(val_cases)}; device {device.type}, {options.precision}"
+    )
+    start = time.monotonic() - elapsed_before
+    deadline = start + 60 * options.minutes if options.minutes is not None else math.inf
+    autocast = options.precision == "bfloat16"
     while (options.epochs is None or epoch < options.epochs) and time.monotonic() < deadline:
         epoch += 1
         model.train()
@@ -256,9 +415,13 @@ def train_segmenter(
         order = torch.tensor(list(sampler), dtype=torch.long)
         bar = tqdm(order.split(options.batch_size), desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty(), unit="batch")
         for items in bar:
-            images, labels = augment(*dataset.batch(items, device), generator)
-            logits = model(images)
-            loss = loss_fn(logits, labels)
+            images, labels = augment(
+                *dataset.batch(items, device), generator,
+                spatial=options.spatial_augmentation, modality_dropout=options.modality_dropout,
+            )  # fmt: skip
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = model(images)
+            loss = loss_fn(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -283,18 +446,40 @@ def train_segmenter(
         history.append(record)
         dice = record.get("validation", {})
         dice_text = "  ".join(f"{k[5:]} {v:.3f}" for k, v in dice.items() if k.startswith("dice_")) if dice else "no validation cases"
-        log(f"epoch {epoch:3d}  loss {record['loss']:.4f}  val Dice: {dice_text}{'  (best)' if improved else ''}")
+        remaining = ""
+        if options.epochs is not None and epoch < options.epochs:
+            eta = (record["seconds"] / epoch) * (options.epochs - epoch)
+            remaining = f"  ~{eta / 60:.0f} min left"
+        log(f"epoch {epoch:3d}  loss {record['loss']:.4f}  val Dice: {dice_text}{'  (best)' if improved else ''}  [{record['seconds'] / 60:.1f} min{remaining}]")
+        if resumable:
+            assert best_state is not None
+            opt_tensors, opt_plain = _optimizer_tensors(optimizer)
+            tensors = {
+                **{f"model.{k}": v for k, v in model.state_dict().items()},
+                **{f"best.{k}": v for k, v in best_state.items()},
+                **opt_tensors,
+                "rng.generator": generator.get_state(),
+                "rng.torch": torch.get_rng_state(),
+            }
+            _save_checkpoint(checkpoint_dir, tensors, {
+                "kind": "seglens-training-checkpoint", "run": run_key, "epoch": epoch, "history": history,
+                "best_epoch": best_epoch, "best_metric": best_metric, "best_scores": best_scores,
+                "seconds": record["seconds"], "optimizer": opt_plain,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            })  # fmt: skip
 
     assert best_state is not None
     model.load_state_dict(best_state)
     model.eval()
     model.config.training = {
         "cohort": cohort.name,
-        "cases": [c.case_id for c in cohort],
+        "cases": [c.source.case_id for c in train_cases],
         "validation_cases": [c.source.case_id for c in val_cases],
         "epochs": epoch,
         "best_epoch": best_epoch,
         "best_validation": best_scores,
+        "seconds": history[-1]["seconds"] if history else 0.0,
+        "device": device.type,
         "options": asdict(options),
         **init_info,
     }

@@ -851,3 +851,47 @@ def test_standard_freesurfer_mri_folder(tmp_path):
     assert case.naming == "freesurfer"
     assert case.images["t1n"].name == "norm.mgz"
     assert Path(case.label).name == "aseg.mgz" and case.brain_mask.name == "brainmask.mgz"
+
+
+def test_crop_to_brain_maps_only_the_brain_window_and_back(brats2018_read):
+    """A model that crops to the brain sees the brain's bounding box (plus margin) at its size; maps come back
+    on the whole slice, exactly where they were, and zero outside the window."""
+    from SegLensLogic.data.preprocessing import BRAIN_MARGIN, brain_window
+
+    whole = prepare_case(brats2018_read, MODALITIES, size=192)
+    cropped = prepare_case(brats2018_read, MODALITIES, size=192, crop_to_brain=True)
+    x0, x1, y0, y1 = cropped.geometry.window
+    brain = cropped.brain_mask.any(axis=2)
+    xs, ys = np.flatnonzero(brain.any(axis=1)), np.flatnonzero(brain.any(axis=0))
+    assert (x0, x1, y0, y1) == (xs[0] - BRAIN_MARGIN, xs[-1] + 1 + BRAIN_MARGIN, ys[0] - BRAIN_MARGIN, ys[-1] + 1 + BRAIN_MARGIN)
+    assert whole.geometry.crop is None and cropped.geometry.window == brain_window(cropped.brain_mask)
+    # more model pixels on the brain than the uncropped mapping at the same size
+    slices = cropped.brain_slices()[60:62]
+    brain_pixels = lambda p: int((p.model_input(slices)[:, 0] != 0).sum())  # noqa: E731
+    assert brain_pixels(cropped) > 1.3 * brain_pixels(whole)
+    # the label map goes there and back exactly at the window's own side (nearest), and is zero outside
+    label = torch.from_numpy(cropped.label[:, :, slices].transpose(2, 0, 1)[:, None].astype(np.float32))
+    exact = SliceGeometry(in_plane=cropped.geometry.in_plane, size=cropped.geometry.square, crop=cropped.geometry.crop)
+    back = exact.from_model(exact.to_model(label, mode="nearest"), mode="nearest")
+    assert torch.equal(back, label)
+    outside = torch.ones_like(label, dtype=torch.bool)
+    outside[:, :, x0:x1, y0:y1] = False
+    assert back[outside].abs().sum() == 0
+    heat = cropped.geometry.from_model(torch.ones(2, 1, 192, 192))
+    assert heat.shape == (2, 1, 240, 240) and heat[outside].sum() == 0 and heat[~outside].min() >= 0
+
+
+def test_missing_modalities_are_refused_or_filled_with_zeros(brats2013_case):
+    """BraTS 2013 cases have T1c and FLAIR only: a four-input model refuses them unless it tolerates missing
+    sequences, and then the missing channels are 0 (the brain mean after z-scoring)."""
+    with pytest.raises(InputFileError, match="has no t1n, t2w image"):
+        read_case(brats2013_case, modalities=MODALITIES)
+    read = read_case(brats2013_case, modalities=MODALITIES, allow_missing=True)
+    assert set(read.images) == {"t1c", "t2f"}
+    prepared = prepare_case(read, MODALITIES, size=64)
+    assert prepared.missing_modalities == ("t1n", "t2w")
+    assert prepared.images.shape[0] == 4
+    assert not prepared.images[0].any() and not prepared.images[2].any()
+    assert prepared.images[1][prepared.brain_mask].std() == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(InputFileError, match="has no"):
+        read_case(brats2013_case, modalities=["t1n", "t2w"], allow_missing=True)

@@ -133,3 +133,48 @@ def test_training_is_reproducible_from_a_seed(tmp_path):
     assert all(torch.allclose(state_a[k].float(), state_b[k].float(), atol=1e-5) for k in state_a)
     assert np.isclose(a.history[0]["loss"], b.history[0]["loss"], rtol=1e-5)
     assert not all(torch.allclose(state_a[k].float(), state_c[k].float(), atol=1e-3) for k in state_a)
+
+
+def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch, one_torch_thread):
+    """``resumable=True`` writes the whole training state after each epoch; a run killed during epoch 3 and
+    started again continues after epoch 2 and ends with the weights and history of an uninterrupted run."""
+    import SegLensLogic.training as training
+
+    cohort = load_cohort(write_phantom_cohort(tmp_path / "cohort", 2, shape=(64, 64, 24)))
+    options = TrainingOptions(epochs=3, slices_per_epoch=16, batch_size=8, val_cases=1, seed=5, warmup_steps=3,
+                              spatial_augmentation=True, modality_dropout=0.3)  # fmt: skip
+
+    def run(name):
+        return train_segmenter(cohort, tmp_path / name, arch="segformer-b0", image_size=64, arch_options=TINY_SEGFORMER,
+                               options=options, log=QUIET, resumable=True)  # fmt: skip
+
+    # (one_torch_thread: bit-exact comparisons need one reduction order)
+    straight = run("straight")
+
+    real_validate, calls = training._validate, []
+
+    def dies_in_epoch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_validate", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed")
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    state = json.loads((tmp_path / "resumed" / "checkpoint" / "training_state.json").read_text())
+    assert state["epoch"] == 2
+    monkeypatch.setattr(training, "_validate", real_validate)
+    resumed = run("resumed")
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.model.config.accepts_missing_modalities
+
+    # another cohort or other options are not resumed silently
+    other = TrainingOptions(**{**options.__dict__, "learning_rate": 0.01})
+    (tmp_path / "resumed" / "model.safetensors").unlink()
+    with pytest.raises(SegLensError, match="another cohort, model or options"):
+        train_segmenter(cohort, tmp_path / "resumed", arch="segformer-b0", image_size=64, arch_options=TINY_SEGFORMER,
+                        options=other, log=QUIET, resumable=True)  # fmt: skip

@@ -57,7 +57,7 @@ def align_command(args: argparse.Namespace, log=print) -> dict:
             raise SegLensError(f"--method {method} needs --model-a, --model-b and --cohort (images run through both models)")
         from ..networks import load_segmenter
 
-        from ..cli import device_from_args
+        from ..console import device_from_args
 
         device = device_from_args(args)
         model_a, model_b = load_segmenter(args.model_a, device=device), load_segmenter(args.model_b, device=device)
@@ -117,7 +117,7 @@ def same_seed_warning(record_a: dict, record_b: dict) -> str | None:
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    from ..cli import log
+    from ..console import log
 
     align_command(args, log)
     return 0
@@ -186,7 +186,7 @@ def save_heatmap(names: list[str], matrix, path: Path, floors: dict | None = Non
 def diff_command(args: argparse.Namespace, log=print) -> dict:
     """Align every pair of SAEs and write the matrix (CSV, PNG), the pairs table, a summary and each alignment."""
     from . import spaces
-    from .alignment import align_saes, tau_sweep
+    from .alignment import tau_sweep
     from .cohorts import diff_cohorts
     from .files import alignment_document, sae_record, write_alignment
     from .metrics import alignment_metrics
@@ -255,7 +255,7 @@ def _slug(name: str) -> str:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from ..cli import log
+    from ..console import log
 
     diff_command(args, log)
     return 0

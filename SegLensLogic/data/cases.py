@@ -239,13 +239,20 @@ def is_case_folder(folder: Path) -> bool:
     return True
 
 
-def read_case(case: Case | str | Path, modalities: tuple[str, ...] | list[str] | None = None, with_label: bool = True) -> CaseImages:
+def read_case(
+    case: Case | str | Path,
+    modalities: tuple[str, ...] | list[str] | None = None,
+    with_label: bool = True,
+    allow_missing: bool = False,
+) -> CaseImages:
     """Read a case's images (and label map) into memory and check they share one voxel grid.
 
     Args:
         case: a :class:`Case` or a case folder.
         modalities: the modalities to read (a model's inputs); None reads all the case has.
         with_label: also read and map the label file when the case has one.
+        allow_missing: read those of ``modalities`` the case has (at least one) instead of refusing the case
+            (for models trained to tolerate missing sequences; preprocessing fills the others).
 
     Returns:
         The arrays in file order on the first modality's grid, labels mapped to SegLens classes.
@@ -257,6 +264,8 @@ def read_case(case: Case | str | Path, modalities: tuple[str, ...] | list[str] |
         case = find_case(case)
     wanted = tuple(case.modalities if modalities is None else (canonical_modality(m) for m in modalities))
     missing = [m for m in wanted if m not in case.images]
+    if allow_missing and len(missing) < len(wanted):
+        wanted, missing = tuple(m for m in wanted if m in case.images), []
     if missing:
         where = next(iter(case.images.values())).parent
         raise InputFileError(

@@ -18,7 +18,7 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 
 def cmd_phantoms(args: argparse.Namespace) -> int:
-    from ..cli import log
+    from ..console import log
     from .phantoms import get_population, write_phantom_cohort
 
     if args.n < 1:
@@ -32,7 +32,7 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
 
 
 def cmd_degrade(args: argparse.Namespace) -> int:
-    from ..cli import log
+    from ..console import log
     from .phantoms import degrade_case
 
     for case_dir in args.case:

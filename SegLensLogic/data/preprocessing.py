@@ -92,31 +92,53 @@ def zscore_in_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
+# Voxels kept around the brain's bounding box when a model crops to the brain (room for augmentation's shifts).
+BRAIN_MARGIN = 8
+
+
 @dataclass(frozen=True)
 class SliceGeometry:
     """In-plane mapping between an axial slice ``(X, Y)`` and the model's square input ``(S, S)``.
 
-    The slice is zero-padded (centred) to a square of side ``max(X, Y)`` so that anatomy keeps its aspect ratio,
-    then resized to ``S`` with bilinear interpolation; :meth:`from_model` does the reverse.
+    A window of the slice (the whole slice, or the brain's bounding box for models that crop to the brain) is
+    zero-padded (centred) to a square so that anatomy keeps its aspect ratio, then resized to ``S`` with
+    bilinear interpolation; :meth:`from_model` does the reverse, with zeros outside the window.
+
+    Attributes:
+        in_plane: the slice's shape ``(X, Y)``.
+        size: the model's input side ``S``.
+        crop: ``(x0, x1, y0, y1)``, the window of the slice the model sees; None: the whole slice.
     """
 
     in_plane: tuple[int, int]
     size: int
+    crop: tuple[int, int, int, int] | None = None
+
+    @property
+    def window(self) -> tuple[int, int, int, int]:
+        """``(x0, x1, y0, y1)`` of the part of the slice that is mapped to the model."""
+        return self.crop if self.crop is not None else (0, self.in_plane[0], 0, self.in_plane[1])
+
+    @property
+    def window_shape(self) -> tuple[int, int]:
+        x0, x1, y0, y1 = self.window
+        return (x1 - x0, y1 - y0)
 
     @property
     def square(self) -> int:
-        return max(self.in_plane)
+        return max(self.window_shape)
 
     @property
     def padding(self) -> tuple[int, int, int, int]:
         """``(y_before, y_after, x_before, x_after)`` in the order torch's ``F.pad`` expects for the last two axes."""
-        x, y = self.in_plane
+        x, y = self.window_shape
         px, py = self.square - x, self.square - y
         return (py // 2, py - py // 2, px // 2, px - px // 2)
 
     def to_model(self, slices: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
         """``(N, C, X, Y)`` -> ``(N, C, S, S)``. Use ``mode='nearest'`` for label maps."""
-        out = F.pad(slices, self.padding)
+        x0, x1, y0, y1 = self.window
+        out = F.pad(slices[:, :, x0:x1, y0:y1], self.padding)
         if self.square == self.size:
             return out
         if mode == "nearest":
@@ -124,13 +146,35 @@ class SliceGeometry:
         return F.interpolate(out, size=(self.size, self.size), mode=mode, align_corners=False)
 
     def from_model(self, maps: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-        """``(N, C, S, S)`` -> ``(N, C, X, Y)``: logits, probabilities or heatmaps back on the slice grid."""
+        """``(N, C, S, S)`` -> ``(N, C, X, Y)``: logits, probabilities or heatmaps back on the slice grid.
+
+        Outside the window (no brain there, by construction) the maps are 0; callers that turn logits into
+        labels set everything outside the brain mask to background anyway.
+        """
         if self.square != self.size:
             kwargs = {} if mode == "nearest" else {"align_corners": False}
             maps = F.interpolate(maps, size=(self.square, self.square), mode=mode, **kwargs)
-        y0, y1, x0, x1 = self.padding
-        x, y = self.in_plane
-        return maps[:, :, x0 : x0 + x, y0 : y0 + y]
+        y0, _, x0, _ = self.padding
+        x, y = self.window_shape
+        maps = maps[:, :, x0 : x0 + x, y0 : y0 + y]
+        if self.crop is None:
+            return maps
+        cx0, cx1, cy0, cy1 = self.crop
+        return F.pad(maps, (cy0, self.in_plane[1] - cy1, cx0, self.in_plane[0] - cx1))
+
+
+def brain_window(mask: np.ndarray, margin: int = BRAIN_MARGIN) -> tuple[int, int, int, int] | None:
+    """The in-plane bounding box ``(x0, x1, y0, y1)`` of a brain mask ``(X, Y, Z)`` over all slices, widened by
+    ``margin`` voxels and clipped to the slice; None when the mask is empty (the whole slice is used)."""
+    in_plane = mask.any(axis=2)
+    if not in_plane.any():
+        return None
+    xs, ys = np.flatnonzero(in_plane.any(axis=1)), np.flatnonzero(in_plane.any(axis=0))
+    x_size, y_size = in_plane.shape
+    return (
+        max(0, int(xs[0]) - margin), min(x_size, int(xs[-1]) + 1 + margin),
+        max(0, int(ys[0]) - margin), min(y_size, int(ys[-1]) + 1 + margin),
+    )  # fmt: skip
 
 
 @dataclass
@@ -142,6 +186,7 @@ class PreparedCase:
         brain_mask: boolean ``(X, Y, Z)``.
         label: SegLens classes ``(X, Y, Z)`` or None.
         modalities: channel names.
+        missing_modalities: channels the case did not have, filled with 0 (the brain mean after z-scoring).
         orientation: maps RAS arrays back to the file order of ``source.reference``.
         geometry: in-plane mapping to the model size.
         source: the case as read.
@@ -154,6 +199,7 @@ class PreparedCase:
     orientation: Orientation
     geometry: SliceGeometry
     source: CaseImages = field(repr=False)
+    missing_modalities: tuple[str, ...] = ()
 
     @property
     def num_slices(self) -> int:
@@ -174,23 +220,33 @@ class PreparedCase:
         return self.orientation.invert(volume_ras)
 
 
-def prepare_case(case: CaseImages, modalities: tuple[str, ...] | list[str], size: int = 256) -> PreparedCase:
+def prepare_case(
+    case: CaseImages, modalities: tuple[str, ...] | list[str], size: int = 256, crop_to_brain: bool = False
+) -> PreparedCase:
     """Reorient, mask, normalise and set up the slice mapping for a model of input size ``size``.
 
     Args:
         case: images read with :func:`~SegLensLogic.data.cases.read_case`.
-        modalities: the model's input channels, in order.
+        modalities: the model's input channels, in order; those the case lacks (see ``read_case(allow_missing=)``)
+            are filled with 0.
         size: the model's square input side in pixels.
+        crop_to_brain: map only the brain's bounding box (plus a margin) to the model, not the whole slice
+            (the model config's ``crop_to_brain``: more pixels on the brain for the same model size).
     """
     orientation = Orientation.of(case.affine)
-    ras = [orientation.apply(case.images[m]) for m in modalities]
+    present = [m for m in modalities if m in case.images]
+    if not present:
+        raise ValueError(f"case '{case.case_id}' has none of the modalities {list(modalities)}")
+    ras = {m: orientation.apply(case.images[m]) for m in present}
     if case.brain_mask is not None:
         mask = orientation.apply(case.brain_mask)
     else:
-        mask = brain_mask_from_images(ras)
-    images = np.stack([zscore_in_mask(image, mask) for image in ras])
+        mask = brain_mask_from_images(list(ras.values()))
+    # A missing sequence is 0 everywhere: the brain mean of a z-scored image (models trained with modality dropout).
+    images = np.stack([zscore_in_mask(ras[m], mask) if m in ras else np.zeros(mask.shape, np.float32) for m in modalities])
     label = orientation.apply(case.label) if case.label is not None else None
-    geometry = SliceGeometry(in_plane=(int(images.shape[1]), int(images.shape[2])), size=size)
+    crop = brain_window(mask) if crop_to_brain else None
+    geometry = SliceGeometry(in_plane=(int(images.shape[1]), int(images.shape[2])), size=size, crop=crop)
     return PreparedCase(
         images=images,
         brain_mask=mask,
@@ -199,4 +255,5 @@ def prepare_case(case: CaseImages, modalities: tuple[str, ...] | list[str], size
         orientation=orientation,
         geometry=geometry,
         source=case,
+        missing_modalities=tuple(m for m in modalities if m not in ras),
     )

@@ -30,7 +30,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _experiment(args):
-    from ..cli import device_from_args, log
+    from ..console import device_from_args, log
     from ..networks import load_segmenter
     from ..sae import BatchTopKSAE
     from .runs import Experiment
@@ -54,7 +54,7 @@ def _labels(args):
 
 
 def _runs(experiment, source, what: str):
-    from ..cli import log
+    from ..console import log
     from ..data.cohort import load_cohort
 
     cohort = load_cohort(source)
@@ -69,7 +69,7 @@ def _out_dir(args) -> Path:
 
 
 def _finish(report, out: Path, overwrite: bool) -> int:
-    from ..cli import log
+    from ..console import log
 
     for path in report.write(out, overwrite=overwrite):
         log(f"Wrote {path}")
@@ -150,7 +150,7 @@ def cmd_population_steering(args) -> int:
 
 
 def _common(p: argparse.ArgumentParser, cohort: bool = True) -> None:
-    from ..cli import add_device_arguments
+    from ..console import add_device_arguments
 
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--sae", required=True, help="SAE folder (trained at the model's hook point)")

@@ -10,7 +10,7 @@ from ..errors import SegLensError, refuse_existing
 
 
 def cmd_interpret(args: argparse.Namespace) -> int:
-    from ..cli import device_from_args, log
+    from ..console import device_from_args, log
     from ..data.cohort import load_cohort
     from ..networks import load_segmenter
     from ..sae import BatchTopKSAE
@@ -95,7 +95,7 @@ def _parse_latents(text: str) -> list[int]:
 
 
 def add_commands(sub) -> None:
-    from ..cli import add_device_arguments
+    from ..console import add_device_arguments
 
     p = sub.add_parser("interpret", help="label every SAE latent from its top-K slices over a labelled cohort")
     p.add_argument("--model", required=True, help="model folder")

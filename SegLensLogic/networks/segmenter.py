@@ -42,6 +42,8 @@ class SegmenterConfig:
         class_names: output classes, index 0 background.
         label_scheme: the SegLens label scheme of the outputs (``brats2023`` or ``aseg``).
         image_size: side of the square model input in pixels.
+        crop_to_brain: the model sees each slice's brain bounding box (plus a margin) at ``image_size``, not the
+            whole slice (more pixels on the brain for the same cost); False for models saved before it existed.
         hook_point: the default hook point (a mid-encoder stage unless set).
         arch_options: architecture overrides (SegFormer config fields; U-Net ``features``), for small test models.
         training: provenance written by training (cohort, epochs, validation Dice, base model hash).
@@ -52,6 +54,7 @@ class SegmenterConfig:
     class_names: list[str]
     label_scheme: str = "brats2023"
     image_size: int = 256
+    crop_to_brain: bool = False
     hook_point: str | None = None
     arch_options: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -64,6 +67,11 @@ class SegmenterConfig:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def accepts_missing_modalities(self) -> bool:
+        """Trained with modality dropout, so a case lacking some inputs is segmented with them set to 0."""
+        return float(self.training.get("options", {}).get("modality_dropout", 0.0) or 0.0) > 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..cli import add_device_arguments, case_from_args, device_from_args, log
+from ..console import add_device_arguments, case_from_args, device_from_args, log
 from ..errors import SegLensError, refuse_existing
 from .interventions import MODES, LatentEdit, Region
 from .recipe import load_recipe, recipe_path_for

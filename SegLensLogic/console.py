@@ -1,0 +1,63 @@
+"""Console helpers shared by every ``seglens`` command: log lines, progress, device and case options.
+
+Every package's ``commands.py`` and :mod:`SegLensLogic.cli` import these from here, so no package imports the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import SegLensError
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def progress_printer(label: str):
+    """A progress callback printing ``label: done/total`` on one updating line when attached to a terminal."""
+    interactive = sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if interactive:
+            print(f"\r{label}: {done}/{total} slices", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    return progress
+
+
+def case_from_args(args: argparse.Namespace):
+    """The case to read: a folder, or ``--image MOD=FILE`` pairs (plus ``--seg``)."""
+    from .data.cases import case_from_mapping, find_case
+
+    if args.image:
+        mapping = {}
+        for item in args.image:
+            modality, sep, path = item.partition("=")
+            if not sep or not path:
+                raise SegLensError(f"--image expects MODALITY=FILE, got '{item}'")
+            mapping[modality] = path
+        if getattr(args, "seg", None):
+            mapping["seg"] = args.seg
+        return case_from_mapping(mapping, case_id=args.case.name if args.case else None)
+    if args.case is None:
+        raise SegLensError("give --case FOLDER or --image MODALITY=FILE for each modality")
+    return find_case(args.case)
+
+
+def device_from_args(args: argparse.Namespace):
+    import torch
+
+    from .networks import default_device
+
+    if args.device == "auto":
+        return default_device()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SegLensError("--device cuda was asked for but PyTorch sees no GPU")
+    return torch.device(args.device)
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--batch-size``, as every command that runs a segmenter takes them."""
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs (auto: GPU if any)")
+    p.add_argument("--batch-size", type=int, help="axial slices per forward pass (default: 16 on a GPU; on the CPU 1 for U-Net, 4 for SegFormer)")
