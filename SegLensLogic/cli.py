@@ -141,6 +141,8 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         max_steps=args.max_steps,
         learning_rate=args.lr,
+        patience=args.patience or None,
+        init=args.init,
         seed=args.seed,
     )
     sae, report = train_sae(store, options, device=device_from_args(args), log=log)
@@ -205,6 +207,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .sae.training import SAETrainingOptions
+
     parser = argparse.ArgumentParser(
         prog="seglens",
         description="SegLens: open up brain-tumour segmentation models (Med-SegLens).",
@@ -273,13 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="SAE folder to write")
     p.add_argument("--k", type=int, default=32, help="mean active latents per vector (default 32)")
     p.add_argument("--expansion", type=int, default=16, help="latents per activation channel (default 16)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the vectors (default 1)")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps")
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
+    p.add_argument("--epochs", type=float, default=SAETrainingOptions.epochs, help="step budget in passes over the vectors (default %(default)s; the stopping rule usually ends training earlier)")
+    p.add_argument("--max-steps", type=int, default=SAETrainingOptions.max_steps, help="step budget cap (default %(default)s)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 2e-4 / sqrt(latents / 16384))")
+    p.add_argument("--patience", type=int, default=SAETrainingOptions.patience, help="held-out evaluations without improvement before the final decay (default %(default)s; 0 disables the stopping rule)")
+    p.add_argument("--init", choices=("data", "random"), default=SAETrainingOptions.init, help="decoder initialisation (default %(default)s: rows from training vectors)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing SAE folder")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batch-size", type=int, default=4096, help="vectors per step (default 4096)")
+    p.add_argument("--batch-size", type=int, default=SAETrainingOptions.batch_size, help="vectors per step (default %(default)s)")
     p.set_defaults(func=cmd_train_sae)
 
     p = sub.add_parser("evaluate-sae", help="explained variance, L0, dead latents; Dice recovered on a cohort")

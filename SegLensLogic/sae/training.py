@@ -1,14 +1,23 @@
 """Training a BatchTopK SAE from an activation store (Bussmann et al. 2024; paper section 3.4, appendix B).
 
-Recipe (choices made explicit, see ``docs/sae-libraries.md``):
+Recipe (choices made explicit, see ``docs/sae-libraries.md`` and the sweep in the README):
 
 - one dataset-level normalisation scalar ``s`` so that ``E||s x|| = sqrt(d_in)``, folded into the weights at save;
 - ``b_dec`` initialised at the geometric median of a sample (Weiszfeld iterations);
+- decoder rows initialised from random training vectors (centred on ``b_dec``, unit norm: every latent starts
+  where data lives, so few die) and the encoder as their transpose (``init="data"``; ``"random"``: Kaiming);
 - loss: mean squared error over all elements, plus ``aux_coefficient`` (1/32) times the auxiliary top-k loss:
-  the ``k_aux`` largest pre-activations among *dead* latents reconstruct the residual ``x - x^`` (no ``b_dec``);
+  the ``k_aux`` largest pre-activations among *dead* latents reconstruct the residual ``x - x^`` (no ``b_dec``),
+  normalised by the residual's variance (as in OpenAI's and dictionary_learning's code: unnormalised, the aux
+  loss vanishes as the reconstruction improves and dead latents stay dead);
 - a latent is dead when it has not fired on the last ``dead_after`` training vectors;
 - decoder rows kept at unit norm, with the gradient component parallel to each row removed before each step;
-- Adam, lr 3e-4, betas (0.9, 0.999); vectors from all images shuffled together;
+- Adam, betas (0.9, 0.999), learning rate ``2e-4 / sqrt(d_sae / 2**14)`` unless given (dictionary_learning's
+  scaling), linear warm-up, gradient norm clipped at 1;
+- a stopping rule: every ``eval_every`` steps the normalised MSE on held-out vectors is measured; when it has
+  not improved by ``min_delta`` (relative) for ``patience`` evaluations, the learning rate decays linearly to 0
+  over ``decay_fraction`` of the steps run so far, then training stops; without a plateau the decay takes the
+  last 20 % of the step budget;
 - sparse encoder backward and sparse decoding (``n*k*d`` work instead of ``n*d_sae*d``);
 - the inference threshold is estimated on held-out vectors so that they average exactly ``k`` active latents.
 """
@@ -24,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..networks.segmenter import default_device
@@ -39,9 +49,14 @@ class SAETrainingOptions:
         k: mean active latents per vector.
         expansion: dictionary size over ``d_in``.
         batch_size: vectors per step (BatchTopK keeps ``batch_size * k`` activations).
-        epochs: passes over the training vectors (fractions allowed); ``max_steps`` caps it.
+        epochs: passes over the training vectors (fractions allowed): the step budget; ``max_steps`` caps it.
         max_steps: stop after this many steps, if set.
-        learning_rate: Adam learning rate.
+        learning_rate: Adam learning rate; None: ``2e-4 / sqrt(d_sae / 16384)``.
+        warmup_steps: linear warm-up; None: 5 % of the step budget, at most 1000.
+        decay_fraction: the final linear decay lasts this share of the steps run before it.
+        patience, eval_every, min_delta: the stopping rule (module docstring); ``patience=None`` disables it.
+        grad_clip: gradient norm clip (None: off).
+        init: ``"data"`` (decoder rows from training vectors) or ``"random"``.
         aux_coefficient: weight of the auxiliary dead-latent loss (1/32).
         k_aux: latents per vector in the auxiliary loss (default ``d_in // 2``).
         dead_after: vectors without firing after which a latent counts as dead (default 10 batches).
@@ -52,16 +67,28 @@ class SAETrainingOptions:
 
     k: int = 32
     expansion: int = 16
-    batch_size: int = 4096
-    epochs: float = 1.0
-    max_steps: int | None = None
-    learning_rate: float = 3e-4
+    batch_size: int = 1024
+    epochs: float = 100.0
+    max_steps: int | None = 20000
+    learning_rate: float | None = None
+    warmup_steps: int | None = None
+    decay_fraction: float = 0.2
+    patience: int | None = 4
+    eval_every: int = 250
+    min_delta: float = 0.005
+    grad_clip: float | None = 1.0
+    init: str = "data"
     aux_coefficient: float = 1 / 32
     k_aux: int | None = None
     dead_after: int | None = None
     holdout_fraction: float = 0.05
     log_every: int = 50
     seed: int = 0
+
+
+def default_learning_rate(d_sae: int) -> float:
+    """``2e-4 / sqrt(d_sae / 2**14)`` (dictionary_learning's scaling with dictionary size)."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)
 
 
 def geometric_median(points: torch.Tensor, iterations: int = 50, eps: float = 1e-6) -> torch.Tensor:
@@ -134,6 +161,56 @@ def evaluate_reconstruction(sae: BatchTopKSAE, vectors: torch.Tensor, chunk: int
     }
 
 
+class _Schedule:
+    """Warm-up, constant, then a linear decay to 0 that starts at a plateau (or at 80 % of the budget)."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, decay_fraction: float):
+        self.total, self.warmup, self.decay_fraction = total_steps, warmup_steps, decay_fraction
+        self.decay_start: int | None = None
+        self.decay_length = 1
+
+    def start_decay(self, step: int, until_budget: bool = False) -> None:
+        if self.decay_start is None:
+            self.decay_start = step
+            length = self.total - step if until_budget else min(int(round(self.decay_fraction * step)), self.total - step)
+            self.decay_length = max(1, length)
+
+    def factor(self, step: int) -> float:
+        if step >= int(0.8 * self.total):
+            self.start_decay(step, until_budget=True)
+        warm = min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+        if self.decay_start is None:
+            return warm
+        return warm * max(0.0, 1 - (step - self.decay_start) / self.decay_length)
+
+    def finished(self, step: int) -> bool:
+        return step >= self.total or (self.decay_start is not None and step >= self.decay_start + self.decay_length)
+
+
+def initialise_from_data(sae: BatchTopKSAE, sample: torch.Tensor, generator: torch.Generator) -> None:
+    """Decoder rows = random distinct sample vectors minus ``b_dec``, unit norm; encoder = their transpose.
+
+    Args:
+        sample: normalised training vectors ``(m, d_in)``; with fewer than ``d_sae`` of them, the rest of the
+            rows keep their random initialisation.
+    """
+    with torch.no_grad():
+        centred = sample - sae.b_dec
+        centred = centred[centred.norm(dim=1) > 1e-6]
+        n = min(sae.d_sae, len(centred))
+        picks = torch.randperm(len(centred), generator=generator)[:n].to(centred.device)
+        rows = F.normalize(centred[picks], dim=1)
+        sae.W_dec.data[:n] = rows
+        sae.W_enc.data[:, :n] = rows.t()
+
+
+def _heldout_nmse(sae: BatchTopKSAE, x: torch.Tensor) -> float:
+    """Normalised MSE ``1 - EV`` of BatchTopK reconstructions of held-out (normalised) vectors."""
+    with torch.no_grad():
+        x_hat, _ = sae.train_forward(x)
+        return float((x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12))
+
+
 def train_sae(
     store: ActivationStore,
     options: SAETrainingOptions | None = None,
@@ -147,8 +224,11 @@ def train_sae(
         training history and held-out metrics (also stored in ``sae.config.training``).
     """
     options = options or SAETrainingOptions()
+    if options.init not in ("data", "random"):
+        raise ValueError(f"init must be 'data' or 'random', not {options.init!r}")
     device = torch.device(device) if device else default_device()
     torch.manual_seed(options.seed)
+    generator = torch.Generator().manual_seed(options.seed)
     train_idx, hold_idx = store.split(options.holdout_fraction, seed=options.seed)
     if len(train_idx) < options.batch_size:
         log(f"note: {len(train_idx)} training vectors, fewer than one batch of {options.batch_size}")
@@ -161,31 +241,43 @@ def train_sae(
     )
     sae = BatchTopKSAE(config).to(device)
 
-    # Normalisation scalar and b_dec from a sample of the training vectors.
+    # Normalisation scalar, b_dec and (init="data") the dictionary from a sample of the training vectors.
     rng = np.random.default_rng(options.seed)
-    sample = store.vectors(rng.choice(train_idx, size=min(len(train_idx), 16384), replace=False)).to(device)
+    sample = store.vectors(rng.choice(train_idx, size=min(len(train_idx), max(16384, 2 * sae.d_sae)), replace=False)).to(device)
     scale = math.sqrt(store.d_in) / float(sample.norm(dim=1).mean().clamp_min(1e-12))
     with torch.no_grad():
-        sae.b_dec.copy_(geometric_median(sample * scale))
+        sae.b_dec.copy_(geometric_median(sample[:16384] * scale))
+    if options.init == "data":
+        initialise_from_data(sae, sample * scale, generator)
+    # Held-out vectors: the first part watches the loss for the stopping rule, the rest sets the threshold.
+    holdout = store.vectors(hold_idx[:65536]) if len(hold_idx) >= 2 else sample.cpu()[:4096] / scale
+    watch = (holdout[: min(8192, max(1, len(holdout) // 4))].to(device) * scale)
 
     k_aux = options.k_aux or max(1, store.d_in // 2)
     dead_after = options.dead_after or 10 * options.batch_size
     since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
-    optimiser = torch.optim.Adam(sae.parameters(), lr=options.learning_rate, betas=(0.9, 0.999))
+    learning_rate = options.learning_rate or default_learning_rate(sae.d_sae)
+    optimiser = torch.optim.Adam(sae.parameters(), lr=learning_rate, betas=(0.9, 0.999))
     steps_per_epoch = math.ceil(len(train_idx) / options.batch_size)
     total_steps = max(1, math.ceil(options.epochs * steps_per_epoch))
     if options.max_steps:
         total_steps = min(total_steps, options.max_steps)
+    warmup = options.warmup_steps if options.warmup_steps is not None else min(1000, total_steps // 20)
+    schedule = _Schedule(total_steps, warmup, options.decay_fraction)
     log(
         f"Training BatchTopK SAE: d_in {store.d_in}, {sae.d_sae} latents, k {options.k}, "
-        f"{len(train_idx)} training vectors, {total_steps} steps of {options.batch_size} on {device.type}"
+        f"{len(train_idx)} training vectors, up to {total_steps} steps of {options.batch_size} on {device.type} "
+        f"(lr {learning_rate:.2g}, init {options.init})"
     )
-    history = []
+    history, evaluations = [], []
+    best_nmse, stale = math.inf, 0
     step, epoch = 0, 0
     start_time = time.monotonic()
     bar = tqdm(total=total_steps, desc="train-sae", unit="step", disable=not sys.stderr.isatty())
-    while step < total_steps:
+    while not schedule.finished(step):
         for batch in store.batches(train_idx, options.batch_size, seed=options.seed + epoch):
+            for group in optimiser.param_groups:
+                group["lr"] = learning_rate * schedule.factor(step)
             x = batch.to(device) * scale
             x_hat, latents = sae.train_forward(x)
             mse = (x_hat - x).pow(2).mean()
@@ -198,12 +290,16 @@ def train_sae(
                 top = torch.topk(pre_dead, min(k_aux, len(dead_ids)), dim=1)
                 aux_recon = torch.einsum("nk,nkd->nd", top.values, sae.W_dec[dead_ids][top.indices])
                 residual = (x - x_hat).detach()
-                aux = (aux_recon - residual).pow(2).mean()
+                # Normalised by the residual's variance, so the aux loss keeps its weight as the MSE falls.
+                variance = (residual - residual.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
+                aux = (aux_recon - residual).pow(2).sum(dim=1).mean() / variance
                 if torch.isfinite(aux):
                     loss = loss + options.aux_coefficient * aux
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             sae.remove_parallel_gradient()
+            if options.grad_clip:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), options.grad_clip)
             optimiser.step()
             sae.normalise_decoder()
             with torch.no_grad():
@@ -211,7 +307,17 @@ def train_sae(
                 since_fired[latents.unique()] = 0
             step += 1
             bar.update(1)
-            if step % options.log_every == 0 or step == total_steps:
+            if step % options.eval_every == 0 and step > warmup:
+                nmse = _heldout_nmse(sae, watch)
+                evaluations.append({"step": step, "heldout_nmse": nmse})
+                if nmse < best_nmse * (1 - options.min_delta):
+                    best_nmse, stale = nmse, 0
+                else:
+                    stale += 1
+                if options.patience is not None and stale >= options.patience and schedule.decay_start is None:
+                    schedule.start_decay(step)
+                    log(f"step {step:6d}  held-out loss has plateaued (1-EV {nmse:.4f}): decaying the learning rate over {schedule.decay_length} steps")
+            if step % options.log_every == 0 or schedule.finished(step):
                 record = {
                     "step": step,
                     "mse": mse.item(),
@@ -219,14 +325,15 @@ def train_sae(
                     "explained_variance": explained_variance(x, x_hat.detach()),
                     "l0": len(latents) / x.shape[0],
                     "dead_fraction": float(dead.float().mean()),
+                    "learning_rate": optimiser.param_groups[0]["lr"],
                     "seconds": round(time.monotonic() - start_time, 1),
                 }
                 history.append(record)
                 log(
                     f"step {step:6d}  mse {record['mse']:.4f}  EV {record['explained_variance']:.3f}  "
-                    f"L0 {record['l0']:.1f}  dead {record['dead_fraction']:.3f}"
+                    f"L0 {record['l0']:.1f}  dead {record['dead_fraction']:.3f}  lr {record['learning_rate']:.2g}"
                 )
-            if step >= total_steps:
+            if schedule.finished(step):
                 break
         epoch += 1
     bar.close()
@@ -234,25 +341,28 @@ def train_sae(
     with torch.no_grad():
         sae.norm_scale.fill_(scale)
     # Half of the held-out vectors set the threshold, the other half measures it (L0, EV, dead latents).
-    holdout = store.vectors(hold_idx[:65536]) if len(hold_idx) >= 2 else sample.cpu() / scale
     half = len(holdout) // 2
     theta = estimate_threshold(sae, holdout[:half][:16384])
     evaluation = evaluate_reconstruction(sae, holdout[half:])
     log(
         f"Held-out ({len(holdout)} vectors): EV {evaluation['explained_variance']:.3f}  "
-        f"L0 {evaluation['l0']:.1f} (k {options.k})  dead {evaluation['dead_fraction']:.3f}  threshold {theta:.4g}"
+        f"L0 {evaluation['l0']:.1f} (k {options.k})  dead {evaluation['dead_fraction']:.3f}  threshold {theta:.4g}  "
+        f"after {step} steps"
     )
     report = {
         "options": asdict(options),
+        "learning_rate": learning_rate,
         "store": str(store.folder),
         "cohort": store.manifest.get("cohort"),
         "norm_scale": scale,
         "steps": step,
+        "stopped_early": step < total_steps,
         "history": history,
+        "evaluations": evaluations,
         "holdout": evaluation,
         "seconds": round(time.monotonic() - start_time, 1),
     }
-    sae.config.training = {k: v for k, v in report.items() if k != "history"}
+    sae.config.training = {k: v for k, v in report.items() if k not in ("history", "evaluations")}
     return sae, report
 
 
