@@ -16,10 +16,9 @@ from ..data.cases import Case, read_case
 from ..data.cohort import Cohort
 from ..data.preprocessing import PreparedCase
 from ..errors import SegLensError
-from ..inference import predict_volume
 from ..metrics import confusion_matrix, overlap_scores
 from ..networks.segmenter import Segmenter
-from ..sae.codes import VolumeCodes, encode_volume
+from ..sae.codes import VolumeCodes
 from ..sae.model import BatchTopKSAE
 
 # Short names of the tumour classes (BraTS 2023 scheme), used as table columns.
@@ -130,20 +129,24 @@ class Experiment:
         self.log = log or (lambda message: None)
 
     def run_case(self, case: Case) -> CaseRun:
-        """Read, segment (with softmax) and encode one labelled case."""
-        images = read_case(case, modalities=self.model.config.modalities)
+        """Read, segment (with softmax) and encode one labelled case: its encoder runs once (an
+        :class:`~SegLensLogic.steering.encoded.EncodedCase`, kept for every later re-segmentation)."""
+        from ..steering.encoded import encode_case
+
+        config = self.model.config
+        images = read_case(case, modalities=config.modalities, allow_missing=config.accepts_missing_modalities)
         if images.label is None:
             raise SegLensError(f"case '{case.case_id}' has no ground-truth label map; experiments need labelled cases")
-        prediction = predict_volume(self.model, images, return_probabilities=True)
-        codes = encode_volume(self.model, self.sae, prediction.prepared)
+        encoded = encode_case(self.model, self.sae, images, probabilities=True)
         run = CaseRun(
             case_id=case.case_id,
-            prepared=prediction.prepared,
+            prepared=encoded.prepared,
             truth=images.label,
-            labels=prediction.labels,
-            probabilities=prediction.probabilities,
-            codes=codes,
+            labels=encoded.labels,
+            probabilities=encoded.probabilities,
+            codes=encoded.codes,
             class_names=self.class_names,
+            forward=encoded.forward,
         )
         self.log(f"  {case.case_id}: mean Dice {run.base_scores['dice_mean']:.3f}")
         return run

@@ -111,7 +111,14 @@ class CachedForward:
 
     # -- the rest of the network ------------------------------------------------------------------------
     @torch.no_grad()
-    def decode_labels(self, positions: np.ndarray, deltas: dict[int, torch.Tensor] | None = None, exact_batches: bool = True, progress=None) -> dict[int, np.ndarray]:
+    def decode_labels(
+        self,
+        positions: np.ndarray,
+        deltas: dict[int, torch.Tensor] | None = None,
+        exact_batches: bool = True,
+        progress=None,
+        probabilities: dict[int, np.ndarray] | None = None,
+    ) -> dict[int, np.ndarray]:
         """Labels of cached slices after adding ``deltas`` at the hook.
 
         Args:
@@ -121,6 +128,7 @@ class CachedForward:
                 has in :func:`~SegLensLogic.inference.predict_volume`, so that its labels are the same bits
                 whatever else is being re-run; other slices of those batches are returned too. False decodes just
                 ``positions`` (a live preview of one slice).
+            probabilities: when given, filled with ``{position: float16 (X, Y, K)}`` softmax of the same logits.
 
         Returns:
             ``{position: uint8 (X, Y)}`` in RAS in-plane order.
@@ -141,9 +149,14 @@ class CachedForward:
                 h[i] += deltas[int(part[i])]
             cache = [level.index_select(0, index) for level in self.cache]
             logits = self.model.decode(h, cache, self.hook)
-            labels = labels_from_logits(self.prepared.geometry.from_model(logits.float()))
+            logits = self.prepared.geometry.from_model(logits.float())
+            labels = labels_from_logits(logits)
             for i, p in enumerate(part):
                 out[int(p)] = labels[:, :, i]
+            if probabilities is not None:
+                softmax = torch.softmax(logits, dim=1).cpu().numpy().transpose(0, 2, 3, 1).astype(np.float16)
+                for i, p in enumerate(part):
+                    probabilities[int(p)] = softmax[i]
             if progress is not None and progress(number + 1, len(batches)) is False:
                 raise PredictionCancelled("segmentation cancelled")
         return out

@@ -30,11 +30,12 @@ from ..data.io import write_image
 from ..errors import SegLensError, refuse_existing
 from ..networks import load_segmenter
 from ..networks.segmenter import Segmenter
-from ..sae.codes import SparseEncoder, VolumeCodes
+from ..sae.codes import VolumeCodes
 from ..sae.model import BatchTopKSAE
 from .interventions import LatentEdit, Region, check_latent_ids
 from .recipe import Recipe, edit_from_json, edit_to_json, recipe_path_for
-from .resegment import MIN_BRAIN_FRACTION, CachedForward
+from .encoded import encode_case
+from .resegment import CachedForward
 from . import selection
 
 
@@ -129,18 +130,9 @@ class SteeringSession:
             The unmodified model's labels, ``uint8`` on the input's voxel grid (file order).
         """
         if self.forward is None:
-            report = None
-            if progress is not None:
-                report = lambda done, total: progress(done, 2 * total)  # noqa: E731  (encoding: first half)
-            forward = CachedForward(self.model, self.case, hook=self.hook, batch_size=self.batch_size, progress=report)
-            encoder = SparseEncoder(self.sae, forward.prepared, forward.grid, brain_only=True, min_brain_fraction=MIN_BRAIN_FRACTION)
-            for start in range(0, len(forward.slices), 64):
-                encoder.add(forward.activations[start : start + 64], forward.slices[start : start + 64])
-            if progress is not None:
-                report = lambda done, total: progress(total + done, 2 * total)  # noqa: E731  (decoding: second half)
-            base = forward.base_labels_ras(progress=report)
-            self.forward, self.codes = forward, encoder.finish()
-            self._history = [_State((), base, {})]
+            encoded = encode_case(self.model, self.sae, self.case, batch_size=self.batch_size, progress=progress)
+            self.forward, self.codes = encoded.forward, encoded.codes
+            self._history = [_State((), encoded.labels_ras, {})]
         return self.base_labels
 
     def _ready(self) -> CachedForward:
