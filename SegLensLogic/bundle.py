@@ -8,6 +8,8 @@ A bundle is a folder::
       sae/                   sae_config.json + sae.safetensors (threshold and normalisation folded in)
       latents.json           latent labels (optional, ``seglens interpret``)
       alignments/*.json      alignment files against other cohorts' SAEs (optional, any number)
+      MODEL_CARD.md          the model card (optional; its measured figures are in the manifest's ``figures``)
+      suggestions.json       suggested corrections per population (optional; ``SegLensLogic.steering.suggestions``)
 
 ``bundle.json`` (``format_version`` 1)::
 
@@ -16,6 +18,7 @@ A bundle is a folder::
      "sae": {"path": "sae", "d_in": 32, "d_sae": 128, "k": 8, "threshold": 1.3, "sha256": "<weights>"},
      "labels": "latents.json" | null,
      "alignments": ["alignments/adult-vs-pediatric.json"],
+     "card": "MODEL_CARD.md" | null, "figures": {...} | null, "suggestions": "suggestions.json" | null,
      "classes": {"names": ["background", ...], "colours": [[0, 0, 0], [255, 0, 0], ...], "label_scheme": "brats2023"},
      "preprocessing": {"modalities": ["t1n", "t1c", "t2w", "t2f"], "image_size": 64, "label_scheme": "brats2023",
                        "slice_axis": "axial (RAS k)", "intensity": "z-score inside the brain per modality"},
@@ -129,6 +132,29 @@ class Bundle:
     @property
     def alignment_paths(self) -> list[Path]:
         return [self.root / path for path in self.manifest.get("alignments", [])]
+
+    @property
+    def card_path(self) -> Path | None:
+        card = self.manifest.get("card")
+        return None if card is None else self.root / card
+
+    @property
+    def suggestions_path(self) -> Path | None:
+        suggestions = self.manifest.get("suggestions")
+        return None if suggestions is None else self.root / suggestions
+
+    def load_suggestions(self):
+        """The suggested corrections (``SegLensLogic.steering.suggestions.Suggestions``), or None."""
+        if self.suggestions_path is None:
+            return None
+        from .steering.suggestions import load_suggestions
+
+        return load_suggestions(self.suggestions_path)
+
+    @property
+    def figures(self) -> dict:
+        """The model card's measured figures (empty when the bundle has no card)."""
+        return dict(self.manifest.get("figures") or {})
 
     @property
     def class_names(self) -> list[str]:
@@ -285,6 +311,12 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     if manifest.get("labels") is not None:
         _inside(root, manifest["labels"], manifest_path, "labels")
         required.append(manifest["labels"])
+    for key in ("card", "suggestions"):
+        if manifest.get(key) is not None:
+            _inside(root, manifest[key], manifest_path, key)
+            required.append(manifest[key])
+    if not isinstance(manifest.get("figures") or {}, dict):
+        raise InputFileError(manifest_path, "'figures' must be a JSON object")
     for index, relative in enumerate(alignments):
         _inside(root, relative, manifest_path, f"alignments[{index}]")
         required.append(relative)
@@ -323,8 +355,11 @@ def build_bundle(
     alignments: list[str | Path] | tuple = (),
     cohort: str | None = None,
     overwrite: bool = False,
+    card: str | Path | None = None,
+    figures: dict | None = None,
+    suggestions: str | Path | None = None,
 ) -> Bundle:
-    """Copy a segmenter, its SAE and (optionally) latent labels and alignments into a new bundle folder.
+    """Copy a segmenter, its SAE and (optionally) latent labels, alignments and a model card into a new bundle folder.
 
     The model and SAE are loaded first (so a broken input fails before anything is written), the bundle is built
     in a temporary folder beside ``out`` and renamed into place at the end: a bundle is complete or absent.
@@ -338,6 +373,8 @@ def build_bundle(
         alignments: alignment JSON files that involve this SAE.
         cohort: the training cohort's name (default: the one recorded in the model's training provenance).
         overwrite: replace an existing bundle folder.
+        card: a Markdown model card, copied as ``MODEL_CARD.md``; figures: its measured numbers (JSON), in the manifest.
+        suggestions: a suggestions file for this SAE (``SegLensLogic.steering.suggestions``).
 
     Returns:
         The loaded, validated bundle.
@@ -383,6 +420,20 @@ def build_bundle(
             read_json(labels)
             labels_rel = "latents.json"
             shutil.copyfile(labels, tmp / labels_rel)
+        card_rel = None
+        if card is not None:
+            card = Path(card)
+            if not card.is_file():
+                raise InputFileError(card, "model card not found")
+            card_rel = "MODEL_CARD.md"
+            shutil.copyfile(card, tmp / card_rel)
+        suggestions_rel = None
+        if suggestions is not None:
+            from .steering.suggestions import load_suggestions
+
+            load_suggestions(suggestions)
+            suggestions_rel = "suggestions.json"
+            shutil.copyfile(suggestions, tmp / suggestions_rel)
         alignment_rels = []
         for path in alignments:
             path = Path(path)
@@ -409,9 +460,13 @@ def build_bundle(
                     "threshold": sae.config.threshold, "hook_point": hook, "sha256": sae_sha},
             "labels": labels_rel,
             "alignments": alignment_rels,
+            "card": card_rel,
+            "figures": figures,
+            "suggestions": suggestions_rel,
             "classes": {"names": list(config.class_names), "colours": class_colours(config.label_scheme, config.num_classes),
                         "label_scheme": config.label_scheme},
             "preprocessing": {"modalities": list(config.modalities), "image_size": config.image_size,
+                              "crop_to_brain": config.crop_to_brain, "missing_modalities": "zero" if config.accepts_missing_modalities else "refused",
                               "label_scheme": config.label_scheme, "slice_axis": "axial (RAS k)",
                               "intensity": "z-score inside the brain per modality"},
             "files": files,

@@ -25,18 +25,35 @@ from .errors import SegLensError, refuse_existing
 COMMAND_MODULES: tuple[str, ...] = ("SegLensLogic.steering.commands", "SegLensLogic.bundle", "SegLensLogic.data.commands", "SegLensLogic.interpretation.commands", "SegLensLogic.alignment.commands", "SegLensLogic.experiments.commands", "SegLensLogic.reference.commands")
 
 
+def model_folder(given: str | None) -> Path:
+    """The model folder of ``--model``: a model folder, a bundle's model, or (none given) the shipped reference
+    bundle's model, which is announced."""
+    from .bundle import MANIFEST_NAME, load_bundle
+    from .reference import reference_bundle_path
+
+    if given is None:
+        bundle = load_bundle(reference_bundle_path())
+        log(f"Using the shipped reference bundle '{bundle.name}' ({bundle.root}); --model chooses another")
+        return bundle.model_dir
+    if (Path(given) / MANIFEST_NAME).is_file():
+        return load_bundle(given).model_dir
+    return Path(given)
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from .inference import segment_case
     from .networks import load_segmenter
 
     out = refuse_existing(args.out, args.overwrite)
-    model = load_segmenter(args.model, device=device_from_args(args))
+    model = load_segmenter(model_folder(args.model), device=device_from_args(args))
     case = case_from_args(args)
     start = time.monotonic()
     prediction = segment_case(model, case, out, overwrite=args.overwrite, batch_size=args.batch_size, progress=progress_printer(case.case_id))
     counts = {name: int((prediction.labels == index).sum()) for index, name in enumerate(model.config.class_names) if index}
     log(f"Wrote {out} ({len(prediction.slices_run)} slices in {time.monotonic() - start:.1f} s on {next(model.parameters()).device.type})")
     log("Voxels per class: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    if prediction.prepared.missing_modalities:
+        log(f"Note: the case has no {', '.join(prediction.prepared.missing_modalities)}: set to the brain mean (the model was trained to tolerate it)")
     return 0
 
 
@@ -218,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("segment", help="segment one case and write its mask on the input's voxel grid")
-    p.add_argument("--model", required=True, help="model folder (config.json + model.safetensors)")
+    p.add_argument("--model", help="model folder (config.json + model.safetensors) or bundle folder (default: the shipped reference bundle)")
     p.add_argument("--case", type=Path, help="case folder (BraTS 2023/2017-2021/2013 or FreeSurfer names)")
     p.add_argument("--image", action="append", metavar="MOD=FILE", help="explicit modality file, e.g. t1c=post.nrrd (repeat)")
     p.add_argument("--out", required=True, help="output mask (.nii.gz), BraTS 2023 labels")

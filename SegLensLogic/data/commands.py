@@ -36,8 +36,8 @@ def cmd_degrade(args: argparse.Namespace) -> int:
     from .phantoms import degrade_case
 
     for case_dir in args.case:
-        target = degrade_case(case_dir, args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
-        log(f"Wrote {target} ({args.preset} acquisition)")
+        target = degrade_case(case_dir, args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite, strength=args.strength)
+        log(f"Wrote {target} ({args.preset} acquisition, strength {args.strength:g})")
     return 0
 
 
@@ -57,6 +57,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("degrade", help="apply a population's acquisition shift (noise, bias field, thick slices) to real cases")
     p.add_argument("case", nargs="+", help="case folder(s)")
     p.add_argument("--preset", choices=tuple(DEGRADE_PRESETS), default="ssa", help="acquisition preset (default ssa)")
+    p.add_argument("--strength", type=float, default=1.0, help="scale of the preset's noise, bias field and extra slice thickness (default 1; 2 is twice as strong)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder to write the degraded case folder(s) into")
     p.add_argument("--overwrite", action="store_true", help="replace existing output case folders")

@@ -646,7 +646,21 @@ def _degrade_preset(name: str) -> Population:
     return DEGRADE_PRESETS[name]
 
 
-def degrade_case(case_dir: str | Path, out: str | Path, preset: str = "ssa", seed: int = 0, overwrite: bool = False) -> Path:
+def scaled_preset(name: str, strength: float = 1.0) -> Population:
+    """A degradation preset at ``strength`` times its noise and bias, and its slice thickness scaled alike
+    (``1 + strength * (thickness - 1)`` mm): 0 is no degradation, 1 the preset, 2 twice as strong."""
+    import dataclasses
+
+    if not 0 <= strength <= 10:
+        raise SegLensError(f"degradation strength must be between 0 and 10, got {strength}")
+    base = _degrade_preset(name)
+    return dataclasses.replace(base, noise=base.noise * strength, bias=base.bias * strength,
+                               slice_thickness=1.0 + strength * (base.slice_thickness - 1.0))  # fmt: skip
+
+
+def degrade_case(
+    case_dir: str | Path, out: str | Path, preset: str = "ssa", seed: int = 0, overwrite: bool = False, strength: float = 1.0
+) -> Path:
     """Write a degraded copy of a real case into ``out/<case folder name>``: same file names, same voxel grid.
 
     Images get the preset's acquisition shift (stored in their original integer type when they had one); the label
@@ -661,7 +675,7 @@ def degrade_case(case_dir: str | Path, out: str | Path, preset: str = "ssa", see
     from .cases import find_case, read_case
     from .io import atomic_write_text, read_image, refuse_existing, write_image
 
-    population = _degrade_preset(preset)
+    population = scaled_preset(preset, strength)
     case_dir = Path(case_dir)
     case = find_case(case_dir)
     target = Path(out) / case_dir.name
@@ -683,5 +697,6 @@ def degrade_case(case_dir: str | Path, out: str | Path, preset: str = "ssa", see
         if extra is not None and Path(str(extra)).is_file():
             shutil.copyfile(extra, target / Path(str(extra)).name)
     record["source"] = str(case_dir)
+    record["strength"] = float(strength)
     atomic_write_text(target / DEGRADATION_RECORD, json.dumps(record, indent=2) + "\n", overwrite=True)
     return target

@@ -15,7 +15,7 @@ def cmd_build_reference(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = ReferenceSettings.tiny() if args.tiny else ReferenceSettings()
-    build_reference(args.data, args.out, settings, overwrite=args.overwrite, log=log)
+    build_reference(args.data, args.out, settings, overwrite=args.overwrite, publish=args.publish, log=log)
     return 0
 
 
@@ -28,5 +28,6 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, help="build folder (rerun with the same options to continue an interrupted build)")
     p.add_argument("--tiny", action="store_true", help="a small model and short schedule: the same steps in minutes")
     p.add_argument("--threads", type=int, help="PyTorch CPU threads (default: PyTorch's choice)")
+    p.add_argument("--publish", metavar="DIR", help="copy the finished bundle (and build.log) to DIR, e.g. Resources/adult-glioma-segformer")
     p.add_argument("--overwrite", action="store_true", help="start the build in --out over")
     p.set_defaults(func=cmd_build_reference)

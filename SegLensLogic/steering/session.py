@@ -111,11 +111,15 @@ class SteeringSession:
         return cls(model, sae, case, labels=labels, alignments=alignments, batch_size=batch_size)
 
     @classmethod
-    def from_bundle(cls, bundle, case, device: str | torch.device | None = None, batch_size: int | None = None) -> "SteeringSession":
-        """Open a session from a model bundle (a folder or a loaded :class:`~SegLensLogic.bundle.Bundle`)."""
+    def from_bundle(cls, bundle=None, case=None, device: str | torch.device | None = None, batch_size: int | None = None) -> "SteeringSession":
+        """Open a session from a model bundle (a folder or a loaded :class:`~SegLensLogic.bundle.Bundle`; default:
+        the shipped reference bundle, :func:`~SegLensLogic.reference.reference_bundle_path`)."""
         from ..bundle import Bundle, load_bundle
+        from ..reference import reference_bundle_path
 
-        bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        if case is None:
+            raise SegLensError("from_bundle needs a case (a folder, a Case or images read from volume nodes)")
+        bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle if bundle is not None else reference_bundle_path())
         return cls.open(bundle.model_dir, bundle.sae_dir, case, labels=bundle.labels_path, alignments=bundle.alignment_paths,
                         device=device, batch_size=batch_size)  # fmt: skip
 

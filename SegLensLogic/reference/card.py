@@ -1,0 +1,160 @@
+"""The reference bundle's model card: every figure measured by the build that wrote the weights.
+
+:func:`model_card` turns a finished build's recorded outputs (``build.json``) into the card's Markdown and the
+``figures`` stored in ``bundle.json``; nothing on the card is typed by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Quality goals of the reference bundle (held-out cases).
+GOALS = {"dice_WT": 0.85, "dice_TC": 0.70, "dice_ET": 0.60, "explained_variance": 0.85, "dead_fraction": 0.10, "dice_recovered": 0.95}
+
+CITATIONS = """\
+- BraTS: Menze et al., "The Multimodal Brain Tumor Image Segmentation Benchmark (BRATS)", IEEE TMI 34(10), 2015;
+  Bakas et al., "Advancing The Cancer Genome Atlas glioma MRI collections with expert segmentation labels and
+  radiomic features", Scientific Data 4:170117, 2017; Bakas et al., arXiv:1811.02629, 2018. TCGA label collections:
+  doi:10.7937/K9/TCIA.2017.KLXWJJ1Q, doi:10.7937/K9/TCIA.2017.GJQ7R0EF.
+- The BraTS 2018 cases are sample volumes of the DeepBrainSeg repository (koriavinash1/DeepBrainSeg @ 5d4f3810f1c7);
+  the BraTS 2013 cases come from the DeepMedic example data (deepmedic/deepmedic @ e10ba7c3570d), licence
+  CC BY-NC-SA 3.0. BraTS data are released for research; these weights inherit that restriction.
+- SegFormer: Xie et al., NeurIPS 2021. BatchTopK SAEs: Bussmann et al., 2024. Med-SegLens (the method).
+- MNI152 template (pediatric phantoms): Fonov et al., NeuroImage 2011, via nilearn."""
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(rows: list[dict], columns: list[str], headers: list[str] | None = None) -> str:
+    headers = headers or columns
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _goal(name: str, value: float) -> str:
+    goal = GOALS[name]
+    met = value <= goal if name == "dead_fraction" else value >= goal
+    return f"{value:.3f} ({'meets' if met else 'below'} the goal {'<=' if name == 'dead_fraction' else '>='} {goal})"
+
+
+def model_card(build) -> tuple[str, dict]:
+    """``(markdown, figures)`` of a build whose steps up to ``evaluation`` have finished."""
+    from .build import hardware
+
+    p = build.pipeline
+    s = build.settings
+    split, base = p.outputs("split"), p.outputs("base")
+    leverage, sae, labels = p.outputs("leverage"), p.outputs("sae"), p.outputs("interpret")
+    populations, evaluation, repair = p.outputs("populations"), p.outputs("evaluation"), p.outputs("repair")
+    test, shifted = evaluation["segmentation"]["test"], evaluation["segmentation"]["brats2013"]
+    sae_metrics = evaluation["sae"]
+    chosen = sae["chosen"]
+    figures = {
+        "training": {"cases": split["train"], "validation_cases": split["validation"], "test_cases": split["test"],
+                     "held_out_cohort": split["brats2013"], "epochs": base["epochs"], "best_epoch": base["best_epoch"],
+                     "wall_time_minutes": round(base["seconds"] / 60, 1), "hardware": hardware(),
+                     "arch": s.arch, "image_size": s.image_size, "crop_to_brain": s.crop_to_brain},
+        "dice_test": test["mean"],
+        "dice_brats2013": shifted["mean"],
+        "hook_point": leverage["hook"],
+        "sae": {"k": chosen["k"], "expansion": s.sae_expansion, "explained_variance": sae_metrics["explained_variance"],
+                "l0": sae_metrics["l0"], "dead_fraction": sae_metrics["dead_fraction"], "dice_recovered": sae_metrics["dice_recovered"],
+                "seed_shared": chosen["seed_shared"]},
+        "populations": {name: {"live_shared": r["live_shared"], "shared_fraction": r["shared_fraction"]}
+                        for name, r in populations["populations"].items()},
+        "floors": populations["floors"],
+        "repair": {row["arm"]: {"cases": row["cases"], "recovered": row["recovered"], "dice_mean": row["dice_mean"]} for row in repair["summary"]},
+        "goals": GOALS,
+    }  # fmt: skip
+    mean = test["mean"]
+    lines = [
+        "# Reference model card: adult glioma, SegFormer-B0",
+        "",
+        "**Intended use: research only, not clinical use.** This model segments adult glioma on skull-stripped, co-registered "
+        "BraTS-style MRI (T1, T1c, T2, FLAIR; a missing sequence is set to the brain mean) so that its sparse-autoencoder "
+        "latents can be inspected and steered with SegLens. It was trained on "
+        f"{len(split['train'])} real cases: it is a reference for the method, not a clinical segmenter, and it has not been "
+        "validated for any diagnostic purpose.",
+        "",
+        "## How it was made",
+        f"- `seglens build-reference --data ../shared/data --out reference-build` (every figure below was measured by that build, "
+        f"on the weights in this bundle; its log is `build.log` beside this card).",
+        f"- Model: {s.arch}, trained from scratch on the four BraTS sequences, axial slices of the brain's bounding box "
+        f"(plus 8 voxels) at {s.image_size} px (about 1 mm per pixel); hook point `{leverage['hook']}` (chosen by leverage, below).",
+        f"- Training: {base['epochs']} epochs of {s.slices_per_epoch} slices (batch {s.batch_size}, AdamW lr {s.learning_rate}, "
+        f"{s.warmup_steps} warm-up steps then cosine decay, weight decay {s.weight_decay}, flips, rotation, scaling, intensity "
+        f"jitter, modality dropout {s.modality_dropout}, {s.precision} autocast, seed {s.seed}); best validation epoch "
+        f"{base['best_epoch']}; wall time {base['seconds'] / 60:.0f} min on {hardware()}.",
+        f"- Trained on: {', '.join(split['train'])}.",
+        f"- Validated on (checkpoint choice only): {', '.join(split['validation'])}.",
+        f"- Never trained on nor used for any choice: {', '.join(split['test'])} (BraTS 2018 test cases, one per acquisition "
+        f"group) and {', '.join(split['brats2013'])} (BraTS 2013, another release and protocol, T1c and FLAIR only).",
+        "",
+        "## Segmentation on held-out cases",
+        "Dice per class (NC necrotic core, ED edema, ET enhancing tumour) and region (WT whole tumour, TC tumour core):",
+        "",
+        _table(test["cases"] + [{"case": "**mean**", **test["mean"]}], ["case", "dice_NC", "dice_ED", "dice_ET", "dice_WT", "dice_TC"],
+               ["case", "NC", "ED", "ET", "WT", "TC"]),
+        "",
+        f"- Whole tumour {_goal('dice_WT', mean['dice_WT'])}; tumour core {_goal('dice_TC', mean['dice_TC'])}; "
+        f"enhancing tumour {_goal('dice_ET', mean['dice_ET'])}.",
+        "- BraTS 2013 cases (T1 and T2 missing, set to the brain mean; another site):",
+        "",
+        _table(shifted["cases"] + [{"case": "**mean**", **shifted["mean"]}], ["case", "dice_NC", "dice_ED", "dice_ET", "dice_WT", "dice_TC"],
+               ["case", "NC", "ED", "ET", "WT", "TC"]),
+        "",
+        "## Sparse autoencoder",
+        f"- BatchTopK, k {chosen['k']}, expansion {s.sae_expansion} ({chosen['k']} active of {s.sae_expansion} x d latents), trained on "
+        f"every brain position of the training and validation cases at `{leverage['hook']}`.",
+        f"- On the test cases' activations (never trained on): explained variance {_goal('explained_variance', sae_metrics['explained_variance'])}, "
+        f"L0 {sae_metrics['l0']:.1f}, dead latents {_goal('dead_fraction', sae_metrics['dead_fraction'])}, Dice recovered "
+        f"{_goal('dice_recovered', sae_metrics['dice_recovered'])}.",
+        f"- Setting chosen from a sweep (two seeds each; `seed_shared`: share of live latents the other seed finds again at tau 0.8): {sae['why']}.",
+        "",
+        _table(sae["sweep"], ["k", "explained_variance", "dead_fraction", "l0", "seed_shared", "live", "steps"]),
+        "",
+        f"- Latent labels (`latents.json`, automatic interpretation over the training cases): "
+        + ", ".join(f"{k} {v}" for k, v in sorted(labels["categories"].items(), key=lambda kv: -kv[1]))
+        + (f"; split-half stability {labels['stability']:.2f}." if labels.get("stability") is not None else "."),
+        "",
+        "## Hook point: leverage",
+        "Scaling each case's five most active tumour latents by alpha at each hook (quick SAE per hook; 'moved': share of the "
+        "predicted tumour whose label changes, mean over the alpha grid; oracle gains read the ground truth: upper bounds):",
+        "",
+        _table(leverage["summary"], ["hook", "grid", "d_in", "moved", "voxels_per_alpha", "oracle_gain_WT", "oracle_gain_mean"]),
+        "",
+        f"Measured on {', '.join(leverage['cases'])}. Chosen: `{leverage['hook']}`.",
+        "",
+        "## Populations (alignment files)",
+        "Models fine-tuned from this one, an SAE on each (independent seed), aligned with this SAE by encoder and decoder cosines "
+        "(Hungarian, tau 0.8). Shared: share of this SAE's live latents with a live shared partner. Floors: the same measure "
+        f"between two seeds on the same data ({populations['floors']['seed']:.2f}) and between this SAE and one trained on 80 % "
+        f"of the positions ({populations['floors']['resample']:.2f}).",
+        "",
+        _table([{"population": n, **r} for n, r in populations["populations"].items()], ["population", "live_shared", "shared_fraction"]),
+        "",
+        "- brats2013: the 3 BraTS 2013 cases (another site and protocol). ssa: SSA-like degraded copies of the training cases "
+        "(`seglens degrade --preset ssa`: low SNR, bias field, thick slices). pediatric: synthetic pediatric phantoms (no real "
+        "pediatric case is available here), labelled as synthetic.",
+        "",
+        "## Steering real failures",
+        f"Failure cases: the test cases under SSA-like acquisition (strengths {', '.join(f'x{v:g}' for v in s.repair_strengths)}) and "
+        f"without {', '.join(s.repair_missing) or 'no'} sequence(s), and BraTS 2013 cases; a failure has mean Dice < 0.6 or lost "
+        f">= 0.10 against its clean case ({sum(f['failure'] for f in repair['failures'])} of {len(repair['failures'])}). Mean "
+        "change per class with 95 % bootstrap intervals; 'vs random control': paired difference to the same choice with random "
+        "latents. Oracle rows read each case's ground truth (upper bounds); calibrated rows choose alpha on the other patients' "
+        "failures; ground-truth-free rows need no label at all (what `seglens steer --suggest` and the module's *Suggest a "
+        "correction* do).",
+        "",
+        _table(repair["summary"], ["arm", "cases", "recovered", "dice_mean", "dice_WT", "dice_ED", "voxels_changed", "vs random control"]),
+        "",
+        "## Data licences and citations",
+        CITATIONS,
+        "",
+    ]
+    return "\n".join(lines), figures
