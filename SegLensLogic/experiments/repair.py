@@ -43,7 +43,7 @@ import torch
 from ..data.cases import Case, read_case
 from ..metrics import segmentation_scores
 from ..networks.segmenter import Segmenter
-from ..sae.activations import feature_map_to_vectors, mask_fraction_on_grid
+from ..sae.activations import feature_map_to_vectors
 from ..sae.model import BatchTopKSAE
 from ..steering.encoded import EncodedCase, encode_case
 from ..steering.interventions import LatentEdit, latent_values

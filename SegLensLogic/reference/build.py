@@ -366,7 +366,6 @@ def step_populations(build: ReferenceBuild, folder: Path) -> dict:
     from ..sae.training import save_training_report
     from ..training import train_segmenter
 
-    s = build.settings
     out = build.pipeline.out
     sae_outputs = build.pipeline.outputs("sae")
     reference_dir = out / sae_outputs["sae"]

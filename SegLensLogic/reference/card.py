@@ -82,8 +82,8 @@ def model_card(build) -> tuple[str, dict]:
         "validated for any diagnostic purpose.",
         "",
         "## How it was made",
-        f"- `seglens build-reference --data ../shared/data --out reference-build` (every figure below was measured by that build, "
-        f"on the weights in this bundle; its log is `build.log` beside this card).",
+        "- `seglens build-reference --data ../shared/data --out reference-build` (every figure below was measured by that build, "
+        "on the weights in this bundle; its log is `build.log` beside this card).",
         f"- Model: {s.arch}, trained from scratch on the four BraTS sequences, axial slices of the brain's bounding box "
         f"(plus 8 voxels) at {s.image_size} px (about 1 mm per pixel); hook point `{leverage['hook']}` (chosen by leverage, below).",
         f"- Training: {base['epochs']} epochs of {s.slices_per_epoch} slices (batch {s.batch_size}, AdamW lr {s.learning_rate}, "
@@ -118,7 +118,7 @@ def model_card(build) -> tuple[str, dict]:
         "",
         _table(sae["sweep"], ["k", "explained_variance", "dead_fraction", "l0", "seed_shared", "live", "steps"]),
         "",
-        f"- Latent labels (`latents.json`, automatic interpretation over the training cases): "
+        "- Latent labels (`latents.json`, automatic interpretation over the training cases): "
         + ", ".join(f"{k} {v}" for k, v in sorted(labels["categories"].items(), key=lambda kv: -kv[1]))
         + (f"; split-half stability {labels['stability']:.2f}." if labels.get("stability") is not None else "."),
         "",
@@ -143,8 +143,8 @@ def model_card(build) -> tuple[str, dict]:
         "pediatric case is available here), labelled as synthetic.",
         "",
         "## Steering real failures",
-        f"Failure cases: the test cases under SSA-like acquisition (strengths {', '.join(f'x{v:g}' for v in s.repair_strengths)}) and "
-        f"without {', '.join(s.repair_missing) or 'no'} sequence(s), and BraTS 2013 cases; a failure has mean Dice < 0.6 or lost "
+        f"Failure cases: the test cases under SSA-like acquisition (strengths {', '.join(f'x{v:g}' for v in s.repair_strengths)}), "
+        + (f"without {', '.join(s.repair_missing)}, " if s.repair_missing else "") + "and BraTS 2013 cases; a failure has mean Dice < 0.6 or lost "
         f">= 0.10 against its clean case ({sum(f['failure'] for f in repair['failures'])} of {len(repair['failures'])}). Mean "
         "change per class with 95 % bootstrap intervals; 'vs random control': paired difference to the same choice with random "
         "latents. Oracle rows read each case's ground truth (upper bounds); calibrated rows choose alpha on the other patients' "

@@ -27,15 +27,31 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
     out = refuse_existing(args.out, args.overwrite)
     refuse_existing(recipe_path_for(out), args.overwrite)
-    if (args.recipe is None) == (args.latent is None):
-        raise SegLensError("give either --recipe R.json or --latent J (with --mode and --alpha)")
+    if sum(x is not None and x is not False for x in (args.recipe, args.latent, args.suggest)) != 1:
+        raise SegLensError("give one of --recipe R.json, --latent J (with --mode and --alpha) or --suggest")
+    if (args.model is None) != (args.sae is None):
+        raise SegLensError("give --model and --sae together, or a --bundle (default: the shipped reference bundle)")
     recipe = load_recipe(args.recipe) if args.recipe else None
     start = time.monotonic()
-    session = SteeringSession.open(args.model, args.sae, case_from_args(args), labels=args.labels, device=device_from_args(args), batch_size=args.batch_size)
+    case = case_from_args(args)
+    if args.model is not None:
+        session = SteeringSession.open(args.model, args.sae, case, labels=args.labels, device=device_from_args(args), batch_size=args.batch_size)
+    else:
+        if args.bundle is None:
+            from ..reference import reference_bundle_path
+
+            args.bundle = reference_bundle_path()
+            log(f"Using the shipped reference bundle ({args.bundle}); --bundle or --model/--sae choose another")
+        session = SteeringSession.from_bundle(args.bundle, case, device=device_from_args(args), batch_size=args.batch_size)
     session.segment()
     if recipe is not None:
         swap_saes = [BatchTopKSAE.load(path) for path in args.swap_sae or ()]
         session.apply_recipe(recipe, swap_saes, source=args.recipe)
+    elif args.suggest:
+        suggestion = session.suggest(population=args.population, method=args.method)
+        log(f"Suggested: {suggestion.describe()}")
+        for edit in suggestion.edits:
+            session.apply(edit)
     else:
         session.apply(LatentEdit(tuple(args.latent), args.mode, args.alpha, where=args.where, region=_region(args)))
     mask, recipe_file = session.export(out, overwrite=args.overwrite)
@@ -46,12 +62,17 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("steer", help="steer SAE latents and write the corrected mask with its recipe")
-    p.add_argument("--model", required=True, help="model folder")
-    p.add_argument("--sae", required=True, help="SAE folder (trained at the model's hook point)")
+    p.add_argument("--bundle", help="bundle folder (default, without --model/--sae: the shipped reference bundle)")
+    p.add_argument("--model", help="model folder (with --sae, instead of a bundle)")
+    p.add_argument("--sae", help="SAE folder (trained at the model's hook point)")
     p.add_argument("--case", help="case folder")
     p.add_argument("--image", action="append", metavar="MOD=FILE", help="explicit modality file (repeat)")
     p.add_argument("--recipe", help="replay this recipe (JSON); the mask is reproduced bit for bit")
     p.add_argument("--latent", type=int, action="append", metavar="J", help="latent to edit (repeat), instead of --recipe")
+    p.add_argument("--suggest", action="store_true", help="apply the bundle's suggested correction for --population (no label of the case is read)")
+    p.add_argument("--population", help="the case's population for --suggest (e.g. ssa, brats2013; see the bundle's suggestions)")
+    p.add_argument("--method", choices=("ground-truth-free", "calibrated"), default="ground-truth-free",
+                   help="--suggest: alpha by plausibility on this case (default) or the build's calibrated alpha")
     p.add_argument("--mode", choices=MODES[:-1], default="scale", help="edit: scale, add, zero or clamp (default scale)")
     p.add_argument("--alpha", type=float, default=1.0, help="factor (scale), amount (add) or value (clamp)")
     p.add_argument("--where", choices=("active", "everywhere"), default="active", help="add/clamp where the latent is active (default) or everywhere")

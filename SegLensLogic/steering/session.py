@@ -59,6 +59,7 @@ class SteeringSession:
         labels: a latent labels file (``seglens interpret``) or loaded labels, for names and categories.
         alignments: alignment files (``seglens align``) naming which latents are shared or population-specific.
         batch_size: slices per forward pass (default: the model's on this device).
+        suggestions: suggested corrections (a bundle's ``suggestions.json``), for :meth:`suggest`.
 
     Raises:
         SegLensError: the SAE does not fit the model's hook point.
@@ -72,6 +73,7 @@ class SteeringSession:
         labels=None,
         alignments: Sequence = (),
         batch_size: int | None = None,
+        suggestions=None,
     ):
         hook = sae.config.hook_point or model.config.hook_point
         if hook not in model.hook_points():
@@ -90,6 +92,11 @@ class SteeringSession:
         self.batch_size = batch_size
         self.latent_labels = selection.as_latent_labels(labels)
         self.alignments = [selection.as_alignment(a) for a in alignments]
+        if suggestions is not None and not hasattr(suggestions, "populations"):
+            from .suggestions import load_suggestions
+
+            suggestions = load_suggestions(suggestions)
+        self.suggestions = suggestions
         self.forward: CachedForward | None = None
         self.codes: VolumeCodes | None = None
         self._history: list[_State] = []
@@ -120,8 +127,10 @@ class SteeringSession:
         if case is None:
             raise SegLensError("from_bundle needs a case (a folder, a Case or images read from volume nodes)")
         bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle if bundle is not None else reference_bundle_path())
-        return cls.open(bundle.model_dir, bundle.sae_dir, case, labels=bundle.labels_path, alignments=bundle.alignment_paths,
-                        device=device, batch_size=batch_size)  # fmt: skip
+        session = cls.open(bundle.model_dir, bundle.sae_dir, case, labels=bundle.labels_path, alignments=bundle.alignment_paths,
+                           device=device, batch_size=batch_size)  # fmt: skip
+        session.suggestions = bundle.load_suggestions()
+        return session
 
     # -- loading and the unedited mask ----------------------------------------------------------------------
     def segment(self, progress: Callable[[int, int], bool | None] | None = None) -> np.ndarray:
@@ -291,6 +300,31 @@ class SteeringSession:
         labels = forward.relabel(current.labels_ras, changed, deltas)
         self._history.append(_State(edits, labels, deltas))
         return self.prepared.to_input_grid(labels)
+
+    def suggest(self, population: str | None = None, method: str = "ground-truth-free"):
+        """A suggested correction for this case (no label of it is read), computed from the unedited mask; apply
+        its ``edits`` with :meth:`apply` (or preview them) like any other edit.
+
+        Args:
+            population: the case's population (see :attr:`populations`); None: no population-specific latents.
+            method: ``ground-truth-free`` (alpha by plausibility on this case) or ``calibrated`` (the build's alpha).
+
+        Returns:
+            A :class:`~SegLensLogic.steering.suggestions.Suggestion`.
+        """
+        from .encoded import EncodedCase
+        from .suggestions import suggest
+
+        if self.suggestions is None:
+            raise SegLensError("this session has no suggestions (open it from a bundle that has suggestions.json)")
+        forward = self._ready()
+        encoded = EncodedCase(forward, self.codes, self._history[0].labels_ras)
+        return suggest(encoded, self.sae, self.suggestions, population, method)
+
+    @property
+    def populations(self) -> list[str]:
+        """Populations the session's suggestions know."""
+        return sorted(self.suggestions.populations) if self.suggestions is not None else []
 
     def undo(self) -> np.ndarray:
         """Remove the last applied edit; returns the labels before it."""
