@@ -38,6 +38,7 @@ class SegFormerSegmenter(Segmenter):
 
     hook_names = ("stage1", "stage2", "stage3", "stage4")
     default_hook = "stage2"
+    architectures = tuple(f"segformer-{variant}" for variant in SEGFORMER_VARIANTS)
 
     def __init__(self, config: SegmenterConfig):
         self.hf_config = segformer_config(config)

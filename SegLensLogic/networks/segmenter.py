@@ -106,9 +106,17 @@ class Segmenter(nn.Module):
 
     hook_names: tuple[str, ...] = ()
     default_hook: str = ""
+    # Architecture names (``SegmenterConfig.arch``) a subclass builds; subclasses register themselves.
+    architectures: tuple[str, ...] = ()
+    registry: dict[str, type["Segmenter"]] = {}
     size_multiple: int = 32
     # Slices per forward pass on the CPU (see inference.default_batch_size).
     cpu_batch_size: int = 4
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for arch in cls.architectures:
+            Segmenter.registry[arch] = cls
 
     def __init__(self, config: SegmenterConfig):
         super().__init__()
@@ -183,8 +191,6 @@ class Segmenter(nn.Module):
         Raises:
             InputFileError: the folder, its config or its weights are missing, malformed or do not match.
         """
-        from . import build_segmenter
-
         folder = Path(folder)
         config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
         data, state = read_weights_folder(folder, CONFIG_NAME, WEIGHTS_NAME, "a model")
@@ -203,6 +209,14 @@ class Segmenter(nn.Module):
         # Recipes, labels files and alignments name a model by this hash.
         model.weights_sha256 = weights_sha256(folder)
         return model.to(device or default_device())
+
+
+def build_segmenter(config: SegmenterConfig) -> Segmenter:
+    """A freshly initialised segmenter for ``config`` (no pretrained weights exist here: we train from scratch)."""
+    cls = Segmenter.registry.get(config.arch)
+    if cls is None:
+        raise ValueError(f"unknown architecture '{config.arch}'; choose one of {', '.join(Segmenter.registry)}")
+    return cls(config)
 
 
 def weights_sha256(folder: str | Path) -> str:

@@ -20,6 +20,7 @@ class UNetSegmenter(Segmenter):
     hook_names = ("conv_0", "down_1", "down_2", "down_3", "down_4")
     # down_3: 1/8 resolution, 128 channels by default -- the middle of the encoder, as in the paper.
     default_hook = "down_3"
+    architectures = ("unet",)
     size_multiple = 16
     # On the CPU a batch of full-resolution U-Net feature maps runs slower per slice than one slice alone.
     cpu_batch_size = 1

@@ -29,7 +29,6 @@ The build is deterministic given its seeds on one machine (PyTorch's CPU kernels
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from ..data.cohort import Cohort, load_cohort
 from ..data.io import atomic_write_text
 from ..errors import InputFileError
 from ..pipeline import Pipeline, now_utc
+from .card import hardware
 
 STATE_NAME = "build.json"
 STATE_KIND = "seglens-reference-build"
@@ -547,13 +547,6 @@ def step_bundle(build: ReferenceBuild, folder: Path) -> dict:
     shutil.rmtree(model_dir, ignore_errors=True)
     build.sub(bundle.summary().replace("\n", "\n    "))
     return {"bundle": "bundle/bundle", "figures": figures}
-
-
-def hardware() -> str:
-    """The machine training ran on, in words (for the model card)."""
-    if torch.cuda.is_available():
-        return f"GPU {torch.cuda.get_device_name(0)}"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} PyTorch threads"
 
 
 def build_reference(

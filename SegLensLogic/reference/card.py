@@ -23,6 +23,17 @@ CITATIONS = """\
 - MNI152 template (pediatric phantoms): Fonov et al., NeuroImage 2011, via nilearn."""
 
 
+def hardware() -> str:
+    """The machine this process runs on, in words (training's hardware on the model card)."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)}"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} PyTorch threads"
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
@@ -44,8 +55,6 @@ def _goal(name: str, value: float) -> str:
 
 def model_card(build) -> tuple[str, dict]:
     """``(markdown, figures)`` of a build whose steps up to ``evaluation`` have finished."""
-    from .build import hardware
-
     p = build.pipeline
     s = build.settings
     split, base = p.outputs("split"), p.outputs("base")
