@@ -285,8 +285,12 @@ class SteeringSession:
         labels = forward.relabel(current.labels_ras, [position], deltas, exact_batches=False)
         return self.prepared.to_input_grid(labels)
 
-    def apply(self, edit: LatentEdit) -> np.ndarray:
+    def apply(self, edit: LatentEdit, progress: Callable[[int, int], bool | None] | None = None) -> np.ndarray:
         """Apply ``edit`` on top of the current edits and re-segment the slices it changes.
+
+        Args:
+            progress: ``progress(batches_done, batches_total)`` while the changed slices are decoded; returning
+                False cancels (``PredictionCancelled``) and leaves the session as it was.
 
         Returns:
             The new labels on the input grid (also :attr:`labels`); :meth:`undo` goes back.
@@ -297,7 +301,7 @@ class SteeringSession:
         edits = (*current.edits, edit)
         deltas = forward.deltas(self.sae, edits)
         changed = [p for p in set(deltas) | set(current.deltas) if p not in deltas or p not in current.deltas or not torch.equal(deltas[p], current.deltas[p])]
-        labels = forward.relabel(current.labels_ras, changed, deltas)
+        labels = forward.relabel(current.labels_ras, changed, deltas, progress=progress)
         self._history.append(_State(edits, labels, deltas))
         return self.prepared.to_input_grid(labels)
 
