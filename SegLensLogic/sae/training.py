@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import SegLensError
 from ..networks.segmenter import default_device
 from .activations import ActivationStore
 from .model import BatchTopKSAE, SAEConfig
@@ -211,27 +212,149 @@ def _heldout_nmse(sae: BatchTopKSAE, x: torch.Tensor) -> float:
         return float((x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12))
 
 
+def training_loss(
+    sae: BatchTopKSAE, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor, k_aux: int, aux_coefficient: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training objective on one batch of normalised vectors ``x`` and their reconstruction ``x_hat``.
+
+    ``mse`` over all elements, plus ``aux_coefficient`` times the auxiliary loss when latents are ``dead``: the
+    ``k_aux`` largest pre-activations among dead latents reconstruct the residual, normalised by its variance.
+
+    Returns:
+        ``(loss, mse, aux)``.
+    """
+    mse = (x_hat - x).pow(2).mean()
+    loss = mse
+    aux = torch.zeros((), device=x.device)
+    if dead.any():
+        dead_ids = torch.nonzero(dead).squeeze(1)
+        pre_dead = torch.relu(x @ sae.W_enc[:, dead_ids] + sae.b_enc[dead_ids])
+        top = torch.topk(pre_dead, min(k_aux, len(dead_ids)), dim=1)
+        aux_recon = torch.einsum("nk,nkd->nd", top.values, sae.W_dec[dead_ids][top.indices])
+        residual = (x - x_hat).detach()
+        # Normalised by the residual's variance, so the aux loss keeps its weight as the MSE falls.
+        variance = (residual - residual.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
+        aux = (aux_recon - residual).pow(2).sum(dim=1).mean() / variance
+        if torch.isfinite(aux):
+            loss = loss + aux_coefficient * aux
+    return loss, mse, aux
+
+
+class TrainingWorld:
+    """Where the training loop runs: alone (this class), or as worker ``rank`` of ``size`` data-parallel workers.
+
+    :mod:`.distributed` subclasses it for Ray Train (DDP). With more than one worker each step takes
+    ``batch_size / size`` vectors per worker (the same ``batch_size`` vectors per step in all), gradients are
+    averaged, dead latents are counted over all workers, and rank 0 decides the stopping rule.
+    """
+
+    rank = 0
+    size = 1
+
+    def forward(self, sae: BatchTopKSAE) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """The training pass ``x -> (x_hat, latents)`` (DDP wraps it so that gradients are averaged)."""
+        return sae.train_forward
+
+    def fired_anywhere(self, fired: torch.Tensor) -> torch.Tensor:
+        """The latents that fired on any worker this step, from this worker's boolean mask."""
+        return fired
+
+    def agree(self, value: float) -> float:
+        """Rank 0's ``value`` on every worker (stopping decisions must not diverge)."""
+        return value
+
+    def checkpoint(self, state: dict) -> None:
+        """Called on every worker after each held-out evaluation with the loop's state (see ``_train``)."""
+
+
+class _GlobalOrder:
+    """The single-process order: a seeded split of all vector positions and a fresh global shuffle every epoch."""
+
+    def __init__(self, store: ActivationStore, options: SAETrainingOptions):
+        self.store, self.seed = store, options.seed
+        self.train_idx, self.hold_idx = store.split(options.holdout_fraction, seed=options.seed)
+        self.n_train, self.n_holdout = len(self.train_idx), len(self.hold_idx)
+
+    def sample(self, rng: np.random.Generator, size: int) -> torch.Tensor:
+        return self.store.vectors(rng.choice(self.train_idx, size=size, replace=False))
+
+    def holdout(self, n: int) -> torch.Tensor:
+        return self.store.vectors(self.hold_idx[:n])
+
+    def batches(self, batch_size: int, skip: int = 0):
+        epoch = 0
+        while True:
+            for batch in self.store.batches(self.train_idx, batch_size, seed=self.seed + epoch):
+                if skip:
+                    skip -= 1
+                    continue
+                yield batch
+            epoch += 1
+
+
+class _ShardOrder:
+    """The streaming order (:meth:`ActivationStore.shard_split`): memory bounded by a few shards; each worker
+    streams its own shards every epoch."""
+
+    def __init__(self, store: ActivationStore, options: SAETrainingOptions, world: TrainingWorld):
+        self.split, self.world, self.seed = store.shard_split(options.holdout_fraction, options.seed), world, options.seed
+        self.n_train, self.n_holdout = self.split.n_train, self.split.n_holdout
+
+    def sample(self, rng: np.random.Generator, size: int) -> torch.Tensor:
+        return self.split.sample(size, rng, "train")
+
+    def holdout(self, n: int) -> torch.Tensor:
+        return self.split.sample(n, np.random.default_rng([self.seed, 3]), "holdout")
+
+    def batches(self, batch_size: int, skip: int = 0):
+        return self.split.batches(batch_size // self.world.size, self.world.rank, self.world.size, skip=skip)
+
+
 def train_sae(
     store: ActivationStore,
     options: SAETrainingOptions | None = None,
     device: str | torch.device | None = None,
     log: Callable[[str], None] = print,
+    stream: bool = False,
 ) -> tuple[BatchTopKSAE, dict]:
     """Train a BatchTopK SAE on ``store`` and estimate its inference threshold.
+
+    Args:
+        stream: read the store shard by shard (:meth:`ActivationStore.shard_split`: memory bounded by a few shards,
+            the split and the shuffle made shard by shard) instead of the exact global split and shuffle.
 
     Returns:
         ``(sae, report)``: the SAE (``norm_scale`` set, so it takes raw activations) and a report with the
         training history and held-out metrics (also stored in ``sae.config.training``).
+
+    :func:`SegLensLogic.sae.distributed.train_sae_ray` runs the same loop on Ray Train workers.
     """
+    return _train(store, options, device, log, TrainingWorld(), stream=stream)
+
+
+def _train(
+    store: ActivationStore,
+    options: SAETrainingOptions | None,
+    device: str | torch.device | None,
+    log: Callable[[str], None],
+    world: TrainingWorld,
+    stream: bool = False,
+    resume: dict | None = None,
+) -> tuple[BatchTopKSAE, dict]:
+    """The training loop of every path: alone in global order, alone streaming, or one of ``world.size`` workers
+    (always streaming). ``resume`` (see :mod:`.distributed`) continues from a checkpointed state."""
     options = options or SAETrainingOptions()
     if options.init not in ("data", "random"):
         raise ValueError(f"init must be 'data' or 'random', not {options.init!r}")
     device = torch.device(device) if device else default_device()
     torch.manual_seed(options.seed)
     generator = torch.Generator().manual_seed(options.seed)
-    train_idx, hold_idx = store.split(options.holdout_fraction, seed=options.seed)
-    if len(train_idx) < options.batch_size:
-        log(f"note: {len(train_idx)} training vectors, fewer than one batch of {options.batch_size}")
+    streaming = stream or world.size > 1
+    data = _ShardOrder(store, options, world) if streaming else _GlobalOrder(store, options)
+    if data.n_train == 0:
+        raise SegLensError(f"{store.folder}: no training vectors left after holding out {options.holdout_fraction:.0%}")
+    if data.n_train < options.batch_size:
+        log(f"note: {data.n_train} training vectors, fewer than one batch of {options.batch_size}")
     config = SAEConfig(
         d_in=store.d_in,
         expansion=options.expansion,
@@ -243,14 +366,14 @@ def train_sae(
 
     # Normalisation scalar, b_dec and (init="data") the dictionary from a sample of the training vectors.
     rng = np.random.default_rng(options.seed)
-    sample = store.vectors(rng.choice(train_idx, size=min(len(train_idx), max(16384, 2 * sae.d_sae)), replace=False)).to(device)
-    scale = math.sqrt(store.d_in) / float(sample.norm(dim=1).mean().clamp_min(1e-12))
+    sample = data.sample(rng, min(data.n_train, max(16384, 2 * sae.d_sae))).to(device)
+    scale = world.agree(math.sqrt(store.d_in) / float(sample.norm(dim=1).mean().clamp_min(1e-12)))
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(sample[:16384] * scale))
     if options.init == "data":
         initialise_from_data(sae, sample * scale, generator)
     # Held-out vectors: the first part watches the loss for the stopping rule, the rest sets the threshold.
-    holdout = store.vectors(hold_idx[:65536]) if len(hold_idx) >= 2 else sample.cpu()[:4096] / scale
+    holdout = data.holdout(65536) if data.n_holdout >= 2 else sample.cpu()[:4096] / scale
     watch = (holdout[: min(8192, max(1, len(holdout) // 4))].to(device) * scale)
 
     k_aux = options.k_aux or max(1, store.d_in // 2)
@@ -258,84 +381,93 @@ def train_sae(
     since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
     learning_rate = options.learning_rate or default_learning_rate(sae.d_sae)
     optimiser = torch.optim.Adam(sae.parameters(), lr=learning_rate, betas=(0.9, 0.999))
-    steps_per_epoch = math.ceil(len(train_idx) / options.batch_size)
+    steps_per_epoch = math.ceil(data.n_train / options.batch_size)
     total_steps = max(1, math.ceil(options.epochs * steps_per_epoch))
     if options.max_steps:
         total_steps = min(total_steps, options.max_steps)
     warmup = options.warmup_steps if options.warmup_steps is not None else min(1000, total_steps // 20)
     schedule = _Schedule(total_steps, warmup, options.decay_fraction)
+    where = f"{device.type}" + (f", {world.size} workers" if world.size > 1 else "") + (", streaming shards" if streaming else "")
     log(
         f"Training BatchTopK SAE: d_in {store.d_in}, {sae.d_sae} latents, k {options.k}, "
-        f"{len(train_idx)} training vectors, up to {total_steps} steps of {options.batch_size} on {device.type} "
+        f"{data.n_train} training vectors, up to {total_steps} steps of {options.batch_size} on {where} "
         f"(lr {learning_rate:.2g}, init {options.init})"
     )
     history, evaluations = [], []
     best_nmse, stale = math.inf, 0
-    step, epoch = 0, 0
-    start_time = time.monotonic()
-    bar = tqdm(total=total_steps, desc="train-sae", unit="step", disable=not sys.stderr.isatty())
-    while not schedule.finished(step):
-        for batch in store.batches(train_idx, options.batch_size, seed=options.seed + epoch):
-            for group in optimiser.param_groups:
-                group["lr"] = learning_rate * schedule.factor(step)
-            x = batch.to(device) * scale
-            x_hat, latents = sae.train_forward(x)
-            mse = (x_hat - x).pow(2).mean()
-            loss = mse
-            dead = since_fired >= dead_after
-            aux = torch.zeros((), device=device)
-            if dead.any():
-                dead_ids = torch.nonzero(dead).squeeze(1)
-                pre_dead = torch.relu(x @ sae.W_enc[:, dead_ids] + sae.b_enc[dead_ids])
-                top = torch.topk(pre_dead, min(k_aux, len(dead_ids)), dim=1)
-                aux_recon = torch.einsum("nk,nkd->nd", top.values, sae.W_dec[dead_ids][top.indices])
-                residual = (x - x_hat).detach()
-                # Normalised by the residual's variance, so the aux loss keeps its weight as the MSE falls.
-                variance = (residual - residual.mean(dim=0)).pow(2).sum(dim=1).mean().clamp_min(1e-12)
-                aux = (aux_recon - residual).pow(2).sum(dim=1).mean() / variance
-                if torch.isfinite(aux):
-                    loss = loss + options.aux_coefficient * aux
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.remove_parallel_gradient()
-            if options.grad_clip:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), options.grad_clip)
-            optimiser.step()
-            sae.normalise_decoder()
-            with torch.no_grad():
-                since_fired += x.shape[0]
+    step = 0
+    elapsed = 0.0
+    if resume is not None:
+        sae.load_state_dict(resume["sae"])
+        optimiser.load_state_dict(resume["optimiser"])
+        since_fired.copy_(resume["since_fired"].to(device))
+        step, best_nmse, stale, elapsed = resume["step"], resume["best_nmse"], resume["stale"], resume["seconds"]
+        history, evaluations = resume["history"], resume["evaluations"]
+        schedule.decay_start, schedule.decay_length = resume["decay_start"], resume["decay_length"]
+        log(f"Resuming at step {step} from a checkpoint")
+    forward = world.forward(sae)
+    start_time = time.monotonic() - elapsed
+    bar = tqdm(total=total_steps, initial=step, desc="train-sae", unit="step", disable=not sys.stderr.isatty() or world.rank != 0)
+    for batch in data.batches(options.batch_size, skip=step):
+        if schedule.finished(step):
+            break
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate * schedule.factor(step)
+        x = batch.to(device) * scale
+        x_hat, latents = forward(x)
+        dead = since_fired >= dead_after
+        loss, mse, aux = training_loss(sae, x, x_hat, dead, k_aux, options.aux_coefficient)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_gradient()
+        if options.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), options.grad_clip)
+        optimiser.step()
+        sae.normalise_decoder()
+        with torch.no_grad():
+            since_fired += x.shape[0] * world.size
+            if world.size == 1:
                 since_fired[latents.unique()] = 0
-            step += 1
-            bar.update(1)
-            if step % options.eval_every == 0 and step > warmup:
-                nmse = _heldout_nmse(sae, watch)
-                evaluations.append({"step": step, "heldout_nmse": nmse})
-                if nmse < best_nmse * (1 - options.min_delta):
-                    best_nmse, stale = nmse, 0
-                else:
-                    stale += 1
-                if options.patience is not None and stale >= options.patience and schedule.decay_start is None:
-                    schedule.start_decay(step)
-                    log(f"step {step:6d}  held-out loss has plateaued (1-EV {nmse:.4f}): decaying the learning rate over {schedule.decay_length} steps")
-            if step % options.log_every == 0 or schedule.finished(step):
-                record = {
-                    "step": step,
-                    "mse": mse.item(),
-                    "aux": aux.item(),
-                    "explained_variance": explained_variance(x, x_hat.detach()),
-                    "l0": len(latents) / x.shape[0],
-                    "dead_fraction": float(dead.float().mean()),
-                    "learning_rate": optimiser.param_groups[0]["lr"],
-                    "seconds": round(time.monotonic() - start_time, 1),
-                }
-                history.append(record)
-                log(
-                    f"step {step:6d}  mse {record['mse']:.4f}  EV {record['explained_variance']:.3f}  "
-                    f"L0 {record['l0']:.1f}  dead {record['dead_fraction']:.3f}  lr {record['learning_rate']:.2g}"
-                )
-            if schedule.finished(step):
-                break
-        epoch += 1
+            else:
+                fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
+                fired[latents] = True
+                since_fired[world.fired_anywhere(fired)] = 0
+        step += 1
+        bar.update(1)
+        if step % options.eval_every == 0 and step > warmup:
+            nmse = world.agree(_heldout_nmse(sae, watch))
+            evaluations.append({"step": step, "heldout_nmse": nmse})
+            if nmse < best_nmse * (1 - options.min_delta):
+                best_nmse, stale = nmse, 0
+            else:
+                stale += 1
+            if options.patience is not None and stale >= options.patience and schedule.decay_start is None:
+                schedule.start_decay(step)
+                log(f"step {step:6d}  held-out loss has plateaued (1-EV {nmse:.4f}): decaying the learning rate over {schedule.decay_length} steps")
+        if step % options.log_every == 0 or schedule.finished(step):
+            record = {
+                "step": step,
+                "mse": mse.item(),
+                "aux": aux.item(),
+                "explained_variance": explained_variance(x, x_hat.detach()),
+                "l0": len(latents) / x.shape[0],
+                "dead_fraction": float(dead.float().mean()),
+                "learning_rate": optimiser.param_groups[0]["lr"],
+                "seconds": round(time.monotonic() - start_time, 1),
+            }
+            history.append(record)
+            log(
+                f"step {step:6d}  mse {record['mse']:.4f}  EV {record['explained_variance']:.3f}  "
+                f"L0 {record['l0']:.1f}  dead {record['dead_fraction']:.3f}  lr {record['learning_rate']:.2g}"
+            )
+        if step % options.eval_every == 0 and step > warmup:
+            world.checkpoint({
+                "sae": sae, "optimiser": optimiser, "since_fired": since_fired, "step": step, "best_nmse": best_nmse,
+                "stale": stale, "decay_start": schedule.decay_start, "decay_length": schedule.decay_length,
+                "history": history, "evaluations": evaluations, "seconds": time.monotonic() - start_time,
+            })  # fmt: skip
+        if schedule.finished(step):
+            break
     bar.close()
 
     with torch.no_grad():
@@ -362,6 +494,9 @@ def train_sae(
         "holdout": evaluation,
         "seconds": round(time.monotonic() - start_time, 1),
     }
+    if streaming:
+        report["order"] = "shards"
+        report["workers"] = world.size
     sae.config.training = {k: v for k, v in report.items() if k not in ("history", "evaluations")}
     return sae, report
 
