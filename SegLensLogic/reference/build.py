@@ -297,7 +297,7 @@ def step_sae(build: ReferenceBuild, folder: Path) -> dict:
     train = build.cohort("train+validation")
     store = _extract(build, model, build.model_dir, train, hook, folder / "store")
     channels = store.d_in
-    grid = [{"k": k} for k in s.sweep_k if k <= channels]
+    grid = [{"k": k} for k in s.sweep_k if k <= channels // 2] or [{"k": max(1, channels // 4)}]
     build.sub(f"{len(store)} vectors of {channels} channels at {hook}; sweep over k {[g['k'] for g in grid]} "
               f"(expansion {s.sae_expansion}, seeds 0 and 1)")  # fmt: skip
     rows, kept = sae_sweep(store, grid, base=_sae_options(build), keep=True, log=build.sub)
