@@ -545,3 +545,25 @@ def test_prediction_rejects_case_for_other_inputs(small_case, tmp_path):
     partial = write_synthetic_case(tmp_path, "BraTS-SYN-00008-000", shape=(32, 32, 8), modalities=("t1n", "t1c"))
     with pytest.raises(InputFileError, match="has no t2f"):
         predict_volume(model, partial)
+
+
+def test_fused_segformer_head_computes_the_huggingface_head():
+    """SegLens runs SegFormer's decode head in its fused form (one matrix per stage, upsampling by two small matrix
+    products): the same logits as transformers' SegformerDecodeHead, to float rounding, in train and eval mode."""
+    import torch.nn.functional as F
+
+    from SegLensLogic.networks.segformer import upsample_bilinear
+
+    torch.manual_seed(0)
+    model = build_segmenter(SegmenterConfig(arch="segformer-b0", modalities=["t1c", "t2f"], class_names=["bg", "a", "b", "c"],
+                                            image_size=64, arch_options={"classifier_dropout_prob": 0.0}))  # fmt: skip
+    with torch.no_grad():
+        for mode in (model.eval, model.train):
+            mode()
+            hidden, cache = model.encode(torch.randn(3, 2, 64, 64), "stage4")
+            stages = [*cache, hidden]
+            reference = model.model.decode_head(stages)
+            assert torch.allclose(model.head(stages), reference, atol=1e-5 * float(reference.abs().max()))
+    x = torch.randn(2, 5, 7, 9)
+    for size in ((7, 9), (14, 18), (28, 36), (21, 40)):
+        assert torch.allclose(upsample_bilinear(x, size), F.interpolate(x, size=size, mode="bilinear", align_corners=False), atol=1e-5)
