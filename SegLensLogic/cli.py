@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -124,13 +126,26 @@ def cmd_hooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ray_wanted(args: argparse.Namespace, train: bool = False) -> bool:
+    """``--ray [ADDRESS]`` or ``--workers N`` (a local Ray cluster) ask for the distributed path; checked (Ray
+    installed, sensible numbers) before any work."""
+    if args.workers is not None and args.workers < 1:
+        raise SegLensError(f"--workers must be at least 1, got {args.workers}")
+    if args.cpus_per_worker < 1:
+        raise SegLensError(f"--cpus-per-worker must be at least 1, got {args.cpus_per_worker}")
+    if args.ray is None and args.workers is None:
+        return False
+    from .sae.distributed import require_ray
+
+    require_ray(train=train)
+    return True
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from .data.cohort import load_cohort
     from .networks import load_segmenter
     from .sae import ExtractionOptions, extract_activations
 
-    model = load_segmenter(args.model, device=device_from_args(args))
-    cohort = load_cohort(args.cohort)
     options = ExtractionOptions(
         hook=args.layer,
         brain_only=not args.all_positions,
@@ -139,6 +154,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
     )
+    if _ray_wanted(args):
+        from .sae.distributed import extract_activations_ray
+
+        cohort = load_cohort(args.cohort)
+        extract_activations_ray(args.model, cohort, args.out, options, overwrite=args.overwrite, address=args.ray, workers=args.workers,
+                                device=args.device, cpus_per_worker=args.cpus_per_worker, log=log)  # fmt: skip
+        return 0
+    model = load_segmenter(args.model, device=device_from_args(args))
+    cohort = load_cohort(args.cohort)
     log(f"Extracting '{options.hook or model.config.hook_point}' activations of {len(cohort)} case(s)")
     extract_activations(model, cohort, args.out, options, model_dir=args.model, overwrite=args.overwrite, log=log)
     return 0
@@ -162,7 +186,23 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
         init=args.init,
         seed=args.seed,
     )
-    sae, report = train_sae(store, options, device=device_from_args(args), log=log)
+    if _ray_wanted(args, train=True):
+        from .sae.distributed import train_sae_ray
+
+        storage = args.ray_storage
+        if storage is None:  # beside --out: on a cluster, where the output lives is where every node can write
+            Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
+            storage = Path(args.out).resolve().parent / f".{Path(args.out).name}.ray-checkpoints"
+        try:
+            sae, report = train_sae_ray(store, options, address=args.ray, workers=args.workers, device=args.device,
+                                        cpus_per_worker=args.cpus_per_worker, storage=storage, log=log)  # fmt: skip
+        finally:
+            if args.ray_storage is None:
+                import shutil
+
+                shutil.rmtree(storage, ignore_errors=True)
+    else:
+        sae, report = train_sae(store, options, device=device_from_args(args), log=log, stream=args.stream)
     sae.save(args.out, overwrite=args.overwrite)
     save_training_report(report, args.out)
     log(f"Wrote {args.out}")
@@ -221,6 +261,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(args.out, data=args.data, quick=args.quick, overwrite=args.overwrite, threads=args.threads, log=log)
     return 0
+
+
+def add_ray_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """``--ray [ADDRESS]``, ``--workers N`` and ``--cpus-per-worker`` (needs the optional extra: pip install -e ".[ray]")."""
+    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS", help=f"run on a Ray cluster: {what}; ADDRESS as for ray.init (default: the cluster this machine belongs to, or $RAY_ADDRESS); needs pip install -e \".[ray]\"")
+    p.add_argument("--workers", type=int, help="Ray workers (default with --ray: one per GPU of the cluster, else per --cpus-per-worker CPUs); without --ray, starts a local Ray cluster with N workers")
+    p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (PyTorch threads) per Ray worker (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     add_device_arguments(p)
+    add_ray_arguments(p, "cases run by Ray actors, one per GPU (or per --cpus-per-worker CPUs); the same store")
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("train-sae", help="train a BatchTopK sparse autoencoder on an activation store")
@@ -303,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing SAE folder")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--batch-size", type=int, default=SAETrainingOptions.batch_size, help="vectors per step (default %(default)s)")
+    p.add_argument("--stream", action="store_true", help="read the store shard by shard (memory bounded by a few shards; split and shuffle made shard by shard) instead of one global shuffle; --ray always streams")
+    add_ray_arguments(p, "Ray Train data-parallel (DDP) workers, each streaming its own shards; the same SAE folder")
+    p.add_argument("--ray-storage", metavar="PATH", help="where Ray Train keeps checkpoints: a folder every node sees, or s3://... (default: a hidden folder beside --out, removed afterwards)")
     p.set_defaults(func=cmd_train_sae)
 
     p = sub.add_parser("evaluate-sae", help="explained variance, L0, dead latents; Dice recovered on a cohort")
@@ -339,19 +390,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that half-written outputs are removed as after Ctrl-C."""
+
+
+def _terminate(_signum, _frame) -> None:
+    raise Terminated()
+
+
+def _one_line(text: object) -> str:
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip()) or "(no message)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure ends in one line on stderr (``--debug`` shows the traceback): exit 2 for
+    errors, 130 after Ctrl-C, 143 after SIGTERM; interrupted outputs are cleaned up either way."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
+    except Terminated:
+        print("seglens: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("seglens: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        if args.debug:
+            raise
+        print("seglens: error: out of memory: an input (an image, a store, a size in a config) is larger than this machine can hold", file=sys.stderr)
+        return 2
     except (SegLensError, ValueError, OSError) as exc:
         if args.debug:
             raise
-        print(f"seglens: error: {exc}", file=sys.stderr)
+        print(f"seglens: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug or an input we do not check yet: still one line, the traceback on --debug
+        if args.debug:
+            raise
+        print(f"seglens: error: unexpected {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -447,3 +447,41 @@ def test_train_segmenter_bad_cohort(capsys, tmp_path):
     code, _, err = seglens(capsys, "train-segmenter", "--cohort", missing, "--out", tmp_path / "m", "--epochs", "1")
     assert_one_line_error(code, err, missing, "cohort not found")
     assert not (tmp_path / "m").exists()
+
+
+def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
+    """SIGTERM arriving while an output is being written ends the command like Ctrl-C: one line, exit 143, the
+    half-written temporary file removed, and the default SIGTERM handler back in place."""
+    import signal
+
+    import nibabel
+
+    before = signal.getsignal(signal.SIGTERM)
+    real_save = nibabel.save
+
+    def save_then_terminated(image, filename, *args, **kwargs):
+        real_save(image, filename, *args, **kwargs)
+        assert Path(filename).exists()  # the temporary file is there ...
+        signal.raise_signal(signal.SIGTERM)  # ... when the signal arrives
+
+    monkeypatch.setattr(nibabel, "save", save_then_terminated)
+    out = tmp_path / "cohort"
+    code, _, err = seglens(capsys, "phantoms", "--population", "adult", "--n", "1", "--shape", "32,32,16", "--out", out)
+    assert code == 143 and err.strip() == "seglens: terminated"
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_unexpected_errors_and_memory_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    import SegLensLogic.data.commands as data_commands
+
+    def boom(args):
+        raise RuntimeError("something inside\nspanning lines")
+
+    def huge(args):
+        raise MemoryError
+
+    for failing, fragment in ((boom, "unexpected RuntimeError: something inside; spanning lines"), (huge, "out of memory")):
+        monkeypatch.setattr(data_commands, "cmd_phantoms", failing)
+        code, _, err = seglens(capsys, "phantoms", "--out", tmp_path / "x")
+        assert_one_line_error(code, err, fragment)
