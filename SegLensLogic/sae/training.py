@@ -462,7 +462,7 @@ def _train(
             )
         if step % options.eval_every == 0 and step > warmup:
             world.checkpoint({
-                "sae": sae, "optimiser": optimiser, "since_fired": since_fired, "step": step, "best_nmse": best_nmse,
+                "sae": sae, "optimiser": optimiser, "since_fired": since_fired, "scale": scale, "step": step, "best_nmse": best_nmse,
                 "stale": stale, "decay_start": schedule.decay_start, "decay_length": schedule.decay_length,
                 "history": history, "evaluations": evaluations, "seconds": time.monotonic() - start_time,
             })  # fmt: skip
@@ -497,6 +497,8 @@ def _train(
     if streaming:
         report["order"] = "shards"
         report["workers"] = world.size
+    if resume is not None:
+        report["resumed_at_step"] = resume["step"]
     sae.config.training = {k: v for k, v in report.items() if k not in ("history", "evaluations")}
     return sae, report
 
