@@ -172,3 +172,48 @@ def test_degrade_a_real_case(capsys, cropped_real_case, tmp_path):
     assert_one_line_error(code, err, str(target), "already exists")
     with pytest.raises(OutputExistsError):
         degrade_case(cropped_real_case, cropped_real_case.parent)  # never onto itself
+
+
+@pytest.mark.parametrize("population", ["pediatric-cyst", "ssa-band"])
+def test_planted_feature_is_the_only_difference_and_its_footprint_is_exact(population, tmp_path):
+    from scipy import ndimage
+
+    from SegLensLogic.data.phantoms import FEATURES, read_feature_mask
+
+    a_images, a_labels, a_info = phantom("adult", 2)
+    p_images, p_labels, p_info = phantom(population, 2)
+    footprint = p_info["feature_mask"]
+    assert footprint.dtype == bool and footprint.any() and "feature_mask" not in a_info
+    assert p_info["feature"]["name"] in FEATURES and p_info["feature"]["voxels"] == int(footprint.sum())
+    brain = a_images["t1n"] > 0
+    assert brain[footprint].all()  # the footprint lies in the head
+    # Same seed: the adult case plus the feature (its own random stream), nothing else.
+    assert {k: v for k, v in p_info.items() if k not in ("population", "feature", "feature_mask")} == {k: v for k, v in a_info.items() if k != "population"}
+    # (to float32 rounding: BLAS may round the tissue mixing differently from one allocation to the next)
+    changed = np.any([np.abs(a_images[m] - p_images[m]) > 1e-3 * a_images[m].max() for m in a_images], axis=0)
+    if population == "ssa-band":
+        assert np.array_equal(changed, footprint & changed) and changed[footprint].mean() > 0.95  # exactly the band
+        assert np.array_equal(a_labels, p_labels)  # an artefact: labels unchanged
+        x = np.argwhere(footprint)[:, 0]
+        gain = p_images["t1n"][footprint] / np.maximum(a_images["t1n"][footprint], 1e-6)
+        assert gain.min() < 0.4 and gain.max() > 1.6  # stripes of +-80 % signal
+        assert len(np.unique(x % 8)) == 8  # spread across X, stripes 8 voxels apart
+    else:
+        near = ndimage.binary_dilation(footprint, iterations=3)  # partial volume at the cyst's border
+        assert not changed[~near].any() and changed[footprint].mean() > 0.95
+        assert np.array_equal(p_labels != a_labels, footprint & (p_labels != a_labels)) and (p_labels[footprint] == 1).all()
+        far_white = brain & ~near & (a_labels == 0) & (a_images["t1n"] > np.percentile(a_images["t1n"][brain], 70))
+        mean = lambda m, region: float(p_images[m][region].mean())  # noqa: E731
+        assert mean("t2w", footprint) > 2 * mean("t2w", far_white) and mean("t1n", footprint) < 0.4 * mean("t1n", far_white)
+
+    # Written beside the labels, recorded in cohort.json, ignored as an image, read back on the file's grid.
+    out = write_phantom_cohort(tmp_path / population, 1, seed=2, shape=SHAPE, population=population)
+    manifest = read_cohort_manifest(out)
+    assert set(manifest["shifted_factors"]) == {"feature"} and manifest["feature"]["name"] == p_info["feature"]["name"]
+    entry = manifest["cases"][0]
+    case = find_case(out / entry["case_id"])
+    assert (out / entry["feature_mask"]).is_file() and sorted(case.images) == ["t1c", "t1n", "t2f", "t2w"]
+    mask = read_feature_mask(case)
+    assert np.array_equal(mask, footprint[::-1, ::-1, :])  # stored LPS like the images
+    assert np.array_equal(read_case(case).label > 0, (p_labels > 0)[::-1, ::-1, :])
+    assert read_feature_mask(find_case(write_phantom_cohort(tmp_path / "adult", 1, shape=SHAPE) / "SYN-ADULT-00000-000")) is None

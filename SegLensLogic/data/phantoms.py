@@ -17,10 +17,19 @@ Populations (:data:`POPULATIONS`) are presets that change named *factors* relati
   slices.
 - ``healthy``: no tumour; FreeSurfer ``aseg`` labels (cortex, white matter, ventricles, cerebellum, brainstem and the
   eight subcortical structures SegLens segments) in a ``<id>-aseg.nii.gz`` file.
+- ``pediatric-cyst`` and ``ssa-band``: adult in every factor but one *planted feature* (:data:`FEATURES`) with an
+  exact voxel footprint, written beside the labels as ``<id>-feature.nii.gz``: a fluid cyst beside the tumour (the
+  cystic component of pediatric pilocytic astrocytomas) or a band of stripes across the brain (an acquisition
+  artefact of a faulty scanner). The feature is the only difference from ``adult``, so a model diffing that finds
+  what one population has and the other lacks must find it, and its footprint says where it is
+  (:func:`read_feature_mask`; scored by :func:`SegLensLogic.alignment.footprint.footprint_scores`). For one seed, a
+  planted case is the ``adult`` case of that seed plus the feature (the feature draws from its own random stream).
 
 A cohort folder holds one folder per case in BraTS 2023 naming and ``cohort.json`` (:data:`COHORT_MANIFEST`): the
-population, the factors shifted relative to ``adult`` with both settings, and each case's seed and tumour. The shifted
-factors are the ground truth against which model diffing is scored (:func:`planted_shift_categories`).
+population, the factors shifted relative to ``adult`` with both settings, each case's seed and tumour, and for a
+planted feature its description and each case's footprint file (``feature``, ``cases[i].feature_mask``). The
+shifted factors map to latent categories (:func:`planted_shift_categories`); the footprint of a planted feature is the
+exact ground truth that diffing is scored against.
 
 Arrays are RAS ``(X, Y, Z)``; Z is the axial slice axis. Files are stored LPS, as BraTS stores them.
 """
@@ -62,8 +71,26 @@ PEDIATRIC_CONTRAST = {
     "t2w": (0.0, 1.00, 0.70, 0.62, 0.85, 0.82, 0.76),
     "t2f": (0.0, 0.12, 0.62, 0.58, 0.60, 0.92, 0.80),
 }
-# Tissue index -> BraTS 2023 label.
-TISSUE_TO_LABEL = np.array([0, 0, 0, 0, 1, 2, 3], dtype=np.uint8)
+# Tissue index -> BraTS 2023 label. Index 7 is a planted cyst, labelled necrotic core as BraTS labels cystic
+# components of gliomas (NCR).
+TISSUE_TO_LABEL = np.array([0, 0, 0, 0, 1, 2, 3, 1], dtype=np.uint8)
+CYST_TISSUE = 7
+# A proteinaceous cyst: darker than CSF on T1, brighter than CSF on T2, bright on FLAIR (CSF is dark there), no
+# enhancement: a signal no tissue of an adult phantom has.
+CYST_CONTRAST = {"t1n": 0.15, "t1c": 0.15, "t2w": 1.25, "t2f": 0.9}
+
+# Planted features: something only one population has, with an exact footprint (see the module docstring).
+FEATURES = {
+    "cyst": "a fluid cyst beside the tumour (the cystic component of pediatric pilocytic astrocytomas): dark on T1, "
+            "bright on T2 and FLAIR, labelled necrotic core",
+    "band": "an acquisition artefact: a band of stripes (period 8 voxels, signal x 1 +- 0.8) across the brain over a "
+            "slab of axial slices, as from RF interference on a faulty scanner; labels unchanged",
+}  # fmt: skip
+FEATURE_SUFFIX = "-feature"
+# The band artefact (:func:`_band_artefact`): its stripes' period (voxels) and amplitude (the signal times 1 +- amplitude: the mean is kept, so the
+# per-image intensity normalisation does not change the rest of the image), its width (share of the brain's Y
+# extent) and depth (share of the brain's axial slices).
+BAND_PERIOD, BAND_AMPLITUDE, BAND_WIDTH, BAND_SLICES = 8.0, 0.8, 0.25, 0.4
 
 
 @dataclass(frozen=True)
@@ -84,6 +111,7 @@ class Population:
         noise: Rician noise standard deviation.
         bias: amplitude of the log bias field (the field is ``exp(bias * smooth noise in [-1, 1])``).
         slice_thickness: acquired slice thickness along Z (blur + resampling when thicker than the grid spacing).
+        feature: a planted feature (:data:`FEATURES`: ``cyst`` or ``band``) or None.
     """
 
     name: str
@@ -98,6 +126,7 @@ class Population:
     noise: float = 0.025
     bias: float = 0.12
     slice_thickness: float = 1.0
+    feature: str | None = None
 
 
 POPULATIONS = {
@@ -108,6 +137,9 @@ POPULATIONS = {
     ),
     "ssa": Population("ssa", noise=0.09, bias=0.45, slice_thickness=6.0),
     "healthy": Population("healthy", tumour=False),
+    # Adult in every factor but a planted feature with an exact footprint.
+    "pediatric-cyst": Population("pediatric-cyst", feature="cyst"),
+    "ssa-band": Population("ssa-band", feature="band"),
 }  # fmt: skip
 
 # What each factor shifts, and the latent categories (interpretation vocabulary) a factor is expected to move: the
@@ -123,6 +155,7 @@ FACTORS = {
     "bias": ("bias field", ("healthy tissue", "diffuse", "brain edge")),
     "slice_thickness": ("slice thickness", ("tumour boundary", "brain edge", "diffuse", "healthy tissue")),
     "tumour": ("tumour presence", ("necrotic core", "edema", "enhancing tumour", "tumour boundary")),
+    "feature": ("planted feature", ()),  # scored by its footprint, not by categories
 }
 
 
@@ -142,7 +175,8 @@ def shifted_factors(population: Population, reference: Population | None = None)
         if name == "location" and not population.tumour:
             continue  # no tumour: location, size, edema and contrast of tumours are moot, the presence shifted
         if ours != theirs:
-            out[name] = {reference.name: _jsonable(theirs), population.name: _jsonable(ours), "what": FACTORS[name][0]}
+            what = FACTORS[name][0] if name != "feature" else f"planted feature: {ours or 'none'}"
+            out[name] = {reference.name: _jsonable(theirs), population.name: _jsonable(ours), "what": what}
     return out
 
 
@@ -436,7 +470,9 @@ def make_phantom(
             returns aseg labels in ``info``).
         noise, bias: override the population's noise and bias amplitude.
         population: a preset name from :data:`POPULATIONS` or a :class:`Population`.
-        return_info: also return a dict describing the case (spacing, origin, tumour, aseg labels for healthy).
+        return_info: also return a dict describing the case (spacing, origin, tumour, aseg labels for healthy; for a
+            planted feature its parameters under ``feature`` and its footprint, a boolean RAS volume, under
+            ``feature_mask``).
 
     Returns:
         ``(images, labels)`` or ``(images, labels, info)``: modality -> ``float32`` volume in scanner-like units
@@ -459,6 +495,14 @@ def make_phantom(
     tumour_tissue = np.zeros(shape, dtype=np.uint8)
     if tumour and population.tumour:
         tumour_tissue, info["tumour"] = _tumour_tissue(rng, mni, brain, wm, population)
+    feature_rng = np.random.default_rng([int(seed) % 2**32, 0xFEA7])  # the feature's own stream: the rest is adult's
+    footprint = None
+    if population.feature == "cyst":
+        if "tumour" not in info:
+            raise SegLensError(f"the cyst feature of population '{population.name}' needs a tumour (tumour=False was asked)")
+        footprint, info["feature"] = _plant_cyst(feature_rng, mni, brain, tumour_tissue, info["tumour"])
+    elif population.feature is not None and population.feature not in FEATURES:
+        raise SegLensError(f"unknown planted feature '{population.feature}'; choose one of {', '.join(FEATURES)}")
     labels = TISSUE_TO_LABEL[tumour_tissue]
     if not population.tumour:
         # Template coordinates of each phantom voxel: structure positions follow the head's deformation.
@@ -471,7 +515,7 @@ def make_phantom(
     reference = 1000 * population.contrast["t1n"][3]
     images = {}
     for modality in MODALITIES:
-        table = np.asarray(population.contrast[modality], dtype=np.float32)
+        table = np.append(np.asarray(population.contrast[modality], dtype=np.float32), np.float32(CYST_CONTRAST[modality]))
         signal = np.tensordot(table[1:4], healthy, axes=1)
         if tumour_tissue.any():
             # Tumour voxels take the tumour's signal, mixed with some healthy tissue at the border for partial volume.
@@ -482,9 +526,71 @@ def make_phantom(
         clean = 1000 * signal * brain
         images[modality] = add_acquisition(clean, rng, population.noise, bias_field, population.slice_thickness,
                                            template.spacing[2], reference) * brain  # fmt: skip
+    if population.feature == "band":
+        footprint, gain, info["feature"] = _band_artefact(feature_rng, brain)
+        for modality in MODALITIES:
+            images[modality] = np.where(footprint, images[modality] * gain, images[modality]).astype(np.float32)
+    if footprint is not None:
+        info["feature"] = {"name": population.feature, **info["feature"], "voxels": int(footprint.sum())}
+        info["feature_mask"] = footprint
     if return_info:
         return images, labels, info
     return images, labels
+
+
+def _plant_cyst(
+    rng: np.random.Generator, mni: np.ndarray, brain: np.ndarray, tumour_tissue: np.ndarray, tumour: dict
+) -> tuple[np.ndarray, dict]:
+    """A cyst beside the tumour, written into ``tumour_tissue`` (index :data:`CYST_TISSUE`); returns its footprint.
+
+    The cyst is a sphere 1.5-2.0 times the tumour's radius whose centre lies one tumour radius plus half its own
+    radius from the tumour's, towards the brain's centre (so that it stays inside the head): the tumour sits on the
+    cyst's wall like a mural nodule. It replaces edema and healthy tissue, never the enhancing rim or the core.
+    """
+    centre = np.asarray(tumour["centre_mni"], dtype=np.float64)
+    radius = float(tumour["radius_mm"])
+    cyst_radius = rng.uniform(1.5, 2.0) * radius
+    inward = mni[:, brain].mean(axis=1) - centre
+    inward /= max(np.linalg.norm(inward), 1e-6)
+    random = rng.standard_normal(3)
+    direction = inward + 0.7 * random / max(np.linalg.norm(random), 1e-6)
+    direction /= max(np.linalg.norm(direction), 1e-6)
+    cyst_centre = centre + direction * (radius + 0.45 * cyst_radius)
+    offset = mni - cyst_centre[:, None, None, None].astype(np.float32)
+    cyst = (np.sqrt((offset**2).sum(0)) < cyst_radius) & brain & ~np.isin(tumour_tissue, (4, 6))
+    tumour_tissue[cyst] = CYST_TISSUE
+    return cyst, {"centre_mni": [round(float(c), 1) for c in cyst_centre], "radius_mm": round(float(cyst_radius), 2)}
+
+
+def _band_artefact(rng: np.random.Generator, brain: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A band of stripes across the brain: ``(footprint, gain (X, 1, 1), description)``.
+
+    The band spans ``BAND_WIDTH`` of the brain's anterior-posterior extent (Y) at a random position in its middle
+    two thirds, every X, over a random slab of ``BAND_SLICES`` of the brain's axial slices. Inside it the signal is
+    multiplied by ``1 + BAND_AMPLITUDE * cos(2 pi x / BAND_PERIOD + phase)``: stripes along X whose mean gain is 1.
+    Stripes 4 voxels apart would vanish at the hook of the demo's U-Net (its stride there is 4: each position
+    averages one period); 8 apart they survive. The footprint is the band inside the brain.
+    """
+    ys = np.flatnonzero(brain.any(axis=(0, 2)))
+    zs = np.flatnonzero(brain.any(axis=(0, 1)))
+    if len(ys) == 0:
+        raise SegLensError("the phantom has no brain voxel to put the band artefact on")
+    lo, hi = int(ys[0]), int(ys[-1])
+    extent = hi - lo + 1
+    width = max(2, int(round(BAND_WIDTH * extent)))
+    first, last = lo + extent // 6, hi - extent // 6 - width + 1
+    start = int(rng.integers(first, last + 1)) if last >= first else lo
+    depth = max(1, int(round(BAND_SLICES * len(zs))))
+    z0 = int(zs[0]) + int(rng.integers(0, len(zs) - depth + 1))
+    phase = float(rng.uniform(0, 2 * np.pi))
+    x = np.arange(brain.shape[0], dtype=np.float32)
+    wave = np.cos(2 * np.pi * x / BAND_PERIOD + phase).astype(np.float32)[:, None, None]
+    gain = 1 + BAND_AMPLITUDE * wave
+    footprint = np.zeros(brain.shape, dtype=bool)
+    footprint[:, start : start + width, z0 : z0 + depth] = True
+    footprint &= brain
+    return footprint, gain, {"y_voxels": [start, start + width], "z_slices": [z0, z0 + depth], "period_voxels": BAND_PERIOD,
+                             "amplitude": BAND_AMPLITUDE, "phase": round(phase, 4)}  # fmt: skip
 
 
 def phantom_affine(spacing, shape, origin_ras) -> np.ndarray:
@@ -497,10 +603,11 @@ def phantom_affine(spacing, shape, origin_ras) -> np.ndarray:
 
 def write_phantom_case(
     folder: str | Path, case_id: str, images: dict[str, np.ndarray], labels: np.ndarray | None, spacing=(1.0, 1.0, 1.0),
-    origin=(0.0, 0.0, 0.0), aseg: np.ndarray | None = None,
+    origin=(0.0, 0.0, 0.0), aseg: np.ndarray | None = None, feature: np.ndarray | None = None,
 ) -> Path:
-    """Write a phantom in BraTS 2023 naming (``-t1n -t1c -t2w -t2f -seg``, ``-aseg`` for structure labels), stored LPS
-    like BraTS volumes (the affine says so). ``labels`` None writes no ``-seg`` file."""
+    """Write a phantom in BraTS 2023 naming (``-t1n -t1c -t2w -t2f -seg``, ``-aseg`` for structure labels,
+    ``-feature`` for a planted feature's footprint, 0/1), stored LPS like BraTS volumes (the affine says so).
+    ``labels`` None writes no ``-seg`` file."""
     folder = Path(folder) / case_id
     folder.mkdir(parents=True, exist_ok=True)
     shape = next(iter(images.values())).shape
@@ -512,7 +619,39 @@ def write_phantom_case(
         _save(labels[flip].astype(np.uint8), affine, folder / f"{case_id}-seg.nii.gz")
     if aseg is not None:
         _save(aseg[flip].astype(np.int16), affine, folder / f"{case_id}-aseg.nii.gz")
+    if feature is not None:
+        _save(np.asarray(feature)[flip].astype(np.uint8), affine, folder / f"{case_id}{FEATURE_SUFFIX}.nii.gz")
     return folder
+
+
+def feature_mask_path(case) -> Path:
+    """Where a phantom case's planted-feature footprint is (or would be): ``<case folder>/<folder name>-feature.nii.gz``.
+
+    Args:
+        case: a case folder or a :class:`~SegLensLogic.data.cases.Case` (its folder is that of its first image).
+    """
+    folder = Path(case) if isinstance(case, (str, Path)) else Path(next(iter(case.images.values()))).parent
+    return folder / f"{folder.name}{FEATURE_SUFFIX}.nii.gz"
+
+
+def read_feature_mask(case) -> np.ndarray | None:
+    """The planted-feature footprint of a phantom case as a boolean volume in the file's voxel order (the order
+    of its images, and of :meth:`~SegLensLogic.sae.codes.VolumeCodes.heatmap`), or None when the case has none.
+
+    Raises:
+        InputFileError: the footprint file exists but is not on the grid of the case's images.
+    """
+    path = feature_mask_path(case)
+    if not path.is_file():
+        return None
+    from .io import read_image
+
+    mask = read_image(path).array > 0
+    if not isinstance(case, (str, Path)):
+        first = read_image(next(iter(case.images.values())))
+        if first.array.shape != mask.shape:
+            raise InputFileError(path, f"has shape {mask.shape}, the case's images {first.array.shape}")
+    return mask
 
 
 def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -529,7 +668,7 @@ def write_phantom_cohort(
     """Write ``n`` phantom cases (seeds ``seed`` ... ``seed + n - 1``) and ``cohort.json`` into ``out``; returns ``out``.
 
     Case ids are ``<prefix>-<index:05d>-000`` (BraTS 2023 style; default prefix ``SYN-<POPULATION>``). Healthy cases
-    get ``-aseg`` structure labels instead of ``-seg``.
+    get ``-aseg`` structure labels instead of ``-seg``; a planted feature's footprint is ``-feature``.
 
     Raises:
         OutputExistsError: ``out`` already holds a cohort manifest or a case folder of this cohort (unless ``overwrite``).
@@ -549,9 +688,13 @@ def write_phantom_cohort(
     for index, case_id in enumerate(ids):
         images, labels, info = make_phantom(shape=shape, seed=seed + index, population=population, return_info=True)
         aseg = info.pop("aseg", None)
+        feature = info.pop("feature_mask", None)
         template = load_template(tuple(int(s) for s in shape))
-        write_phantom_case(out, case_id, images, None if aseg is not None else labels, template.spacing, template.origin, aseg=aseg)
+        write_phantom_case(out, case_id, images, None if aseg is not None else labels, template.spacing, template.origin, aseg=aseg,
+                           feature=feature)  # fmt: skip
         info["case_id"] = case_id
+        if feature is not None:
+            info["feature_mask"] = f"{case_id}/{case_id}{FEATURE_SUFFIX}.nii.gz"
         if aseg is None:
             info["label_counts"] = {str(v): int(c) for v, c in zip(*np.unique(labels, return_counts=True)) if v}
         cases.append(info)
@@ -570,6 +713,10 @@ def write_phantom_cohort(
         "parameters": {k: _jsonable(v) for k, v in asdict(population).items()},
         "shifted_factors": shifted_factors(population),
         "expected_specific_categories": planted_shift_categories(population),
+        "feature": None if population.feature is None else {
+            "name": population.feature, "what": FEATURES[population.feature],
+            "footprint": f"<case>/<case>{FEATURE_SUFFIX}.nii.gz (1 on the feature, 0 elsewhere; cases[i].feature_mask)",
+        },
         "cases": cases,
     }
     atomic_write_text(out / COHORT_MANIFEST, json.dumps(manifest, indent=2) + "\n", overwrite=True)
