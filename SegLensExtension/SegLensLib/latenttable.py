@@ -1,14 +1,16 @@
 """Rows of the latent table: filtering by category and population status, sorting by any column.
 
 A row is a dict as ``SteeringSession.latent_table`` returns it: ``id``, ``label``, ``category``, ``status``
-(``shared`` / ``specific`` / None without alignments), ``slice_activation``, ``volume_activation``.
+(``universal`` / ``shared`` / ``specific``, None without alignments), ``shared_with`` (the partner populations a
+shared latent matches, from the bundle's alignment files), ``slice_activation``, ``volume_activation``.
 """
 
 from __future__ import annotations
 
 ALL = "all"
-COLUMNS = ("id", "label", "category", "status", "slice_activation", "volume_activation")
-HEADERS = ("Latent", "Label", "Category", "Status", "Slice", "Volume")
+COLUMNS = ("id", "label", "category", "status", "shared_with", "slice_activation", "volume_activation")
+HEADERS = ("Latent", "Label", "Category", "Status", "Shared with", "Slice", "Volume")
+NUMERIC = ("id", "slice_activation", "volume_activation")
 
 
 def choices(rows: list[dict], key: str) -> list[str]:
@@ -31,8 +33,8 @@ def sort_rows(rows: list[dict], column: str = "slice_activation", descending: bo
         raise ValueError(f"unknown column '{column}'; columns: {', '.join(COLUMNS)}")
     present = [row for row in rows if row.get(column) is not None]
     absent = [row for row in rows if row.get(column) is None]
-    numeric = column in ("id", "slice_activation", "volume_activation")
-    present.sort(key=lambda row: row[column] if numeric else str(row[column]).lower(), reverse=descending)
+    numeric = column in NUMERIC
+    present.sort(key=lambda row: row[column] if numeric else cell_text(row, column).lower(), reverse=descending)
     return present + absent
 
 
@@ -40,6 +42,8 @@ def cell_text(row: dict, column: str) -> str:
     value = row.get(column)
     if value is None:
         return ""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)

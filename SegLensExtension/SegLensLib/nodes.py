@@ -99,6 +99,69 @@ def slice_centre_ras(slice_node) -> tuple[float, float, float]:
     return tuple(float(matrix.GetElement(row, 3)) for row in range(3))  # type: ignore[return-value]
 
 
+def slice_plane_point(slice_node, reference) -> tuple[float, float, float]:
+    """The point of a slice view's plane nearest the centre of ``reference``'s voxel grid (RAS, mm).
+
+    Panning moves the view's centre within its plane but not the plane: this point depends only on which slice is
+    shown, so the current slice does not change (nor leave the volume) when the user pans.
+    """
+    matrix = slicer.util.arrayFromVTKMatrix(slice_node.GetSliceToRAS())
+    normal = matrix[:3, 2] / max(float(np.linalg.norm(matrix[:3, 2])), 1e-12)
+    origin = matrix[:3, 3]
+    shape = np.array(volume_shape(reference), dtype=np.float64)
+    centre = (ijk_to_ras(reference) @ np.array([*((shape - 1) / 2.0), 1.0]))[:3]
+    point = centre - float(np.dot(centre - origin, normal)) * normal
+    return tuple(float(v) for v in point)  # type: ignore[return-value]
+
+
+def resample_to_grid(array_ijk: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int], reference_affine: np.ndarray,
+                     order: int = 1) -> np.ndarray:
+    """``array_ijk`` (on the grid of ``affine``) resampled onto the grid ``(shape, reference_affine)``, ``float32``.
+
+    Linear interpolation (``order`` 1) in world (RAS) coordinates; voxels of the new grid outside the source volume
+    are 0. Done one slice of the new grid at a time, so memory stays near one slice of coordinates.
+    """
+    from scipy import ndimage
+
+    to_source = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.asarray(reference_affine, dtype=np.float64)
+    source = np.asarray(array_ijk, dtype=np.float32)
+    out = np.zeros(tuple(int(n) for n in shape), dtype=np.float32)
+    i, j = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    plane = np.stack([i.ravel(), j.ravel(), np.zeros(i.size), np.ones(i.size)]).astype(np.float64)
+    for k in range(shape[2]):
+        plane[2] = k
+        coords = (to_source @ plane)[:3]
+        out[:, :, k] = ndimage.map_coordinates(source, coords, order=order, mode="constant", cval=0.0).reshape(i.shape)
+    return out
+
+
+# -- steering previews ------------------------------------------------------------------------------------------------
+# What a preview shows: only the voxels an edit changes, by kind (label value, name, RGB 0-255).
+CHANGE_CLASSES = (
+    (0, "unchanged", (0, 0, 0)),
+    (1, "added", (0, 200, 0)),  # background becomes tumour
+    (2, "removed", (230, 0, 230)),  # tumour becomes background
+    (3, "relabelled", (255, 200, 0)),  # one tumour class becomes another
+)
+
+
+def change_map(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """``uint8`` map of what changes from ``before`` to ``after`` labels: 0 nothing, 1 added, 2 removed, 3 relabelled."""
+    before, after = np.asarray(before), np.asarray(after)
+    out = np.zeros(before.shape, dtype=np.uint8)
+    out[(before == 0) & (after > 0)] = 1
+    out[(before > 0) & (after == 0)] = 2
+    out[(before > 0) & (after > 0) & (before != after)] = 3
+    return out
+
+
+def change_colour_table(scene, name: str = "SegLens changes"):
+    """The colour table of :data:`CHANGE_CLASSES` (unchanged voxels transparent)."""
+    names = [entry[1] for entry in CHANGE_CLASSES]
+    colours = [entry[2] for entry in CHANGE_CLASSES]
+    return colour_table_node(scene, names, colours, name)
+
+
 # -- colour tables and segmentations ----------------------------------------------------------------------------------
 def ensure_segmentation_converters() -> None:
     """Register the binary-labelmap <-> closed-surface converter rules when none are registered.
@@ -240,6 +303,57 @@ def style_heatmap(volume_node, upper: float, threshold: float, colour_node_id: s
     display.SetLowerThreshold(float(threshold))
     display.SetUpperThreshold(max(float(upper), float(threshold)) + 1.0)
     display.SetInterpolate(0)
+
+
+# Index of the first layer after background (0), foreground (1) and label (2) in a slice composite node (Slicer 5.10+).
+FIRST_ADDITIONAL_LAYER = 3
+
+
+def supports_additional_layers(scene) -> bool:
+    """Whether slice views have layers beyond background, foreground and label (Slicer 5.10 and later)."""
+    composite = scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+    return composite is not None and hasattr(composite, "SetNthLayerVolumeID")
+
+
+def show_heatmap_layers(scene, background, heatmaps: list, opacity: float) -> int:
+    """Show heatmap volumes in every slice view: the first as the foreground, the others in the extra layers of
+    Slicer 5.10+ (one each), all at ``opacity``; extra layers SegLens no longer needs are emptied.
+
+    Returns:
+        How many heatmaps are shown (1 on a Slicer without extra layers).
+    """
+    extra = supports_additional_layers(scene)
+    shown = len(heatmaps) if extra else min(len(heatmaps), 1)
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
+        if background is not None:
+            composite.SetBackgroundVolumeID(background.GetID())
+        composite.SetForegroundVolumeID(heatmaps[0].GetID() if heatmaps else None)
+        composite.SetForegroundOpacity(float(opacity))
+        if not extra:
+            continue
+        for n, node in enumerate(heatmaps[1:]):
+            composite.SetNthLayerVolumeID(FIRST_ADDITIONAL_LAYER + n, node.GetID())
+            composite.SetNthLayerOpacity(FIRST_ADDITIONAL_LAYER + n, float(opacity))
+        for layer in range(FIRST_ADDITIONAL_LAYER + max(len(heatmaps) - 1, 0), FIRST_ADDITIONAL_LAYER + composite.GetNumberOfAdditionalLayers()):
+            volume_id = composite.GetNthLayerVolumeID(layer)
+            volume = scene.GetNodeByID(volume_id) if volume_id else None
+            if volume is None or volume.GetAttribute("SegLens.Latent") is not None:
+                composite.SetNthLayerVolumeID(layer, None)
+    return shown
+
+
+def set_heatmap_opacity(scene, heatmaps: list, opacity: float) -> None:
+    """Opacity of the layers that show ``heatmaps`` (display only; the voxels are not touched)."""
+    ids = {node.GetID() for node in heatmaps}
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
+        if composite.GetForegroundVolumeID() in ids:
+            composite.SetForegroundOpacity(float(opacity))
+        if hasattr(composite, "GetNumberOfAdditionalLayers"):
+            for layer in range(FIRST_ADDITIONAL_LAYER, FIRST_ADDITIONAL_LAYER + composite.GetNumberOfAdditionalLayers()):
+                if composite.GetNthLayerVolumeID(layer) in ids:
+                    composite.SetNthLayerOpacity(layer, float(opacity))
 
 
 def show_layers(scene, background=None, foreground=None, foreground_opacity: float | None = None, label=None,
