@@ -2,20 +2,26 @@
 
 A thin shell over ``SegLensLogic.steering.SteeringSession`` (all computation happens there):
 
-- ``SegLens``: module metadata.
-- ``SegLensWidget``: the panel (``Resources/UI/SegLens.ui``): inputs and bundle, Segment with progress and Cancel,
-  the latent table, heatmap layers, the steering panel with live preview, Apply / Undo, Export.
-- ``SegLensLogic``: everything the panel does, without Qt (so it runs headless, in scripts and in CI on the
-  ``slicer-core`` MRML libraries). It imports PyTorch and SegLensLogic only when first used.
+- ``SegLens``: module metadata; refuses to run on Slicer older than 5.10 (Python 3.12) with a message.
+- ``SegLensWidget``: the panel (``Resources/UI/SegLens.ui``). It only wires the GUI to the logic: model work runs as
+  one job at a time on a worker thread (``SegLensLib.worker``), the panel polls it and shows progress per phase;
+  every setting lives in a parameter node saved with the scene (``SegLensLib.parameters``).
+- ``SegLensLogic``: everything the panel does, without Qt (so it runs headless, in scripts, in Slicer's Python
+  console and in CI on the ``slicer-core`` MRML libraries). It imports PyTorch and SegLensLogic only when first used.
 - ``SegLensTest``: the self-test for a running Slicer.
 
 Note: the template's Logic class name ``SegLensLogic`` shadows the ``SegLensLogic`` package name inside this
 file only; the package is always imported inside functions (``from SegLensLogic.x import y``), which resolves
 through ``sys.modules`` and never through this file's globals.
+
+This file and the ``SegLensLib`` modules it imports at load time parse on Python 3.9 (Slicer 5.8), so that an old
+Slicer shows the version message instead of a syntax error.
 """
 
 import logging
 import os
+import sys
+import traceback
 from pathlib import Path
 
 import vtk
@@ -29,13 +35,62 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from SegLensLib import latenttable, nodes
-from SegLensLib.worker import Progress, Worker
+from SegLensLib import inputs, latenttable, nodes
+from SegLensLib.dependencies import add_source_to_path
+from SegLensLib.worker import Job, Progress, Worker
 
+# In a source checkout SegLensLogic sits beside the module folder: make it importable as soon as Slicer loads the
+# module, so that the Python console can use it before any button is pressed (a built extension installs it next
+# to the module instead). Cheap: nothing is imported.
+add_source_to_path()
+
+MINIMUM_SLICER_VERSION = (5, 10)
+MINIMUM_PYTHON_VERSION = (3, 11)
 # Steering modes offered in the panel and the region choices, as the session names them.
 STEERING_MODES = ("scale", "add", "zero")
 REGIONS = ("current slice", "slice range", "whole volume")
 MODALITY_SELECTORS = {"t1n": "t1nSelector", "t1c": "t1cSelector", "t2w": "t2wSelector", "t2f": "t2fSelector"}
+SUGGESTION_METHODS = ("ground-truth-free", "calibrated")
+NO_POPULATION = "(no population)"
+# Heatmaps shown at once: the foreground layer plus the extra layers of Slicer 5.10+.
+MAX_HEATMAPS = 4
+EXPORT_FOLDER_SETTING = "SegLens/ExportFolder"
+SEGMENT_PHASES = ("Segmenting, step 1 of 2 (encoding the slices)", "Segmenting, step 2 of 2 (decoding the slices)")
+JOB_TITLES = {
+    "segment": "Segmentation", "table": "Latent table", "heatmaps": "Heatmaps", "preview": "Preview",
+    "apply": "Steering", "suggest": "Suggested correction", "recipe": "Loading the recipe",
+}  # fmt: skip
+# Jobs that follow the user's browsing (slice, selection): they do not take over the status line.
+QUIET_JOBS = ("table", "heatmaps")
+
+
+def versionProblem(version=None, python=None):
+    """None when this Slicer can run SegLens (5.10 or later, Python 3.11 or later); else what to do, in words."""
+    if version is None:
+        version = (int(slicer.app.majorVersion), int(slicer.app.minorVersion))
+    python = tuple(sys.version_info[:2]) if python is None else tuple(python)
+    if tuple(version) >= MINIMUM_SLICER_VERSION and python >= MINIMUM_PYTHON_VERSION:
+        return None
+    return (
+        "SegLens needs 3D Slicer 5.10 or later (Python 3.12); this is Slicer %d.%d with Python %d.%d. "
+        "Install a current Slicer from https://download.slicer.org, then add SegLens to it." % (version[0], version[1], python[0], python[1])
+    )
+
+
+def isCancellation(exc):
+    """Whether an exception is the user's Cancel (SegLensLogic's ``PredictionCancelled`` or the worker's)."""
+    return type(exc).__name__ in ("PredictionCancelled", "Cancelled")
+
+
+def isUserError(exc):
+    """Whether an exception is a problem with the user's input or environment (shown without a traceback)."""
+    from SegLensLib.dependencies import DependencyError
+
+    try:
+        from SegLensLogic.errors import SegLensError
+    except ImportError:  # SegLensLogic not installed: only dependency errors are user errors
+        SegLensError = DependencyError
+    return isinstance(exc, (SegLensError, DependencyError, FileNotFoundError, PermissionError))
 
 
 #
@@ -53,12 +108,29 @@ class SegLens(ScriptedLoadableModule):
         self.parent.helpText = (
             "Segment a brain-tumour MRI with a SegLens bundle, inspect the sparse-autoencoder latents of the model "
             "as heatmap layers with their automatic labels, steer latents with a live preview of the current slice, "
-            "and export the corrected mask (.seg.nrrd, .nii.gz) with the steering recipe (Med-SegLens)."
+            "take a suggested correction for the case's population, and export the corrected mask (.seg.nrrd, "
+            ".nii.gz) with the steering recipe (Med-SegLens). Needs 3D Slicer 5.10 or later."
         )
         self.parent.acknowledgementText = (
             "Implements Med-SegLens (sparse autoencoders for segmentation models). BraTS data: Menze et al., IEEE "
             "TMI 2015; Bakas et al., Sci. Data 2017; Baid et al., arXiv:2107.02314."
         )
+        problem = versionProblem()
+        if problem:
+            logging.error(problem)
+            self.parent.helpText = problem + "\n\n" + self.parent.helpText
+
+
+class SegmentResult:
+    """What a Segment job hands back to the main thread."""
+
+    def __init__(self, session, bundle, labels, notes, inputNodes, referenceNode):
+        self.session = session
+        self.bundle = bundle
+        self.labels = labels
+        self.notes = notes
+        self.inputNodes = inputNodes
+        self.referenceNode = referenceNode
 
 
 #
@@ -70,9 +142,11 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
     Nodes the user made are never modified or removed: Segment creates a new segmentation node, Apply another one
     (the previous is kept), and only heatmap/preview nodes made by this logic are ever replaced.
 
-    Thread use: ``open*``/``compute*`` methods touch no MRML and may run on a worker thread; ``show*`` methods and
-    the one-call versions (``segment``, ``applyEdit``, ``previewEdit``, ``undo``, ``export``) update MRML and must
-    run on the main thread.
+    Thread use: ``read*`` and ``show*`` methods and the one-call versions (``segment``, ``applyEdit``,
+    ``previewEdit``, ``loadRecipe``, ``undo``, ``export``) touch MRML and run on the main thread; ``create*`` and
+    ``compute*`` methods touch no MRML, change nothing the panel shows, and may run on a worker thread.
+    ``progress`` arguments are ``progress(done, total, phase)`` callables (``SegLensLib.worker.Progress.callback``);
+    returning False cancels.
     """
 
     def __init__(self, scene=None):
@@ -81,94 +155,209 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         self.session = None
         self.bundle = None
         self.inputNodes = {}
+        self.inputNotes = []
         self.referenceNode = None
         self.colourTableNode = None
+        self.changeColourTableNode = None
         self.originalSegmentationNode = None
-        self.segmentationNodes = []  # original, then one per applied edit (the history shown as nodes)
+        self.segmentationNodes = []  # the history shown as nodes: original, then one per Apply / recipe
         self.heatmapNodes = {}  # latent id -> volume node
         self.previewNode = None
         self.classNames = []
         self.classColours = []
+
+    def getParameterNode(self):
+        """The module's parameter node (``SegLensLib.parameters.SegLensParameterNode``; needs Slicer's Qt)."""
+        from SegLensLib.parameters import SegLensParameterNode
+
+        return SegLensParameterNode(super().getParameterNode())
 
     # -- scene and inputs -------------------------------------------------------------------------------------------
     @property
     def scene(self):
         return self._scene if self._scene is not None else slicer.mrmlScene
 
+    def _error(self, message):
+        from SegLensLogic.errors import SegLensError
+
+        return SegLensError(message)
+
+    def readVolumes(self, inputNodes):
+        """Voxels and geometry of the chosen volume nodes (main thread; nothing is changed).
+
+        Args:
+            inputNodes: ``{modality or alias: vtkMRMLScalarVolumeNode or None}``; None leaves a sequence out.
+
+        Returns:
+            ``{modality: (array (I, J, K), ijk_to_ras (4, 4), node)}`` in t1n, t1c, t2w, t2f order; the first is
+            the reference grid.
+        """
+        from SegLensLogic.data.cases import MODALITIES, canonical_modality
+
+        given = {}
+        for name, node in inputNodes.items():
+            if node is None:
+                continue
+            try:
+                given[canonical_modality(name)] = node
+            except ValueError as exc:
+                raise self._error(str(exc)) from None
+        if not given:
+            raise self._error("select at least one input volume (T1, T1 contrast, T2 or FLAIR)")
+        volumes = {}
+        for modality in [m for m in MODALITIES if m in given]:
+            node = given[modality]
+            if node.GetImageData() is None:
+                raise self._error(f"volume '{node.GetName()}' ({modality}) has no voxels")
+            volumes[modality] = (nodes.volume_array(node), nodes.ijk_to_ras(node), node)
+        return volumes
+
+    def caseFromArrays(self, volumes, caseId=None):
+        """A ``CaseImages`` and notes from :meth:`readVolumes` output (no MRML; may run on the worker).
+
+        Volumes on another grid than the first are resampled onto it (linear interpolation), each with a note.
+        """
+        import numpy as np
+
+        from SegLensLogic.data.cases import case_from_arrays
+
+        ordered = list(volumes.items())
+        reference_modality, (reference_array, reference_affine, reference_node) = ordered[0]
+        shape = tuple(reference_array.shape)
+        arrays, notes = {}, []
+        for modality, (array, affine, node) in ordered:
+            if tuple(array.shape) != shape or not np.allclose(affine, reference_affine, atol=nodes.GEOMETRY_TOLERANCE):
+                array = nodes.resample_to_grid(array, affine, shape, reference_affine)
+                notes.append(f"'{node.GetName()}' ({modality}) was on another grid: resampled onto the grid of "
+                             f"'{reference_node.GetName()}' ({reference_modality}) by linear interpolation.")  # fmt: skip
+            arrays[modality] = array
+        return case_from_arrays(arrays, reference_affine, caseId or reference_node.GetName()), notes
+
     def caseFromVolumes(self, inputNodes, caseId=None):
         """A ``CaseImages`` from volume nodes ``{modality: vtkMRMLScalarVolumeNode}`` (arrays copied, no disk).
 
-        The first node (in t1n, t1c, t2w, t2f order) is the reference grid; every other must share it exactly.
+        The first node (in t1n, t1c, t2w, t2f order) is the reference grid; the others are resampled onto it when
+        their grid differs (see :attr:`inputNotes`).
         """
-        from SegLensLogic.data.cases import MODALITIES, canonical_modality, case_from_arrays
-        from SegLensLogic.errors import SegLensError
-
-        given = {canonical_modality(name): node for name, node in inputNodes.items() if node is not None}
-        if not given:
-            raise SegLensError("select at least one input volume")
-        ordered = {m: given[m] for m in MODALITIES if m in given}
-        reference = next(iter(ordered.values()))
-        for modality, node in ordered.items():
-            if node.GetImageData() is None:
-                raise SegLensError(f"volume '{node.GetName()}' ({modality}) has no voxels")
-            if not nodes.same_geometry(node, reference):
-                raise SegLensError(
-                    f"volume '{node.GetName()}' ({modality}) is not on the grid of '{reference.GetName()}': "
-                    "resample the volumes onto one grid first (Resample Scalar/Vector/DWI Volume module)"
-                )
-        arrays = {m: nodes.volume_array(node) for m, node in ordered.items()}
-        self.inputNodes = ordered
-        self.referenceNode = reference
-        return case_from_arrays(arrays, nodes.ijk_to_ras(reference), caseId or reference.GetName())
+        volumes = self.readVolumes(inputNodes)
+        case, self.inputNotes = self.caseFromArrays(volumes, caseId)
+        self.inputNodes = {m: v[2] for m, v in volumes.items()}
+        self.referenceNode = next(iter(self.inputNodes.values()))
+        return case
 
     # -- session ------------------------------------------------------------------------------------------------------
-    def openSession(self, case, bundlePath=None, modelDir=None, saeDir=None, labelsPath=None, alignmentPaths=(),
-                    device=None):
-        """Load the model and SAE for ``case`` (from a bundle folder, or model and SAE folders); no MRML."""
+    def createSession(self, case, bundlePath=None, modelDir=None, saeDir=None, labelsPath=None, alignmentPaths=(),
+                      device=None):
+        """A new ``SteeringSession`` for ``case`` from a bundle folder (or model and SAE folders); no MRML, and the
+        current session is kept (:meth:`useSession` switches). Returns ``(session, bundle or None)``.
+
+        Raises:
+            SegLensError: the bundle's model needs a sequence the case lacks (models trained with missing sequences
+                accept such cases, the missing channels set to zero).
+        """
         from SegLensLogic.steering import SteeringSession
 
         if bundlePath:
             from SegLensLogic.bundle import load_bundle
 
-            self.bundle = load_bundle(bundlePath)
-            missing = [m for m in self.bundle.modalities if m not in case.images]
+            bundle = load_bundle(bundlePath)
+            missing = [m for m in bundle.modalities if m not in case.images]
             if missing:
-                raise self._error(f"bundle '{self.bundle.name}' needs input volumes for {', '.join(missing)}")
-            self.session = SteeringSession.from_bundle(self.bundle, case, device=device)
-            self.classNames = list(self.bundle.class_names)
-            self.classColours = [tuple(c) for c in self.bundle.colours]
-        else:
-            from SegLensLogic.bundle import class_colours
+                tolerated = bundle.manifest.get("preprocessing", {}).get("missing_modalities")
+                accepts = tolerated == "zero" if tolerated else bundle.load_model(device="cpu").config.accepts_missing_modalities
+                if not accepts:
+                    raise self._error(f"bundle '{bundle.name}' needs input volumes for {', '.join(missing)} (its model was "
+                                      "not trained to work without them)")  # fmt: skip
+            return SteeringSession.from_bundle(bundle, case, device=device), bundle
+        session = SteeringSession.open(modelDir, saeDir, case, labels=labelsPath, alignments=list(alignmentPaths), device=device)
+        return session, None
 
-            self.bundle = None
-            self.session = SteeringSession.open(modelDir, saeDir, case, labels=labelsPath,
-                                                alignments=list(alignmentPaths), device=device)
-            config = self.session.model.config
+    def useSession(self, session, bundle=None, inputNodes=None, referenceNode=None):
+        """Make ``session`` the current one (main thread): SegLens heatmaps and the preview of the previous session
+        are removed; its segmentation nodes stay in the scene."""
+        from SegLensLogic.bundle import class_colours
+
+        self.clearHeatmaps()
+        self.clearPreview()
+        self.session = session
+        self.bundle = bundle
+        if inputNodes is not None:
+            self.inputNodes = dict(inputNodes)
+            self.referenceNode = referenceNode or next(iter(self.inputNodes.values()))
+        if bundle is not None:
+            self.classNames = list(bundle.class_names)
+            self.classColours = [tuple(c) for c in bundle.colours]
+        else:
+            config = session.model.config
             self.classNames = list(config.class_names)
             self.classColours = [tuple(c) for c in class_colours(config.label_scheme, len(config.class_names))]
-        return self.session
+        self.colourTableNode = None  # made again for the new classes when the segmentation is shown
+        self.segmentationNodes = []
+        self.originalSegmentationNode = None
+        return session
 
-    def _error(self, message):
-        from SegLensLogic.errors import SegLensError
-
-        return SegLensError(message)
+    def openSession(self, case, bundlePath=None, modelDir=None, saeDir=None, labelsPath=None, alignmentPaths=(),
+                    device=None):
+        """Create and use a session (the Python console's one call; see :meth:`createSession`)."""
+        session, bundle = self.createSession(case, bundlePath, modelDir, saeDir, labelsPath, alignmentPaths, device)
+        return self.useSession(session, bundle)
 
     def _requireSession(self):
         if self.session is None:
             raise self._error("no SegLens session: choose input volumes and a bundle, then press Segment")
         return self.session
 
+    def isSegmented(self):
+        """Whether the current session has run the model (nothing on the session segments on demand after this)."""
+        return self.session is not None and getattr(self.session, "forward", None) is not None
+
     def numberOfSlices(self):
-        """Axial slices of the input (the model's slicing axis: the voxel axis closest to superior)."""
-        reference = self.referenceNode
-        affine = nodes.ijk_to_ras(reference)
-        axis = int(abs(affine[2, :3]).argmax())
-        return nodes.volume_shape(reference)[axis]
+        """Axial slices of the input (the model's slicing axis)."""
+        return int(self._requireSession().num_slices) if self.isSegmented() else 0
+
+    def missingModalities(self):
+        """Sequences the model expected and the case lacks (set to zero); empty before segmenting."""
+        return list(self.session.prepared.missing_modalities) if self.isSegmented() else []
 
     # -- segmentation -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _phase(progress, phase):
+        """A SegLensLogic ``progress(done, total)`` that reports within ``phase``."""
+        if progress is None:
+            return None
+        return lambda done, total: progress(done, total, phase)
+
+    def segmentSession(self, session, progress=None):
+        """Run the unedited model over ``session``'s case (worker thread): labels ``(I, J, K)`` on the input grid.
+
+        ``progress`` sees two phases, each counted from 0 to its own total: encoding the slices, then decoding them.
+        """
+        def report(done, total):
+            half = total / 2.0 if total else 0.0
+            if done <= half:  # SegLensLogic counts both halves in one range: encoding, then decoding
+                return progress(done, half, SEGMENT_PHASES[0])
+            return progress(done - half, half, SEGMENT_PHASES[1])
+
+        return session.segment(progress=None if progress is None else report)
+
     def computeSegmentation(self, progress=None):
-        """Run the unedited model over the volume (worker thread): labels ``(I, J, K)`` on the input grid."""
-        return self._requireSession().segment(progress=progress)
+        """Run the unedited model over the current session's case (worker thread)."""
+        return self.segmentSession(self._requireSession(), progress)
+
+    def prepareAndSegment(self, volumes, bundlePath, progress=None):
+        """One Segment job (worker thread): case from :meth:`readVolumes` output, a new session from the bundle, the
+        model's labels. Nothing current changes: the main thread adopts the result (:meth:`useSession`)."""
+        if progress is not None:
+            progress(0, 0, "Reading the input volumes")
+        case, notes = self.caseFromArrays(volumes)
+        if progress is not None and progress(0, 0, "Loading the model") is False:
+            from SegLensLogic.inference import PredictionCancelled
+
+            raise PredictionCancelled("segmentation cancelled")
+        session, bundle = self.createSession(case, bundlePath)
+        labels = self.segmentSession(session, progress)
+        inputNodes = {m: v[2] for m, v in volumes.items()}
+        return SegmentResult(session, bundle, labels, notes, inputNodes, next(iter(inputNodes.values())))
 
     def showSegmentation(self, labels, name=None):
         """A new segmentation node (named, coloured class segments) from ``labels``; the original result."""
@@ -178,8 +367,10 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
             self.scene, labels, self.referenceNode, self.colourTableNode, name or f"{self.referenceNode.GetName()} SegLens"
         )
         node.SetAttribute("SegLens.Role", "original")
+        node.SetAttribute("SegLens.Edits", "0")
         self.originalSegmentationNode = node
         self.segmentationNodes = [node]
+        self._showOnly(node)
         return node
 
     def segment(self, progress=None):
@@ -190,62 +381,109 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
     def currentSegmentationNode(self):
         return self.segmentationNodes[-1] if self.segmentationNodes else None
 
-    # -- latents ------------------------------------------------------------------------------------------------------
+    # -- slices and latents -----------------------------------------------------------------------------------------
     def sliceIndexOfPoint(self, ras):
-        """The model's axial slice index under a RAS point (mm), e.g. the centre of the Red view."""
-        return int(self._requireSession().slice_of_point(tuple(float(x) for x in ras)))
+        """The model's axial slice index under a RAS point (mm). Never segments: raises before Segment."""
+        if not self.isSegmented():
+            raise self._error("the case is not segmented yet: press Segment first")
+        return int(self.session.slice_of_point(tuple(float(x) for x in ras)))
+
+    def sliceIndexInView(self, sliceNode):
+        """The axial slice a slice view shows, or None (not segmented yet, or the view is outside the volume).
+
+        Only the view's plane counts, not where it is panned to, and nothing is computed but geometry.
+        """
+        from SegLensLogic.errors import SegLensError
+
+        if not self.isSegmented() or self.referenceNode is None:
+            return None
+        try:
+            return self.sliceIndexOfPoint(nodes.slice_plane_point(sliceNode, self.referenceNode))
+        except SegLensError:  # the slice shown is outside the volume
+            return None
+
+    def computeLatentTable(self, sliceIndex=None):
+        """Every latent active in the volume, with its activation in ``sliceIndex`` (worker thread)."""
+        return self._requireSession().latent_table(slice_index=sliceIndex)
 
     def latentTable(self, sliceIndex=None, category=latenttable.ALL, status=latenttable.ALL,
-                    sortColumn="slice_activation", descending=True):
-        """Rows ``{id, label, category, status, slice_activation, volume_activation}``, filtered and sorted."""
-        rows = self._requireSession().latent_table(slice_index=sliceIndex)
+                    sortColumn="slice_activation", descending=True, rows=None):
+        """Rows ``{id, label, category, status, shared_with, slice_activation, volume_activation}``, filtered and
+        sorted (``rows``: ones computed before by :meth:`computeLatentTable`)."""
+        rows = self.computeLatentTable(sliceIndex) if rows is None else rows
         if sliceIndex is None and sortColumn == "slice_activation":
             sortColumn = "volume_activation"
         return latenttable.sort_rows(latenttable.filter_rows(rows, category, status), sortColumn, descending)
 
-    def latentLabel(self, latent):
-        for row in self._requireSession().latent_table():
+    def latentLabel(self, latent, rows=None):
+        for row in rows if rows is not None else self._requireSession().latent_table():
             if int(row["id"]) == int(latent):
                 return row.get("label") or row.get("category") or ""
         return ""
 
-    def showHeatmap(self, latent, threshold=0.1, opacity=0.5, colourNodeID=None):
-        """A float volume of latent ``latent``'s activation on the input's grid, as the slice views' foreground.
+    def computeHeatmaps(self, latents):
+        """``{latent: (activation volume float32 (I, J, K), label)}`` for latents without a heatmap node yet (worker)."""
+        session = self._requireSession()
+        wanted = [int(j) for j in latents if int(j) not in self.heatmapNodes]
+        rows = session.latent_table() if wanted else []
+        return {j: (session.heatmap(j).astype("float32"), self.latentLabel(j, rows)) for j in wanted}
+
+    def showHeatmaps(self, latents, threshold=0.1, opacity=0.5, colourNodeID=None, computed=None):
+        """Heatmap volumes for exactly ``latents`` (other SegLens heatmaps are removed), shown as layers: the first
+        as the slice views' foreground, the others in Slicer 5.10's extra layers.
 
         Args:
-            threshold: fraction (0-1) of the latent's largest activation below which voxels are transparent.
-            opacity: foreground opacity (0-1).
+            threshold: fraction (0-1) of each latent's largest activation below which voxels are transparent.
+            opacity: layer opacity (0-1).
             colourNodeID: a colour node ID; default Inferno (or another heat map present in the scene).
+            computed: :meth:`computeHeatmaps` output for latents without a node (computed here when None).
 
         Returns:
-            The heatmap volume node (reused for the same latent, values refreshed), named with its label.
+            The heatmap volume nodes, in the order of ``latents``.
         """
-        latent = int(latent)
-        heat = self._requireSession().heatmap(latent)
-        label = self.latentLabel(latent)
-        name = f"SegLens latent {latent}" + (f": {label}" if label else "")
-        node = self.heatmapNodes.get(latent)
-        if node is None or self.scene.GetNodeByID(node.GetID()) is None:
-            node = nodes.add_volume_like(self.scene, self.referenceNode, heat.astype("float32"), name)
-            node.SetAttribute("SegLens.Latent", str(latent))
-            self.heatmapNodes[latent] = node
-        else:
-            nodes.set_volume_array(node, heat.astype("float32"))
-        upper = float(heat.max()) if heat.size else 0.0
-        nodes.style_heatmap(node, upper, threshold * upper, colourNodeID)
-        nodes.show_layers(self.scene, background=self.referenceNode, foreground=node, foreground_opacity=opacity)
-        return node
+        latents = [int(j) for j in latents]
+        for latent in [j for j in self.heatmapNodes if j not in latents]:
+            self.removeHeatmap(latent)
+        computed = self.computeHeatmaps(latents) if computed is None else computed
+        shown = []
+        for latent in latents:
+            node = self.heatmapNodes.get(latent)
+            if node is None or self.scene.GetNodeByID(node.GetID()) is None:
+                if latent not in computed:
+                    computed.update(self.computeHeatmaps([latent]))
+                heat, label = computed[latent]
+                name = f"SegLens latent {latent}" + (f": {label}" if label else "")
+                node = nodes.add_volume_like(self.scene, self.referenceNode, heat, name)
+                node.SetAttribute("SegLens.Latent", str(latent))
+                node.SetAttribute("SegLens.Maximum", repr(float(heat.max()) if heat.size else 0.0))
+                self.heatmapNodes[latent] = node
+            shown.append(node)
+        self.setHeatmapDisplay(threshold, opacity, colourNodeID or nodes.heatmap_colour_node_id(self.scene))
+        nodes.show_heatmap_layers(self.scene, self.referenceNode, shown, opacity)
+        return shown
+
+    def showHeatmap(self, latent, threshold=0.1, opacity=0.5, colourNodeID=None):
+        """One latent's heatmap (others made by SegLens are removed); see :meth:`showHeatmaps`."""
+        return self.showHeatmaps([latent], threshold, opacity, colourNodeID)[0]
+
+    def setHeatmapDisplay(self, threshold=None, opacity=None, colourNodeID=None):
+        """Change how the heatmaps look (display nodes and layer opacity only: their voxels are not touched)."""
+        for node in self.heatmapNodes.values():
+            upper = float(node.GetAttribute("SegLens.Maximum") or 0.0)
+            display = node.GetDisplayNode()
+            lower = display.GetLowerThreshold() if threshold is None else float(threshold) * upper
+            nodes.style_heatmap(node, upper, lower, colourNodeID or display.GetColorNodeID())
+        if opacity is not None:
+            nodes.set_heatmap_opacity(self.scene, list(self.heatmapNodes.values()), opacity)
 
     def removeHeatmap(self, latent):
         node = self.heatmapNodes.pop(int(latent), None)
         if node is not None and self.scene.GetNodeByID(node.GetID()) is not None:
             self.scene.RemoveNode(node)
 
-    def showHeatmaps(self, latents, threshold=0.1, opacity=0.5, colourNodeID=None):
-        """Heatmap nodes for exactly ``latents`` (others made by SegLens are removed); the last is in front."""
-        for latent in [j for j in self.heatmapNodes if j not in {int(x) for x in latents}]:
+    def clearHeatmaps(self):
+        for latent in list(self.heatmapNodes):
             self.removeHeatmap(latent)
-        return [self.showHeatmap(j, threshold, opacity, colourNodeID) for j in latents]
 
     # -- steering -----------------------------------------------------------------------------------------------------
     def makeEdit(self, latents, mode="scale", alpha=1.0, region="whole volume", sliceIndex=None, sliceRange=None):
@@ -263,10 +501,10 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
             raise self._error("select one or more latents in the table to steer")
         if region == "current slice":
             if sliceIndex is None:
-                raise self._error("no current slice: show the input in a slice view")
+                raise self._error("no current slice: show the input in the Red view, inside the volume")
             where = Region.slice(int(sliceIndex))
         elif region == "slice range":
-            first, last = (int(v) for v in sliceRange)
+            first, last = (int(round(float(v))) for v in sliceRange)
             where = Region.slices(min(first, last), max(first, last) + 1)
         elif region == "whole volume":
             where = Region.volume()
@@ -275,56 +513,125 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         return LatentEdit(latents=tuple(int(j) for j in latents), mode=mode, alpha=float(alpha), region=where)
 
     def computePreview(self, edit, sliceIndex):
-        """Volume labels with only slice ``sliceIndex`` recomputed under ``edit`` (worker thread)."""
-        return self._requireSession().preview(edit, int(sliceIndex))
+        """What ``edit`` changes on slice ``sliceIndex``, on top of the current edits (worker thread): a ``uint8``
+        map of the volume (``nodes.CHANGE_CLASSES``: 1 added, 2 removed, 3 relabelled; 0 elsewhere)."""
+        session = self._requireSession()
+        return nodes.change_map(session.labels, session.preview(edit, int(sliceIndex)))
 
-    def showPreview(self, labels, opacity=0.6):
-        """Show preview labels in the slice views' label layer (one labelmap node, reused)."""
+    def showPreview(self, changes, opacity=0.8):
+        """Show a change map in the slice views' label layer (one labelmap node, reused)."""
+        if self.changeColourTableNode is None or self.scene.GetNodeByID(self.changeColourTableNode.GetID()) is None:
+            self.changeColourTableNode = nodes.change_colour_table(self.scene)
         if self.previewNode is None or self.scene.GetNodeByID(self.previewNode.GetID()) is None:
-            self.previewNode = nodes.add_volume_like(self.scene, self.referenceNode, labels.astype("uint8"),
+            self.previewNode = nodes.add_volume_like(self.scene, self.referenceNode, changes.astype("uint8"),
                                                      "SegLens preview", "vtkMRMLLabelMapVolumeNode")
-            self.previewNode.GetDisplayNode().SetAndObserveColorNodeID(self.colourTableNode.GetID())
+            self.previewNode.SetAttribute("SegLens.Role", "preview")
+            self.previewNode.GetDisplayNode().SetAndObserveColorNodeID(self.changeColourTableNode.GetID())
         else:
-            nodes.set_volume_array(self.previewNode, labels.astype("uint8"))
+            nodes.set_volume_array(self.previewNode, changes.astype("uint8"))
         nodes.show_layers(self.scene, label=self.previewNode, label_opacity=opacity)
         return self.previewNode
+
+    def clearPreview(self):
+        """Remove the preview (its inputs changed, or an edit was applied or undone)."""
+        node, self.previewNode = self.previewNode, None
+        if node is not None and self.scene.GetNodeByID(node.GetID()) is not None:
+            self.scene.RemoveNode(node)
 
     def previewEdit(self, edit, sliceIndex):
         return self.showPreview(self.computePreview(edit, sliceIndex))
 
-    def computeApply(self, edit):
-        """Apply ``edit`` on the session (worker thread): the corrected volume labels."""
-        return self._requireSession().apply(edit)
+    def computeApply(self, edits, progress=None):
+        """Apply ``edits`` (a ``LatentEdit`` or a list) on the session (worker thread): the corrected labels.
 
-    def showCorrected(self, labels):
-        """A new segmentation node for the corrected labels; earlier nodes (and the original) are kept."""
+        Cancelled (``progress`` returned False) or failed, the session is left as it was.
+        """
+        session = self._requireSession()
+        edits = list(edits) if isinstance(edits, (list, tuple)) else [edits]
+        if not edits:
+            raise self._error("nothing to apply")
+        before = len(session.edits)
+        try:
+            labels = None
+            for number, edit in enumerate(edits):
+                phase = "Steering: re-segmenting the slices the edit changes"
+                if len(edits) > 1:
+                    phase += f" (edit {number + 1} of {len(edits)})"
+                labels = session.apply(edit, progress=self._phase(progress, phase))
+        except BaseException:
+            while len(session.edits) > before:
+                session.undo()
+            raise
+        return labels
+
+    def discardApply(self, count=1):
+        """Undo ``count`` edits a cancelled Apply made after all (its result is not shown): the session is as it was."""
+        if self.session is not None:
+            for _ in range(int(count)):
+                if self.session.edits:
+                    self.session.undo()
+
+    def showCorrected(self, labels, what="corrected"):
+        """A new segmentation node for the current labels; earlier nodes (and the original) are kept."""
         number = len(self.segmentationNodes)
         node = nodes.segmentation_from_labels(
             self.scene, labels, self.referenceNode, self.colourTableNode,
-            f"{self.referenceNode.GetName()} SegLens corrected {number}",
+            f"{self.referenceNode.GetName()} SegLens {what} {number}",
         )
-        node.SetAttribute("SegLens.Role", "corrected")
+        node.SetAttribute("SegLens.Role", what)
         node.SetAttribute("SegLens.Edits", str(len(self._requireSession().edits)))
         self.segmentationNodes.append(node)
+        self.clearPreview()
         self._showOnly(node)
         return node
 
     def applyEdit(self, edit):
         return self.showCorrected(self.computeApply(edit))
 
-    def undo(self):
-        """Undo the last applied edit: the session steps back and that edit's corrected node is removed.
+    def computeSuggestion(self, population=None, method="ground-truth-free"):
+        """A suggested correction for the case (worker thread; the session does not change): a ``Suggestion``
+        whose ``edits`` are applied like any other edit (and so recorded in the recipe)."""
+        return self._requireSession().suggest(population or None, method)
 
-        Returns the segmentation node now current (the original after undoing every edit).
+    def computeRecipe(self, path):
+        """Replay a recipe file on the case from the model's own mask (worker thread): the recipe's labels.
+
+        Raises:
+            InputFileError: not a recipe, or one made with another model, SAE or voxel grid (the session is kept).
+        """
+        from SegLensLogic.steering import load_recipe
+
+        if not path:
+            raise self._error("choose a recipe file (.recipe.json, written by Export or seglens steer)")
+        session = self._requireSession()
+        return session.apply_recipe(load_recipe(path), source=path)
+
+    def showRecipe(self, labels, path):
+        """A new segmentation node for a replayed recipe. A recipe replays from the model's own mask, so the earlier
+        corrected nodes leave the undo history (they stay in the scene): Undo goes back to the original."""
+        self.segmentationNodes = self.segmentationNodes[:1]
+        node = self.showCorrected(labels, "recipe")
+        node.SetAttribute("SegLens.Recipe", str(path))
+        return node
+
+    def loadRecipe(self, path):
+        return self.showRecipe(self.computeRecipe(path), path)
+
+    def undo(self):
+        """Undo the last Apply (or recipe): its node is removed and the session steps back to the node before.
+
+        Returns the segmentation node now current (the original after undoing everything).
         """
         session = self._requireSession()
-        if not session.edits:
+        if len(self.segmentationNodes) < 2:
             raise self._error("nothing to undo")
-        session.undo()
-        if len(self.segmentationNodes) > 1:
-            node = self.segmentationNodes.pop()
-            if self.scene.GetNodeByID(node.GetID()) is not None:
-                self.scene.RemoveNode(node)
+        node = self.segmentationNodes.pop()
+        target = int(self.currentSegmentationNode.GetAttribute("SegLens.Edits") or 0)
+        while len(session.edits) > target:
+            session.undo()
+        if self.scene.GetNodeByID(node.GetID()) is not None:
+            self.scene.RemoveNode(node)
+        self.clearPreview()
         self._showOnly(self.currentSegmentationNode)
         return self.currentSegmentationNode
 
@@ -339,12 +646,14 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         """Write the current segmentation as ``<base>.seg.nrrd`` and ``<base>.nii.gz`` (+ its recipe JSON from
         the session, and ``<base>.ctbl``, Slicer's colour table of the label values).
 
-        Label values are the class indices (0 background, then the colour table's order) in every file.
+        Label values are the class indices (0 background, then the colour table's order) in every file. Nothing is
+        written when any of the files exists (unless ``overwrite``).
 
         Returns:
             ``{"seg_nrrd", "nifti", "recipe", "colour_table"}`` -> Path.
         """
         from SegLensLogic.errors import refuse_existing
+        from SegLensLogic.steering import recipe_path_for
 
         session = self._requireSession()
         node = self.currentSegmentationNode
@@ -355,17 +664,23 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
             if base.name.endswith(suffix):
                 base = base.with_name(base.name[: -len(suffix)])
         targets = {"seg_nrrd": base.with_name(base.name + ".seg.nrrd"), "colour_table": base.with_name(base.name + ".ctbl")}
-        for path in targets.values():
+        nifti_path = base.with_name(base.name + ".nii.gz")
+        for path in (*targets.values(), nifti_path, recipe_path_for(nifti_path)):
             refuse_existing(path, overwrite)
-        nifti, recipe = session.export(base.with_name(base.name + ".nii.gz"), overwrite=overwrite)
+        nifti, recipe = session.export(nifti_path, overwrite=overwrite)
         nodes.write_segmentation(node, targets["seg_nrrd"], overwrite=overwrite)
         nodes.write_colour_table(self.colourTableNode, targets["colour_table"], overwrite=overwrite)
         return {"seg_nrrd": targets["seg_nrrd"], "nifti": Path(nifti), "recipe": Path(recipe),
                 "colour_table": targets["colour_table"]}
 
     def clear(self):
-        """Forget the session (nodes stay in the scene)."""
+        """Forget the session (the scene is closing: its nodes go with it)."""
         self.session = None
+        self.bundle = None
+        self.inputNodes = {}
+        self.referenceNode = None
+        self.colourTableNode = None
+        self.changeColourTableNode = None
         self.segmentationNodes = []
         self.originalSegmentationNode = None
         self.heatmapNodes = {}
@@ -376,24 +691,42 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
 # SegLensWidget
 #
 class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel. Every handler reads the GUI, calls the logic (model work on the worker thread), shows results."""
+    """The panel. It reads the GUI into the parameter node, starts logic calls as jobs on the worker (one at a time,
+    every control that starts work disabled meanwhile) and shows their results."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self.worker = None
-        self.progress = None
-        self.rows = []
+        self.job = None  # the Job in flight
+        self.pending = set()  # coalesced requests (table, heatmaps, preview) to start when the worker is free
+        self.allRows = []  # the latent table's rows as computed (filters apply to these)
+        self.rows = []  # the rows shown
         self.currentSlice = None
-        self._sliceTimer = None
-        self._previewTimer = None
+        self.suggestion = None
+        self.droppedResults = 0  # results not shown: stale (their inputs changed), cancelled or orphaned
+        self.versionLabel = None
+        self._parameterNode = None
+        self._updatingGUI = False
+        self._writingParameters = False
         self._updatingTable = False
+        self._sessionNumber = 0
+        self._previewShown = None
+        self._knownVolumeIDs = set()
+        self._sliceNode = None
 
+    # -- set-up and tear-down -----------------------------------------------------------------------------------------
     def setup(self):
         import qt
 
         ScriptedLoadableModuleWidget.setup(self)
+        problem = versionProblem()
+        if problem:
+            self.versionLabel = qt.QLabel(problem)
+            self.versionLabel.wordWrap = True
+            self.layout.addWidget(self.versionLabel)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SegLens.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -405,54 +738,437 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modeComboBox.addItems(list(STEERING_MODES))
         self.ui.regionComboBox.clear()
         self.ui.regionComboBox.addItems(list(REGIONS))
-        self.ui.latentTableWidget.setColumnCount(len(latenttable.HEADERS))
-        self.ui.latentTableWidget.setHorizontalHeaderLabels(list(latenttable.HEADERS))
-        self.ui.latentTableWidget.setSortingEnabled(True)
+        self.ui.suggestionMethodComboBox.clear()
+        self.ui.suggestionMethodComboBox.addItems(list(SUGGESTION_METHODS))
+        self.ui.populationComboBox.clear()
+        self.ui.populationComboBox.addItems([NO_POPULATION])
+        for combo in (self.ui.categoryFilterComboBox, self.ui.statusFilterComboBox):
+            combo.clear()
+            combo.addItems([latenttable.ALL])
+        table = self.ui.latentTableWidget
+        table.setColumnCount(len(latenttable.HEADERS))
+        table.setHorizontalHeaderLabels(list(latenttable.HEADERS))
+        table.setSortingEnabled(True)
+        table.sortItems(latenttable.COLUMNS.index("slice_activation"), qt.Qt.DescendingOrder)
         self.ui.progressBar.hide()
         self.ui.cancelButton.enabled = False
-        heat = nodes.heatmap_colour_node_id(slicer.mrmlScene)
-        if heat:
-            self.ui.heatmapColorSelector.setCurrentNodeID(heat)
+        folder = slicer.util.settingsValue(EXPORT_FOLDER_SETTING, "")
+        if folder:
+            self.ui.exportDirectoryButton.directory = folder
 
+        for name in MODALITY_SELECTORS.values():
+            getattr(self.ui, name).connect("currentNodeChanged(vtkMRMLNode*)", self.onInputsChanged)
+        self.ui.bundlePathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.followSliceCheckBox.connect("toggled(bool)", self.onFollowSliceToggled)
         self.ui.latentTableWidget.connect("itemSelectionChanged()", self.onLatentSelection)
-        self.ui.categoryFilterComboBox.connect("currentIndexChanged(int)", self.updateLatentTable)
-        self.ui.statusFilterComboBox.connect("currentIndexChanged(int)", self.updateLatentTable)
-        self.ui.heatmapThresholdSliderWidget.connect("valueChanged(double)", self.onLatentSelection)
-        self.ui.heatmapOpacitySliderWidget.connect("valueChanged(double)", self.onLatentSelection)
-        self.ui.heatmapColorSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onLatentSelection)
-        self.ui.alphaSliderWidget.connect("valueChanged(double)", self.onSteeringChanged)
+        self.ui.categoryFilterComboBox.connect("currentIndexChanged(int)", self.onFiltersChanged)
+        self.ui.statusFilterComboBox.connect("currentIndexChanged(int)", self.onFiltersChanged)
+        self.ui.heatmapThresholdSliderWidget.connect("valueChanged(double)", self.onHeatmapDisplayChanged)
+        self.ui.heatmapOpacitySliderWidget.connect("valueChanged(double)", self.onHeatmapDisplayChanged)
+        self.ui.heatmapColorSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onHeatmapDisplayChanged)
         self.ui.modeComboBox.connect("currentIndexChanged(int)", self.onSteeringChanged)
+        self.ui.alphaSliderWidget.connect("valueChanged(double)", self.onSteeringChanged)
+        self.ui.regionComboBox.connect("currentIndexChanged(int)", self.onSteeringChanged)
+        self.ui.sliceRangeWidget.connect("valuesChanged(double,double)", self.onSteeringChanged)
+        self.ui.livePreviewCheckBox.connect("toggled(bool)", self.onSteeringChanged)
+        self.ui.populationComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.suggestionMethodComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.suggestButton.connect("clicked(bool)", self.onSuggest)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
+        self.ui.recipePathLineEdit.connect("currentPathChanged(QString)", self.onRecipePathChanged)
+        self.ui.loadRecipeButton.connect("clicked(bool)", self.onLoadRecipe)
+        self.ui.exportDirectoryButton.connect("directoryChanged(QString)", self.onExportFolderChanged)
+        self.ui.exportNameLineEdit.connect("textChanged(QString)", self.updateParameterNodeFromGUI)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
 
-        # Scrolling a slice view fires many Modified events: refresh the table once it settles.
+        # Scrolling a slice view fires many Modified events: follow it once it settles.
         self._sliceTimer = qt.QTimer()
         self._sliceTimer.setSingleShot(True)
         self._sliceTimer.setInterval(150)
         self._sliceTimer.connect("timeout()", self.onSliceSettled)
-        self._previewTimer = qt.QTimer()
-        self._previewTimer.setSingleShot(True)
-        self._previewTimer.setInterval(100)
-        self._previewTimer.connect("timeout()", self.onPreview)
+        # The job in flight is polled from the main thread (never waited for in a nested event loop).
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(30)
+        self._pollTimer.connect("timeout()", self.onPoll)
+        # New volumes get their sequence from their name once the scene settles (names are set after adding).
+        self._assignTimer = qt.QTimer()
+        self._assignTimer.setSingleShot(True)
+        self._assignTimer.setInterval(0)
+        self._assignTimer.connect("timeout()", self.assignModalities)
+
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneImported)
+        self.initializeParameterNode()
         self.observeRedSlice()
         self.updateButtons()
 
+    def enter(self):
+        if self.logic is not None:
+            self.initializeParameterNode()
+
     def cleanup(self):
         self.removeObservers()
-        if self.worker is not None:
-            self.worker.shutdown()
+        if self.logic is None:
+            return
+        for timer in (self._sliceTimer, self._pollTimer, self._assignTimer):
+            timer.stop()
+        if self.job is not None:
+            self.job.orphaned = True
+            self.job.cancel()
+        self.worker.shutdown()
 
-    def onSceneStartClose(self, caller, event):
+    def onSceneStartClose(self, caller=None, event=None):
+        if self.job is not None:  # its result belongs to the scene that is closing
+            self.job.orphaned = True
+            self.job.cancel()
+        self.pending.clear()
+        self.setParameterNode(None)
         self.logic.clear()
-        self.rows = []
+        self._sessionNumber += 1
+        self.allRows, self.rows, self.currentSlice, self.suggestion, self._previewShown = [], [], None, None, None
+        self._updatingTable = True
         self.ui.latentTableWidget.setRowCount(0)
+        self._updatingTable = False
+        self.ui.currentSliceLabel.text = "-"
+        self.ui.suggestionLabel.text = ""
+        self.ui.inputNotesLabel.text = ""
+        self.ui.statusLabel.text = ""
+        self._knownVolumeIDs = set()
         self.updateButtons()
 
-    # -- helpers ------------------------------------------------------------------------------------------------------
+    def onSceneEndClose(self, caller=None, event=None):
+        self.initializeParameterNode()
+        self.updateButtons()
+
+    # -- parameter node -----------------------------------------------------------------------------------------------
+    def initializeParameterNode(self):
+        """Use the scene's SegLens parameter node; preselect the reference bundle and a heat colour map."""
+        self.setParameterNode(self.logic.getParameterNode())
+        parameters = self._parameterNode
+        if not parameters.bundlePath:
+            reference = referenceBundlePath()
+            if reference is not None:
+                parameters.bundlePath = str(reference)
+        if parameters.colourNode is None:
+            colour = nodes.heatmap_colour_node_id(slicer.mrmlScene)
+            if colour:
+                parameters.colourNode = slicer.mrmlScene.GetNodeByID(colour)
+        self.assignModalities()
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode is not None:
+            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self._parameterNode = parameterNode
+        if parameterNode is not None:
+            self.addObserver(parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.updateGUIFromParameterNode()
+
+    def onParameterNodeModified(self, caller=None, event=None):
+        if not self._writingParameters:  # changed elsewhere: a scene was loaded, or the Python console
+            self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self):
+        parameters = self._parameterNode
+        if parameters is None:
+            return
+        self._updatingGUI = True
+        try:
+            for modality, name in MODALITY_SELECTORS.items():
+                getattr(self.ui, name).setCurrentNode(getattr(parameters, modality))
+            self.ui.bundlePathLineEdit.currentPath = parameters.bundlePath
+            for combo, value in ((self.ui.modeComboBox, parameters.mode), (self.ui.regionComboBox, parameters.region),
+                                 (self.ui.categoryFilterComboBox, parameters.category),
+                                 (self.ui.statusFilterComboBox, parameters.status),
+                                 (self.ui.populationComboBox, parameters.population or NO_POPULATION),
+                                 (self.ui.suggestionMethodComboBox, parameters.suggestionMethod)):  # fmt: skip
+                index = combo.findText(value)
+                if index >= 0:
+                    combo.currentIndex = index
+            self.setAlpha(parameters.alpha)
+            self.ui.sliceRangeWidget.minimumValue = parameters.firstSlice
+            self.ui.sliceRangeWidget.maximumValue = parameters.lastSlice
+            self.ui.livePreviewCheckBox.checked = parameters.livePreview
+            self.ui.followSliceCheckBox.checked = parameters.followSlice
+            self.ui.heatmapThresholdSliderWidget.value = parameters.threshold
+            self.ui.heatmapOpacitySliderWidget.value = parameters.opacity
+            if parameters.colourNode is not None:
+                self.ui.heatmapColorSelector.setCurrentNode(parameters.colourNode)
+            self.ui.recipePathLineEdit.currentPath = parameters.recipePath
+            self.ui.exportNameLineEdit.text = parameters.exportName
+            self.selectTableRows(self.selectedLatents())
+        finally:
+            self._updatingGUI = False
+        self.updateButtons()
+
+    def updateParameterNodeFromGUI(self, *args):
+        parameters = self._parameterNode
+        if parameters is None or self._updatingGUI:
+            return
+        self._writingParameters = True
+        try:
+            with slicer.util.NodeModify(parameters):
+                for modality, name in MODALITY_SELECTORS.items():
+                    setattr(parameters, modality, getattr(self.ui, name).currentNode())
+                parameters.bundlePath = self.ui.bundlePathLineEdit.currentPath
+                parameters.mode = self.ui.modeComboBox.currentText
+                parameters.alpha = float(self.ui.alphaSliderWidget.value)
+                parameters.region = self.ui.regionComboBox.currentText
+                parameters.firstSlice = int(round(self.ui.sliceRangeWidget.minimumValue))
+                parameters.lastSlice = int(round(self.ui.sliceRangeWidget.maximumValue))
+                parameters.category = self.ui.categoryFilterComboBox.currentText or latenttable.ALL
+                parameters.status = self.ui.statusFilterComboBox.currentText or latenttable.ALL
+                population = self.ui.populationComboBox.currentText
+                parameters.population = "" if population == NO_POPULATION else population
+                parameters.suggestionMethod = self.ui.suggestionMethodComboBox.currentText or SUGGESTION_METHODS[0]
+                parameters.livePreview = bool(self.ui.livePreviewCheckBox.checked)
+                parameters.followSlice = bool(self.ui.followSliceCheckBox.checked)
+                parameters.threshold = float(self.ui.heatmapThresholdSliderWidget.value)
+                parameters.opacity = float(self.ui.heatmapOpacitySliderWidget.value)
+                parameters.colourNode = self.ui.heatmapColorSelector.currentNode()
+                parameters.recipePath = self.ui.recipePathLineEdit.currentPath
+                parameters.exportName = self.ui.exportNameLineEdit.text
+        finally:
+            self._writingParameters = False
+        self.updateButtons()
+
+    def setSelectedLatents(self, latents):
+        """The latents to steer (what the label lists and Apply uses), kept in the parameter node."""
+        if self._parameterNode is None:
+            return
+        self._writingParameters = True
+        try:
+            self._parameterNode.selectedLatents = [int(j) for j in latents]
+        finally:
+            self._writingParameters = False
+
+    def selectedLatents(self):
+        return [int(j) for j in self._parameterNode.selectedLatents] if self._parameterNode is not None else []
+
+    # -- inputs -------------------------------------------------------------------------------------------------------
+    def inputNodes(self):
+        return {modality: getattr(self.ui, name).currentNode() for modality, name in MODALITY_SELECTORS.items()}
+
+    def onInputsChanged(self, *args):
+        self.updateParameterNodeFromGUI()
+        if not self._updatingGUI:
+            self.ui.inputNotesLabel.text = ""
+
+    def onNodeAdded(self, caller=None, event=None):
+        if not slicer.mrmlScene.IsImporting():  # a loaded scene brings its own choices in the parameter node
+            self._assignTimer.start()
+
+    def onSceneImported(self, caller=None, event=None):
+        """A scene was loaded: its parameter node (node references now resolved) says what the panel shows, and its
+        volumes are not new (none get their sequence guessed)."""
+        scene = slicer.mrmlScene
+        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+            self._knownVolumeIDs.add(scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode").GetID())
+        self.updateGUIFromParameterNode()
+
+    def assignModalities(self):
+        """Fill empty modality selectors with new volumes whose names clearly name their sequence."""
+        if self._parameterNode is None:
+            return
+        volumes = {}
+        scene = slicer.mrmlScene
+        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+            node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+            if node.GetClassName() != "vtkMRMLScalarVolumeNode" or node.GetID() in self._knownVolumeIDs:
+                continue
+            self._knownVolumeIDs.add(node.GetID())
+            if not (node.GetName() or "").startswith("SegLens") and not node.GetAttribute("SegLens.Latent"):
+                volumes[node.GetID()] = node.GetName() or ""
+        current = {m: (n.GetID() if n is not None else None) for m, n in self.inputNodes().items()}
+        chosen = inputs.assign_modalities(volumes, current)
+        for modality, nodeID in chosen.items():
+            getattr(self.ui, MODALITY_SELECTORS[modality]).setCurrentNodeID(nodeID)
+        if chosen:
+            self.ui.statusLabel.text = "Sequences from the volume names: " + ", ".join(
+                f"{inputs.MODALITY_TITLES[m]} = '{scene.GetNodeByID(i).GetName()}'" for m, i in chosen.items()
+            ) + " (change them above if they are wrong)."
+
+    # -- jobs -----------------------------------------------------------------------------------------------------------
+    def startJob(self, kind, function, *args, done=None, key=None, cancellable=True, reports=False, discard=None, phase=""):
+        """Run ``function(*args)`` on the worker (with ``progress=`` when it ``reports``); ``done(result)`` runs here
+        when it succeeds, ``discard(result)`` when its result is dropped after all (cancelled or orphaned)."""
+        progress = Progress(phase or JOB_TITLES[kind])
+        future = self.worker.submit(function, *args, **({"progress": progress.callback} if reports else {}))
+        self.job = Job(kind, future, progress, done, key, cancellable, discard)
+        self.showJobProgress()
+        self.ui.progressBar.show()
+        self._pollTimer.start()
+        self.updateButtons()
+        return self.job
+
+    def onPoll(self):
+        job = self.job
+        if job is None:
+            self._pollTimer.stop()
+            return
+        self.showJobProgress()
+        if not job.future.done():
+            return
+        self._pollTimer.stop()
+        self.job = None
+        self.ui.progressBar.hide()
+        try:
+            result = job.future.result()
+        except BaseException as exc:  # the worker's exception, reported here on the main thread
+            if job.orphaned:
+                self.droppedResults += 1
+            elif job.cancelled or isCancellation(exc):
+                self.onJobCancelled(job)
+            else:
+                self.showError(f"{JOB_TITLES[job.kind]} failed", exc)
+        else:
+            if job.orphaned or job.cancelled:
+                self.dropResult(job, result)
+            elif job.key is not None and job.key != self.currentKey(job.kind):
+                self.droppedResults += 1  # stale: its inputs changed while it ran; the latest request runs next
+                self.pending.add(job.kind)
+            else:
+                try:
+                    job.done(result)
+                except Exception as exc:
+                    self.showError(f"{JOB_TITLES[job.kind]} failed", exc)
+        self.updateButtons()
+        self.startPending()
+
+    def dropResult(self, job, result):
+        """A result nobody wants any more (Cancel came after the job's last check, or the scene closed)."""
+        self.droppedResults += 1
+        if job.discard is not None:
+            try:
+                job.discard(result)
+            except Exception:
+                logging.exception("SegLens: could not undo a cancelled %s", job.kind)
+        if job.cancelled and not job.orphaned:
+            self.onJobCancelled(job)
+
+    def onJobCancelled(self, job):
+        kept = "the previous segmentation and edits are kept" if self.logic.session is not None else "nothing was changed"
+        self.ui.statusLabel.text = f"{JOB_TITLES[job.kind]} cancelled; {kept}."
+
+    def showJobProgress(self):
+        job = self.job
+        if job is None:
+            return
+        phase, done, total = job.progress.snapshot()
+        if job.kind in QUIET_JOBS:
+            pass  # quick bookkeeping: the bar shows it, the status keeps the last result
+        elif job.cancelled:
+            self.ui.statusLabel.text = f"Cancelling: {phase.lower()} ..."
+        elif total:
+            self.ui.statusLabel.text = f"{phase}: {job.progress.percent} %"
+        else:
+            self.ui.statusLabel.text = f"{phase} ..."
+        self.ui.progressBar.maximum = 100 if total else 0  # 0: busy, the size of this step is not known
+        self.ui.progressBar.value = job.progress.percent
+
+    def onCancel(self):
+        job = self.job
+        if job is None or not job.cancellable:
+            return
+        job.cancel()
+        self.pending.discard(job.kind)
+        self.showJobProgress()
+        self.updateButtons()
+
+    def request(self, kind):
+        """Ask for a table, heatmap or preview update: coalesced, the latest inputs win when the worker is free."""
+        self.pending.add(kind)
+        self.startPending()
+
+    def startPending(self):
+        while self.job is None and self.pending:
+            kind = next(k for k in ("table", "heatmaps", "preview") if k in self.pending)
+            self.pending.discard(kind)
+            {"table": self.startTableJob, "heatmaps": self.startHeatmapJob, "preview": self.startPreviewJob}[kind]()
+
+    def currentKey(self, kind):
+        """What a job's result depends on, as the panel stands now."""
+        if kind == "table":
+            return (self._sessionNumber, self.currentSlice)
+        if kind == "heatmaps":
+            return (self._sessionNumber, tuple(self.selectedLatents()[:MAX_HEATMAPS]))
+        if kind == "preview":
+            return self.previewKey()
+        return None
+
+    # -- dependencies and Segment -----------------------------------------------------------------------------------
+    def ensureDependencies(self):
+        """PyTorch and the panel's packages (asks before installing); offers a restart when one is needed."""
+        from SegLensLib import dependencies
+
+        confirm = lambda text: slicer.util.confirmOkCancelDisplay(text, "SegLens needs Python packages")  # noqa: E731
+        try:
+            status = dependencies.ensure_dependencies(confirm)
+        except dependencies.DependencyError as exc:
+            self.showError("SegLens cannot start", exc)
+            return False
+        self.ui.deviceLabel.text = status.device
+        if status.restart_needed:
+            text = ("Installed " + ", ".join(status.installed) + ". Slicer had already loaded "
+                    + ", ".join(status.restart_needed) + ": restart Slicer now to use the new version?")
+            if slicer.util.confirmYesNoDisplay(text, "SegLens: restart needed"):
+                slicer.util.restart()
+            self.ui.statusLabel.text = "Restart Slicer before segmenting (new package versions were installed)."
+            return False
+        return True
+
+    def onSegment(self):
+        if self.job is not None:  # one job at a time (a double click, a script)
+            return
+        if not self.ensureDependencies():
+            return
+        try:
+            bundlePath = self.ui.bundlePathLineEdit.currentPath
+            if not bundlePath:
+                raise self.logic._error("choose a bundle folder (bundle.json, model/, sae/)")
+            volumes = self.logic.readVolumes(self.inputNodes())  # main thread: copies the voxels out of MRML
+        except Exception as exc:
+            self.showError("Cannot segment", exc)
+            return
+        self.ui.inputNotesLabel.text = ""
+        self.startJob("segment", self.logic.prepareAndSegment, volumes, bundlePath, done=self.onSegmented,
+                      reports=True, phase="Starting")
+
+    def onSegmented(self, result):
+        self.logic.useSession(result.session, result.bundle, result.inputNodes, result.referenceNode)
+        self._sessionNumber += 1
+        self.allRows, self.rows, self.currentSlice, self.suggestion, self._previewShown = [], [], None, None, None
+        node = self.logic.showSegmentation(result.labels)
+        notes = list(result.notes)
+        missing = self.logic.missingModalities()
+        if missing:
+            notes.append("No " + ", ".join(f"{inputs.MODALITY_TITLES[m]} ({m})" for m in missing)
+                         + ": set to zero, as the model was trained to tolerate.")  # fmt: skip
+        self.ui.inputNotesLabel.text = " ".join(notes)
+        self.ui.statusLabel.text = f"Created segmentation '{node.GetName()}'."
+        last = max(self.logic.numberOfSlices() - 1, 0)
+        self.ui.sliceRangeWidget.maximum = last
+        if self.ui.sliceRangeWidget.maximumValue <= 0 or self.ui.sliceRangeWidget.maximumValue > last:
+            self.ui.sliceRangeWidget.maximumValue = last
+        self.ui.suggestionLabel.text = ""
+        population = self._parameterNode.population if self._parameterNode is not None else ""
+        self._updatingGUI = True
+        try:
+            self.ui.populationComboBox.clear()
+            self.ui.populationComboBox.addItems([NO_POPULATION] + list(self.logic.session.populations))
+            self.ui.populationComboBox.currentIndex = max(self.ui.populationComboBox.findText(population or NO_POPULATION), 0)
+        finally:
+            self._updatingGUI = False
+        self.onSliceSettled()
+        if self.currentSlice is None:  # the Red view is not on the volume: the table without a slice
+            self.request("table")
+        self.updateButtons()
+
+    # -- following the Red view -------------------------------------------------------------------------------------------
     def redSliceNode(self):
         layoutManager = slicer.app.layoutManager()
         if layoutManager is None:
@@ -462,144 +1178,188 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def observeRedSlice(self):
         sliceNode = self.redSliceNode()
-        if sliceNode is not None:
+        if sliceNode is not None and sliceNode is not self._sliceNode:
+            if self._sliceNode is not None:
+                self.removeObserver(self._sliceNode, vtk.vtkCommand.ModifiedEvent, self.onSliceModified)
+            self._sliceNode = sliceNode
             self.addObserver(sliceNode, vtk.vtkCommand.ModifiedEvent, self.onSliceModified)
-
-    def inputNodes(self):
-        return {modality: getattr(self.ui, name).currentNode() for modality, name in MODALITY_SELECTORS.items()}
-
-    def selectedLatents(self):
-        rows = sorted({index.row() for index in self.ui.latentTableWidget.selectedIndexes()})
-        return [int(self.ui.latentTableWidget.item(row, 0).text()) for row in rows]
-
-    def updateButtons(self):
-        ready = self.logic is not None and self.logic.session is not None and self.logic.currentSegmentationNode is not None
-        self.ui.applyButton.enabled = ready and bool(self.selectedLatents())
-        self.ui.undoButton.enabled = ready and bool(self.logic.session.edits)
-        self.ui.exportButton.enabled = ready
-        self.ui.selectedLatentsLabel.text = ", ".join(str(j) for j in self.selectedLatents()) or "(select latents in the table)"
-
-    def runOnWorker(self, function, *args, **kwargs):
-        """Run a model call on the worker thread while the panel stays responsive; returns its result."""
-        import qt
-
-        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
-        try:
-            return self.worker.run(function, *args, pump=slicer.app.processEvents, on_progress=self.showProgress, **kwargs)
-        finally:
-            qt.QApplication.restoreOverrideCursor()
-
-    def showProgress(self):
-        if self.progress is not None:
-            self.ui.progressBar.value = self.progress.percent
-            if self.progress.total:
-                self.ui.statusLabel.text = f"Segmenting slice {self.progress.done} of {self.progress.total}"
-
-    # -- handlers -----------------------------------------------------------------------------------------------------
-    def onSegment(self):
-        from SegLensLib.dependencies import DependencyError, ensure_dependencies
-
-        confirm = lambda text: slicer.util.confirmOkCancelDisplay(text, "SegLens needs Python packages")  # noqa: E731
-        try:
-            device = ensure_dependencies(confirm)
-        except DependencyError as exc:
-            slicer.util.errorDisplay(str(exc))
-            return
-        self.ui.deviceLabel.text = device
-        with slicer.util.tryWithErrorDisplay("SegLens: segmentation failed.", waitCursor=False):
-            case = self.logic.caseFromVolumes(self.inputNodes())
-            bundlePath = self.ui.bundlePathLineEdit.currentPath
-            if not bundlePath:
-                raise self.logic._error("choose a bundle folder (bundle.json, model/, sae/)")
-            self.ui.statusLabel.text = "Loading the model ..."
-            self.runOnWorker(self.logic.openSession, case, bundlePath=bundlePath)
-            self.progress = Progress()
-            self.ui.progressBar.value = 0
-            self.ui.progressBar.show()
-            self.ui.cancelButton.enabled = True
-            self.ui.segmentButton.enabled = False
-            try:
-                labels = self.runOnWorker(self.logic.computeSegmentation, self.progress.callback)
-            except Exception as exc:
-                if type(exc).__name__ == "PredictionCancelled":  # the user pressed Cancel
-                    self.ui.statusLabel.text = "Segmentation cancelled."
-                    return
-                raise
-            finally:
-                self.progress = None
-                self.ui.progressBar.hide()
-                self.ui.cancelButton.enabled = False
-                self.ui.segmentButton.enabled = True
-            node = self.logic.showSegmentation(labels)
-            self.ui.statusLabel.text = f"Created segmentation '{node.GetName()}'."
-            self.ui.sliceRangeWidget.maximum = self.logic.numberOfSlices() - 1
-            self.ui.sliceRangeWidget.maximumValue = self.logic.numberOfSlices() - 1
-            self.refreshFilters()
-            self.onSliceSettled()
-        self.updateButtons()
-
-    def onCancel(self):
-        if self.progress is not None:
-            self.progress.cancel()
-            self.ui.statusLabel.text = "Cancelling after the current slice ..."
 
     def onSliceModified(self, caller=None, event=None):
         self._sliceTimer.start()
 
+    def onFollowSliceToggled(self, *args):
+        self.updateParameterNodeFromGUI()
+        if self.ui.followSliceCheckBox.checked:
+            self.onSliceSettled()
+
     def onSliceSettled(self):
-        if self.logic.session is None or not self.ui.followSliceCheckBox.checked:
+        """Follow the slice shown in the Red view: geometry only here; the table and preview are worker jobs."""
+        if not self.logic.isSegmented() or not self.ui.followSliceCheckBox.checked:
             return
         sliceNode = self.redSliceNode()
         if sliceNode is None:
             return
-        self.currentSlice = self.logic.sliceIndexOfPoint(nodes.slice_centre_ras(sliceNode))
-        self.ui.currentSliceLabel.text = str(self.currentSlice)
-        self.updateLatentTable()
-        if self.ui.livePreviewCheckBox.checked and self.selectedLatents():
-            self._previewTimer.start()
+        index = self.logic.sliceIndexInView(sliceNode)
+        if index is None:
+            self.ui.currentSliceLabel.text = "(outside the volume)"
+            if self.currentSlice is not None:
+                self.currentSlice = None
+                self.clearPreview()
+            return
+        self.ui.currentSliceLabel.text = str(index)
+        if index == self.currentSlice and self.allRows:
+            return
+        self.currentSlice = index
+        self.request("table")
+        self.requestPreview()
+
+    # -- latent table -------------------------------------------------------------------------------------------------
+    def startTableJob(self):
+        if not self.logic.isSegmented():
+            return
+        self.startJob("table", self.logic.computeLatentTable, self.currentSlice, done=self.onTableComputed,
+                      key=self.currentKey("table"), cancellable=False)
+
+    def onTableComputed(self, rows):
+        first = not self.allRows
+        self.allRows = rows
+        if first:
+            self.refreshFilters()
+        self.fillTable()
+        if first:
+            self.updateHeatmaps()
 
     def refreshFilters(self):
-        rows = self.logic.latentTable()
-        for combo, key in ((self.ui.categoryFilterComboBox, "category"), (self.ui.statusFilterComboBox, "status")):
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems(latenttable.choices(rows, key))
-            combo.blockSignals(False)
+        parameters = self._parameterNode
+        category = parameters.category if parameters is not None else latenttable.ALL
+        status = parameters.status if parameters is not None else latenttable.ALL
+        self._updatingGUI = True
+        try:
+            for combo, key, value in ((self.ui.categoryFilterComboBox, "category", category),
+                                      (self.ui.statusFilterComboBox, "status", status)):
+                combo.clear()
+                combo.addItems(latenttable.choices(self.allRows, key))
+                combo.currentIndex = max(combo.findText(value), 0)
+        finally:
+            self._updatingGUI = False
 
-    def updateLatentTable(self, *args):
+    def onFiltersChanged(self, *args):
+        if self._updatingGUI:
+            return
+        self.updateParameterNodeFromGUI()
+        self.fillTable()
+
+    def fillTable(self):
+        """Show the computed rows through the filters, keeping every selected latent that is still listed."""
         import qt
 
-        if self.logic.session is None:
-            return
-        selected = set(self.selectedLatents())
-        self.rows = self.logic.latentTable(self.currentSlice, self.ui.categoryFilterComboBox.currentText or latenttable.ALL,
-                                           self.ui.statusFilterComboBox.currentText or latenttable.ALL)
+        selected = self.selectedLatents()
+        self.rows = latenttable.filter_rows(self.allRows, self.ui.categoryFilterComboBox.currentText or latenttable.ALL,
+                                            self.ui.statusFilterComboBox.currentText or latenttable.ALL)
         table = self.ui.latentTableWidget
         self._updatingTable = True
-        table.setSortingEnabled(False)
-        table.setRowCount(len(self.rows))
-        for r, row in enumerate(self.rows):
-            for c, column in enumerate(latenttable.COLUMNS):
-                item = qt.QTableWidgetItem()
-                value = row.get(column)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    item.setData(qt.Qt.DisplayRole, value)  # numeric sort
-                else:
-                    item.setText(latenttable.cell_text(row, column))
-                table.setItem(r, c, item)
-            if int(row["id"]) in selected:
-                table.selectRow(r)
-        table.setSortingEnabled(True)
-        self._updatingTable = False
+        try:
+            table.setSortingEnabled(False)
+            table.clearSelection()
+            table.setRowCount(len(self.rows))
+            for r, row in enumerate(self.rows):
+                for c, column in enumerate(latenttable.COLUMNS):
+                    item = qt.QTableWidgetItem()
+                    value = row.get(column)
+                    if column in latenttable.NUMERIC and value is not None:
+                        item.setData(qt.Qt.DisplayRole, value)  # numeric sort
+                    else:
+                        item.setText(latenttable.cell_text(row, column))
+                    table.setItem(r, c, item)
+            table.setSortingEnabled(True)
+        finally:
+            self._updatingTable = False
+        self.selectTableRows(selected)
+        listed = {int(row["id"]) for row in self.rows}
+        kept = [j for j in selected if j in listed]
+        if kept != selected:  # a filter hides some: they are no longer steered, and the label says so
+            self.setSelectedLatents(kept)
+            self.onSelectionChanged()
+        self.updateButtons()
+
+    def selectTableRows(self, latents):
+        """Select the rows of ``latents`` (all of them: a refresh never collapses a multi-row selection)."""
+        import qt
+
+        table = self.ui.latentTableWidget
+        wanted = {int(j) for j in latents}
+        selection = qt.QItemSelection()
+        model = table.model()
+        for r in range(table.rowCount):
+            item = table.item(r, 0)
+            if item is not None and int(float(item.text())) in wanted:
+                selection.select(model.index(r, 0), model.index(r, table.columnCount - 1))
+        self._updatingTable = True
+        try:
+            table.clearSelection()
+            table.selectionModel().select(selection, qt.QItemSelectionModel.Select)
+        finally:
+            self._updatingTable = False
+
+    def tableSelection(self):
+        table = self.ui.latentTableWidget
+        rows = sorted({index.row() for index in table.selectedIndexes()})
+        return [int(float(table.item(r, 0).text())) for r in rows]
 
     def onLatentSelection(self, *args):
-        if self._updatingTable or self.logic.session is None:
+        if self._updatingTable or self._updatingGUI or not self.logic.isSegmented():
+            return
+        self.setSelectedLatents(self.tableSelection())
+        self.onSelectionChanged()
+
+    def onSelectionChanged(self):
+        self.updateHeatmaps()
+        self.requestPreview()
+        self.updateButtons()
+
+    # -- heatmaps -----------------------------------------------------------------------------------------------------
+    def heatmapLatents(self):
+        return self.selectedLatents()[:MAX_HEATMAPS]
+
+    def updateHeatmaps(self):
+        """Layers for the selected latents: computed on the worker when new, shown here."""
+        if not self.logic.isSegmented():
+            return
+        latents = self.heatmapLatents()
+        if all(j in self.logic.heatmapNodes for j in latents):
+            self.showHeatmapLayers({})
+        else:
+            self.request("heatmaps")
+
+    def startHeatmapJob(self):
+        latents = self.heatmapLatents()
+        if not self.logic.isSegmented() or all(j in self.logic.heatmapNodes for j in latents):
+            self.showHeatmapLayers({})
+            return
+        self.startJob("heatmaps", self.logic.computeHeatmaps, latents, done=self.showHeatmapLayers,
+                      key=self.currentKey("heatmaps"), cancellable=False)
+
+    def showHeatmapLayers(self, computed):
+        colour = self.ui.heatmapColorSelector.currentNode()
+        self.logic.showHeatmaps(self.heatmapLatents(), self.ui.heatmapThresholdSliderWidget.value,
+                                self.ui.heatmapOpacitySliderWidget.value, colour.GetID() if colour else None, computed)
+
+    def onHeatmapDisplayChanged(self, *args):
+        """Threshold, opacity and colours change the display nodes only (nothing is computed again)."""
+        self.updateParameterNodeFromGUI()
+        if self._updatingGUI or self.logic is None:
             return
         colour = self.ui.heatmapColorSelector.currentNode()
-        with slicer.util.tryWithErrorDisplay("SegLens: could not show the heatmap.", waitCursor=True):
-            self.logic.showHeatmaps(self.selectedLatents(), self.ui.heatmapThresholdSliderWidget.value,
-                                    self.ui.heatmapOpacitySliderWidget.value, colour.GetID() if colour else None)
-        self.updateButtons()
+        self.logic.setHeatmapDisplay(self.ui.heatmapThresholdSliderWidget.value, self.ui.heatmapOpacitySliderWidget.value,
+                                     colour.GetID() if colour else None)  # fmt: skip
+
+    # -- steering -----------------------------------------------------------------------------------------------------
+    def setAlpha(self, alpha):
+        slider = self.ui.alphaSliderWidget
+        if abs(alpha) > slider.maximum:
+            slider.maximum = float(abs(alpha))
+            slider.minimum = -float(abs(alpha))
+        slider.value = float(alpha)
 
     def currentEdit(self):
         return self.logic.makeEdit(
@@ -608,36 +1368,212 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             (self.ui.sliceRangeWidget.minimumValue, self.ui.sliceRangeWidget.maximumValue),
         )
 
-    def onSteeringChanged(self, *args):
-        if self.ui.livePreviewCheckBox.checked and self.selectedLatents() and self.currentSlice is not None:
-            self._previewTimer.start()
+    def previewKey(self):
+        """Everything a preview depends on (None: nothing to preview)."""
+        if not self.logic.isSegmented() or self.currentSlice is None or not self.selectedLatents():
+            return None
+        if not self.ui.livePreviewCheckBox.checked:
+            return None
+        return (self._sessionNumber, len(self.logic.segmentationNodes), len(self.logic.session.edits),
+                tuple(self.selectedLatents()), self.ui.modeComboBox.currentText, round(float(self.ui.alphaSliderWidget.value), 6),
+                self.ui.regionComboBox.currentText, round(float(self.ui.sliceRangeWidget.minimumValue)),
+                round(float(self.ui.sliceRangeWidget.maximumValue)), self.currentSlice)  # fmt: skip
 
-    def onPreview(self):
-        if self.logic.session is None or self.currentSlice is None or not self.selectedLatents():
+    def onSteeringChanged(self, *args):
+        self.updateParameterNodeFromGUI()
+        if not self._updatingGUI:
+            self.requestPreview()
+
+    def requestPreview(self):
+        key = self.previewKey()
+        if key is None:
+            self.pending.discard("preview")
+            self.clearPreview()
+        elif key != self._previewShown:
+            self.request("preview")
+
+    def startPreviewJob(self):
+        key = self.previewKey()
+        if key is None or key == self._previewShown:
             return
-        with slicer.util.tryWithErrorDisplay("SegLens: preview failed.", waitCursor=False):
-            labels = self.runOnWorker(self.logic.computePreview, self.currentEdit(), self.currentSlice)
-            self.logic.showPreview(labels)
+        try:
+            edit = self.currentEdit()
+        except Exception as exc:
+            self.clearPreview()
+            self.ui.statusLabel.text = f"No preview: {exc}"
+            return
+        # A preview is one slice: it cannot stop half-way, Cancel drops its result.
+        self.startJob("preview", self.logic.computePreview, edit, self.currentSlice, done=self.onPreviewComputed,
+                      key=key, phase=f"Previewing slice {self.currentSlice}")
+
+    def onPreviewComputed(self, changes):
+        self.logic.showPreview(changes)
+        self._previewShown = self.previewKey()
+        added, removed, relabelled = (int((changes == v).sum()) for v in (1, 2, 3))
+        self.ui.statusLabel.text = (f"Preview of slice {self.currentSlice}: {added} voxels added (green), {removed} removed "
+                                    f"(magenta), {relabelled} relabelled (yellow).")  # fmt: skip
+
+    def clearPreview(self):
+        self._previewShown = None
+        if self.logic is not None:
+            self.logic.clearPreview()
 
     def onApply(self):
-        with slicer.util.tryWithErrorDisplay("SegLens: steering failed.", waitCursor=False):
-            labels = self.runOnWorker(self.logic.computeApply, self.currentEdit())
-            node = self.logic.showCorrected(labels)
-            self.ui.statusLabel.text = f"Created '{node.GetName()}' (the previous segmentation is kept)."
-        self.updateButtons()
+        if self.job is not None:  # one job at a time: a double click applies once
+            return
+        try:
+            edit = self.currentEdit()
+        except Exception as exc:
+            self.showError("Cannot steer", exc)
+            return
+        self.pending.discard("preview")
+        self.clearPreview()
+        self.startJob("apply", self.logic.computeApply, [edit], done=self.onApplied, reports=True,
+                      discard=lambda labels: self.logic.discardApply(1), phase="Steering")
+
+    def onApplied(self, labels):
+        node = self.logic.showCorrected(labels)
+        self._previewShown = None
+        self.ui.statusLabel.text = f"Created '{node.GetName()}' (the previous segmentation is kept)."
+        self.suggestion = None
+        self.ui.suggestionLabel.text = ""
 
     def onUndo(self):
-        with slicer.util.tryWithErrorDisplay("SegLens: undo failed.", waitCursor=True):
+        if self.job is not None:
+            return
+        try:
             node = self.logic.undo()
-            self.ui.statusLabel.text = f"Undone; current segmentation: '{node.GetName()}'."
+        except Exception as exc:
+            self.showError("Undo failed", exc)
+            return
+        self._previewShown = None
+        self.ui.statusLabel.text = f"Undone; current segmentation: '{node.GetName()}'."
         self.updateButtons()
+        self.requestPreview()
+
+    # -- suggested corrections ------------------------------------------------------------------------------------------
+    def onSuggest(self):
+        if self.job is not None:
+            return
+        population = self.ui.populationComboBox.currentText
+        population = None if population in ("", NO_POPULATION) else population
+        method = self.ui.suggestionMethodComboBox.currentText or SUGGESTION_METHODS[0]
+        # The session does not change while a suggestion is computed: Cancel drops the result.
+        self.startJob("suggest", self.logic.computeSuggestion, population, method, done=self.onSuggested,
+                      phase=f"Finding a correction ({method})")
+
+    def onSuggested(self, suggestion):
+        """Put the suggestion into the steering controls: the live preview shows it, Apply applies it (and the
+        recipe records it) like any other edit."""
+        self.suggestion = suggestion
+        text = suggestion.describe()
+        if len(suggestion.edits) > 1:
+            text += f" (the controls show the first of its {len(suggestion.edits)} edits)"
+        self.ui.suggestionLabel.text = text
+        if not suggestion.edits:
+            self.ui.statusLabel.text = "No correction suggested for this case."
+            return
+        edit = suggestion.edits[0]
+        self._updatingGUI = True
+        try:
+            self.ui.modeComboBox.currentIndex = max(self.ui.modeComboBox.findText(edit.mode), 0)
+            self.setAlpha(edit.alpha)
+            self.ui.regionComboBox.currentIndex = self.ui.regionComboBox.findText("whole volume")
+            for combo in (self.ui.categoryFilterComboBox, self.ui.statusFilterComboBox):
+                combo.currentIndex = max(combo.findText(latenttable.ALL), 0)
+        finally:
+            self._updatingGUI = False
+        self.updateParameterNodeFromGUI()
+        self.setSelectedLatents(list(edit.latents))
+        self.fillTable()
+        self.onSelectionChanged()
+        self.ui.statusLabel.text = "Suggested correction in the steering controls: check the preview, then Apply."
+
+    # -- recipes ------------------------------------------------------------------------------------------------------
+    def onRecipePathChanged(self, *args):
+        self.updateParameterNodeFromGUI()
+
+    def onLoadRecipe(self):
+        if self.job is not None:
+            return
+        path = self.ui.recipePathLineEdit.currentPath
+        self.pending.discard("preview")
+        self.clearPreview()
+        self.startJob("recipe", self.logic.computeRecipe, path, done=lambda labels: self.onRecipeLoaded(labels, path),
+                      cancellable=False, phase=f"Replaying {Path(path).name}")
+
+    def onRecipeLoaded(self, labels, path):
+        node = self.logic.showRecipe(labels, path)
+        self._previewShown = None
+        self.ui.statusLabel.text = (f"Replayed {len(self.logic.session.edits)} edit(s) of {Path(path).name}: created "
+                                    f"'{node.GetName()}'.")  # fmt: skip
+
+    # -- export -------------------------------------------------------------------------------------------------------
+    def onExportFolderChanged(self, folder):
+        import qt
+
+        if folder:
+            qt.QSettings().setValue(EXPORT_FOLDER_SETTING, folder)
 
     def onExport(self):
+        import qt
+
+        if self.job is not None:
+            return
         folder = self.ui.exportDirectoryButton.directory
         name = self.ui.exportNameLineEdit.text.strip() or f"{self.logic.referenceNode.GetName()}_seglens"
-        with slicer.util.tryWithErrorDisplay("SegLens: export failed.", waitCursor=True):
-            paths = self.logic.export(os.path.join(folder, name), overwrite=self.ui.overwriteCheckBox.checked)
-            self.ui.statusLabel.text = "Exported " + ", ".join(p.name for p in paths.values())
+        try:
+            if not folder or not os.path.isdir(folder):
+                raise self.logic._error(f"choose an existing export folder (now: '{folder}')")
+            qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)  # (no event processing meanwhile: one click, one export)
+            try:
+                paths = self.logic.export(os.path.join(folder, name), overwrite=self.ui.overwriteCheckBox.checked)
+            finally:
+                qt.QApplication.restoreOverrideCursor()
+        except Exception as exc:
+            self.showError("Export failed", exc)
+            return
+        qt.QSettings().setValue(EXPORT_FOLDER_SETTING, folder)
+        self.ui.statusLabel.text = "Exported " + ", ".join(p.name for p in paths.values()) + f" to {folder}"
+
+    # -- state of the buttons, errors -------------------------------------------------------------------------------------
+    def updateButtons(self):
+        if self.logic is None:
+            return
+        busy = self.job is not None
+        ready = not busy and self.logic.isSegmented() and self.logic.currentSegmentationNode is not None
+        selected = self.selectedLatents()
+        self.ui.segmentButton.enabled = not busy
+        self.ui.cancelButton.enabled = busy and self.job.cancellable and not self.job.cancelled
+        self.ui.applyButton.enabled = ready and bool(selected)
+        self.ui.undoButton.enabled = ready and len(self.logic.segmentationNodes) > 1
+        self.ui.exportButton.enabled = ready
+        self.ui.suggestButton.enabled = ready and getattr(self.logic.session, "suggestions", None) is not None
+        self.ui.loadRecipeButton.enabled = ready and bool(self.ui.recipePathLineEdit.currentPath)
+        text = ", ".join(str(j) for j in selected) or "(select latents in the table)"
+        if len(selected) > MAX_HEATMAPS:
+            text += f" (heatmaps of the first {MAX_HEATMAPS} are shown)"
+        self.ui.selectedLatentsLabel.text = text
+
+    def showError(self, context, exc):
+        """A clear message; a traceback only for what is not a problem with the user's input (and in the console)."""
+        message = f"{context}: {exc}"
+        self.ui.statusLabel.text = message
+        if isUserError(exc):
+            slicer.util.errorDisplay(message, windowTitle="SegLens")
+        else:
+            details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            logging.error("%s\n%s", message, details)
+            slicer.util.errorDisplay(f"{context}: {type(exc).__name__}: {exc}", windowTitle="SegLens", detailedText=details)
+
+
+def referenceBundlePath():
+    """The shipped reference bundle's folder (``Resources/adult-glioma-segformer``), or None."""
+    try:
+        from SegLensLogic.reference import reference_bundle_path
+    except ImportError:  # SegLensLogic not found beside the module: the user picks a bundle
+        return None
+    return reference_bundle_path(required=False)
 
 
 #
