@@ -230,14 +230,17 @@ def test_workflow_on_real_mrml(SegLens, scene, real_pipeline, bundle_dir, brats2
     assert composite.GetForegroundVolumeID() == heat_node.GetID() and composite.GetForegroundOpacity() == pytest.approx(0.4)
     assert logic.showHeatmaps([latent]) == [heat_node]
 
-    # Live preview of the current slice: only slice k may differ from the unedited labels.
+    # Live preview of the current slice: what changes (1 added, 2 removed, 3 relabelled), only in slice k.
     edit = logic.makeEdit([latent], "zero", region="current slice", sliceIndex=k)
     preview_node = logic.previewEdit(edit, k)
-    preview = nodes.volume_array(preview_node)
-    assert np.array_equal(preview, logic.session.preview(edit, k))
+    preview = logic.session.preview(edit, k)
+    assert np.array_equal(nodes.volume_array(preview_node), nodes.change_map(labels, preview))
+    assert preview_node.GetDisplayNode().GetColorNode().GetColorName(2) == "removed"
     prepared = logic.session.prepared
     changed = np.argwhere(prepared.orientation.apply(preview) != prepared.orientation.apply(labels))
     assert set(changed[:, 2].tolist()) <= {k}
+    logic.clearPreview()
+    assert logic.previewNode is None and scene.GetNodeByID(preview_node.GetID()) is None
 
     # Apply: a new corrected node; the original node and labels stay as they were.
     strong = logic.makeEdit([r["id"] for r in rows[:3]], "scale", alpha=4.0, region="whole volume")
@@ -276,6 +279,12 @@ def test_workflow_on_real_mrml(SegLens, scene, real_pipeline, bundle_dir, brats2
     assert logic.undo() is segmentation and scene.GetNodeByID(corrected.GetID()) is None
     assert np.array_equal(logic.session.labels, labels) and not logic.session.edits
 
+    # Load recipe: the exported recipe replays onto the case from the model's own mask, into a new node.
+    replayed = logic.loadRecipe(paths["recipe"])
+    assert replayed.GetAttribute("SegLens.Role") == "recipe" and len(logic.session.edits) == 1
+    assert np.array_equal(logic.session.labels, new_labels) and logic.segmentationNodes == [segmentation, replayed]
+    assert logic.undo() is segmentation and not logic.session.edits
+
     # The user's nodes were never modified or removed.
     assert user_nodes <= {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
     for modality, volume in volumes.items():
@@ -288,17 +297,30 @@ def test_module_self_test_runs_without_the_application(SegLens, scene):
     SegLens.SegLensTest().runTest()
 
 
-def test_volumes_on_different_grids_are_refused(SegLens, scene):
+def test_volumes_on_different_grids_are_resampled_with_a_note(SegLens, scene):
     from SegLensLib import nodes
     from SegLensLogic.errors import SegLensError
 
+    i, j, k = np.meshgrid(np.arange(12), np.arange(10), np.arange(8), indexing="ij")
+    ramp = (i + 2.0 * j + 3.0 * k).astype(np.float32)  # linear: linear interpolation reproduces it exactly
     a = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "a")
-    nodes.set_volume_array(a, np.ones((6, 5, 4), np.float32))
-    b = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "b")
-    b.SetSpacing(1.0, 1.0, 2.0)
-    nodes.set_volume_array(b, np.ones((6, 5, 4), np.float32))
-    with pytest.raises(SegLensError, match="'b' \\(t2f\\) is not on the grid of 'a'"):
-        SegLens.SegLensLogic().caseFromVolumes({"t1": a, "flair": b})
+    a.SetOrigin(-5.0, 3.0, 7.0)
+    nodes.set_volume_array(a, ramp)
+    b = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "b")  # every second voxel of a: a 2 mm grid
+    b.SetOrigin(-5.0, 3.0, 7.0)
+    b.SetSpacing(2.0, 2.0, 2.0)
+    nodes.set_volume_array(b, np.ascontiguousarray(ramp[::2, ::2, ::2]))
+    logic = SegLens.SegLensLogic()
+    case = logic.caseFromVolumes({"t1": a, "flair": b})
+    assert logic.inputNotes == ["'b' (t2f) was on another grid: resampled onto the grid of 'a' (t1n) by linear interpolation."]
+    resampled = case.images["t2f"]
+    assert resampled.shape == ramp.shape and np.allclose(resampled[:11, :9, :7], ramp[:11, :9, :7], atol=1e-4)
+    assert np.array_equal(case.images["t1n"], ramp) and np.allclose(case.affine, nodes.ijk_to_ras(a))
+    assert resampled[11, 0, 0] == 0.0  # outside b's voxels
+    with pytest.raises(SegLensError, match="select at least one input volume"):
+        logic.caseFromVolumes({"t1": None})
+    with pytest.raises(SegLensError, match="unknown modality 'pd'"):
+        logic.caseFromVolumes({"pd": a})
 
 
 def test_worker_runs_off_the_main_thread_and_cancels(real_pipeline):
@@ -316,52 +338,187 @@ def test_worker_runs_off_the_main_thread_and_cancels(real_pipeline):
     case = read_case(write_synthetic_case(Path(os.environ.get("TMPDIR", "/tmp")) / f"seglens-worker-{os.getpid()}", shape=(48, 40, 24)))
     worker = Worker()
     try:
-        assert worker.run(threading.get_ident) != threading.get_ident()
+        # One daemon thread: closing Slicer mid-job does not wait for the job.
+        assert worker.thread.daemon and worker.run(threading.get_ident) == worker.thread.ident != threading.get_ident()
         session = SteeringSession(real_pipeline.model, real_pipeline.sae, case)
         progress = Progress()
         progress.cancel()
-        pumped = []
         with pytest.raises(PredictionCancelled):
-            worker.run(session.segment, progress.callback, pump=lambda: pumped.append(1))
+            worker.run(session.segment, progress.callback)
+        assert session.forward is None  # cancelled: nothing was kept
         progress = Progress()
         labels = worker.run(session.segment, progress.callback)
         assert labels.shape == case.shape and progress.total > 0 and 0 < progress.done <= progress.total
     finally:
         worker.shutdown()
+    worker.thread.join(5)
+    assert not worker.thread.is_alive()
+
+
+def test_segmentation_progress_counts_each_phase_on_its_own(SegLens, real_pipeline):
+    """Encoding, then decoding: each phase from 0 to its own total (the status never mixes their counts)."""
+    needs_steering_and_bundles()
+    from SegLensLogic.data.cases import read_case
+    from SegLensLogic.steering import LatentEdit, SteeringSession
+
+    from helpers import write_synthetic_case
+
+    case = read_case(write_synthetic_case(Path(os.environ.get("TMPDIR", "/tmp")) / f"seglens-phases-{os.getpid()}", shape=(48, 40, 24)))
+    session = SteeringSession(real_pipeline.model, real_pipeline.sae, case, batch_size=4)
+    reports = []
+    logic = SegLens.SegLensLogic()
+    logic.segmentSession(session, lambda done, total, phase: reports.append((phase, done, total)) or True)
+    phases = [phase for phase, _, _ in reports]
+    assert phases == sorted(phases, key=SegLens.SEGMENT_PHASES.index) and set(phases) == set(SegLens.SEGMENT_PHASES)
+    for phase in SegLens.SEGMENT_PHASES:
+        steps = [(done, total) for p, done, total in reports if p == phase]
+        assert all(0 < done <= total for done, total in steps) and steps[-1][0] == steps[-1][1]
+    slices = len(session.forward.slices)
+    assert [total for p, _, total in reports if p == SegLens.SEGMENT_PHASES[0]][0] == slices  # slices encoded
+    # Apply reports the batches it decodes, in its own phase; cancelled, the session is as it was.
+    logic.useSession(session)
+    edit = LatentEdit((int(session.top_latents(1)[0][0]),), "scale", 3.0)
+    steps = []
+    logic.computeApply(edit, lambda done, total, phase: steps.append((phase, done, total)) or True)
+    assert steps and all(p.startswith("Steering: re-segmenting") and 0 < d <= t for p, d, t in steps) and len(session.edits) == 1
+    before = session.labels
+    with pytest.raises(Exception, match="cancelled"):
+        logic.computeApply([LatentEdit((1,), "scale", 2.0), edit], lambda done, total, phase: False)
+    assert len(session.edits) == 1 and np.array_equal(session.labels, before)
 
 
 # -- dependencies ------------------------------------------------------------------------------------------------------
-def test_requirements_file_is_the_package_requirements_without_torch():
+# What the panel's code path imports when it runs: the Logic's imports of SegLensLogic, and the modules that session
+# methods import when the panel calls them (suggestions import the repair experiment's plausibility, for example).
+PANEL_ENTRY_MODULES = ("SegLensLogic.steering", "SegLensLogic.steering.session", "SegLensLogic.steering.suggestions",
+                       "SegLensLogic.steering.encoded", "SegLensLogic.experiments.repair", "SegLensLogic.bundle",
+                       "SegLensLogic.reference", "SegLensLogic.data.cases", "SegLensLogic.inference", "SegLensLogic.errors",
+                       "SegLensLogic.interpretation", "SegLensLogic.alignment")  # fmt: skip
+
+
+def module_level_imports(entries) -> set[str]:
+    """Third-party packages imported at module level by ``entries`` and every SegLensLogic module they import at
+    module level (imports inside functions run only when called, and the panel's calls are the entries)."""
+    import importlib.util
+
+    seen, found, todo = set(), set(), list(entries)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        spec = importlib.util.find_spec(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]
+        tree = ast.parse(Path(spec.origin).read_text())
+        package = name if spec.origin.endswith("__init__.py") else name.rsplit(".", 1)[0]
+        statements = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        statements += [n for t in tree.body if isinstance(t, (ast.If, ast.Try)) for n in ast.walk(t) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        for node in statements:
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+                todo.append(target)
+                todo += [f"{target}.{a.name}" for a in node.names if importlib.util.find_spec(f"{target}.{a.name}") is not None] \
+                    if importlib.util.find_spec(target).submodule_search_locations else []
+                continue
+            for target in ([node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]):
+                if target.split(".")[0] == "SegLensLogic":
+                    todo.append(target)
+                elif target.split(".")[0] not in sys.stdlib_module_names and target != "__future__":
+                    found.add(target.split(".")[0])
+    return found
+
+
+def test_requirements_file_is_what_the_panel_imports():
+    """The panel installs only what its code path imports (not what training, reports or the demo need), with the
+    versions of pyproject.toml; torch comes from SlicerPyTorch."""
     import tomllib
 
-    from SegLensLib.dependencies import read_requirements
+    from SegLensLib.dependencies import _requirement_class, read_requirements
 
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert read_requirements() == [r for r in project if not r.startswith("torch")]
+    Requirement = _requirement_class()
+    project = {Requirement(r).name.lower(): r for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    panel = read_requirements()
+    assert set(panel) <= set(project.values())
+    imported = {"SimpleITK": "simpleitk", "PIL": "pillow"}
+    used = {imported.get(m, m).lower() for m in module_level_imports(PANEL_ENTRY_MODULES)} & set(project)
+    # Imported inside the functions the panel calls: weights (model, SAE) are read with safetensors.
+    used |= {"safetensors"}
+    assert {Requirement(r).name.lower() for r in panel} | {"torch"} == used | {"torch"}
+    assert not {"matplotlib", "nilearn", "simpleitk"} & used
 
 
-def test_dependency_install_asks_first_and_explains_offline(SegLens):
+def test_dependency_install_asks_first_and_lets_pip_decide(SegLens):
+    import subprocess
+
     from SegLensLib import dependencies as deps
 
     asked, installed = [], []
     confirm_yes = lambda text: asked.append(text) or True  # noqa: E731
     # Everything is installed here: nothing is asked, torch comes from the environment, the device is named.
-    assert deps.ensure_requirements(confirm_yes, installed.append, online=lambda: True) == []
+    assert deps.ensure_requirements(confirm_yes, installed.append) == ([], [])
     assert deps.ensure_torch(confirm_yes).__name__ == "torch"
-    assert asked == [] and installed == []
-    assert deps.device_description().startswith(("CPU", "GPU"))
+    status = deps.ensure_dependencies(confirm_yes, installed.append)
+    assert asked == [] and installed == [] and status.installed == [] and status.restart_needed == []
+    assert status.device == deps.device_description() and status.device.startswith(("CPU", "GPU"))
+    assert not hasattr(deps, "package_index_reachable")  # no network probe: pip decides
     missing = ["seglens-not-a-real-package>=1"]
-    with pytest.raises(deps.DependencyError, match="cannot reach the package index.*seglens-not-a-real-package"):
-        deps.ensure_requirements(confirm_yes, installed.append, missing, online=lambda: False)
-    assert installed == []
+
+    def offline(requirements):
+        raise subprocess.CalledProcessError(1, ["pip", "install", *requirements])
+
+    with pytest.raises(deps.DependencyError, match="could not install seglens-not-a-real-package>=1: pip failed") as info:
+        deps.ensure_requirements(confirm_yes, offline, missing)
+    assert "PythonSlicer -m pip install 'seglens-not-a-real-package>=1'" in str(info.value) and "--index-url" in str(info.value)
     with pytest.raises(deps.DependencyError, match="installation was cancelled"):
-        deps.ensure_requirements(lambda text: False, installed.append, missing, online=lambda: True)
+        deps.ensure_requirements(lambda text: False, installed.append, missing)
     assert installed == []
-    with pytest.raises(deps.DependencyError, match="did not provide seglens-not-a-real-package"):
-        deps.ensure_requirements(confirm_yes, installed.extend, missing, online=lambda: True)
+    with pytest.raises(deps.DependencyError, match="did not provide them"):
+        deps.ensure_requirements(confirm_yes, installed.extend, missing)
     assert installed == missing and "seglens-not-a-real-package" in asked[-1]
     assert deps.missing_requirements(["numpy>=1", "numpy<1"]) == ["numpy<1"]
+    assert deps.top_level_modules("scikit-learn>=1") == {"sklearn"} and deps.top_level_modules("numpy") == {"numpy"}
     assert deps.source_root() == REPO
+
+
+def test_module_puts_seglenslogic_on_the_path_when_it_loads(tmp_path):
+    """A source checkout: SegLensLogic is importable from the Python console before any button is pressed."""
+    import subprocess
+
+    code = ("import sys, importlib.util; sys.path.insert(0, sys.argv[1]); "
+            "assert importlib.util.find_spec('SegLensLogic') is None; "
+            "from SegLensLib.dependencies import add_source_to_path; add_source_to_path(); "
+            "import SegLensLogic; print(SegLensLogic.__file__)")  # fmt: skip
+    # -S: without site-packages, as a Slicer that has never installed SegLens (this environment has it installed).
+    result = subprocess.run([sys.executable, "-S", "-c", code, str(EXTENSION)], capture_output=True, text=True, cwd=tmp_path,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == REPO / "SegLensLogic" / "__init__.py"
+    source = MODULE_FILE.read_text()
+    assert "\nadd_source_to_path()\n" in source  # called at module level, when Slicer loads the module
+
+
+def test_module_parses_on_old_slicer_and_says_it_needs_5_10(SegLens):
+    """Slicer 5.8 (Python 3.9) must be able to read the module to show its message; 5.10 (Python 3.12) runs it."""
+    for path in [MODULE_FILE] + [EXTENSION / "SegLensLib" / f"{n}.py" for n in ("__init__", "dependencies", "inputs", "latenttable", "nodes", "worker")]:
+        ast.parse(path.read_text(), feature_version=(3, 9))
+    assert SegLens.versionProblem((5, 10), (3, 12)) is None and SegLens.versionProblem((5, 12), (3, 12)) is None
+    message = SegLens.versionProblem((5, 8), (3, 9))
+    assert message.startswith("SegLens needs 3D Slicer 5.10 or later (Python 3.12); this is Slicer 5.8 with Python 3.9.")
+    assert SegLens.versionProblem((5, 10), (3, 10)) is not None
+
+
+def test_modalities_from_node_names():
+    from SegLensLib.inputs import assign_modalities, guess_modality
+
+    names = {"Brats18_TCIA02_370_1_t1": "t1n", "Brats18_TCIA02_370_1_t1ce": "t1c", "BraTS-GLI-00001-000-t2w": "t2w",
+             "BraTS-GLI-00001-000-t2f": "t2f", "sub-01_FLAIR": "t2f", "T1 Gd": "t1c", "case_T2": "t2w",
+             "MRHead": None, "scan": None, "t1 and flair": None, "SegLens latent 5": None}  # fmt: skip
+    assert {n: guess_modality(n) for n in names} == names
+    found = assign_modalities({"1": "x_t1", "2": "x_t1ce", "3": "x_flair", "4": "y_flair", "5": "x_t2"},
+                              {"t1n": None, "t1c": None, "t2w": "9", "t2f": None})  # fmt: skip
+    assert found == {"t1n": "1", "t1c": "2"}  # two FLAIRs: not clear; T2 is chosen already
 
 
 def test_latent_table_filters_and_sorts():
@@ -385,14 +542,15 @@ def test_latent_table_filters_and_sorts():
 # (Q_PROPERTY / public slots / signals) of qMRMLNodeComboBox.h, ctkSliderWidget.h, ctkRangeWidget.h,
 # ctkPathLineEdit.h, ctkDirectoryButton.h and ctkCollapsibleButton.h.
 CUSTOM_MEMBERS = {
-    "qMRMLNodeComboBox": {"setMRMLScene", "currentNode", "currentNodeID", "setCurrentNodeID", "addNode", "nodeTypes",
-                          "currentNodeChanged", "connect"},
+    "qMRMLNodeComboBox": {"setMRMLScene", "currentNode", "currentNodeID", "setCurrentNodeID", "setCurrentNode", "addNode",
+                          "nodeTypes", "currentNodeChanged", "connect"},
     "ctkSliderWidget": {"value", "minimum", "maximum", "singleStep", "decimals", "valueChanged", "connect"},
     "ctkRangeWidget": {"minimumValue", "maximumValue", "minimum", "maximum", "singleStep", "decimals", "valuesChanged", "connect"},
-    "ctkPathLineEdit": {"currentPath", "setCurrentPath", "filters", "settingKey", "currentPathChanged", "connect"},
+    "ctkPathLineEdit": {"currentPath", "setCurrentPath", "filters", "nameFilters", "settingKey", "currentPathChanged", "connect"},
     "ctkDirectoryButton": {"directory", "setDirectory", "directoryChanged", "connect"},
     "ctkCollapsibleButton": {"collapsed", "text", "connect"},
 }
+CUSTOM_MEMBERS["qMRMLColorTableComboBox"] = CUSTOM_MEMBERS["qMRMLNodeComboBox"]  # a qMRMLNodeComboBox subclass
 
 
 def _ui_widgets() -> tuple[dict[str, str], dict[str, str]]:
@@ -431,8 +589,14 @@ def test_ui_loads_in_qt_and_has_every_widget_the_module_uses():
     assert widgets["SegLens"] == "qMRMLWidget" and ET.parse(UI_FILE).getroot().find("widget").get("class") == "qMRMLWidget"
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
     loader = QUiLoader()
-    for name, base in customs.items():  # placeholders with the Qt base class the .ui says they extend
-        loader.registerCustomWidget(type(name, (getattr(QtWidgets, base),), {}))
+
+    def qt_base(cls):  # the Qt class a custom class extends, through other custom classes
+        while not hasattr(QtWidgets, cls):
+            cls = customs[cls]
+        return cls
+
+    for name in customs:  # placeholders with the Qt base class the .ui says they extend
+        loader.registerCustomWidget(type(name, (getattr(QtWidgets, qt_base(name)),), {}))
     handle = QFile(str(UI_FILE))
     assert handle.open(QFile.ReadOnly)
     root = loader.load(handle)
@@ -445,7 +609,7 @@ def test_ui_loads_in_qt_and_has_every_widget_the_module_uses():
         cls = widgets[name]
         child = root.findChild(QtWidgets.QWidget, name)
         assert child is not None and type(child).__name__ == cls, (name, type(child).__name__, cls)
-        qt_class = getattr(QtWidgets, cls, None) or getattr(QtWidgets, customs[cls])
+        qt_class = getattr(QtWidgets, qt_base(cls))
         meta = qt_class.staticMetaObject
         for member in members:
             known = (hasattr(qt_class, member) or meta.indexOfProperty(member) >= 0  # PythonQt exposes properties
@@ -474,6 +638,12 @@ def slicer_names(source: str) -> set[str]:
     return {n for n in names if not any(other.startswith(n + ".") for other in names)}
 
 
+# Names of the running application that slicer_api.json does not list, each checked in Slicer's sources:
+# qSlicerCoreApplication's Q_PROPERTY(int majorVersion / minorVersion) (Base/QTCore/qSlicerCoreApplication.h),
+# read as attributes through PythonQt in many extensions (slicer.app.majorVersion * 100 + slicer.app.minorVersion).
+EXTRA_DOCUMENTED = {"slicer.app.majorVersion", "slicer.app.minorVersion"}
+
+
 def _documented_names() -> set[str]:
     api = json.loads(API_JSON.read_text())
     names = {f"slicer.util.{n}" for n in api["slicer.util"]}
@@ -481,7 +651,7 @@ def _documented_names() -> set[str]:
     names |= {f"slicer.{cls}" for cls in api["mrml_classes"]}
     for entry in api["other"]:
         names.add(entry.split("(")[0])
-    return names
+    return names | EXTRA_DOCUMENTED
 
 
 def unknown_slicer_names(source: str) -> list[str]:
