@@ -10,7 +10,8 @@ Without Ray (always run):
 - ``--ray``/``--workers`` without Ray installed: one line naming the extra.
 
 With a local Ray cluster (``ray.init(num_cpus=2)``; skipped, with the reason, when Ray is not installed; marked
-slow, ``.ci/run`` runs them):
+slow; ``.ci/run`` installs the ``ray`` extra and runs them with ``SEGLENS_REQUIRE_RAY=1``, which turns the skip into
+a failure):
 
 - ``seglens extract --workers 2`` on 3 real BraTS cases writes the single-process store: the same manifest, the same
   vectors and index in the same order; only shard boundaries differ (each case its own shards); with subsampling too;
@@ -203,6 +204,8 @@ def ray_local():
         import ray
         import ray.train  # noqa: F401
     except ImportError:
+        if os.environ.get("SEGLENS_REQUIRE_RAY"):  # CI installs the extra: a missing Ray is a failure there
+            pytest.fail('SEGLENS_REQUIRE_RAY is set but Ray is not installed (pip install -e ".[ray]")')
         pytest.skip('Ray is not installed: pip install -e ".[ray]" (ray[data,train]) to run the Ray tests')
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray

@@ -365,13 +365,14 @@ class ActivationStore:
                 raise InputFileError(manifest_path, f"missing field '{key}'")
         self.d_in = int(self.manifest["d_in"])
         self._paths: dict[str, list[Path]] = {"vectors": [], "index": []}
-        sizes = []
+        sizes, dtypes = [], []
         for shard in self.manifest["shards"]:
             vectors_path, index_path = self.folder / shard["vectors"], self.folder / shard["index"]
             for path in (vectors_path, index_path):
                 if not path.is_file() or path.parent.resolve() != self.folder.resolve():
                     raise InputFileError(path, "shard listed in store.json is missing")
-            vectors_shape = _npy_header(vectors_path)[0]
+            vectors_shape, vectors_dtype = _npy_header(vectors_path)[:2]
+            dtypes.append(vectors_dtype)
             index_shape = _npy_header(index_path)[0]
             if len(vectors_shape) != 2 or vectors_shape[1] != self.d_in or vectors_shape[0] != shard["n"]:
                 raise InputFileError(vectors_path, f"has shape {vectors_shape}, store.json says ({shard['n']}, {self.d_in})")
@@ -381,6 +382,7 @@ class ActivationStore:
             self._paths["index"].append(index_path)
             sizes.append(int(shard["n"]))
         self.shard_sizes = np.array(sizes, dtype=np.int64)
+        self.dtype = np.result_type(*dtypes) if dtypes else np.dtype(np.float32)  # of the vectors as stored
         self._offsets = np.cumsum([0] + sizes)
         if self._offsets[-1] == 0:
             raise InputFileError(self.folder, "activation store is empty")
@@ -535,6 +537,24 @@ class ShardSplit:
             self._rows_cache = (shard, self.rows(shard, "train"))
         return self.store.shard_offsets[shard] + self._rows_cache[1][start:stop]
 
+    def _read(self, parts: list[np.ndarray], shards: list[int | None]) -> np.ndarray:
+        """The vectors at ``parts`` (positions; each within ``shards[i]``, or anywhere when None) into one array,
+        piece by piece (rows in order, no intermediate copies)."""
+        buffer = np.empty((sum(len(p) for p in parts), self.store.d_in), dtype=self.store.dtype)
+        start = 0
+        for positions, shard in zip(parts, shards):
+            stop = start + len(positions)
+            if shard is None:
+                buffer[start:stop] = self.store._gather("vectors", positions)
+            else:
+                vectors, rows = self.store._shard("vectors", shard), positions - self.store.shard_offsets[shard]
+                if vectors.dtype == buffer.dtype:
+                    np.take(vectors, rows, axis=0, out=buffer[start:stop])
+                else:
+                    buffer[start:stop] = vectors[rows]
+            start = stop
+        return buffer
+
     def assignment(self, epoch: int, world: int) -> list[list[tuple[int, int, int]]]:
         """Each worker's pieces for ``epoch``: pieces in a seeded random order, each given to the worker with the
         fewest training vectors so far (so workers get about the same number)."""
@@ -571,16 +591,16 @@ class ShardSplit:
                 groups[-1].append(piece)
                 rows += piece[2] - piece[1]
             for number, group in enumerate(groups):
-                positions = np.concatenate([carry] + [self._piece_positions(*piece) for piece in group])
-                shuffled = positions[np.random.default_rng([self.seed, 2, epoch, rank, number]).permutation(len(positions))]
-                full = len(shuffled) // batch_size
-                carry = shuffled[full * batch_size :]
+                parts = [carry] + [self._piece_positions(*piece) for piece in group]
+                positions = np.concatenate(parts)
+                order = np.random.default_rng([self.seed, 2, epoch, rank, number]).permutation(len(positions))
+                full = len(positions) // batch_size
+                carry = positions[order[full * batch_size :]]
                 if full <= skip:
                     skip -= full
                     continue
-                # Read the buffer once (shard by shard, rows in order), then cut it into batches.
-                buffer = self.store._gather("vectors", shuffled[skip * batch_size : full * batch_size])
+                buffer = self._read(parts, [None] + [piece[0] for piece in group])
+                for b in range(skip, full):
+                    yield self.store._float32(buffer[order[b * batch_size : (b + 1) * batch_size]])
                 skip = 0
-                for b in range(0, len(buffer), batch_size):
-                    yield self.store._float32(buffer[b : b + batch_size])
             epoch += 1
