@@ -62,6 +62,8 @@ class TrainingOptions:
             brain mean after z-scoring), so that the model still works when sequences are missing.
         precision: ``"float32"`` or ``"bfloat16"`` (autocast for the forward pass; about 1.7x faster on CPUs with
             AVX512-BF16, and on GPUs).
+        keep: which weights are saved: ``"best"`` (best mean validation Dice) or ``"last"`` (the final epoch: with
+            a cosine schedule annealed to 0 and a single validation case, often the better choice).
         seed: seeds weights, sampling and augmentation.
     """
 
@@ -77,6 +79,7 @@ class TrainingOptions:
     spatial_augmentation: bool = False
     modality_dropout: float = 0.0
     precision: str = "float32"
+    keep: str = "best"
     seed: int = 0
 
 
@@ -314,6 +317,8 @@ def train_segmenter(
         raise ValueError("give a number of epochs, a time budget in minutes, or both")
     if options.precision not in ("float32", "bfloat16"):
         raise SegLensError(f"precision must be float32 or bfloat16, not '{options.precision}'")
+    if options.keep not in ("best", "last"):
+        raise SegLensError(f"keep must be 'best' or 'last', not '{options.keep}'")
     if len(cohort) == 0:
         raise SegLensError(f"cohort '{cohort.name}' has no cases")
     checkpoint_dir = out_dir / CHECKPOINT_FOLDER
@@ -383,7 +388,9 @@ def train_segmenter(
     best_epoch, best_metric = 0, -math.inf
     epoch = 0
     elapsed_before = 0.0
-    run_key = {"cohort": [c.case_id for c in cohort], "options": asdict(options), "config": config.to_dict(), **init_info}
+    # What decides the training trajectory (which weights are kept at the end does not).
+    run_key = {"cohort": [c.case_id for c in cohort], "options": {k: v for k, v in asdict(options).items() if k != "keep"},
+               "config": config.to_dict(), **init_info}  # fmt: skip
     if checkpoint is not None:
         tensors, saved = checkpoint
         if saved["run"] != json.loads(json.dumps(run_key)):
@@ -469,7 +476,10 @@ def train_segmenter(
             })  # fmt: skip
 
     assert best_state is not None
-    model.load_state_dict(best_state)
+    if options.keep == "last":
+        best_epoch, best_scores = epoch, history[-1].get("validation", {}) if history else {}
+    else:
+        model.load_state_dict(best_state)
     model.eval()
     model.config.training = {
         "cohort": cohort.name,
@@ -485,5 +495,5 @@ def train_segmenter(
     }
     model.save_pretrained(out_dir, overwrite=True)
     atomic_write_text(out_dir / "training_history.json", json.dumps(history, indent=2) + "\n", overwrite=True)
-    log(f"Saved the best model (epoch {best_epoch}) to {out_dir}")
+    log(f"Saved the {'last' if options.keep == 'last' else 'best'} model (epoch {best_epoch}) to {out_dir}")
     return TrainingResult(model=model, out_dir=out_dir, best_epoch=best_epoch, best_scores=best_scores, history=history)

@@ -140,6 +140,9 @@ def read_image(path: str | Path) -> ImageData:
         bad = ~np.isfinite(array)
         if bad.any():
             raise InputFileError(path, f"has {int(bad.sum())} NaN or Inf voxels")
+        # Values SegLens computes with in float32 (an integer image scaled by a huge scl_slope lands here).
+        if array.size and float(np.abs(array).max()) > float(np.finfo(np.float32).max):
+            raise InputFileError(path, "has voxel values beyond the float32 range (check its intensity scaling, e.g. scl_slope)")
     return ImageData(array=np.asarray(array), affine=affine, path=path, header=header)
 
 

@@ -92,8 +92,23 @@ class SegmenterConfig:
             raise InputFileError(source, f"format_version {version} is not supported (this SegLens reads {FORMAT_VERSION})")
         if not isinstance(data["modalities"], list) or not data["modalities"]:
             raise InputFileError(source, "'modalities' must be a non-empty list")
-        if not isinstance(data["class_names"], list) or len(data["class_names"]) < 2:
-            raise InputFileError(source, "'class_names' must list at least background and one class")
+        if not isinstance(data["class_names"], list) or not 2 <= len(data["class_names"]) <= 256:
+            raise InputFileError(source, "'class_names' must list background and 1 to 255 classes")
+        if not all(isinstance(name, str) for name in data["class_names"] + data["modalities"]):
+            raise InputFileError(source, "'class_names' and 'modalities' must be lists of strings")
+        from ..data.cases import MODALITIES
+
+        unknown = [m for m in data["modalities"] if m not in MODALITIES]
+        if unknown or len(set(data["modalities"])) != len(data["modalities"]):
+            raise InputFileError(source, f"'modalities' must be distinct names among {', '.join(MODALITIES)}, got {data['modalities']}")
+        size = data.get("image_size", 256)
+        if not isinstance(size, int) or isinstance(size, bool) or not 32 <= size <= 2048:
+            raise InputFileError(source, f"'image_size' must be an integer from 32 to 2048 pixels, got {size!r}")
+        if not isinstance(data["arch"], str):
+            raise InputFileError(source, f"'arch' must be a string, got {data['arch']!r}")
+        for name, kind in (("arch_options", dict), ("training", dict), ("crop_to_brain", bool)):
+            if name in data and not isinstance(data[name], kind):
+                raise InputFileError(source, f"'{name}' must be a {kind.__name__}, got {type(data[name]).__name__}")
         return cls(**data)
 
 

@@ -60,6 +60,8 @@ class ReferenceSettings:
         modality_dropout: share of training slices that lose random input sequences (so that the BraTS 2013
             cases, which have only T1c and FLAIR, can be segmented and used as a population).
         precision: autocast precision of training's forward passes.
+        keep: the weights kept: the last epoch (the cosine schedule ends at 0; one validation case is too noisy to
+            choose an epoch by), or the best by validation Dice.
         seed: weights, sampling, augmentation and the split.
         arch_options: SegFormer config overrides (tiny builds only); train_cases: use only the first N
             training cases (tiny builds only).
@@ -85,6 +87,7 @@ class ReferenceSettings:
     weight_decay: float = 1e-2
     modality_dropout: float = 0.2
     precision: str = "bfloat16"
+    keep: str = "last"
     seed: int = 0
     arch_options: tuple[tuple[str, object], ...] = ()
     train_cases: int | None = None
@@ -215,12 +218,13 @@ def _training_options(build: ReferenceBuild, fine_tune: bool, val_cases: int = 1
         return TrainingOptions(
             epochs=s.finetune_epochs, batch_size=s.batch_size, learning_rate=s.finetune_learning_rate,
             warmup_steps=min(s.warmup_steps, 50), weight_decay=s.weight_decay, slices_per_epoch=s.finetune_slices,
-            val_cases=val_cases, spatial_augmentation=True, modality_dropout=s.modality_dropout, precision=s.precision, seed=s.seed,
+            val_cases=val_cases, spatial_augmentation=True, modality_dropout=s.modality_dropout, precision=s.precision, keep=s.keep,
+            seed=s.seed,
         )  # fmt: skip
     return TrainingOptions(
         epochs=s.epochs, batch_size=s.batch_size, learning_rate=s.learning_rate, warmup_steps=s.warmup_steps,
         weight_decay=s.weight_decay, slices_per_epoch=s.slices_per_epoch, val_cases=val_cases, spatial_augmentation=True,
-        modality_dropout=s.modality_dropout, precision=s.precision, seed=s.seed,
+        modality_dropout=s.modality_dropout, precision=s.precision, keep=s.keep, seed=s.seed,
     )  # fmt: skip
 
 

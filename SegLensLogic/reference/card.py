@@ -97,8 +97,10 @@ def model_card(build) -> tuple[str, dict]:
         f"(plus 8 voxels) at {s.image_size} px (about 1 mm per pixel); hook point `{leverage['hook']}` (chosen by leverage, below).",
         f"- Training: {base['epochs']} epochs of {s.slices_per_epoch} slices (batch {s.batch_size}, AdamW lr {s.learning_rate}, "
         f"{s.warmup_steps} warm-up steps then cosine decay, weight decay {s.weight_decay}, flips, rotation, scaling, intensity "
-        f"jitter, modality dropout {s.modality_dropout}, {s.precision} autocast, seed {s.seed}); best validation epoch "
-        f"{base['best_epoch']}; wall time {base['seconds'] / 60:.0f} min on {hardware()}.",
+        f"jitter, modality dropout {s.modality_dropout}, {s.precision} autocast, seed {s.seed}); weights kept: "
+        + ("the last epoch (the schedule anneals to 0; one validation case is too noisy to pick an epoch by)" if s.keep == "last"
+           else f"the best validation epoch ({base['best_epoch']})")
+        + f"; wall time {base['seconds'] / 60:.0f} min on {hardware()}.",
         f"- Trained on: {', '.join(split['train'])}.",
         f"- Validated on (checkpoint choice only): {', '.join(split['validation'])}.",
         f"- Never trained on nor used for any choice: {', '.join(split['test'])} (BraTS 2018 test cases, one per acquisition "

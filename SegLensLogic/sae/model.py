@@ -73,10 +73,19 @@ class SAEConfig:
             raise InputFileError(source, "missing SAE config field 'd_in'")
         if data.get("format_version", SAE_FORMAT_VERSION) != SAE_FORMAT_VERSION:
             raise InputFileError(source, f"SAE format_version {data['format_version']} is not supported")
-        for name in ("d_in", "expansion", "k"):
+        for name, limit in (("d_in", 1 << 16), ("expansion", 1 << 10), ("k", 1 << 12)):
             value = data.get(name, 1)
-            if not isinstance(value, int) or value < 1:
-                raise InputFileError(source, f"'{name}' must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+                raise InputFileError(source, f"'{name}' must be an integer from 1 to {limit}, got {value!r}")
+        d_sae = data["d_in"] * data.get("expansion", 16)
+        if d_sae > 1 << 22:  # checked before any weight is allocated
+            raise InputFileError(source, f"d_in x expansion = {d_sae} latents is more than SegLens loads (4,194,304)")
+        if data.get("k", 32) > d_sae:
+            raise InputFileError(source, f"'k' ({data.get('k')}) is larger than the dictionary ({d_sae} latents)")
+        threshold = data.get("threshold")
+        if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold != threshold
+                                      or abs(threshold) == float("inf")):  # fmt: skip
+            raise InputFileError(source, f"'threshold' must be a finite number or null, got {threshold!r}")
         return cls(**data)
 
 

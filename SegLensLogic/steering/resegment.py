@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ..errors import SegLensError
 from ..inference import PredictionCancelled, default_batch_size, labels_from_logits, prepare_for_model
 from ..networks.segmenter import Segmenter
 from ..sae.activations import brain_fraction_on_grid, mask_fraction_on_grid
@@ -103,7 +104,11 @@ class CachedForward:
             part = positions[start : start + chunk]
             index = torch.as_tensor(part, dtype=torch.long, device=self.device)
             weights = [self.region_weights(edit.region, part) for edit in edits]
-            delta = steering_delta(sae, self.activations.index_select(0, index), edits, weights)
+            h = self.activations.index_select(0, index)
+            delta = steering_delta(sae, h, edits, weights)
+            if not torch.isfinite(h + delta).all():
+                described = "; ".join(f"{e.mode} latent(s) {list(e.latents)[:5]} by {e.alpha:g}" for e in edits)
+                raise SegLensError(f"the edit ({described}) drives the activations beyond float32 (not finite); use a smaller alpha")
             changed = delta.flatten(1).ne(0).any(dim=1).cpu().numpy()
             for i in np.flatnonzero(changed):
                 out[int(part[i])] = delta[i]
