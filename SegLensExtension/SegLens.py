@@ -1051,8 +1051,13 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onJobCancelled(job)
 
     def onJobCancelled(self, job):
-        kept = "the previous segmentation and edits are kept" if self.logic.session is not None else "nothing was changed"
-        self.ui.statusLabel.text = f"{JOB_TITLES[job.kind]} cancelled; {kept}."
+        if job.kind in ("segment", "apply"):
+            kept = "the previous segmentation and edits are kept" if self.logic.session is not None else "nothing was changed"
+            self.ui.statusLabel.text = f"{JOB_TITLES[job.kind]} cancelled; {kept}."
+            return
+        if job.kind == "preview":  # what is on screen would no longer match the controls
+            self.clearPreview()
+        self.ui.statusLabel.text = f"{JOB_TITLES[job.kind]} cancelled."
 
     def showJobProgress(self):
         job = self.job

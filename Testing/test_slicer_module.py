@@ -13,6 +13,8 @@ What covers what:
   the Slicer/CTK headers' member lists below. Standard Qt widgets are checked against the real PySide6 classes.
 - Real API names: every ``slicer.*`` name used by the module and ``SegLensLib`` (found with ``ast``) must resolve in
   the installed ``slicer-core`` or be listed in ``../shared/docs/slicer/slicer_api.json``.
+
+The panel itself (``SegLensWidget``) is driven like a user in ``test_slicer_widget.py``.
 """
 
 from __future__ import annotations

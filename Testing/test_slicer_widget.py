@@ -482,10 +482,26 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
     table_node.GetColor(2, removed)
     assert added != removed
     assert ui.statusLabel.text.startswith(f"Preview of slice {tumour_slice}: ")
-    # Changing the region refreshes the preview; no latent selected clears it.
+    # A preview can be cancelled too: its result is dropped and the old one goes (it no longer matches the slider).
+    dropped = widget.droppedResults
+    ui.alphaSliderWidget.value = 3.0
+    assert widget.job.kind == "preview" and ui.cancelButton.enabled
+    ui.cancelButton.click()
+    wait_idle(widget, app)
+    assert widget.droppedResults == dropped + 1 and widget.logic.previewNode is None and widget._previewShown is None
+    assert ui.statusLabel.text == "Preview cancelled."
+    ui.alphaSliderWidget.value = 4.0
+    wait_idle(widget, app)
+    assert np.array_equal(nodes.volume_array(widget.logic.previewNode), expected_changes)
+    # Changing the region refreshes the preview; turning live preview off clears it.
     ui.regionComboBox.currentIndex = ui.regionComboBox.findText("whole volume")
     wait_idle(widget, app)
     assert widget._previewShown is not None and "whole volume" in widget._previewShown
+    ui.livePreviewCheckBox.checked = False
+    assert widget.logic.previewNode is None and parameters.livePreview is False
+    ui.livePreviewCheckBox.checked = True
+    wait_idle(widget, app)
+    assert widget.logic.previewNode is not None
 
     # -- Apply, cancelled at once: the session is left as it was.
     ui.applyButton.click()
