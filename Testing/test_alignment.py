@@ -597,3 +597,38 @@ def test_real_cross_cohort_alignment_and_initialisation_effect(real_pipeline, tm
     assert code == 0, err
     assert "warning: both SAEs were trained with seed 0" in stdout
     assert load_alignment(tmp_path / "a.json").document["warnings"]
+
+
+def test_shared_image_correlations_match_pairwise_correlations(tmp_path):
+    """Many pairs at once, each case read once: the same correlations as the pairwise route, per pair's images."""
+    from helpers import save_tiny_unet
+
+    from SegLensLogic.alignment.spaces import alignment_from_correlations, latent_correlations, paired_activations, shared_image_correlations
+    from SegLensLogic.data import load_cohort
+    from SegLensLogic.data.phantoms import write_phantom_cohort
+    from SegLensLogic.networks import load_segmenter
+    from SegLensLogic.sae.training import estimate_threshold
+
+    modalities = ["t1n", "t1c", "t2w", "t2f"]
+    model_a = load_segmenter(save_tiny_unet(tmp_path / "a", modalities, seed=0), device="cpu")
+    model_b = load_segmenter(save_tiny_unet(tmp_path / "b", modalities, seed=1), device="cpu")
+    cases = list(load_cohort(write_phantom_cohort(tmp_path / "c", 3, shape=(48, 56, 24), population="ssa-band")))
+    hook = model_a.config.hook_point
+    d_in = model_a.hook_points()[hook][0]
+    saes = {}
+    for name, model, seed in (("a", model_a, 0), ("a2", model_a, 1), ("b", model_b, 2)):
+        torch.manual_seed(seed)
+        sae = BatchTopKSAE(SAEConfig(d_in=d_in, expansion=2, k=4, hook_point=hook))
+        h = torch.cat([hb for _, hb in paired_activations(model, model, cases)])
+        estimate_threshold(sae, h)
+        saes[name] = (model, sae)
+    pairs = {"ab": ("a", "b", [0, 1, 2]), "a-a2": ("a", "a2", [1])}
+    out = shared_image_correlations(saes, pairs, cases)
+    expected, n = latent_correlations(saes["a"][1], saes["b"][1], paired_activations(model_a, model_b, cases))
+    assert out["ab"][1] == n and np.allclose(out["ab"][0], expected, atol=1e-6)
+    expected, n = latent_correlations(saes["a"][1], saes["a2"][1], paired_activations(model_a, model_a, cases[1:2]))
+    assert out["a-a2"][1] == n and np.allclose(out["a-a2"][0], expected, atol=1e-6)
+    alignment = alignment_from_correlations(*out["ab"], tau=0.5)
+    assert alignment.method == "activation-correlation" and alignment.info["positions"] == out["ab"][1]
+    with pytest.raises(ValueError, match="not among the members"):
+        shared_image_correlations(saes, {"x": ("a", "zz", [0])}, cases)

@@ -8,11 +8,13 @@
 - :mod:`.spaces`: which activation space two SAEs live in; activation-correlation and Procrustes alignment for
   unrelated models (e.g. SegFormer against U-Net).
 - :mod:`.swapping`: feature swapping (section 5.3).
+- :mod:`.footprint`: scoring a diffing against a planted feature's voxel footprint (precision, recall, chance).
 - :mod:`.files`: the alignment JSON file and :func:`load_alignment`.
 """
 
 from .alignment import DEFAULT_TAU, TAU_GRID, LatentAlignment, align_saes, align_similarities, align_vectors, cosine_matrix, tau_sweep
 from .files import Alignment, alignment_document, load_alignment, sae_record, write_alignment
+from .footprint import FootprintFractions, footprint_scores, latent_footprint_fractions, score_against_footprint
 from .matching import Matching, greedy, hungarian, is_valid_matching, match, nearest, sinkhorn
 from .metrics import alignment_metrics, baselines_table, collision_rate, evaluate_methods, format_table
 
@@ -20,5 +22,6 @@ __all__ = [
     "DEFAULT_TAU", "TAU_GRID", "LatentAlignment", "align_saes", "align_similarities", "align_vectors", "cosine_matrix",
     "tau_sweep", "Alignment", "alignment_document", "load_alignment", "sae_record", "write_alignment", "Matching",
     "greedy", "hungarian", "is_valid_matching", "match", "nearest", "sinkhorn", "alignment_metrics", "baselines_table",
-    "collision_rate", "evaluate_methods", "format_table",
+    "collision_rate", "evaluate_methods", "format_table", "FootprintFractions", "footprint_scores",
+    "latent_footprint_fractions", "score_against_footprint",
 ]  # fmt: skip

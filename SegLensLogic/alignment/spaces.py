@@ -20,7 +20,7 @@ both models (activations paired position by position on a common feature grid):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -189,10 +189,99 @@ def correlation_alignment(sae_a, sae_b, pairs, tau: float = 0.5) -> LatentAlignm
     correlations run lower than dictionary cosines of one space).
     """
     corr, n = latent_correlations(sae_a, sae_b, pairs)
+    return alignment_from_correlations(corr, n, tau)
+
+
+def alignment_from_correlations(corr: np.ndarray, n: int, tau: float = 0.5) -> LatentAlignment:
+    """The activation-correlation alignment of a latent correlation matrix ``(n_a, n_b)`` measured on ``n`` positions."""
     alignment = align_similarities({"corr": corr}, tau, method="activation-correlation", primary="corr")
     # Latents that never fire on these images correlate with nothing: they can only be specific here.
     alignment.info = {"positions": int(n), "active_a": int((np.abs(corr).max(1) > 0).sum()), "active_b": int((np.abs(corr).max(0) > 0).sum())}
     return alignment
+
+
+@torch.no_grad()
+def shared_image_correlations(
+    members: Mapping[str, tuple[object, object]],
+    pairs: Mapping[Hashable, tuple[str, str, Collection[int]]],
+    cases: Sequence,
+    min_brain_fraction: float = 0.5,
+) -> dict[Hashable, tuple[np.ndarray, int]]:
+    """Latent activation correlations of many SAE pairs, each over the images it names, every image read once.
+
+    For models of one architecture and inputs (e.g. fine-tuned from one base), a position of a slice is the same
+    patch for all of them: each case is prepared once, run once through each model's encoder, and every SAE
+    encodes its own model's activations there (:func:`paired_activations` does the same for one pair of any models).
+
+    Args:
+        members: ``{name: (model, sae)}``; several names may share one model (e.g. SAEs from two seeds).
+        pairs: ``{key: (name_a, name_b, indices into cases)}``: the images to correlate each pair on.
+        cases: case folders or :class:`~SegLensLogic.data.Case` objects.
+        min_brain_fraction: positions whose patch is less brain than this are left out.
+
+    Returns:
+        ``{key: (correlation (d_sae_a, d_sae_b), positions)}``.
+
+    Raises:
+        ValueError: the models differ in inputs or in the grid at their SAEs' hooks; a pair names an unknown member.
+    """
+    from ..inference import default_batch_size, prepare_for_model
+    from ..sae.activations import brain_fraction_on_grid, feature_map_to_vectors
+
+    for key, (a, b, _) in pairs.items():
+        for name in (a, b):
+            if name not in members:
+                raise ValueError(f"pair {key!r} names '{name}', which is not among the members ({', '.join(members)})")
+    models = {id(model): model for model, _ in members.values()}
+    hooks = {name: model._hook(sae.config.hook_point) for name, (model, sae) in members.items()}
+    first = next(iter(models.values()))
+    grids = {tuple(model.hook_points()[hooks[name]][1:]) for name, (model, _) in members.items()}
+    if len(grids) != 1 or any(
+        m.config.modalities != first.config.modalities or m.config.image_size != first.config.image_size for m in models.values()
+    ):
+        raise ValueError("the models take different inputs or give different grids at their hooks; align them pair by pair "
+                         "with paired_activations")  # fmt: skip
+    grid = grids.pop()
+    sums = {key: _CorrelationSums(members[a][1].d_sae, members[b][1].d_sae) for key, (a, b, _) in pairs.items()}
+    by_case: dict[int, list] = {}
+    for key, (_, _, indices) in pairs.items():
+        for index in indices:
+            by_case.setdefault(int(index), []).append(key)
+    batch_size = min(default_batch_size(m) for m in models.values())
+    for index in sorted(by_case):
+        keys = by_case[index]
+        names = {name for key in keys for name in pairs[key][:2]}
+        prepared = prepare_for_model(first, cases[index])
+        slices = prepared.brain_slices()
+        if not len(slices):
+            continue
+        keep = torch.cat([brain_fraction_on_grid(prepared, slices[s : s + batch_size], grid).flatten()
+                          for s in range(0, len(slices), batch_size)]) >= min_brain_fraction  # fmt: skip
+        vectors: dict[int, torch.Tensor] = {}
+        for name in sorted(names):
+            model, _ = members[name]
+            key_model = (id(model), hooks[name])
+            if key_model not in vectors:
+                device = next(model.parameters()).device
+                parts = []
+                for s in range(0, len(slices), batch_size):
+                    h, _ = model.encode(prepared.model_input(slices[s : s + batch_size]).to(device), hooks[name])
+                    parts.append(feature_map_to_vectors(h.float()).cpu())
+                vectors[key_model] = torch.cat(parts)[keep]
+        codes = {}
+        for name in names:
+            model, sae = members[name]
+            x = vectors[(id(model), hooks[name])]
+            codes[name] = sae.encode(x.to(sae.W_enc.device)).cpu()
+        for key in keys:
+            a, b, _ = pairs[key]
+            sums[key].add(codes[a], codes[b])
+    out = {}
+    for key, total in sums.items():
+        if total.n < 2:
+            raise ValueError(f"too few positions to correlate the latents of pair {key!r} (are its images empty?)")
+        out[key] = (total.correlation(), total.n)
+    return out
 
 
 def fit_procrustes(h_a: np.ndarray, h_b: np.ndarray) -> tuple[np.ndarray, dict]:
