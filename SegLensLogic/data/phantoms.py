@@ -78,6 +78,7 @@ CYST_TISSUE = 7
 # A proteinaceous cyst: darker than CSF on T1, brighter than CSF on T2, bright on FLAIR (CSF is dark there), no
 # enhancement: a signal no tissue of an adult phantom has.
 CYST_CONTRAST = {"t1n": 0.15, "t1c": 0.15, "t2w": 1.25, "t2f": 0.9}
+CYST_SIZE = (2.0, 2.5)  # the cyst's radius over the tumour's (a large cyst: a few positions at the demo's hook)
 
 # Planted features: something only one population has, with an exact footprint (see the module docstring).
 FEATURES = {
@@ -90,7 +91,7 @@ FEATURE_SUFFIX = "-feature"
 # The band artefact (:func:`_band_artefact`): its stripes' period (voxels) and amplitude (the signal times 1 +- amplitude: the mean is kept, so the
 # per-image intensity normalisation does not change the rest of the image), its width (share of the brain's Y
 # extent) and depth (share of the brain's axial slices).
-BAND_PERIOD, BAND_AMPLITUDE, BAND_WIDTH, BAND_SLICES = 8.0, 0.8, 0.25, 0.4
+BAND_PERIOD, BAND_AMPLITUDE, BAND_WIDTH, BAND_SLICES = 8.0, 0.8, 0.35, 0.5
 
 
 @dataclass(frozen=True)
@@ -543,13 +544,13 @@ def _plant_cyst(
 ) -> tuple[np.ndarray, dict]:
     """A cyst beside the tumour, written into ``tumour_tissue`` (index :data:`CYST_TISSUE`); returns its footprint.
 
-    The cyst is a sphere 1.5-2.0 times the tumour's radius whose centre lies one tumour radius plus half its own
+    The cyst is a sphere ``CYST_SIZE`` (2.0-2.5) times the tumour's radius whose centre lies one tumour radius plus half its own
     radius from the tumour's, towards the brain's centre (so that it stays inside the head): the tumour sits on the
     cyst's wall like a mural nodule. It replaces edema and healthy tissue, never the enhancing rim or the core.
     """
     centre = np.asarray(tumour["centre_mni"], dtype=np.float64)
     radius = float(tumour["radius_mm"])
-    cyst_radius = rng.uniform(1.5, 2.0) * radius
+    cyst_radius = rng.uniform(CYST_SIZE[0], CYST_SIZE[1]) * radius
     inward = mni[:, brain].mean(axis=1) - centre
     inward /= max(np.linalg.norm(inward), 1e-6)
     random = rng.standard_normal(3)
