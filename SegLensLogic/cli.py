@@ -186,6 +186,8 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
         init=args.init,
         seed=args.seed,
     )
+    if args.workers and args.batch_size % args.workers:
+        raise SegLensError(f"--batch-size {args.batch_size} is not a multiple of --workers {args.workers} (each worker takes an equal share of a step)")
     if _ray_wanted(args, train=True):
         from .sae.distributed import train_sae_ray
 

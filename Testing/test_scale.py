@@ -191,6 +191,8 @@ def test_ray_options_without_ray_name_the_extra(tmp_path, capsys, monkeypatch):
     code, _, err = seglens(capsys, "extract", "--model", model_dir, "--cohort", tmp_path, "--out", tmp_path / "acts", "--workers", 0)
     assert_one_line_error(code, err, "--workers must be at least 1")
     assert not (tmp_path / "acts").exists()
+    code, _, err = seglens(capsys, "train-sae", "--activations", store, "--out", tmp_path / "sae", "--workers", 3, "--batch-size", 1000)
+    assert_one_line_error(code, err, "--batch-size 1000 is not a multiple of --workers 3")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,6 +256,29 @@ def test_ray_extraction_writes_the_single_process_store(ray_local, real_cohort, 
     extract_activations_ray(model_dir, cohort, root / "ray-half", options, workers=2, device="cpu", log=QUIET)
     assert_same_store(root / "single-half", root / "ray-half")
     assert 0.4 < len(ActivationStore(root / "ray-half")) / len(single) < 0.6
+
+
+@pytest.mark.slow
+def test_ray_extraction_errors_are_one_line_and_leave_nothing(ray_local, real_cohort, tmp_path, capsys):
+    import shutil
+
+    cohort_dir = tmp_path / "cohort"
+    shutil.copytree(real_cohort["cohort_dir"], cohort_dir, symlinks=True)
+    broken = cohort_dir / "Brats18_Broken_1"
+    broken.mkdir()
+    for source in sorted((cohort_dir / REAL_CASES[0]).iterdir()):
+        (broken / source.name.replace(REAL_CASES[0], broken.name)).write_bytes(b"not an image")
+    code, _, err = seglens(capsys, "extract", "--model", real_cohort["model_dir"], "--cohort", cohort_dir, "--out", tmp_path / "acts",
+                           "--workers", 2, "--device", "cpu")  # fmt: skip
+    assert_one_line_error(code, err, "Brats18_Broken_1")
+    assert not (tmp_path / "acts").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".acts.")]
+    # A cluster without what is asked for is an error, not a wait.
+    code, _, err = seglens(capsys, "extract", "--model", real_cohort["model_dir"], "--cohort", real_cohort["cohort_dir"],
+                           "--out", tmp_path / "acts", "--workers", 3, "--device", "cpu")  # fmt: skip
+    assert_one_line_error(code, err, "3 workers of 1 CPU(s) each", "has 2 CPU(s)")
+    code, _, err = seglens(capsys, "extract", "--model", real_cohort["model_dir"], "--cohort", real_cohort["cohort_dir"],
+                           "--out", tmp_path / "acts", "--ray", "--device", "cuda")  # fmt: skip
+    assert_one_line_error(code, err, "no GPU")
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -183,6 +184,7 @@ class _CaseExtractor:
         writer = ShardWriter(attempt, self.d_in, self.options.dtype, self.options.shard_size)
         self._arm_kill(writer, case_number, attempt)
         rng = subsample_generator(self.options.seed, draws_before) if self.options.subsample < 1 else None
+        start = time.monotonic()
         try:
             entry = extract_case(self.model, case, case_number, self.options, writer, rng)
             writer.flush()
@@ -190,6 +192,7 @@ class _CaseExtractor:
             shutil.rmtree(attempt, ignore_errors=True)
             return {"error": str(exc)}
         entry["shards"] = writer.shards
+        entry["seconds"] = round(time.monotonic() - start, 2)  # on the worker (not in store.json)
         atomic_write_text(attempt / CASE_RECORD, json.dumps(entry) + "\n")
         try:
             os.rename(attempt, final)
@@ -308,7 +311,7 @@ def extract_activations_ray(
                 draws_before = list(math.prod(spatial) * np.cumsum([0] + [c["slices"] for c in counts[:-1]]))
 
             def done(number: int, entry: dict) -> None:
-                log(f"  {entry['case_id']}: {entry['vectors']} vectors from {len(entry['slices'])} slices")
+                log(f"  {entry['case_id']}: {entry['vectors']} vectors from {len(entry['slices'])} slices ({entry['seconds']:.1f} s on a worker)")
 
             jobs = [lambda a, i=i: a.extract.remote(cases[i], i, int(draws_before[i]), str(staging.resolve())) for i in range(len(cases))]
             entries = _run_on_actors(ray, actors, jobs, names, on_done=done)
@@ -539,6 +542,8 @@ def train_sae_ray(
     options = options or SAETrainingOptions()
     if options.init not in ("data", "random"):
         raise ValueError(f"init must be 'data' or 'random', not {options.init!r}")
+    if workers is not None and (workers < 1 or options.batch_size % workers):
+        raise SegLensError(f"--batch-size {options.batch_size} is not a multiple of --workers {workers} (each worker takes an equal share of a step)")
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
     ray = require_ray(train=True)
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
