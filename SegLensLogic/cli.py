@@ -268,7 +268,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def add_ray_arguments(p: argparse.ArgumentParser, what: str) -> None:
     """``--ray [ADDRESS]``, ``--workers N`` and ``--cpus-per-worker`` (needs the optional extra: pip install -e ".[ray]")."""
     p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS", help=f"run on a Ray cluster: {what}; ADDRESS as for ray.init (default: the cluster this machine belongs to, or $RAY_ADDRESS); needs pip install -e \".[ray]\"")
-    p.add_argument("--workers", type=int, help="Ray workers (default with --ray: one per GPU of the cluster, else per --cpus-per-worker CPUs); without --ray, starts a local Ray cluster with N workers")
+    p.add_argument("--workers", type=int, help="Ray workers (default with --ray: one per GPU of the cluster, else per --cpus-per-worker CPUs); without --ray, starts a local Ray cluster with N workers (or uses $RAY_ADDRESS's)")
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (PyTorch threads) per Ray worker (default 1)")
 
 

@@ -87,13 +87,16 @@ def require_ray(train: bool = False):
 
 @contextlib.contextmanager
 def ray_cluster(address: str | None, local_cpus: int | None = None) -> Iterator[Any]:
-    """Connect to the Ray cluster at ``address`` (``"auto"``: the one this machine belongs to), or with
-    ``address=None`` start a local one with ``local_cpus`` CPUs; shut it down afterwards. A Ray already initialised
+    """Connect to the Ray cluster at ``address`` (``"auto"``: ``$RAY_ADDRESS``, else the one this machine belongs to),
+    or with ``address=None`` (and no ``$RAY_ADDRESS``) start a local one with ``local_cpus`` CPUs; shut it down
+    afterwards. A Ray already initialised
     in this process (a test, a notebook) is used as it is and left running."""
     ray = require_ray()
     if ray.is_initialized():
         yield ray
         return
+    if address is None and os.environ.get("RAY_ADDRESS"):  # Ray would connect there anyway (and refuse num_cpus)
+        address = "auto"
     try:
         if address is None:
             ray.init(num_cpus=local_cpus, include_dashboard=False, logging_level=logging.WARNING)
@@ -143,7 +146,7 @@ def _absolute_case(case):
         if isinstance(path, str) and ":" in path and not Path(path).exists():  # "archive.npz:key"
             file, key = path.rsplit(":", 1)
             return f"{Path(file).resolve()}:{key}"
-        return type(path)(Path(path).resolve()) if isinstance(path, str) else Path(path).resolve()
+        return str(Path(path).resolve()) if isinstance(path, str) else Path(path).resolve()
 
     if case.naming == "arrays":
         raise SegLensError(f"case '{case.case_id}' is held in memory, not in files: Ray workers read cases from files")
