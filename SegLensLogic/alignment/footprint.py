@@ -79,6 +79,7 @@ def latent_footprint_fractions(
     footprints: Mapping[str, np.ndarray] | Callable | None = None,
     latents: Sequence[int] | None = None,
     top_slices: int = DEFAULT_TOP_SLICES,
+    brain_only: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> FootprintFractions:
     """The share of each latent's activation mass, on its top slices at image resolution, that lies on a footprint.
@@ -91,6 +92,8 @@ def latent_footprint_fractions(
             A case without a footprint counts as one where the feature is absent (all its mass is off it).
         latents: the latents to score (default all); those that never fire are left out (dead).
         top_slices: how many of a latent's slices (over the whole cohort, by activation mass) are measured.
+        brain_only: measure the heatmap's mass inside the brain only (the encoded positions are brain; bilinear
+            upsampling spreads their values a few pixels into the background, which holds no image content).
 
     Raises:
         SegLensError: no case has a footprint; a footprint is not on its case's grid; ``top_slices`` < 1.
@@ -150,6 +153,8 @@ def latent_footprint_fractions(
             heat = codes.heatmap(j)
             selected = np.zeros(codes.prepared.brain_mask.shape, dtype=bool)
             selected[:, :, codes.slices[slice_numbers]] = True
+            if brain_only:  # bilinear upsampling spreads brain positions' values into the background: not image content
+                selected &= codes.prepared.brain_mask
             selected = codes.prepared.to_input_grid(selected)
             weights = np.clip(heat, 0, None) * selected
             total += float(weights.sum())
