@@ -9,13 +9,18 @@ Each section is drawn only from its own inputs; a section whose inputs are absen
     title: str; subtitle: str; notes: [str]
     cohorts: [{"name", "population", "n_cases", "source", "shifted_factors": {factor: {...}} | [factor]}]
     models: [{"name", "cohort", "arch", "dice": {cohort name: mean Dice}}]
-    sae_quality: [{"model", "d_sae", "k", "explained_variance", "l0", "dead_fraction", "dice_recovered"}]
+    sae_quality: [{"model", "d_sae", "k", "explained_variance", "l0", "dead_fraction", "dice_recovered",
+                   "seed", "seed_floor", "resampling_floor" (optional)}]
     latent_galleries: [{"model", "categories": {category: [{"id", "description", "image": PNG | array,
                         "heatmap": array (optional, over "image"), "confidence"}]}}]
-    shared_matrix: {"names": [model names], "shared_fraction": n x n, "seed_noise_floor": float | None,
+    shared_matrix: {"names": [model names], "shared_fraction": n x n, "seed_noise_floor": float | [float per row] | None,
+                    "floors": [{"name", "method", "seed_floor", "resampling_floor"}] (optional),
                     "description": str (optional: replaces the standard text above the matrix)}
-    diffing: [{"reference", "population", "shifted_factors": [..], "expected_categories": [..], "n_specific",
-               "precision", "recall", "chance_precision" (optional)}]            # see planted_shift_scores
+    diffing: [{"reference", "population", "feature", "method", "n_live", "n_feature", "n_specific", "precision",
+               "chance_precision", "chance_precision_95", "recall", "n_shared", "shared_on_feature",
+               "reproducible_n_specific", "reproducible_precision", "reproducible_recall", "seed_floor", "used"}]
+             # planted-feature rows (SegLensLogic.alignment.footprint); rows with "expected_categories" instead are
+             # scored by category (planted_shift_scores) and shown as such
     failure_recovery: [{"population", "case", "dice_before", "dice_oracle", "dice_calibrated", ...}]
     adaptation: [{"population", "method", "dice_before", "dice_oracle", "dice_calibrated", ...}]
     steered_cases: [{"case_id", "image": 2D array, "before": 2D labels, "after": 2D labels, "truth": 2D labels
@@ -117,11 +122,15 @@ def overlay_png(image: np.ndarray, labels: np.ndarray, colours: Sequence[Sequenc
     return _figure_png(fig)
 
 
-def matrix_png(matrix: np.ndarray, names: Sequence[str], floor: float | None) -> bytes:
-    """The shared-latent matrix as an annotated heatmap; cells at or below the seed noise floor are hatched."""
+def matrix_png(matrix: np.ndarray, names: Sequence[str], floor: float | Sequence[float | None] | None) -> bytes:
+    """The shared-latent matrix as an annotated heatmap; cells at or below the seed noise floor (one for all rows, or
+    one per row) are hatched."""
     plt = _pyplot()
     matrix = np.asarray(matrix, dtype=np.float64)
     n = len(names)
+    row_floors = list(floor) if isinstance(floor, (list, tuple, np.ndarray)) else [floor] * n
+    if len(row_floors) != n:
+        raise ValueError(f"{len(row_floors)} floors for a {n} x {n} matrix")
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n, 0.9 + 0.8 * n), dpi=100)
     shown = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(n), names, rotation=30, ha="right")
@@ -130,7 +139,7 @@ def matrix_png(matrix: np.ndarray, names: Sequence[str], floor: float | None) ->
         for j in range(n):
             value = matrix[i, j]
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=9)
-            if floor is not None and i != j and value <= floor:
+            if row_floors[i] is not None and i != j and value <= row_floors[i]:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="//", edgecolor="red", linewidth=0))
     fig.colorbar(shown, ax=ax, fraction=0.046, label="fraction of latents shared")
     return _figure_png(fig)
@@ -176,6 +185,11 @@ def _fmt(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return _e(", ".join(str(v) for v in value))
     return _e(value)
+
+
+def _plain(value: Any) -> str:
+    """A number as plain text (3 decimals), "-" for None."""
+    return "-" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{float(value):.3f}"
 
 
 def _table(rows: Iterable[dict], columns: Sequence[tuple[str, str]]) -> str:
@@ -260,11 +274,18 @@ def _section_sae(results: dict) -> str | None:
     rows = results.get("sae_quality")
     if not rows:
         return None
+    columns = [("model", "model"), ("d_sae", "latents"), ("k", "k")]
+    columns += [("seed", "seed")] if any("seed" in r for r in rows) else []
+    columns += [("explained_variance", "explained variance"), ("l0", "L0"), ("dead_fraction", "dead fraction"), ("dice_recovered", "Dice recovered")]
+    floors = any(r.get("seed_floor") is not None for r in rows)
+    if floors:
+        columns += [("seed_floor", "seed floor"), ("resampling_floor", "resampling floor")]
     return (
-        "<p>Explained variance and L0 on held-out activations; dead: latents that never fire; Dice recovered: "
-        "Dice with SAE reconstructions spliced in at the hook over the model's own Dice.</p>"
-        + _table(rows, [("model", "model"), ("d_sae", "latents"), ("k", "k"), ("explained_variance", "explained variance"),
-                        ("l0", "L0"), ("dead_fraction", "dead fraction"), ("dice_recovered", "Dice recovered")])  # fmt: skip
+        "<p>Explained variance and L0 on held-out activations; dead: latents that never fire on the cohort's activations; Dice "
+        "recovered: Dice with SAE reconstructions spliced in at the hook over the model's own Dice."
+        + (" Seed floor: the share of the SAE's live latents that another seed on the same activations finds again; resampling "
+           "floor: that the same seed on resampled activations finds again (the diffing rule's)." if floors else "")
+        + "</p>" + _table(rows, columns)
     )
 
 
@@ -304,30 +325,66 @@ def _section_shared(results: dict) -> str | None:
     if matrix.shape != (len(names), len(names)):
         raise ValueError(f"shared_fraction is {matrix.shape} for {len(names)} names")
     floor = shared.get("seed_noise_floor")
-    text = shared["description"] if shared.get("description") else (
-        f"Fraction of latents of the row SAE with a partner in the column SAE. Seed noise floor: {floor:.3f} "
-        "(the same fraction between two SAEs trained on the same activations with different seeds); hatched cells "
-        "are at or below it."
-        if floor is not None
-        else "Fraction of latents of the row SAE with a partner in the column SAE. No seed noise floor was measured, so "
-        "differences cannot be told apart from seed noise."
-    )
-    return f"<p>{_e(text)}</p><div class='wide'>{_img(matrix_png(matrix, names, floor), 'shared-latent matrix')}</div>"
+    if isinstance(floor, (list, tuple)):
+        text = shared.get("description") or ("Fraction of latents of the row SAE with a partner in the column SAE; hatched cells are "
+                                             "at or below the row's seed noise floor.")  # fmt: skip
+    else:
+        text = shared["description"] if shared.get("description") else (
+            f"Fraction of latents of the row SAE with a partner in the column SAE. Seed noise floor: {floor:.3f} "
+            "(the same fraction between two SAEs trained on the same activations with different seeds); hatched cells "
+            "are at or below it."
+            if floor is not None
+            else "Fraction of latents of the row SAE with a partner in the column SAE. No seed noise floor was measured, so "
+            "differences cannot be told apart from seed noise."
+        )
+    floors = shared.get("floors")
+    table = ("<p>Floors: the share of each SAE's live latents found again by another seed on the same activations (seed floor) "
+             "and by the same seed on resampled activations (resampling floor), by each rule.</p>"
+             + _table(floors, [("name", "SAE"), ("method", "rule"), ("seed_floor", "seed floor"), ("resampling_floor", "resampling floor")])
+             if floors else "")  # fmt: skip
+    return f"<p>{_e(text)}</p><div class='wide'>{_img(matrix_png(matrix, names, floor), 'shared-latent matrix')}</div>{table}"
 
 
 def _section_diffing(results: dict) -> str | None:
     rows = results.get("diffing")
     if not rows:
         return None
-    return (
-        "<p>Population-specific latents of each shifted cohort's SAE, scored against the factors planted in the "
-        "synthetic cohort: precision is the share of specific latents whose category is tied to a shifted factor, "
-        "recall the share of latents in those categories that came out specific. The precision of chance is the share "
-        "of all live latents in those categories: what a random choice of latents would score.</p>"
-        + _table(rows, [("reference", "reference"), ("population", "population"), ("shifted_factors", "shifted factors"),
-                        ("expected_categories", "expected categories"), ("n_specific", "specific latents"),
-                        ("precision", "precision"), ("chance_precision", "precision of chance"), ("recall", "recall")])  # fmt: skip
-    )
+    footprint = [r for r in rows if "n_feature" in r]
+    category = [r for r in rows if "n_feature" not in r]
+    parts = []
+    if footprint:
+        shown = [{**r, "method": r.get("method", "") + (" (used)" if r.get("used") else ""),
+                  "chance": f"{_plain(r.get('chance_precision'))} (95th pct {_plain(r.get('chance_precision_95'))})",
+                  "feature_share": f"{r.get('n_feature')} of {r.get('n_live')}",
+                  "shared_feature": f"{r.get('shared_on_feature')} of {r.get('n_shared')}"} for r in footprint]  # fmt: skip
+        parts.append(
+            "<p>Each shifted population with a planted feature differs from the reference by that feature alone, and its "
+            "footprint is known voxel by voxel. A latent of the population's SAE is a feature latent when at least half of its "
+            "activation mass on its top slices (at image resolution) lies on the footprint. Precision: the share of the "
+            "latents the diffing calls specific that are feature latents; recall: the share of feature latents called "
+            "specific; chance: the precision of as many latents drawn at random among the live ones (its expectation, and the "
+            "95th percentile of the draw); shared on the feature: feature latents among those called shared (the converse, "
+            "near 0 when diffing works). Reproducible: the same, keeping only latents that another seed of the population "
+            "finds again (a latent seed noise made is not a finding about the population).</p>"
+            + _table(shown, [("population", "population"), ("feature", "planted feature"), ("method", "diffing rule"),
+                             ("feature_share", "feature latents / live"), ("best_fraction", "best latent's share on the footprint"),
+                             ("n_specific", "specific latents"),
+                             ("precision", "precision"), ("chance", "precision of chance"), ("recall", "recall"),
+                             ("shared_feature", "shared latents on the feature"), ("reproducible_n_specific", "reproducible specific"),
+                             ("reproducible_precision", "reproducible precision"), ("reproducible_recall", "reproducible recall"),
+                             ("seed_floor", "seed floor")])  # fmt: skip
+        )
+    if category:
+        parts.append(
+            "<p>Population-specific latents of each shifted cohort's SAE, scored against the factors planted in the "
+            "synthetic cohort: precision is the share of specific latents whose category is tied to a shifted factor, "
+            "recall the share of latents in those categories that came out specific. The precision of chance is the share "
+            "of all live latents in those categories: what a random choice of latents would score.</p>"
+            + _table(category, [("reference", "reference"), ("population", "population"), ("shifted_factors", "shifted factors"),
+                                ("expected_categories", "expected categories"), ("n_specific", "specific latents"),
+                                ("precision", "precision"), ("chance_precision", "precision of chance"), ("recall", "recall")])  # fmt: skip
+        )
+    return "".join(parts)
 
 
 def _dice_table(rows: list[dict], first: Sequence[tuple[str, str]]) -> str:
@@ -383,7 +440,7 @@ SECTIONS = (
     ("sae", "SAE quality", _section_sae, "no SAE evaluations were given"),
     ("galleries", "Latent galleries", _section_galleries, "no latent labels were given (run seglens interpret)"),
     ("shared", "Shared latents across populations", _section_shared, "no alignments were given (run seglens align)"),
-    ("diffing", "Diffing against the planted shift", _section_diffing, "no diffing scores were given (needs alignments, latent labels and a synthetic cohort's shifted factors)"),
+    ("diffing", "Diffing against the planted shift", _section_diffing, "no diffing scores were given (needs alignments and a synthetic cohort with a planted feature)"),
     ("failures", "Failure recovery", _section_failures, "no failure-recovery experiment was given"),
     ("adaptation", "Population adaptation", _section_adaptation, "no adaptation experiment was given"),
     ("steered", "Steered cases: before and after", _section_steered, "no steered cases were given"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import assert_one_line_error, seglens
 
-from SegLensLogic.demo import STATE_NAME, STEPS
+from SegLensLogic.demo import QUICK_POPULATIONS, STATE_NAME, STEPS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,6 +39,7 @@ def _state(out):
 
 
 def test_quick_demo_outputs(quick_demo, capsys):
+    from SegLensLogic.alignment import load_alignment
     from SegLensLogic.bundle import load_bundle
     from SegLensLogic.data import read_image
     from SegLensLogic.data.cases import find_case
@@ -51,7 +52,7 @@ def test_quick_demo_outputs(quick_demo, capsys):
 
     # A bundle per population, each loading (hashes verified) with its labels and alignments; a session opens from it.
     bundles = state["steps"]["bundles"]["outputs"]["bundles"]
-    assert set(bundles) == {"adult", "pediatric", "ssa", "healthy"}
+    assert set(bundles) == set(QUICK_POPULATIONS) == {"adult", "healthy", "pediatric-cyst", "ssa-band"}
     for name, relative in bundles.items():
         bundle = load_bundle(out / relative)
         assert bundle.name == name and bundle.labels_path is not None and bundle.load_labels() is not None
@@ -79,11 +80,34 @@ def test_quick_demo_outputs(quick_demo, capsys):
     assert html.count("<img") >= 8 and "src=\"http" not in html
     assert "QUICK run" in html  # reduced sizes are said in the report
 
-    # Diffing was scored against the planted shift of every shifted synthetic population.
+    assert "precision of chance" in html and "seed floor" in html and "resampling floor" in html
+
+    # Every SAE from its own seed, each with a seed replica and a resampled replica; dead latents counted on the cohort.
+    saes = state["steps"]["saes"]["outputs"]
+    seeds = {name: saes["saes"][name]["seed"] for name in QUICK_POPULATIONS}
+    assert len(set(seeds.values())) == len(seeds)
+    for name in QUICK_POPULATIONS:
+        seed_replica, resampled = saes["replicas"][name]["seed"], saes["replicas"][name]["resampled"]
+        assert saes["saes"][seed_replica]["seed"] != seeds[name] and saes["saes"][resampled]["seed"] == seeds[name]
+        assert saes["saes"][resampled]["activations_fraction"] < 1
+        assert 0 <= saes["saes"][name]["dead_fraction"] == 1 - saes["saes"][name]["live"] / saes["saes"][name]["d_sae"]
+
+    # Both diffing rules, each with both floors beside every SAE; the rule used follows the cosine seed floor.
+    alignment = state["steps"]["alignment"]["outputs"]
+    for method in ("cosine", "activation-correlation"):
+        floors = alignment["methods"][method]["floors"]
+        assert set(floors) == set(QUICK_POPULATIONS) and all(0 <= f[k] <= 1 for f in floors.values() for k in ("seed", "resampled"))
+    cosine_floor = alignment["methods"]["cosine"]["floors"]["adult"]["seed"]
+    assert alignment["method"] == ("cosine" if cosine_floor >= 0.5 else "activation-correlation")
+    assert load_alignment(out / alignment["files"]["ssa-band"]).method == ("decoder-encoder-cosine" if cosine_floor >= 0.5 else "activation-correlation")
+
+    # Diffing was scored against the footprint of every planted feature, by both rules, beside chance.
     rows = state["steps"]["diffing"]["outputs"]["rows"]
-    assert {r["population"] for r in rows} == {"pediatric", "ssa", "healthy"}
-    healthy = next(r for r in rows if r["population"] == "healthy")
-    assert "thalamus" in healthy["expected_categories"] and "necrotic core" not in healthy["expected_categories"]
+    assert {(r["population"], r["method"]) for r in rows} == {(p, m) for p in ("pediatric-cyst", "ssa-band") for m in ("cosine", "activation-correlation")}
+    for row in rows:
+        assert row["chance_precision"] is None or row["chance_precision"] <= 0.3
+        assert row["n_feature"] <= row["n_live"] and row["n_specific"] + row["n_shared"] == row["n_live"]
+    assert sum(r["used"] for r in rows) == 2
 
 
 def test_quick_demo_resumes_without_redoing_steps(quick_demo, capsys):

@@ -110,3 +110,21 @@ def test_report_renders_in_headless_chromium(full_results, tmp_path):
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run.returncode == 0 and shot.is_file() and shot.stat().st_size > 10_000, run.stderr[-2000:]
     print(f"report screenshot: {shot}")
+
+
+def test_footprint_diffing_rows_and_floors_per_row():
+    """Planted-feature rows show precision beside chance and the converse; the matrix takes one floor per row."""
+    rows = [{"reference": "adult", "population": "ssa-band", "feature": "band", "method": "activation-correlation", "used": True,
+             "n_live": 50, "n_feature": 5, "best_fraction": 0.8, "n_specific": 10, "precision": 0.4, "chance_precision": 0.1,
+             "chance_precision_95": 0.3, "recall": 0.8, "n_shared": 40, "shared_on_feature": 1, "reproducible_n_specific": 4,
+             "reproducible_precision": 0.75, "reproducible_recall": 0.6, "seed_floor": 0.55}]  # fmt: skip
+    results = {"title": "t", "diffing": rows,
+               "shared_matrix": {"names": ["adult", "ssa-band"], "shared_fraction": [[1, 0.4], [0.5, 1]], "seed_noise_floor": [0.55, 0.45],
+                                 "floors": [{"name": "adult", "method": "cosine", "seed_floor": 0.05, "resampling_floor": 0.02}]}}  # fmt: skip
+    page = build_report_html(results)
+    for text in ("precision of chance", "0.100 (95th pct 0.300)", "activation-correlation (used)", "1 of 40", "5 of 50",
+                 "reproducible precision", "resampling floor", "0.750"):
+        assert text in page, text
+    assert "Omitted: no diffing" not in page and "Omitted: no alignments" not in page
+    with pytest.raises(ValueError, match="floors for a"):
+        build_report_html({**results, "shared_matrix": {**results["shared_matrix"], "seed_noise_floor": [0.5]}})
