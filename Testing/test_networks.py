@@ -48,6 +48,10 @@ EXPECTED_HOOKS = {
         "down_2": (16, 16, 16),
         "down_3": (32, 8, 8),
         "down_4": (64, 4, 4),
+        "up_4": (32, 8, 8),
+        "up_3": (16, 16, 16),
+        "up_2": (8, 32, 32),
+        "up_1": (8, 64, 64),
     },
     "segformer-b0": {
         "stage1": (16, 16, 16),
@@ -138,7 +142,9 @@ def test_encode_decode_every_hook(model_and_input):
     reference = model(x)
     for hook in model.hook_names:
         activations, cache = model.encode(x, hook)
-        assert len(cache) == model.hook_names.index(hook)
+        # the cache holds what the layers after the hook read: earlier encoder levels, or the remaining skips
+        expected = model.hook_names.index(hook) if not hook.startswith("up_") else int(hook[3:]) - 1
+        assert len(cache) == expected, hook
         assert torch.equal(model.decode(activations, cache, hook), reference), hook
 
 

@@ -228,3 +228,21 @@ def test_full_reference_rebuild(shared_data, tmp_path):
     bundle = load_bundle(tmp_path / "bundle")
     assert bundle.figures["dice_test"]["dice_WT"] > 0.7
     assert build.hook in bundle.load_model(device="cpu").hook_points()
+
+
+def test_leverage_command_on_a_unet_encoder_and_decoder_level(real_pipeline, tmp_path, capsys):
+    """``seglens experiment leverage`` trains a quick SAE per requested hook (an encoder and a decoder level of the
+    U-Net), measures on real cases, writes the table and plots, and names the hook it would choose."""
+    cohort = tmp_path / "cases.txt"
+    cohort.write_text(f"{real_pipeline.test[0].images['t1c'].parent}\n")
+    code, out, err = seglens(capsys, "experiment", "leverage", "--model", real_pipeline.model_dir, "--cohort", cohort,
+                             "--hooks", "down_3,up_3", "--sae-cohort", real_pipeline.root / "adult-train", "--sae-steps", "60",
+                             "--alphas", "0,4", "--out", tmp_path / "leverage")  # fmt: skip
+    assert code == 0, err
+    assert "Chosen hook:" in out
+    rows = (tmp_path / "leverage" / "leverage.csv").read_text().splitlines()
+    assert rows[0].startswith("hook,") and {r.split(",")[0] for r in rows[1:]} == {"down_3", "up_3"}
+    assert (tmp_path / "leverage" / "leverage_moved.png").exists()
+    code, _, err = seglens(capsys, "experiment", "leverage", "--model", real_pipeline.model_dir, "--cohort", cohort, "--hooks", "up_9",
+                           "--out", tmp_path / "x")  # fmt: skip
+    assert_one_line_error(code, err, "unknown hook point")

@@ -1,4 +1,4 @@
-"""``seglens diagnose`` and ``seglens experiment failure-recovery | adaptation | population-steering``.
+"""``seglens diagnose`` and ``seglens experiment failure-recovery | adaptation | population-steering | leverage``.
 
 Each command writes one folder: tables as Markdown and CSV, figures as PNG, and a README.md with every table
 and the notes on how the numbers were obtained (oracle vs calibrated).
@@ -149,6 +149,37 @@ def cmd_population_steering(args) -> int:
     return _finish(report, out, args.overwrite)
 
 
+def cmd_leverage(args) -> int:
+    from ..console import device_from_args, log
+    from ..data.cohort import load_cohort
+    from ..networks import load_segmenter
+    from ..sae import BatchTopKSAE
+    from .leverage import DEFAULT_ALPHAS, leverage_report, quick_saes
+
+    out = _out_dir(args)
+    model = load_segmenter(args.model, device=device_from_args(args))
+    given = {}
+    for item in args.sae or ():
+        hook, sep, folder = item.partition("=")
+        if not sep or hook not in model.hook_names:
+            raise SegLensError(f"--sae expects HOOK=SAE_FOLDER with a hook of the model ({', '.join(model.hook_names)}), got '{item}'")
+        given[hook] = BatchTopKSAE.load(folder)
+    hooks = list(args.hooks.split(",")) if args.hooks else (list(given) or list(model.hook_names))
+    unknown = [h for h in hooks if h not in model.hook_names]
+    if unknown:
+        raise SegLensError(f"unknown hook point(s) {unknown}; the model has {', '.join(model.hook_names)}")
+    missing = [h for h in hooks if h not in given]
+    if missing and not args.sae_cohort:
+        raise SegLensError(f"no SAE for hook(s) {', '.join(missing)}: give --sae HOOK=SAE or --sae-cohort DIR to train quick ones")
+    cases = list(load_cohort(args.cohort))
+    if missing:
+        log(f"Training quick SAEs for {', '.join(missing)} on '{args.sae_cohort}'")
+        given.update(quick_saes(model, args.model, load_cohort(args.sae_cohort), missing, out / ".stores", steps=args.sae_steps, log=log))
+    report, chosen, _ = leverage_report(model, {h: given[h] for h in hooks}, cases, args.alphas or DEFAULT_ALPHAS, args.latents, log=log)
+    log(f"Chosen hook: {chosen}")
+    return _finish(report, out, args.overwrite)
+
+
 def _common(p: argparse.ArgumentParser, cohort: bool = True) -> None:
     from ..console import add_device_arguments
 
@@ -188,6 +219,22 @@ def add_commands(subparsers) -> None:
     q.add_argument("--class-latents", type=_ints, help="explicit class latents, comma-separated")
     q.add_argument("--class-max-dice", type=float, default=0.5, help="class failures: class Dice below this (default 0.5)")
     q.set_defaults(func=cmd_failure_recovery)
+
+    q = sub.add_parser("leverage", help="how far latent edits at each hook point move the mask (table and plot); the hook to steer at")
+    q.add_argument("--model", required=True, help="model folder")
+    q.add_argument("--cohort", required=True, help="labelled cases to measure on")
+    q.add_argument("--sae", action="append", metavar="HOOK=SAE", help="an SAE trained at a hook point (repeat)")
+    q.add_argument("--hooks", help="comma-separated hook points to measure (default: those of --sae, else every hook)")
+    q.add_argument("--sae-cohort", help="cases to train a quick SAE on for every hook without --sae")
+    q.add_argument("--sae-steps", type=int, default=3000, help="training steps of each quick SAE (default 3000)")
+    q.add_argument("--alphas", type=_floats, help="scale grid (default 0,0.5,2,4,8)")
+    q.add_argument("--latents", type=int, default=5, help="top tumour latents scaled per case (default 5)")
+    q.add_argument("--out", required=True, help="output folder (tables, plots, README.md)")
+    q.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
+    from ..console import add_device_arguments
+
+    add_device_arguments(q)
+    q.set_defaults(func=cmd_leverage)
 
     q = sub.add_parser("adaptation", help="model of population A on population B: additive/multiplicative class-latent steering (table 5, figure 8)")
     _common(q, cohort=False)

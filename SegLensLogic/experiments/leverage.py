@@ -33,6 +33,45 @@ DEFAULT_ALPHAS = (0.0, 0.5, 2.0, 4.0, 8.0)
 MIN_SIDE = 12
 
 
+def quick_saes(
+    model: Segmenter,
+    model_dir,
+    cohort,
+    hooks: Sequence[str],
+    folder,
+    steps: int = 3000,
+    vectors_per_hook: int = 300_000,
+    expansion: int = 16,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict[str, BatchTopKSAE]:
+    """A quickly trained SAE per hook point (for measuring leverage, not for interpretation): about
+    ``vectors_per_hook`` activation vectors of ``cohort`` each (every position of deep hooks, a sample of shallow
+    ones), k a quarter of the hook's width (4 to 32), a fixed number of steps. Stores are removed afterwards."""
+    import shutil
+    from pathlib import Path
+
+    from ..sae import ExtractionOptions, SAETrainingOptions, extract_activations, train_sae
+
+    folder = Path(folder)
+    shapes = model.hook_points()
+    saes = {}
+    for hook in hooks:
+        channels, height, width = shapes[hook]
+        per_case = height * width * 100  # ~100 brain slices a case
+        subsample = min(1.0, vectors_per_hook / max(per_case * len(cohort), 1))
+        store = extract_activations(model, cohort, folder / hook, ExtractionOptions(hook=hook, subsample=subsample, seed=seed),
+                                    model_dir=model_dir, overwrite=True, log=lambda m: None)  # fmt: skip
+        k = max(4, min(32, channels // 4))
+        options = SAETrainingOptions(k=k, expansion=expansion, max_steps=steps, patience=None, log_every=10**9, seed=seed)
+        sae, report = train_sae(store, options, log=lambda m: None)
+        log(f"{hook}: {channels} channels x {height}x{width}, quick SAE k {k} x {sae.d_sae} latents on {len(store)} vectors: "
+            f"EV {report['holdout']['explained_variance']:.3f}, dead {report['holdout']['dead_fraction']:.3f}")  # fmt: skip
+        saes[hook] = sae
+        shutil.rmtree(folder / hook, ignore_errors=True)
+    return saes
+
+
 def tumour_latents(codes, truth: np.ndarray, n: int) -> list[int]:
     """The ``n`` latents with the largest activation mass inside the ground-truth tumour (labels > 0)."""
     return [j for j, _ in codes.top_latents(n, region=truth > 0)]

@@ -257,8 +257,7 @@ def _sae_options(build: ReferenceBuild, **fields):
 
 def step_leverage(build: ReferenceBuild, folder: Path) -> dict:
     from ..data.phantoms import degrade_case
-    from ..experiments.leverage import leverage_report
-    from ..sae import train_sae
+    from ..experiments.leverage import leverage_report, quick_saes
 
     s = build.settings
     model = build.model()
@@ -267,25 +266,12 @@ def step_leverage(build: ReferenceBuild, folder: Path) -> dict:
     # Cases to measure on: the validation case, an SSA-like degraded copy of it (a failure to move), a training case.
     degraded = degrade_case(_case_folder(validation), folder / "degraded", preset="ssa", seed=s.seed)
     cases = [validation, load_cohort(degraded)[0], train[0]]
-    saes = {}
-    for hook, (channels, height, width) in model.hook_points().items():
-        if s.leverage_hooks is not None and hook not in s.leverage_hooks:
-            continue
-        # About 300k vectors per hook: every position of the deep stages, a sample of the shallow ones.
-        per_case = height * width * 100
-        subsample = min(1.0, 300_000 / max(per_case * len(train), 1))
-        store = _extract(build, model, build.model_dir, train, hook, folder / "stores" / hook, subsample=subsample, seed=s.seed)
-        k = max(4, min(32, channels // 4))
-        sae, report = train_sae(store, _sae_options(build, k=k, max_steps=s.leverage_sae_steps, patience=None), log=lambda m: None)
-        build.sub(f"{hook}: {channels} channels x {height}x{width}, quick SAE k {k} x {sae.d_sae} latents on {len(store)} vectors: "
-                  f"EV {report['holdout']['explained_variance']:.3f}, dead {report['holdout']['dead_fraction']:.3f}")  # fmt: skip
-        saes[hook] = sae
+    hooks = [h for h in model.hook_names if s.leverage_hooks is None or h in s.leverage_hooks]
+    saes = quick_saes(model, build.model_dir, train, hooks, folder / "stores", steps=s.leverage_sae_steps,
+                      expansion=s.sae_expansion, seed=s.seed, log=build.sub)  # fmt: skip
     report, chosen, summary = leverage_report(model, saes, cases, s.leverage_alphas, log=build.sub)
     report.write(folder / "report", overwrite=True)
     build.sub(f"chosen hook: {chosen}")
-    import shutil
-
-    shutil.rmtree(folder / "stores", ignore_errors=True)
     return {"hook": chosen, "summary": summary, "cases": [c.case_id for c in cases[:1]] + [f"{cases[1].case_id} (SSA-degraded)", cases[2].case_id],
             "report": "leverage/report/README.md"}  # fmt: skip
 
