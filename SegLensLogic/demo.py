@@ -1093,13 +1093,20 @@ def _headlines(demo: Demo, dice: dict, alignment: dict) -> list[str]:
         if not missed:
             text += "Met."
         else:
+            causes = ["the SAEs barely isolate the planted features (feature latents: " + ", ".join(
+                f"{r['population']} {r['n_feature']} of {r['n_live']}, the best latent with {_pct(r['best_fraction'])} of its mass on "
+                f"the footprint" for r in rows) + ")"]  # fmt: skip
+            if any(r["shared_on_feature"] for r in rows):
+                causes.append("the rule calls feature latents shared (" + ", ".join(
+                    f"{r['population']} {r['shared_on_feature']} of {r['n_feature']}" for r in rows)
+                    + "): latents of the reference's SAE, on the reference model, fire at the same places of the same "
+                    "images (correlation at least 0.5)")  # fmt: skip
+            if any(r["n_specific"] > 2 * max(r["n_feature"], 1) for r in rows):
+                causes.append("most latents called specific are ones another seed on the same data does not find again either "
+                              "(seed floors " + ", ".join(f"{r['population']} {_pct(r['seed_floor'])}" for r in rows)
+                              + "): a latent unmatched in the reference is then as likely seed noise as a population feature")  # fmt: skip
             text += ("Not met: " + "; ".join(f"{r['population']} precision {_num(r['precision'])}, recall {_num(r['recall'])}" for r in missed)
-                     + ". Two causes, both measured here: the SAEs barely isolate the planted features (feature latents: "
-                     + ", ".join(f"{r['population']} {r['n_feature']} of {r['n_live']}, best {_pct(r['best_fraction'])} of a latent's mass "
-                                 f"on the footprint" for r in rows)
-                     + "); and most latents diffing calls specific are ones another seed on the same data does not find again "
-                     f"either (seed floor {_pct(rows[0]['seed_floor'])} for {rows[0]['population']}): a latent unmatched in the "
-                     f"reference is then as likely seed noise as a population feature.")  # fmt: skip
+                     + f". Measured causes: {'; '.join(causes)}.")  # fmt: skip
         lines.append(text)
     dead = {n: r["dead_fraction"] for n, r in saes["saes"].items()}
     over = {n: d for n, d in dead.items() if d > DEAD_GOAL}
