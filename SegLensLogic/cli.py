@@ -96,6 +96,11 @@ def cmd_train_segmenter(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         slices_per_epoch=args.slices_per_epoch,
         val_cases=args.val_cases,
+        warmup_steps=args.warmup,
+        spatial_augmentation=args.spatial_augmentation,
+        modality_dropout=args.modality_dropout,
+        precision=args.precision,
+        keep=args.keep,
         seed=args.seed,
     )
     result = train_segmenter(
@@ -109,6 +114,8 @@ def cmd_train_segmenter(args: argparse.Namespace) -> int:
         options=options,
         overwrite=args.overwrite,
         log=log,
+        crop_to_brain=args.crop_to_brain,
+        resumable=args.resumable,
     )
     if result.best_scores:
         log("Best validation: " + ", ".join(f"{k} {v:.3f}" for k, v in result.best_scores.items() if k.startswith("dice_")))
@@ -317,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--slices-per-epoch", type=int, help="slices drawn per epoch (default: all brain slices)")
     p.add_argument("--val-cases", type=int, help="held-out cases for validation (default 20%%)")
+    p.add_argument("--warmup", type=int, default=0, help="learning-rate warm-up steps (default 0)")
+    p.add_argument("--crop-to-brain", action="store_true", help="the model sees each slice's brain bounding box, not the whole slice")
+    p.add_argument("--spatial-augmentation", action="store_true", help="random rotation (15 degrees) and scaling (0.85-1.15)")
+    p.add_argument("--modality-dropout", type=float, default=0.0, help="share of slices that lose random sequences (the model then accepts missing ones)")
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32", help="autocast precision of the forward pass")
+    p.add_argument("--keep", choices=("best", "last"), default="best", help="weights saved: best validation epoch (default) or the last")
+    p.add_argument("--resumable", action="store_true", help="checkpoint every epoch in OUT/checkpoint and continue from it when rerun")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     p.set_defaults(func=cmd_train_segmenter)
