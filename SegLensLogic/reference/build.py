@@ -6,7 +6,8 @@ rerunning the same command continues where it stopped; the segmenter's training 
 1. ``split``: the BraTS 2018 cases of ``DATA/brats2018`` into training, validation (checkpoint choice) and test
    cases (one per acquisition group: the 2013 cohort, CBICA, TCIA; never trained on, never used to choose
    anything); the BraTS 2013 cases of ``DATA/brats2013`` are held out whole (another site and protocol).
-2. ``base``: the SegFormer trained from scratch on the training cases (:class:`ReferenceSettings`).
+2. ``base``: the segmenter (SegFormer-B0 by default, or a U-Net) trained from scratch on the training cases
+   (:class:`ReferenceSettings`).
 3. ``leverage``: a quick SAE per hook point; how far scaling the top tumour latents moves the mask on the
    validation case, an SSA-like degraded copy of it and a training case; the hook is chosen from that
    (:mod:`SegLensLogic.experiments.leverage`).
@@ -63,7 +64,7 @@ class ReferenceSettings:
         keep: the weights kept: the last epoch (the cosine schedule ends at 0; one validation case is too noisy to
             choose an epoch by), or the best by validation Dice.
         seed: weights, sampling, augmentation and the split.
-        arch_options: SegFormer config overrides (tiny builds only); train_cases: use only the first N
+        arch_options: architecture overrides (U-Net widths; small SegFormers for tiny builds); train_cases: use only the first N
             training cases (tiny builds only).
         leverage_sae_steps, leverage_alphas: the quick SAE per hook point and the alpha grid of the leverage step.
         sweep_k, sae_expansion, sae_max_steps: the SAE settings tried (two seeds each) at the chosen hook.
@@ -109,6 +110,12 @@ class ReferenceSettings:
     finetune_learning_rate: float = 3e-4
     pediatric_cases: int = 8
     phantom_shape: tuple[int, int, int] = (96, 112, 96)
+
+    @classmethod
+    def unet(cls) -> "ReferenceSettings":
+        """A U-Net reference (MONAI BasicUNet, widths 16-128, full-resolution output) at 128 px on the brain box."""
+        return cls(arch="unet", image_size=128, arch_options=(("features", [16, 16, 32, 64, 128, 16]),), learning_rate=3e-3,
+                   warmup_steps=100)  # fmt: skip
 
     @classmethod
     def tiny(cls) -> "ReferenceSettings":

@@ -19,7 +19,7 @@ CITATIONS = """\
 - The BraTS 2018 cases are sample volumes of the DeepBrainSeg repository (koriavinash1/DeepBrainSeg @ 5d4f3810f1c7);
   the BraTS 2013 cases come from the DeepMedic example data (deepmedic/deepmedic @ e10ba7c3570d), licence
   CC BY-NC-SA 3.0. BraTS data are released for research; these weights inherit that restriction.
-- SegFormer: Xie et al., NeurIPS 2021. BatchTopK SAEs: Bussmann et al., 2024. Med-SegLens (the method).
+- SegFormer: Xie et al., NeurIPS 2021. U-Net: Ronneberger et al., MICCAI 2015 (MONAI BasicUNet). BatchTopK SAEs: Bussmann et al., 2024. Med-SegLens (the method).
 - MNI152 template (pediatric phantoms): Fonov et al., NeuroImage 2011, via nilearn."""
 
 
@@ -82,7 +82,7 @@ def model_card(build) -> tuple[str, dict]:
     }  # fmt: skip
     mean = test["mean"]
     lines = [
-        "# Reference model card: adult glioma, SegFormer-B0",
+        f"# Reference model card: adult glioma, {'SegFormer-' + s.arch.split('-')[1].upper() if s.arch.startswith('segformer') else 'U-Net'}",
         "",
         "**Intended use: research only, not clinical use.** This model segments adult glioma on skull-stripped, co-registered "
         "BraTS-style MRI (T1, T1c, T2, FLAIR; a missing sequence is set to the brain mean) so that its sparse-autoencoder "

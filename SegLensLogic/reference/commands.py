@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..console import log
+from ..errors import SegLensError
 
 
 def cmd_build_reference(args: argparse.Namespace) -> int:
@@ -14,7 +15,9 @@ def cmd_build_reference(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = ReferenceSettings.tiny() if args.tiny else ReferenceSettings()
+    if args.tiny and args.arch == "unet":
+        raise SegLensError("--tiny builds the SegFormer only")
+    settings = ReferenceSettings.tiny() if args.tiny else ReferenceSettings.unet() if args.arch == "unet" else ReferenceSettings()
     build_reference(args.data, args.out, settings, overwrite=args.overwrite, publish=args.publish, log=log)
     return 0
 
@@ -26,6 +29,7 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--data", required=True, help="folder with brats2018/ and brats2013/ case folders (e.g. ../shared/data)")
     p.add_argument("--out", required=True, help="build folder (rerun with the same options to continue an interrupted build)")
+    p.add_argument("--arch", choices=("segformer", "unet"), default="segformer", help="the reference SegFormer-B0 (default) or a U-Net")
     p.add_argument("--tiny", action="store_true", help="a small model and short schedule: the same steps in minutes")
     p.add_argument("--threads", type=int, help="PyTorch CPU threads (default: PyTorch's choice)")
     p.add_argument("--publish", metavar="DIR", help="copy the finished bundle (and build.log) to DIR, e.g. Resources/adult-glioma-segformer")
