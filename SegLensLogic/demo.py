@@ -34,7 +34,11 @@ place when it is complete, then recorded in ``OUT/demo.json``):
 11. ``steering``: the worst failure cases opened from the reference bundle (``SteeringSession.from_bundle``),
     steered with the recovery sweep's setting, exported as a corrected mask with its recipe; the recipe is
     replayed and must give the same mask.
-12. ``report``: ``OUT/12-report/report.html``, the audit report (:func:`SegLensLogic.report.render_report`).
+12. ``reference``: the shipped reference bundle (``Resources/adult-glioma-segformer``) on a real case (from the
+    first ``--data`` folder, else ``$SEGLENS_DATA`` or ``../shared/data``; skipped with a note when there is none)
+    under an SSA-like acquisition shift: its mask, its top latents with their labels, the bundle's suggested
+    correction for that population exported with its recipe (replayed), and the bundle's measured arms table.
+13. ``report``: ``OUT/13-report/report.html``, the audit report (:func:`SegLensLogic.report.render_report`).
 
 Rerunning the same command continues after the last finished step; ``--overwrite`` starts over. A folder that
 holds anything but a demo is refused. ``--quick`` shrinks every size (phantoms, cases, populations, training,
@@ -950,7 +954,94 @@ def step_steering(demo: Demo, folder: Path) -> dict:
     return {"cases": steered, "bundle": demo.rel(bundle.root)}
 
 
-# -- 12. report -----------------------------------------------------------------------------------------------------
+# -- 12. the shipped reference model on a real case --------------------------------------------------------------------
+def _real_case(demo: Demo, bundle) -> Path | None:
+    """A real labelled case for the shipped model: from the first --data folder, else ``$SEGLENS_DATA`` or
+    ``../shared/data`` beside the repository (its ``brats2018`` folder); one the bundle never trained on first."""
+    import os
+
+    from .data.cases import is_case_folder
+
+    roots = [demo.data[0]] if demo.data else []
+    if not roots:
+        default = Path(os.environ["SEGLENS_DATA"]) if os.environ.get("SEGLENS_DATA") else Path(__file__).resolve().parents[2] / "shared" / "data"
+        roots = [default / "brats2018", default]
+    for root in roots:
+        if not root.is_dir():
+            continue
+        cases = sorted(p for p in root.iterdir() if p.is_dir() and is_case_folder(p))
+        if not cases:
+            continue
+        held_out = set(bundle.figures.get("training", {}).get("test_cases", []))
+        trained = set(bundle.figures.get("training", {}).get("cases", []))
+        ranked = sorted(cases, key=lambda c: (c.name not in held_out, c.name in trained, c.name))
+        return ranked[0]
+    return None
+
+
+def step_reference(demo: Demo, folder: Path) -> dict:
+    """The shipped reference bundle on a real case under an SSA-like acquisition shift: its mask, its top latents
+    with their labels, and the bundle's suggested correction for that population, exported with its recipe (which
+    is replayed). No label of the case is read to choose the correction; Dice is shown when the case has labels."""
+    from .bundle import load_bundle
+    from .data.cases import find_case, read_case
+    from .data.phantoms import degrade_case
+    from .experiments import class_scores
+    from .reference import reference_bundle_path
+    from .steering import SteeringSession, load_recipe
+
+    path = reference_bundle_path(required=False)
+    if path is None:
+        demo.sub("skipped: no reference bundle is shipped with this copy of SegLens (Resources/adult-glioma-segformer)")
+        return {"skipped": "no reference bundle is shipped with this copy of SegLens"}
+    bundle = load_bundle(path)
+    source = _real_case(demo, bundle)
+    if source is None:
+        demo.sub("skipped: no real case (pass --data DIR with labelled BraTS cases, or set SEGLENS_DATA)")
+        return {"skipped": "no real case: pass --data DIR with labelled BraTS cases, or set SEGLENS_DATA"}
+    shifted = degrade_case(source, folder / "cases", preset="ssa", seed=0, strength=2.0)
+    case = find_case(shifted)
+    session = SteeringSession.from_bundle(bundle, case, device=demo.device)
+    before = session.segment()
+    top = [{"id": r["id"], "label": r["label"], "category": r["category"], "status": r["status"],
+            "shared_with": ", ".join(r["shared_with"] or []), "activation": round(r["volume_activation"], 1)}
+           for r in session.latent_table()[:5]]  # fmt: skip
+    method = "calibrated" if demo.settings.quick else "ground-truth-free"
+    suggestion = session.suggest("ssa", method=method) if "ssa" in session.populations else None
+    for edit in suggestion.edits if suggestion else ():
+        session.apply(edit)
+    mask, recipe_path = session.export(folder / f"{case.case_id}-corrected.nii.gz")
+    after = session.labels
+    replay = SteeringSession.from_bundle(bundle, case, device=demo.device)
+    identical = bool(np.array_equal(replay.apply_recipe(load_recipe(recipe_path), source=recipe_path), after))
+    if not identical:
+        raise SegLensError(f"the recipe {recipe_path} did not reproduce the corrected mask of {case.case_id}")
+    images = read_case(case, modalities=bundle.modalities)
+    names = bundle.class_names
+    truth = images.label
+    dice_before = class_scores(before, truth, names)["dice_mean"] if truth is not None else None
+    dice_after = class_scores(after, truth, names)["dice_mean"] if truth is not None else None
+    counts = (before > 0).sum(axis=(0, 1))
+    z = int(np.argmax(counts)) if counts.any() else before.shape[2] // 2
+    np_file = folder / f"{case.case_id}-panels.npz"
+    np.savez_compressed(np_file, image=images.images["t2f" if "t2f" in images.images else bundle.modalities[0]][:, :, z].T.astype(np.float32),
+                        before=before[:, :, z].T, after=after[:, :, z].T,
+                        truth=(truth if truth is not None else np.zeros_like(before))[:, :, z].T)  # fmt: skip
+    record = {
+        "bundle": str(bundle.root), "case_id": case.case_id, "source": str(source), "shift": "SSA-like acquisition, strength 2",
+        "top_latents": top, "suggestion": suggestion.describe() if suggestion else "the bundle has no suggestion for ssa",
+        "method": method, "mask": demo.rel(mask), "recipe": demo.rel(recipe_path), "replay_identical": identical,
+        "dice_before": dice_before, "dice_after": dice_after, "voxels_changed": int((before != after).sum()), "slice": z,
+        "panels": demo.rel(np_file), "repair": bundle.figures.get("repair", {}),
+    }  # fmt: skip
+    demo.sub(f"{case.case_id} (SSA-like x2): top latents " + ", ".join(f"{r['id']} {r['category']}" for r in top))
+    demo.sub(f"suggested: {record['suggestion']}; {record['voxels_changed']} voxels changed"
+             + (f"; Dice {dice_before:.3f} -> {dice_after:.3f}" if dice_before is not None else "")
+             + f"; wrote {mask.name} + {recipe_path.name} (replays identically)")  # fmt: skip
+    return record
+
+
+# -- 13. report -----------------------------------------------------------------------------------------------------
 def step_report(demo: Demo, folder: Path) -> dict:
     from .report import render_report
 
@@ -1041,6 +1132,12 @@ def report_results(demo: Demo) -> dict:
                             "recipe": f"{case['recipe']}: {case['edit']}; replayed {'identically' if case['replay_identical'] else 'differently'}",
                             "colours": [list(c) for c in bundle.colours]})  # fmt: skip
     results["steered_cases"] = steered
+    real = state.outputs("reference")
+    if not real.get("skipped"):
+        with np.load(demo.path(real["panels"])) as panels:
+            real = {**real, "image": panels["image"], "before": panels["before"], "after": panels["after"], "truth": panels["truth"],
+                    "colours": [list(c) for c in bundle.colours]}  # fmt: skip
+    results["reference_case"] = real
     results["notes"] = _headlines(demo, dice, alignment) + results["notes"] + _findings(demo, dice, saes)
     return results
 
@@ -1154,6 +1251,7 @@ STEPS: tuple[tuple[str, str, Callable[[Demo, Path], dict]], ...] = (
     ("experiments", "Experiments: failure diagnosis, recovery and adaptation (oracle and calibrated)", step_experiments),
     ("bundles", "Bundles: one per population", step_bundles),
     ("steering", "Steering: corrected masks with recipes, from the reference bundle", step_steering),
+    ("reference", "The shipped reference model on a real case: top latents, a suggested correction and its recipe", step_reference),
     ("report", "Report: the HTML audit report", step_report),
 )
 

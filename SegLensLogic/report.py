@@ -435,6 +435,36 @@ def _section_steered(results: dict) -> str | None:
     return "".join(parts)
 
 
+def _section_reference(results: dict) -> str | None:
+    real = results.get("reference_case")
+    if not real:
+        return None
+    if real.get("skipped"):
+        return _note("Skipped: " + real["skipped"] + ".")
+    dice = "" if real.get("dice_before") is None else f" Mean Dice {real['dice_before']:.3f} before, {real['dice_after']:.3f} after."
+    intro = (f"<p>The shipped reference bundle on <strong>{_e(real['case_id'])}</strong> ({_e(real['shift'])} of a real case). "
+             f"Suggested correction ({_e(real['method'])}, no label of the case read): {_e(real['suggestion'])}; "
+             f"{real['voxels_changed']} voxels changed.{_e(dice)} Recipe <code>{_e(real['recipe'])}</code>, replayed "
+             f"{'identically' if real['replay_identical'] else 'differently'}.</p>")  # fmt: skip
+    top = "<table><tr><th>latent</th><th>label</th><th>category</th><th>population status</th><th>shared with</th><th>activation</th></tr>" + "".join(
+        f"<tr><td>{r['id']}</td><td>{_e(r['label'] or '')}</td><td>{_e(r['category'] or '')}</td><td>{_e(r['status'] or '')}</td>"
+        f"<td>{_e(r['shared_with'])}</td><td>{r['activation']}</td></tr>" for r in real["top_latents"]) + "</table>"
+    colours = real.get("colours") or DEFAULT_COLOURS
+    figures = []
+    for key, caption in (("image", "FLAIR"), ("before", "before"), ("after", "after"), ("truth", "ground truth")):
+        png = array_png(real["image"], size_px=220) if key == "image" else overlay_png(real["image"], real[key], colours)
+        figures.append(f"<figure style='width:220px'>{_img(png, caption)}<figcaption>{_e(caption)}</figcaption></figure>")
+    repair = real.get("repair") or {}
+    arms = ""
+    if repair:
+        arms = ("<p>The bundle's own measurement of steering on real failure cases (its model card; oracle rows read the "
+                "ground truth, calibrated and ground-truth-free rows do not):</p><table><tr><th>arm</th><th>cases</th>"
+                "<th>recovered</th><th>mean Dice change [95 % CI]</th></tr>"
+                + "".join(f"<tr><td>{_e(arm)}</td><td>{r['cases']}</td><td>{r['recovered']:.2f}</td><td>{_e(r['dice_mean'])}</td></tr>"
+                          for arm, r in repair.items()) + "</table>")  # fmt: skip
+    return intro + "<h3>Most active latents</h3>" + top + f"<div class='gallery'>{''.join(figures)}</div>" + arms
+
+
 SECTIONS = (
     ("cohorts", "Cohorts and models", _section_cohorts, "no cohorts or model evaluations were given"),
     ("sae", "SAE quality", _section_sae, "no SAE evaluations were given"),
@@ -444,6 +474,7 @@ SECTIONS = (
     ("failures", "Failure recovery", _section_failures, "no failure-recovery experiment was given"),
     ("adaptation", "Population adaptation", _section_adaptation, "no adaptation experiment was given"),
     ("steered", "Steered cases: before and after", _section_steered, "no steered cases were given"),
+    ("reference", "The shipped reference model on a real case", _section_reference, "the demo did not run the shipped model"),
 )  # fmt: skip
 
 

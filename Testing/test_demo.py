@@ -109,6 +109,14 @@ def test_quick_demo_outputs(quick_demo, capsys):
         assert row["n_feature"] <= row["n_live"] and row["n_specific"] + row["n_shared"] == row["n_live"]
     assert sum(r["used"] for r in rows) == 2
 
+    # The real part: the shipped reference bundle on a real case under a shift, its top latents, a suggested
+    # correction exported with its recipe (replayed identically), in the report with the bundle's arms table.
+    real = state["steps"]["reference"]["outputs"]
+    assert not real.get("skipped"), real
+    assert real["replay_identical"] and (out / real["recipe"]).is_file() and (out / real["mask"]).is_file()
+    assert len(real["top_latents"]) == 5 and all(r["category"] for r in real["top_latents"])
+    assert "The shipped reference model on a real case" in html and real["case_id"] in html
+
 
 def test_quick_demo_resumes_without_redoing_steps(quick_demo, capsys):
     out = quick_demo
