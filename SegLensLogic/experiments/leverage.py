@@ -143,8 +143,10 @@ def leverage_report(
             raise ValueError(f"the SAE given for hook '{hook}' was trained at '{sae.config.hook_point}'")
         sae.config.hook_point = hook
         rows = []
-        for case in cases:
+        for number, case in enumerate(cases):
             case_rows = case_leverage(model, sae, case, alphas, n_latents)
+            if any(r["case"] == case_rows[0]["case"] for r in rows):  # a degraded copy keeps its case's id
+                case_rows = [{**r, "case": f"{r['case']} #{number + 1}"} for r in case_rows]
             rows += [{"hook": hook, **r} for r in case_rows]
             best = max(case_rows, key=lambda r: r["gain_mean"])
             log(f"  {hook}: {case_rows[0]['case']}: moved up to {max(r['moved'] for r in case_rows):.2f} of the predicted tumour, "
