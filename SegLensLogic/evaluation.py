@@ -11,7 +11,7 @@ import numpy as np
 
 from .data.cases import read_case
 from .data.cohort import Cohort
-from .data.io import atomic_write_text
+from .storage import atomic_write_text
 from .errors import SegLensError
 from .inference import predict_volume
 from .metrics import segmentation_scores

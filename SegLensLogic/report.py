@@ -502,7 +502,7 @@ def build_report_html(results: dict) -> str:
 
 def render_report(results: dict, out: str | Path, overwrite: bool = False) -> Path:
     """Write the audit report for ``results`` (see the module docstring) to ``out`` atomically; returns the path."""
-    from .data.io import atomic_write_text
+    from .storage import atomic_write_text
     from .errors import refuse_existing
 
     out = refuse_existing(out, overwrite)

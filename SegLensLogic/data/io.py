@@ -9,11 +9,10 @@ reference image. Outputs are written atomically and never replace an existing fi
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import tempfile
 import zlib
-from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,17 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import InputFileError, refuse_existing
+# Atomic writes, JSON and weights folders live in the storage ground floor; re-exported here for their many users.
+from ..storage import (  # noqa: F401
+    atomic_target,
+    atomic_write_bytes,
+    atomic_write_text,
+    file_sha256,
+    publish_file,
+    read_json,
+    read_weights_folder,
+    write_weights_folder,
+)
 
 NIBABEL_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -98,6 +108,15 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return array, affine
 
 
+def _reader_message(exc: BaseException, path: Path) -> str:
+    """A reader's complaint on one line: SimpleITK's exceptions span lines and repeat the C++ source location."""
+    text = str(exc)
+    if "ERROR:" in text:  # ITK: "Exception thrown in ... file.cxx:99: sitk::ERROR: Reader(0x55...): message"
+        text = re.sub(r"^\s*\w+\(0x[0-9a-fA-F]+\):\s*", "", text.rsplit("ERROR:", 1)[1])
+    text = " ".join(text.replace(f'"{path}"', path.name).replace(str(path), path.name).split())
+    return text[:300] or type(exc).__name__
+
+
 def read_image(path: str | Path) -> ImageData:
     """Read a 3D image and check that every voxel is a finite number.
 
@@ -117,6 +136,14 @@ def read_image(path: str | Path) -> ImageData:
     if not path.is_file():
         raise InputFileError(path, "file not found")
     header = None
+    if suffix in SITK_SUFFIXES:
+        try:
+            with open(path, "rb") as handle:
+                magic = handle.read(2)
+        except OSError as exc:
+            raise InputFileError(path, f"cannot be read ({exc.strerror or exc})") from None
+        if magic == b"\x1f\x8b":
+            raise InputFileError(path, f"is gzip-compressed, which {suffix} files are not; decompress it (gunzip) or give the file its real name")
     try:
         if suffix in NIBABEL_SUFFIXES:
             image = nib.load(str(path))
@@ -129,7 +156,7 @@ def read_image(path: str | Path) -> ImageData:
     except InputFileError:
         raise
     except (EOFError, OSError, zlib.error, ValueError, RuntimeError, nib.filebasedimages.ImageFileError) as exc:
-        raise InputFileError(path, f"cannot be read as an image, it may be corrupt or truncated ({exc})") from None
+        raise InputFileError(path, f"cannot be read as an image, it may be corrupt or truncated ({_reader_message(exc, path)})") from None
     if array.ndim == 4 and array.shape[3] == 1:  # a 3D volume stored with a singleton time axis
         array = array[..., 0]
     if array.ndim != 3:
@@ -175,43 +202,6 @@ def read_label_array(spec: str | Path, reference: ImageData) -> ImageData:
     return read_image(spec)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish(tmp: str | Path, path: Path) -> None:
-    """Give a finished temporary file the permissions a plain write would (mkstemp makes it 0600), then rename it."""
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-
-
-def _atomic_target(path: Path, overwrite: bool) -> None:
-    refuse_existing(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = False) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    _atomic_target(path, overwrite)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str, overwrite: bool = False) -> Path:
-    """Text version of :func:`atomic_write_bytes` (UTF-8)."""
-    return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
-
-
 def write_image(
     array: np.ndarray, like: ImageData, path: str | Path, overwrite: bool = False, dtype: np.dtype | None = None
 ) -> Path:
@@ -229,7 +219,7 @@ def write_image(
         raise InputFileError(path, "outputs are written as NIfTI; name the file .nii.gz or .nii")
     if tuple(array.shape) != like.shape:
         raise ValueError(f"array of shape {array.shape} does not match the grid {like.shape} of {like.path}")
-    _atomic_target(path, overwrite)
+    atomic_target(path, overwrite)
     data = np.asarray(array, dtype=dtype or array.dtype)
     if like.header is not None:
         header = like.header.copy()
@@ -248,81 +238,8 @@ def write_image(
     os.close(fd)
     try:
         nib.save(image, tmp)
-        _publish(tmp, path)
+        publish_file(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (identifies model and SAE weights in recipes, alignments and bundles)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def read_json(path: str | Path) -> Any:
-    """Parse a JSON file; malformed JSON raises :class:`InputFileError` naming the file."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputFileError(path, f"is not valid JSON ({exc})") from None
-
-
-def read_weights_folder(folder: str | Path, config_name: str, weights_name: str, kind: str) -> tuple[Any, dict]:
-    """Read a weights folder (a JSON config plus a safetensors file): ``(config data, tensors on the CPU)``.
-
-    ``kind`` names the folder in errors ("a model", "an SAE"). Nothing is unpickled: safetensors holds plain
-    tensors only.
-
-    Raises:
-        InputFileError: the folder or a file is missing, the JSON is malformed, or the weights are unreadable.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputFileError(folder, f"{kind.split()[-1]} folder not found")
-    config_path, weights_path = folder / config_name, folder / weights_name
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise InputFileError(path, f"missing: {kind} folder needs {config_name} and {weights_name}")
-    data = read_json(config_path)
-    try:
-        state = load_file(str(weights_path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise InputFileError(weights_path, f"cannot be read as safetensors ({exc})") from None
-    return data, state
-
-
-def write_weights_folder(
-    folder: str | Path, config_name: str, config: dict, weights_name: str, state: dict, metadata: dict[str, str], overwrite: bool = False
-) -> Path:
-    """Write a weights folder: ``state`` as safetensors, then ``config`` as JSON, each atomically.
-
-    Raises:
-        OutputExistsError: either file exists and ``overwrite`` is False (checked before anything is written).
-    """
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    for name in (config_name, weights_name):
-        refuse_existing(folder / name, overwrite)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{weights_name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-        _publish(tmp, folder / weights_name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    atomic_write_text(folder / config_name, json.dumps(config, indent=2) + "\n", overwrite=True)
-    return folder

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.cases import read_case
-from ..data.io import atomic_write_bytes
+from ..storage import atomic_write_bytes
 from ..data.labels import TUMOUR_COLOURS
 from ..data.preprocessing import prepare_case
 from ..errors import refuse_existing

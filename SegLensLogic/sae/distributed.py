@@ -50,7 +50,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..data.cohort import Cohort
-from ..data.io import atomic_write_text, read_json
+from ..storage import atomic_write_text, read_json
 from ..errors import SegLensError, refuse_existing
 from .activations import (
     ActivationStore,

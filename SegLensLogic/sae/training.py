@@ -507,6 +507,6 @@ def save_training_report(report: dict, folder: str | Path) -> Path:
     """Write ``training_report.json`` (history included) beside a saved SAE."""
     import json
 
-    from ..data.io import atomic_write_text
+    from ..storage import atomic_write_text
 
     return atomic_write_text(Path(folder) / "training_report.json", json.dumps(report, indent=2) + "\n", overwrite=True)
