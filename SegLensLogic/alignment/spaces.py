@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from scipy.linalg import orthogonal_procrustes
 
-from ..data.io import read_json
+from ..storage import read_json
 from ..errors import InputFileError
 from .alignment import LatentAlignment, align_similarities, align_vectors, dictionary_vectors
 
@@ -36,13 +36,13 @@ SHARED_RELATIONS = ("same-model", "shared-init")
 
 
 def _model_provenance(folder: str | Path) -> tuple[str, dict]:
-    from ..networks.segmenter import CONFIG_NAME, weights_sha256
+    from ..networks.segmenter import CONFIG_NAME, SegmenterConfig, weights_sha256
 
     folder = Path(folder)
     if not (folder / CONFIG_NAME).is_file():
         raise InputFileError(folder, f"not a model folder (no {CONFIG_NAME})")
-    config = read_json(folder / CONFIG_NAME)
-    return weights_sha256(folder), (config.get("training") or {}) if isinstance(config, dict) else {}
+    config = SegmenterConfig.from_dict(read_json(folder / CONFIG_NAME), folder / CONFIG_NAME)
+    return weights_sha256(folder), dict(config.training or {})
 
 
 def space_relation(sae_a, sae_b, model_a: str | Path | None = None, model_b: str | Path | None = None) -> dict:

@@ -11,16 +11,30 @@ Loading never unpickles anything.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
-from ..data.io import file_sha256, read_weights_folder, write_weights_folder
 from ..errors import InputFileError
+from ..storage import (
+    Schema,
+    check_document,
+    check_tensor_shapes,
+    file_sha256,
+    load_safetensors,
+    one_line,
+    read_json,
+    safetensors_shapes,
+    weights_folder_files,
+    write_weights_folder,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -77,7 +91,13 @@ class SegmenterConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str | Path = "<config>") -> "SegmenterConfig":
+    def from_dict(cls, data: Any, source: str | Path = "<config>") -> "SegmenterConfig":
+        """A config from its JSON form, checked against :class:`SegmenterConfigSchema` (keys, types, sizes, known
+        modalities and label scheme) before anything is built from it.
+
+        Raises:
+            InputFileError: naming ``source`` and the field.
+        """
         if not isinstance(data, dict):
             raise InputFileError(source, "is not a JSON object")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -87,29 +107,48 @@ class SegmenterConfig:
         missing = [name for name in ("arch", "modalities", "class_names") if name not in data]
         if missing:
             raise InputFileError(source, f"missing config field(s) {missing}")
-        version = data.get("format_version", FORMAT_VERSION)
-        if version != FORMAT_VERSION:
-            raise InputFileError(source, f"format_version {version} is not supported (this SegLens reads {FORMAT_VERSION})")
-        if not isinstance(data["modalities"], list) or not data["modalities"]:
-            raise InputFileError(source, "'modalities' must be a non-empty list")
-        if not isinstance(data["class_names"], list) or not 2 <= len(data["class_names"]) <= 256:
-            raise InputFileError(source, "'class_names' must list background and 1 to 255 classes")
-        if not all(isinstance(name, str) for name in data["class_names"] + data["modalities"]):
-            raise InputFileError(source, "'class_names' and 'modalities' must be lists of strings")
-        from ..data.cases import MODALITIES
+        check_document(data, source, None, FORMAT_VERSION, SegmenterConfigSchema, "model config", default_version=FORMAT_VERSION)
+        return cls(**copy.deepcopy(data))
 
-        unknown = [m for m in data["modalities"] if m not in MODALITIES]
-        if unknown or len(set(data["modalities"])) != len(data["modalities"]):
-            raise InputFileError(source, f"'modalities' must be distinct names among {', '.join(MODALITIES)}, got {data['modalities']}")
-        size = data.get("image_size", 256)
-        if not isinstance(size, int) or isinstance(size, bool) or not 32 <= size <= 2048:
-            raise InputFileError(source, f"'image_size' must be an integer from 32 to 2048 pixels, got {size!r}")
-        if not isinstance(data["arch"], str):
-            raise InputFileError(source, f"'arch' must be a string, got {data['arch']!r}")
-        for name, kind in (("arch_options", dict), ("training", dict), ("crop_to_brain", bool)):
-            if name in data and not isinstance(data[name], kind):
-                raise InputFileError(source, f"'{name}' must be a {kind.__name__}, got {type(data[name]).__name__}")
-        return cls(**data)
+
+class TrainingRecord(Schema):
+    """The parts of a model's training provenance that SegLens reads back (the rest is kept as written)."""
+
+    cohort: str | None = None
+    init_model_sha256: str | None = None
+    options: dict[str, Any] | None = None
+
+    @field_validator("options")
+    @classmethod
+    def _dropout(cls, options):
+        dropout = (options or {}).get("modality_dropout")
+        if dropout is not None and (type(dropout) not in (int, float) or not 0 <= dropout <= 1):
+            raise ValueError(f"options.modality_dropout must be a number from 0 to 1, got {dropout!r}")
+        return options
+
+
+class SegmenterConfigSchema(Schema):
+    """``config.json`` of a model folder (see :class:`SegmenterConfig`): sizes are bounded here, and the weights'
+    shapes are compared with the model this describes before any weight is allocated
+    (:meth:`Segmenter.from_pretrained`)."""
+
+    arch: str = Field(min_length=1, max_length=64)
+    modalities: list[Literal["t1n", "t1c", "t2w", "t2f"]] = Field(min_length=1, max_length=4)
+    class_names: list[str] = Field(min_length=2, max_length=256)
+    label_scheme: Literal["brats2023", "brats2018", "brats2013", "aseg"] = "brats2023"
+    image_size: int = Field(default=256, ge=32, le=2048)
+    crop_to_brain: bool = False
+    hook_point: str | None = Field(default=None, max_length=64)
+    arch_options: dict[str, Any] = Field(default_factory=dict)
+    training: TrainingRecord = Field(default_factory=TrainingRecord)
+    format_version: int = FORMAT_VERSION
+
+    @field_validator("modalities")
+    @classmethod
+    def _distinct(cls, modalities):
+        if len(set(modalities)) != len(modalities):
+            raise ValueError(f"'modalities' must be distinct, got {modalities}")
+        return modalities
 
 
 class Segmenter(nn.Module):
@@ -207,13 +246,23 @@ class Segmenter(nn.Module):
             InputFileError: the folder, its config or its weights are missing, malformed or do not match.
         """
         folder = Path(folder)
-        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        data, state = read_weights_folder(folder, CONFIG_NAME, WEIGHTS_NAME, "a model")
-        config = SegmenterConfig.from_dict(data, config_path)
+        config_path, weights_path = weights_folder_files(folder, CONFIG_NAME, WEIGHTS_NAME, "a model")
+        config = SegmenterConfig.from_dict(read_json(config_path), config_path)
+        found = safetensors_shapes(weights_path)
+        # The model the config describes is built on the meta device first (no memory): its weights' shapes are
+        # compared with the file's header before a model of the config's sizes is allocated.
         try:
-            model = build_segmenter(config)
-        except (ValueError, TypeError) as exc:
-            raise InputFileError(config_path, f"does not describe a valid model ({exc})") from None
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. zero-element tensors of a degenerate config (refused below)
+                skeleton = build_segmenter(copy.deepcopy(config))
+        except Exception as exc:  # noqa: BLE001 (arch_options reach third-party constructors: any error is the config's)
+            raise InputFileError(config_path, f"does not describe a valid model ({one_line(exc)})") from None
+        expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+        check_tensor_shapes(weights_path, expected, found, CONFIG_NAME)
+        state = load_safetensors(weights_path)
+        if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
+            raise InputFileError(weights_path, "holds NaN or Inf weights")
+        model = build_segmenter(config)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:

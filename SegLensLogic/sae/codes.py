@@ -158,10 +158,9 @@ def encode_volume(
             extraction does by default: the SAE and its threshold never saw background vectors, on which many
             latents fire spuriously.
     """
-    hook = hook or sae.config.hook_point or model.config.hook_point
-    channels, height, width = model.hook_points()[hook]
-    if channels != sae.config.d_in:
-        raise ValueError(f"the SAE takes {sae.config.d_in}-dimensional activations but hook '{hook}' has {channels} channels")
+    hook = sae.check_fits(model, hook)
+    _, height, width = model.hook_points()[hook]
+    sae._theta()  # an SAE without an inference threshold cannot encode: say so before reading the case
     prepared = prepare_for_model(model, case)
     device = next(model.parameters()).device
     model.eval()

@@ -68,8 +68,7 @@ def dice_recovered(model: Segmenter, sae: BatchTopKSAE, cohort: Cohort, log: Cal
     """
     from ..steering.encoded import encode_case
 
-    if sae.config.hook_point and sae.config.hook_point not in model.hook_points():
-        raise SegLensError(f"the SAE was trained at hook '{sae.config.hook_point}', which model {model.config.arch} does not have")
+    sae.check_fits(model)  # before any case is read
     config = model.config
     rows = []
     for case in cohort:

@@ -13,6 +13,7 @@ Shapes: activations ``(n, d_in)``; codes ``(n, d_sae)`` dense or ``(indices, val
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
@@ -21,10 +22,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
-from ..data.io import file_sha256, read_weights_folder, write_weights_folder
-from ..errors import InputFileError
+from ..errors import InputFileError, SegLensError
+from ..storage import (
+    MAX_CHANNELS,
+    MAX_LATENTS,
+    Schema,
+    check_document,
+    check_tensor_shapes,
+    file_sha256,
+    load_safetensors,
+    read_json,
+    safetensors_shapes,
+    weights_folder_files,
+    write_weights_folder,
+)
 
 SAE_CONFIG_NAME = "sae_config.json"
 SAE_WEIGHTS_NAME = "sae.safetensors"
@@ -64,6 +78,11 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, data: Any, source: str | Path = "<config>") -> "SAEConfig":
+        """A config from its JSON form, checked against :class:`SAEConfigSchema` before anything is allocated.
+
+        Raises:
+            InputFileError: naming ``source`` and the problem.
+        """
         if not isinstance(data, dict):
             raise InputFileError(source, "is not a JSON object")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -71,22 +90,40 @@ class SAEConfig:
             raise InputFileError(source, f"unknown SAE config field(s) {unknown}")
         if "d_in" not in data:
             raise InputFileError(source, "missing SAE config field 'd_in'")
-        if data.get("format_version", SAE_FORMAT_VERSION) != SAE_FORMAT_VERSION:
-            raise InputFileError(source, f"SAE format_version {data['format_version']} is not supported")
-        for name, limit in (("d_in", 1 << 16), ("expansion", 1 << 10), ("k", 1 << 12)):
+        for name, limit in (("d_in", MAX_CHANNELS), ("expansion", 1 << 10), ("k", 1 << 12)):
             value = data.get(name, 1)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
-                raise InputFileError(source, f"'{name}' must be an integer from 1 to {limit}, got {value!r}")
-        d_sae = data["d_in"] * data.get("expansion", 16)
-        if d_sae > 1 << 22:  # checked before any weight is allocated
-            raise InputFileError(source, f"d_in x expansion = {d_sae} latents is more than SegLens loads (4,194,304)")
-        if data.get("k", 32) > d_sae:
-            raise InputFileError(source, f"'k' ({data.get('k')}) is larger than the dictionary ({d_sae} latents)")
-        threshold = data.get("threshold")
-        if threshold is not None and (not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold != threshold
-                                      or abs(threshold) == float("inf")):  # fmt: skip
-            raise InputFileError(source, f"'threshold' must be a finite number or null, got {threshold!r}")
-        return cls(**data)
+            if type(value) is not int or not 1 <= value <= limit:
+                raise InputFileError(source, f"'{name}' must be a positive integer (at most {limit}), got {value!r}")
+        check_document(data, source, None, SAE_FORMAT_VERSION, SAEConfigSchema, "SAE config", default_version=SAE_FORMAT_VERSION)
+        return cls(**copy.deepcopy(data))
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> shape of this SAE's weights file (compared with the file's header before loading)."""
+        d_in, d_sae = self.d_in, self.d_sae
+        return {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "norm_scale": (), "threshold": ()}
+
+
+class SAEConfigSchema(Schema):
+    """``sae_config.json`` (see :class:`SAEConfig`): sizes bounded (``d_in x expansion`` latents at most
+    :data:`~SegLensLogic.storage.MAX_LATENTS`, ``k`` within the dictionary), a finite threshold or null."""
+
+    d_in: int = Field(ge=1, le=MAX_CHANNELS)
+    expansion: int = Field(default=16, ge=1, le=1 << 10)
+    k: int = Field(default=32, ge=1, le=1 << 12)
+    threshold: float | None = None
+    hook_point: str | None = Field(default=None, max_length=64)
+    model_sha256: str | None = Field(default=None, max_length=128)
+    training: dict[str, Any] = Field(default_factory=dict)
+    format_version: int = SAE_FORMAT_VERSION
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        d_sae = self.d_in * self.expansion
+        if d_sae > MAX_LATENTS:  # checked before any weight is allocated
+            raise ValueError(f"d_in x expansion = {d_sae} latents is more than SegLens loads ({MAX_LATENTS:,})")
+        if self.k > d_sae:
+            raise ValueError(f"'k' ({self.k}) is larger than the dictionary ({d_sae} latents)")
+        return self
 
 
 class _SparseEncode(torch.autograd.Function):
@@ -184,6 +221,16 @@ class _BatchTopKAutoencode(torch.autograd.Function):
         return grad_x, grad_w_enc, grad_b_enc, grad_w_dec, grad_b_dec, None
 
 
+class NoThresholdError(SegLensError, RuntimeError):
+    """An SAE without an inference threshold was asked to encode (it can only reconstruct batches)."""
+
+    def __init__(self, sae: "BatchTopKSAE"):
+        source = getattr(sae, "source", None)
+        where = f"{Path(source) / SAE_CONFIG_NAME}: " if source is not None else "this "
+        super().__init__(f"{where}SAE has no inference threshold, so it cannot encode single cases "
+                         "(train it with seglens train-sae, which sets one; or estimate it with estimate_threshold())")  # fmt: skip
+
+
 class BatchTopKSAE(nn.Module):
     """BatchTopK sparse autoencoder on activation vectors of dimension ``d_in``.
 
@@ -194,6 +241,7 @@ class BatchTopKSAE(nn.Module):
     def __init__(self, config: SAEConfig):
         super().__init__()
         self.config = config
+        self.source: Path | None = None  # the folder it was loaded from, named in errors
         d_in, d_sae = config.d_in, config.d_sae
         w = torch.empty(d_in, d_sae)
         nn.init.kaiming_uniform_(w.t(), a=5**0.5)
@@ -260,10 +308,29 @@ class BatchTopKSAE(nn.Module):
         indices = torch.where(values > 0, top.indices, torch.zeros_like(top.indices))
         return indices, values
 
+    def check_fits(self, model, hook: str | None = None) -> str:
+        """The hook point this SAE reads in ``model`` (``hook``, else the SAE's, else the model's default), after
+        checking that the model has it with ``d_in`` channels; returns its name.
+
+        Raises:
+            InputFileError: naming the SAE's config (when the SAE was loaded from a folder), else SegLensError.
+        """
+        hook = hook or self.config.hook_point or model.config.hook_point
+        shapes = model.hook_points()
+        if hook not in shapes:
+            problem = f"the SAE was trained at hook point '{hook}', which model {model.config.arch} does not have ({', '.join(shapes)})"
+        elif shapes[hook][0] != self.config.d_in:
+            problem = f"the SAE takes {self.config.d_in}-dimensional activations but hook point '{hook}' of the model has {shapes[hook][0]} channels"
+        else:
+            return hook
+        if self.source is not None:
+            raise InputFileError(Path(self.source) / SAE_CONFIG_NAME, problem)
+        raise SegLensError(problem)
+
     def _theta(self) -> float:
         theta = float(self.threshold)
         if theta != theta:  # NaN: not estimated
-            raise RuntimeError("this SAE has no inference threshold yet; estimate it with estimate_threshold()")
+            raise NoThresholdError(self)
         return theta
 
     # -- decoding ---------------------------------------------------------------------------------------
@@ -342,20 +409,21 @@ class BatchTopKSAE(nn.Module):
             InputFileError: missing or malformed config or weights, or weights that do not fit the config.
         """
         folder = Path(folder)
-        data, state = read_weights_folder(folder, SAE_CONFIG_NAME, SAE_WEIGHTS_NAME, "an SAE")
-        config = SAEConfig.from_dict(data, folder / SAE_CONFIG_NAME)
-        weights_path = folder / SAE_WEIGHTS_NAME
+        config_path, weights_path = weights_folder_files(folder, SAE_CONFIG_NAME, SAE_WEIGHTS_NAME, "an SAE")
+        config = SAEConfig.from_dict(read_json(config_path), config_path)
+        # Shapes from the header first: a config's sizes are never allocated unless the weights file holds them.
+        check_tensor_shapes(weights_path, config.expected_shapes(), safetensors_shapes(weights_path),
+                            f"{SAE_CONFIG_NAME} (d_in {config.d_in}, d_sae {config.d_sae})")  # fmt: skip
+        state = load_safetensors(weights_path)
         sae = cls(config)
-        expected = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
-        found = {name: tuple(t.shape) for name, t in state.items()}
-        if expected != found:
-            diff = sorted(set(expected.items()) ^ set(found.items()))[:4]
-            raise InputFileError(
-                weights_path, f"weights do not match {SAE_CONFIG_NAME} (d_in {config.d_in}, d_sae {config.d_sae}): {diff}"
-            )
         sae.load_state_dict(state)
+        if not all(torch.isfinite(state[name]).all() for name in ("W_enc", "b_enc", "W_dec", "b_dec", "norm_scale")):
+            raise InputFileError(weights_path, "holds NaN or Inf weights")
         if config.threshold is not None and not torch.isclose(sae.threshold, torch.tensor(float(config.threshold))):
             raise InputFileError(weights_path, f"threshold {float(sae.threshold)} disagrees with {SAE_CONFIG_NAME} ({config.threshold})")
+        if config.threshold is None and not torch.isnan(sae.threshold):
+            raise InputFileError(weights_path, f"holds threshold {float(sae.threshold)} but {SAE_CONFIG_NAME} has none (null)")
+        sae.source = folder
         # Recipes, labels files and alignments name an SAE by this hash.
         sae.weights_sha256 = sae_sha256(folder)
         return sae.to(device or "cpu").eval()

@@ -83,7 +83,8 @@ def encode_case(
         probabilities: also keep the softmax on the input grid (for uncertainty filtering).
         progress: ``progress(done, total)`` over both halves (encoding, then decoding); False cancels.
     """
-    hook = sae.config.hook_point or model.config.hook_point
+    hook = sae.check_fits(model)
+    sae._theta()  # an SAE without an inference threshold cannot encode: say so before reading the case
     report = None
     if progress is not None:
         report = lambda done, total: progress(done, 2 * total)  # noqa: E731  (encoding: first half)
