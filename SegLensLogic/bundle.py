@@ -32,22 +32,35 @@ naming the file. Weights are safetensors and configs JSON: nothing is unpickled.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from .data.io import atomic_write_text, file_sha256, read_json
+from pydantic import Field, model_validator
+
 from .errors import InputFileError, OutputExistsError, SegLensError
+from .storage import (
+    MAX_CHANNELS,
+    MAX_LATENTS,
+    MAX_WEIGHTS_BYTES,
+    Schema,
+    Sha256,
+    atomic_write_json,
+    file_sha256,
+    publish_folder,
+    read_document,
+    read_json,
+    staging_folder,
+)
 
 MANIFEST_NAME = "bundle.json"
 BUNDLE_KIND = "seglens-bundle"
 BUNDLE_FORMAT_VERSION = 1
 MODEL_FILES = ("config.json", "model.safetensors")
 SAE_FILES = ("sae_config.json", "sae.safetensors")
+# Files a manifest may list (a bundle holds a few dozen).
+MAX_BUNDLE_FILES = 10_000
 
 # FreeSurfer's colour table (FreeSurferColorLUT.txt) for the healthy structures, in HEALTHY_CLASSES order.
 ASEG_COLOURS = {
@@ -85,8 +98,13 @@ def _inside(root: Path, relative: Any, manifest: Path, what: str) -> Path:
         raise InputFileError(manifest, f"{what}: absolute path '{relative}' is not allowed; paths are relative to the bundle")
     if ".." in pure.parts:
         raise InputFileError(manifest, f"{what}: path '{relative}' leaves the bundle ('..')")
+    if "\x00" in relative:
+        raise InputFileError(manifest, f"{what}: path {relative!r:.60} holds a NUL character")
     path = root / Path(*pure.parts)
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise InputFileError(manifest, f"{what}: path '{relative}' cannot be resolved ({exc})") from None
     if resolved != root.resolve() and root.resolve() not in resolved.parents:
         raise InputFileError(manifest, f"{what}: path '{relative}' resolves outside the bundle (to {resolved}; a symlink?)")
     return path
@@ -215,8 +233,9 @@ class Bundle:
         m = self.manifest
         lines = [
             f"bundle '{self.name}' (cohort {self.cohort or '-'}) at {self.root}",
-            f"  model: {m['model']['arch']}, hook {self.hook_point}, inputs {', '.join(self.modalities)} at {self.image_size} px",
-            f"  SAE: {m['sae']['d_sae']} latents over {m['sae']['d_in']} channels, k {m['sae']['k']}, threshold {m['sae']['threshold']}",
+            f"  model: {m['model'].get('arch', '?')}, hook {self.hook_point}, inputs {', '.join(self.modalities)} at {self.image_size} px",
+            f"  SAE: {m['sae'].get('d_sae', '?')} latents over {m['sae'].get('d_in', '?')} channels, k {m['sae'].get('k', '?')}, "
+            f"threshold {m['sae'].get('threshold', '?')}",
             f"  classes ({self.label_scheme}): {', '.join(self.class_names)}",
             f"  latent labels: {self.labels_path.name if self.labels_path else 'none'}; alignments: {len(self.alignment_paths)}",
             f"  {len(self.files)} files, all SHA-256 verified",
@@ -224,34 +243,104 @@ class Bundle:
         return "\n".join(lines)
 
 
-def _require(manifest: dict, key: str, kind: type | tuple, path: Path) -> Any:
-    if key not in manifest:
-        raise InputFileError(path, f"manifest lacks '{key}'")
-    value = manifest[key]
-    if not isinstance(value, kind):
-        raise InputFileError(path, f"'{key}' has the wrong type ({type(value).__name__})")
-    return value
+RelativePath = Annotated[str, Field(min_length=1, max_length=1024)]
 
 
-def _check_sha_links(root: Path, manifest: dict, path: Path) -> None:
-    """The SAE was trained on this model; labels and alignments were made with this SAE (when they say so)."""
-    model_sha, sae_sha = manifest["model"]["sha256"], manifest["sae"]["sha256"]
-    sae_config = read_json(root / manifest["sae"]["path"] / SAE_FILES[0])
-    trained_on = sae_config.get("model_sha256") if isinstance(sae_config, dict) else None
-    if trained_on and trained_on != model_sha:
-        raise InputFileError(root / manifest["sae"]["path"] / SAE_FILES[0], "SAE was trained on another model (model_sha256 differs from the bundle's model)")
+class ModelEntry(Schema):
+    path: RelativePath
+    hook_point: str = Field(max_length=64)
+    sha256: Sha256
+    arch: str | None = None
+
+
+class SaeEntry(Schema):
+    path: RelativePath
+    sha256: Sha256
+    d_in: int | None = Field(default=None, ge=1, le=MAX_CHANNELS)
+    d_sae: int | None = Field(default=None, ge=1, le=MAX_LATENTS)
+    k: int | None = Field(default=None, ge=1)
+    threshold: float | None = None
+    hook_point: str | None = None
+
+
+class ClassesEntry(Schema):
+    names: list[str] = Field(min_length=2, max_length=256)
+    colours: list[Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(min_length=3, max_length=3)]] = Field(min_length=2, max_length=256)
+    label_scheme: str | None = None
+
+    @model_validator(mode="after")
+    def _same_length(self):
+        if len(self.names) != len(self.colours):
+            raise ValueError("'classes' needs 'names' and 'colours' lists of the same length (background first)")
+        return self
+
+
+class PreprocessingEntry(Schema):
+    modalities: list[Literal["t1n", "t1c", "t2w", "t2f"]] = Field(min_length=1, max_length=4)
+    image_size: int = Field(ge=32, le=2048)
+    label_scheme: str
+    missing_modalities: str | None = None
+
+
+class BundleManifest(Schema):
+    """``bundle.json`` (module docstring): every field a reader uses, typed and bounded (paths are checked to stay
+    in the bundle, files to exist with their hash, by :func:`load_bundle`)."""
+
+    name: str = Field(max_length=256)
+    model: ModelEntry
+    sae: SaeEntry
+    classes: ClassesEntry
+    preprocessing: PreprocessingEntry
+    files: dict[str, Sha256] = Field(max_length=MAX_BUNDLE_FILES)
+    cohort: str | None = None
+    labels: RelativePath | None = None
+    alignments: list[RelativePath] = Field(default_factory=list, max_length=MAX_BUNDLE_FILES)
+    card: RelativePath | None = None
+    suggestions: RelativePath | None = None
+    figures: dict[str, Any] | None = None
+    seglens_version: str | None = None
+
+
+def _check_parts(root: Path, manifest: dict, path: Path) -> None:
+    """The bundle's parts belong together, each read with its own loader (bounded, checked) before anything is
+    built from it: the configs describe what the manifest says, the SAE was trained on this model, and the labels,
+    alignments and suggestions were made for this SAE (its weights hash and its size)."""
+    from .networks.segmenter import CONFIG_NAME, SegmenterConfig
+    from .sae.model import SAEConfig
+
+    model, sae = manifest["model"], manifest["sae"]
+    model_config_path = root / model["path"] / CONFIG_NAME
+    model_config = SegmenterConfig.from_dict(read_json(model_config_path), model_config_path)
+    sae_config_path = root / sae["path"] / SAE_FILES[0]
+    sae_config = SAEConfig.from_dict(read_json(sae_config_path), sae_config_path)
+    preprocessing, classes = manifest["preprocessing"], manifest["classes"]
+    for what, claimed, actual in (("preprocessing.modalities", preprocessing["modalities"], model_config.modalities),
+                                  ("preprocessing.image_size", preprocessing["image_size"], model_config.image_size),
+                                  ("classes.names", classes["names"], model_config.class_names)):  # fmt: skip
+        if claimed != actual:
+            raise InputFileError(path, f"'{what}' is {claimed} but the model's {CONFIG_NAME} says {actual}")
+    for what, claimed, actual in (("d_in", sae.get("d_in"), sae_config.d_in), ("d_sae", sae.get("d_sae"), sae_config.d_sae),
+                                  ("k", sae.get("k"), sae_config.k)):  # fmt: skip
+        if claimed is not None and claimed != actual:
+            raise InputFileError(path, f"'sae.{what}' is {claimed} but the SAE's {SAE_FILES[0]} says {actual}")
+    if sae_config.model_sha256 and sae_config.model_sha256 != model["sha256"]:
+        raise InputFileError(sae_config_path, "SAE was trained on another model (model_sha256 differs from the bundle's model)")
     if manifest.get("labels"):
-        labels = read_json(root / manifest["labels"])
-        recorded = (labels.get("sae") or {}).get("sha256") if isinstance(labels, dict) else None
-        if recorded and recorded != sae_sha:
-            raise InputFileError(root / manifest["labels"], "latent labels were made for another SAE (sae.sha256 differs)")
-    for relative in manifest.get("alignments", []):
-        alignment = read_json(root / relative)
-        if not isinstance(alignment, dict):
-            raise InputFileError(root / relative, "is not a JSON object")
-        sides = [(alignment.get(side) or {}).get("sha256") for side in ("sae_a", "sae_b")]
-        if sae_sha not in sides:
-            raise InputFileError(root / relative, "alignment does not involve the bundle's SAE (neither sae_a nor sae_b has its sha256)")
+        from .interpretation.labels import load_latent_labels
+
+        labels = load_latent_labels(root / manifest["labels"])
+        if labels.sae_sha256 and labels.sae_sha256 != sae["sha256"]:
+            raise InputFileError(labels.path, "latent labels were made for another SAE (sae.sha256 differs)")
+        labels.check_sae(sae_config.d_sae)
+    if manifest.get("alignments"):
+        from .alignment.files import load_alignment
+
+        for relative in manifest["alignments"]:
+            load_alignment(root / relative).check_sae(sae["sha256"], sae_config.d_sae, sae_config.d_in, whose="the bundle's SAE")
+    if manifest.get("suggestions"):
+        from .steering.suggestions import load_suggestions
+
+        load_suggestions(root / manifest["suggestions"]).check_sae(sae_config.d_sae)
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
@@ -262,8 +351,8 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         verify: check the SHA-256 of every listed file (a few ms per MB); paths are always checked.
 
     Raises:
-        InputFileError: missing folder or file, malformed JSON, wrong kind or version, a path leaving the bundle,
-            a hash mismatch, or parts that do not belong together.
+        InputFileError: missing folder or file, malformed JSON, wrong kind or version, a field of the wrong type or
+            size, a path leaving the bundle, a file too large, a hash mismatch, or parts that do not belong together.
     """
     path = Path(path)
     root = path.parent if path.name == MANIFEST_NAME and path.is_file() else path
@@ -272,69 +361,42 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise InputFileError(root, "bundle folder not found")
     if not manifest_path.is_file():
         raise InputFileError(manifest_path, "missing: a bundle folder needs bundle.json (build one with seglens bundle)")
-    manifest = read_json(manifest_path)
-    if not isinstance(manifest, dict):
-        raise InputFileError(manifest_path, "is not a JSON object")
-    if manifest.get("kind") != BUNDLE_KIND:
-        raise InputFileError(manifest_path, f"is not a SegLens bundle manifest (kind {manifest.get('kind')!r}, expected '{BUNDLE_KIND}')")
-    version = manifest.get("format_version")
-    if version != BUNDLE_FORMAT_VERSION:
-        raise InputFileError(manifest_path, f"bundle format_version {version!r} is not supported (this SegLens reads {BUNDLE_FORMAT_VERSION})")
-    _require(manifest, "name", str, manifest_path)
-    model = _require(manifest, "model", dict, manifest_path)
-    sae = _require(manifest, "sae", dict, manifest_path)
-    classes = _require(manifest, "classes", dict, manifest_path)
-    preprocessing = _require(manifest, "preprocessing", dict, manifest_path)
-    files = _require(manifest, "files", dict, manifest_path)
-    alignments = manifest.setdefault("alignments", [])
-    if not isinstance(alignments, list):
-        raise InputFileError(manifest_path, "'alignments' must be a list of paths")
-    for key in ("path", "hook_point", "sha256"):
-        if key not in model:
-            raise InputFileError(manifest_path, f"'model' lacks '{key}'")
-    for key in ("path", "sha256"):
-        if key not in sae:
-            raise InputFileError(manifest_path, f"'sae' lacks '{key}'")
-    for key in ("modalities", "image_size", "label_scheme"):
-        if key not in preprocessing:
-            raise InputFileError(manifest_path, f"'preprocessing' lacks '{key}'")
-    names, colours = classes.get("names"), classes.get("colours")
-    if not isinstance(names, list) or not isinstance(colours, list) or len(names) != len(colours) or len(names) < 2:
-        raise InputFileError(manifest_path, "'classes' needs 'names' and 'colours' lists of the same length (background first)")
+    manifest = read_document(manifest_path, BUNDLE_KIND, BUNDLE_FORMAT_VERSION, BundleManifest, "SegLens bundle manifest", versioned="bundle")
+    manifest.setdefault("alignments", [])
+    model, sae, files, alignments = manifest["model"], manifest["sae"], manifest["files"], manifest["alignments"]
 
-    # Every path: relative, inside the bundle; every listed file present with its hash.
+    # Every path: relative, inside the bundle; every listed file present, of bounded size, with its hash.
     for relative in files:
         _inside(root, relative, manifest_path, "files")
     _inside(root, model["path"], manifest_path, "model.path")
     _inside(root, sae["path"], manifest_path, "sae.path")
     required = [f"{model['path']}/{name}" for name in MODEL_FILES] + [f"{sae['path']}/{name}" for name in SAE_FILES]
-    if manifest.get("labels") is not None:
-        _inside(root, manifest["labels"], manifest_path, "labels")
-        required.append(manifest["labels"])
-    for key in ("card", "suggestions"):
+    for key in ("labels", "card", "suggestions"):
         if manifest.get(key) is not None:
             _inside(root, manifest[key], manifest_path, key)
             required.append(manifest[key])
-    if not isinstance(manifest.get("figures") or {}, dict):
-        raise InputFileError(manifest_path, "'figures' must be a JSON object")
     for index, relative in enumerate(alignments):
         _inside(root, relative, manifest_path, f"alignments[{index}]")
         required.append(relative)
-    normalised = {str(PurePosixPath(k)): v for k, v in files.items()}
+    normalised = {str(PurePosixPath(k.replace("\\", "/"))): v for k, v in files.items()}
     for relative in required:
-        if str(PurePosixPath(relative)) not in normalised:
+        if str(PurePosixPath(relative.replace("\\", "/"))) not in normalised:
             raise InputFileError(manifest_path, f"'{relative}' is used but not listed (with its SHA-256) under 'files'")
-    for relative, digest in files.items():
+    for relative in files:
         file = root / relative
         if not file.is_file():
             raise InputFileError(file, "missing from the bundle (listed in bundle.json)")
-        if verify and file_sha256(file) != digest:
-            raise InputFileError(file, "SHA-256 does not match bundle.json: the file was changed or corrupted")
-    if normalised[f"{model['path']}/{MODEL_FILES[1]}"] != model["sha256"]:
+        if file.stat().st_size > MAX_WEIGHTS_BYTES:
+            raise InputFileError(file, f"is larger than SegLens reads from a bundle ({MAX_WEIGHTS_BYTES / 2**30:.0f} GB)")
+    if verify:
+        for relative, digest in files.items():
+            if file_sha256(root / relative) != digest:
+                raise InputFileError(root / relative, "SHA-256 does not match bundle.json: the file was changed or corrupted")
+    if normalised[str(PurePosixPath(f"{model['path']}/{MODEL_FILES[1]}"))] != model["sha256"]:
         raise InputFileError(manifest_path, "model.sha256 disagrees with the hash listed for the model weights")
-    if normalised[f"{sae['path']}/{SAE_FILES[1]}"] != sae["sha256"]:
+    if normalised[str(PurePosixPath(f"{sae['path']}/{SAE_FILES[1]}"))] != sae["sha256"]:
         raise InputFileError(manifest_path, "sae.sha256 disagrees with the hash listed for the SAE weights")
-    _check_sha_links(root, manifest, manifest_path)
+    _check_parts(root, manifest, manifest_path)
     return Bundle(root=root, manifest=manifest)
 
 
@@ -379,6 +441,8 @@ def build_bundle(
     Returns:
         The loaded, validated bundle.
     """
+    import torch
+
     from .networks import load_segmenter, weights_sha256
     from .sae import BatchTopKSAE, sae_sha256
 
@@ -395,7 +459,7 @@ def build_bundle(
         raise InputFileError(sae_dir / SAE_FILES[0], f"hook point '{hook}' is not one of the model's ({', '.join(shapes)})")
     if shapes[hook][0] != sae.config.d_in:
         raise InputFileError(sae_dir / SAE_FILES[0], f"SAE takes {sae.config.d_in} channels but hook '{hook}' has {shapes[hook][0]}")
-    if sae.config.threshold is None:
+    if sae.config.threshold is None or torch.isnan(sae.threshold):
         raise InputFileError(sae_dir / SAE_FILES[0], "SAE has no inference threshold; it cannot encode single cases")
     model_sha, sae_sha = weights_sha256(model_dir), sae_sha256(sae_dir)
     if sae.config.model_sha256 and sae.config.model_sha256 != model_sha:
@@ -406,18 +470,29 @@ def build_bundle(
         if stem in alignment_names:
             raise SegLensError(f"two alignment files are named {stem}; rename one")
         alignment_names.append(stem)
+    # Every part is read with its own loader and checked against this SAE before anything is copied, so that an
+    # error names the user's file (not its copy in the staging folder).
+    if labels is not None:
+        from .interpretation.labels import load_latent_labels
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        load_latent_labels(labels).check_sae(sae.d_sae, sae_sha)
+    if suggestions is not None:
+        from .steering.suggestions import load_suggestions
+
+        load_suggestions(suggestions).check_sae(sae.d_sae)
+    if alignments:
+        from .alignment.files import load_alignment
+
+        for path in alignments:
+            load_alignment(path).check_sae(sae_sha, sae.d_sae, sae.config.d_in, whose="the bundle's SAE")
+
+    tmp = staging_folder(out, suffix=".tmp")
     try:
         _copy_files(model_dir, MODEL_FILES, tmp / "model")
         _copy_files(sae_dir, SAE_FILES, tmp / "sae")
         labels_rel = None
         if labels is not None:
             labels = Path(labels)
-            if not labels.is_file():
-                raise InputFileError(labels, "latent labels file not found")
-            read_json(labels)
             labels_rel = "latents.json"
             shutil.copyfile(labels, tmp / labels_rel)
         card_rel = None
@@ -429,17 +504,11 @@ def build_bundle(
             shutil.copyfile(card, tmp / card_rel)
         suggestions_rel = None
         if suggestions is not None:
-            from .steering.suggestions import load_suggestions
-
-            load_suggestions(suggestions)
             suggestions_rel = "suggestions.json"
             shutil.copyfile(suggestions, tmp / suggestions_rel)
         alignment_rels = []
         for path in alignments:
             path = Path(path)
-            if not path.is_file():
-                raise InputFileError(path, "alignment file not found")
-            read_json(path)
             (tmp / "alignments").mkdir(exist_ok=True)
             relative = f"alignments/{path.name}"
             shutil.copyfile(path, tmp / relative)
@@ -471,33 +540,13 @@ def build_bundle(
                               "intensity": "z-score inside the brain per modality"},
             "files": files,
         }  # fmt: skip
-        atomic_write_text(tmp / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
         load_bundle(tmp)  # the bundle must validate before it is published (labels/alignments for this SAE)
-        os.chmod(tmp, 0o777 & ~_umask())
-        _publish_folder(tmp, out, overwrite)
+        publish_folder(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return load_bundle(out)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _publish_folder(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename a finished folder into place; an existing one (``overwrite``) is moved aside first, then removed."""
-    if out.exists():
-        if not overwrite:
-            raise OutputExistsError(out)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def _version() -> str:

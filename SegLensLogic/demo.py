@@ -63,8 +63,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data.io import atomic_write_bytes, atomic_write_text, read_json
 from .errors import InputFileError, SegLensError
+from .pipeline import RunState
+from .storage import Schema, atomic_write_bytes, atomic_write_text, check_document, publish_folder, read_json
 
 STATE_NAME = "demo.json"
 STATE_KIND = "seglens-demo"
@@ -183,6 +184,7 @@ class DemoState:
             return state
         if previous.get("format_version") != STATE_FORMAT_VERSION:
             raise InputFileError(state.path, f"demo state format_version {previous.get('format_version')!r} is not supported; use --overwrite")
+        check_document(previous, state.path, STATE_KIND, STATE_FORMAT_VERSION, DemoStateDocument, "SegLens demo state file")
         if previous.get("options") != options:
             raise SegLensError(
                 f"{out} holds a demo run with other options ({_options_text(previous.get('options'))}); rerun with those, "
@@ -217,8 +219,20 @@ def _options_text(options: Any) -> str:
         return "unknown options"
     text = "--quick" if options.get("quick") else "default sizes"
     if options.get("data"):
-        text += ", --data " + " ".join(options["data"])
+        data = options["data"]
+        text += ", --data " + (" ".join(map(str, data)) if isinstance(data, list) else str(data))
     return text
+
+
+class DemoOptions(Schema):
+    quick: bool
+    data: list[str] | None = None
+
+
+class DemoStateDocument(RunState):
+    """``demo.json`` (module docstring): a run state whose options are the demo's."""
+
+    options: DemoOptions
 
 
 def _step_folders(out: Path) -> list[str]:
@@ -263,7 +277,7 @@ def run_step(demo: Demo, index: int, name: str, title: str, function: Callable[[
     tmp.mkdir()
     start = time.monotonic()
     outputs = function(demo, tmp)
-    os.rename(tmp, final)
+    publish_folder(tmp, final)
     outputs = json.loads(json.dumps(outputs).replace(f".{folder}.tmp", folder))  # paths recorded inside the step
     seconds = time.monotonic() - start
     demo.state.finish(name, folder, seconds, outputs)
@@ -1090,7 +1104,9 @@ def report_results(demo: Demo) -> dict:
                               for name, r in saes.items()]  # fmt: skip
     galleries = []
     for name, record in labels.items():
-        document = read_json(demo.path(record["labels"]))
+        from .interpretation.labels import load_latent_labels
+
+        document = load_latent_labels(demo.path(record["labels"])).data
         entries = {e["id"]: e for e in document["latents"]}
         categories: dict[str, list] = {}
         for j_text, png in record["thumbnails"].items():

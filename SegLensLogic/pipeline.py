@@ -21,10 +21,30 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .data.io import atomic_write_text, read_json
+from pydantic import Field
+
 from .errors import InputFileError, SegLensError
+from .storage import Schema, atomic_write_json, check_document, read_json
 
 PIPELINE_FORMAT_VERSION = 1
+
+
+class StepRecord(Schema):
+    """A finished step: its folder (a plain name inside the run's folder), seconds, finish time and outputs."""
+
+    folder: str = Field(pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+    seconds: float = Field(ge=0)
+    finished: str | None = None
+    outputs: dict[str, Any]
+
+
+class RunState(Schema):
+    """A resumable run's state file (this module's and the demo's ``demo.json``): options and finished steps."""
+
+    options: dict[str, Any] | None
+    steps: dict[str, StepRecord]
+    started: str | None = None
+    finished: str | None = None
 
 
 def now_utc() -> str:
@@ -71,14 +91,13 @@ class Pipeline:
                 for name, _title in steps:
                     shutil.rmtree(self.out / name, ignore_errors=True)
                 self.path.unlink()
-            elif previous.get("format_version") != PIPELINE_FORMAT_VERSION:
-                raise InputFileError(self.path, f"format_version {previous.get('format_version')!r} is not supported; start over")
-            elif previous.get("options") != options:
-                changed = sorted(k for k in set(options) | set(previous.get("options") or {})
-                                 if options.get(k) != (previous.get("options") or {}).get(k))  # fmt: skip
-                raise SegLensError(f"{self.out} holds a run with other options ({', '.join(changed)}); "
-                                   "rerun with the same ones, or start over (--overwrite)")  # fmt: skip
             else:
+                check_document(previous, self.path, kind, PIPELINE_FORMAT_VERSION, RunState, f"{kind} state file", versioned="state file")
+                if previous.get("options") != options:
+                    changed = sorted(k for k in set(options) | set(previous.get("options") or {})
+                                     if options.get(k) != (previous.get("options") or {}).get(k))  # fmt: skip
+                    raise SegLensError(f"{self.out} holds a run with other options ({', '.join(changed)}); "
+                                       "rerun with the same ones, or start over (--overwrite)")  # fmt: skip
                 self.data = previous
         elif self.out.is_dir() and any(self.out.iterdir()):
             raise InputFileError(self.out, f"exists and holds no {self.path.name}; choose another output folder")
@@ -122,6 +141,6 @@ class Pipeline:
         outputs = json.loads(json.dumps(function(folder)))
         seconds = time.monotonic() - start
         self.data["steps"][name] = {"folder": name, "seconds": round(seconds, 1), "finished": now_utc(), "outputs": outputs}
-        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n", overwrite=True)
+        atomic_write_json(self.path, self.data, overwrite=True)
         self.log(f"    done in {seconds / 60:.1f} min")
         return outputs

@@ -24,23 +24,25 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
+from pydantic import Field
 from torch.utils.data import WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from .data.cases import read_case
 from .data.cohort import Cohort
-from .data.io import atomic_write_text
 from .data.labels import get_scheme
 from .data.preprocessing import PreparedCase, prepare_case
-from .errors import InputFileError, SegLensError, refuse_existing
+from .errors import InputFileError, SegLensError
 from .inference import predict_volume
 from .metrics import segmentation_scores
 from .networks import Segmenter, SegmenterConfig, build_segmenter, default_device, load_segmenter, weights_sha256
+from .storage import Measured, Schema, atomic_write_text, load_safetensors, one_line, read_document, refuse_output_folder
 
 
 @dataclass
@@ -81,6 +83,34 @@ class TrainingOptions:
     precision: str = "float32"
     keep: str = "best"
     seed: int = 0
+
+    def check(self) -> "TrainingOptions":
+        """Raise :class:`SegLensError` for options no training can run with (before anything is read or built)."""
+        import math
+
+        problems = []
+        for name, value, low in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1), ("warmup_steps", self.warmup_steps, 0),
+                                 ("slices_per_epoch", self.slices_per_epoch, 1), ("val_cases", self.val_cases, 0)):  # fmt: skip
+            if value is not None and (type(value) is not int or value < low):
+                problems.append(f"{_option(name)} must be an integer of at least {low}, got {value!r}")
+        for name, value, low, high, open_low in (("minutes", self.minutes, 0.0, math.inf, True), ("learning_rate", self.learning_rate, 0.0, 10.0, True),
+                                                 ("weight_decay", self.weight_decay, 0.0, 10.0, False), ("foreground_fraction", self.foreground_fraction, 0.0, 1.0, False),
+                                                 ("modality_dropout", self.modality_dropout, 0.0, 1.0, False)):  # fmt: skip
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if value is not None and not (number and (low < value if open_low else low <= value) and value <= high):
+                problems.append(f"{_option(name)} must be a finite number in {'(' if open_low else '['}{low:g}, {high:g}], got {value!r}")
+        if problems:
+            raise SegLensError("training options: " + "; ".join(problems))
+        return self
+
+
+_FLAGS = {"epochs": "--epochs", "minutes": "--minutes", "batch_size": "--batch-size", "learning_rate": "--lr", "warmup_steps": "--warmup",
+          "slices_per_epoch": "--slices-per-epoch", "val_cases": "--val-cases", "modality_dropout": "--modality-dropout"}  # fmt: skip
+
+
+def _option(name: str) -> str:
+    """An option's name with its command-line flag (``learning_rate (--lr)``)."""
+    return f"{name} ({_FLAGS[name]})" if name in _FLAGS else name
 
 
 @dataclass
@@ -236,22 +266,34 @@ def _save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict
     atomic_write_text(folder / _CHECKPOINT_STATE, json.dumps(state, indent=1) + "\n", overwrite=True)
 
 
+class OptimizerRecord(Schema):
+    param_groups: list[dict[str, Any]]
+    plain: dict[str, Any]
+
+
+class CheckpointState(Schema):
+    """``training_state.json`` of a resumable run (beside ``training_state.safetensors``)."""
+
+    run: dict[str, Any]
+    epoch: int = Field(ge=0)
+    history: list[dict[str, Any]]
+    best_epoch: int = Field(ge=0)
+    best_metric: Measured
+    best_scores: dict[str, Any]
+    seconds: float = Field(ge=0)
+    optimizer: OptimizerRecord
+    scheduler: dict[str, Any] | None = None
+
+
 def _load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
     """A checkpoint written by :func:`_save_checkpoint`, or None when there is none."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     state_path, tensor_path = folder / _CHECKPOINT_STATE, folder / _CHECKPOINT_TENSORS
     if not state_path.exists():
         return None
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-        tensors = load_file(str(tensor_path))
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise InputFileError(folder, f"training checkpoint cannot be read ({exc}); delete it to start afresh") from None
-    if not isinstance(state, dict) or state.get("kind") != "seglens-training-checkpoint":
-        raise InputFileError(state_path, "is not a SegLens training checkpoint")
-    return tensors, state
+    state = read_document(state_path, "seglens-training-checkpoint", 1, CheckpointState, "SegLens training checkpoint", default_version=1)
+    if not tensor_path.is_file():
+        raise InputFileError(tensor_path, "missing: the training checkpoint is incomplete; delete it to start afresh")
+    return load_safetensors(tensor_path), state
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -310,9 +352,13 @@ def train_segmenter(
         resumable: write the whole training state to ``out_dir/checkpoint`` after every epoch, and continue
             from it when a previous run (same cohort, model and options) left one.
     """
-    options = options or TrainingOptions()
+    options = (options or TrainingOptions()).check()
     out_dir = Path(out_dir)
-    refuse_existing(out_dir / "model.safetensors", overwrite)
+    if init is None:
+        multiple = getattr(Segmenter.registry.get(arch or "unet"), "size_multiple", 32)
+        if type(image_size) is not int or not 32 <= image_size <= 2048 or image_size % multiple:
+            raise SegLensError(f"image size (--image-size) must be a multiple of {multiple} from 32 to 2048 pixels for {arch or 'unet'}, got {image_size!r}")
+    refuse_output_folder(out_dir, overwrite, ("model.safetensors",))  # before any work: a file there, or a model
     if options.epochs is None and options.minutes is None:
         raise ValueError("give a number of epochs, a time budget in minutes, or both")
     if options.precision not in ("float32", "bfloat16"):
@@ -396,13 +442,16 @@ def train_segmenter(
         if saved["run"] != json.loads(json.dumps(run_key)):
             raise SegLensError(f"{checkpoint_dir} was written by a run with another cohort, model or options; "
                                "delete it or pass the same options to resume")  # fmt: skip
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-        optimizer.load_state_dict(_optimizer_state(tensors, saved["optimizer"]))
-        if scheduler is not None:
-            scheduler.load_state_dict(saved["scheduler"])
-        generator.set_state(tensors["rng.generator"])
-        torch.set_rng_state(tensors["rng.torch"])
+        try:
+            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+            optimizer.load_state_dict(_optimizer_state(tensors, saved["optimizer"]))
+            if scheduler is not None:
+                scheduler.load_state_dict(saved["scheduler"])
+            generator.set_state(tensors["rng.generator"])
+            torch.set_rng_state(tensors["rng.torch"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+            raise InputFileError(checkpoint_dir, f"training checkpoint cannot be resumed ({one_line(exc)}); delete it to start afresh") from None
         history, epoch = saved["history"], saved["epoch"]
         best_epoch, best_metric, best_scores = saved["best_epoch"], saved["best_metric"], saved["best_scores"]
         elapsed_before = saved["seconds"]

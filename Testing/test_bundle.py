@@ -34,8 +34,10 @@ def parts(tmp_path_factory):
     labels.write_text(json.dumps({"format_version": 1, "kind": "seglens-latent-labels", "sae": {"path": "x", "sha256": sha},
                                   "latents": [{"id": 0, "category": "edema"}]}))  # fmt: skip
     alignment = root / "adult-vs-pediatric.json"
-    alignment.write_text(json.dumps({"format_version": 1, "kind": "seglens-alignment", "sae_a": {"name": "adult", "sha256": sha},
-                                     "sae_b": {"name": "pediatric", "sha256": "0" * 64}, "pairs": []}))  # fmt: skip
+    alignment.write_text(json.dumps({"format_version": 1, "kind": "seglens-alignment", "method": "decoder-encoder-cosine", "tau": 0.8,
+                                     "sae_a": {"name": "adult", "sha256": sha, "d_sae": 128, "d_in": 32},
+                                     "sae_b": {"name": "pediatric", "sha256": "0" * 64, "d_sae": 128, "d_in": 32},
+                                     "pairs": [], "shared_a": [], "shared_b": []}))  # fmt: skip
     return root, model_dir, root / "sae", labels, alignment
 
 
@@ -193,7 +195,8 @@ def test_build_refuses_existing_and_mismatched_inputs(parts, bundle_dir, tmp_pat
         build_bundle(model_dir, tmp_path / "sae-bad", tmp_path / "bad", "bad")
     # An alignment between two other SAEs does not belong in this bundle; nothing is left behind.
     foreign = tmp_path / "foreign.json"
-    foreign.write_text(json.dumps({"sae_a": {"sha256": "1" * 64}, "sae_b": {"sha256": "2" * 64}}))
+    foreign.write_text(json.dumps({**json.loads(alignment.read_text()), "sae_a": {"sha256": "1" * 64, "d_sae": 128},
+                                   "sae_b": {"sha256": "2" * 64, "d_sae": 128}}))  # fmt: skip
     with pytest.raises(InputFileError, match="alignment does not involve the bundle's SAE"):
         build_bundle(model_dir, sae_dir, tmp_path / "bad2", "bad2", alignments=[foreign])
     assert not (tmp_path / "bad2").exists()

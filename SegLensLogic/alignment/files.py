@@ -30,8 +30,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..data.io import atomic_write_text, read_json
+from pydantic import Field, model_validator
+
 from ..errors import InputFileError, SegLensError
+from ..storage import MAX_CHANNELS, MAX_LATENTS, Measured, Schema, atomic_write_text, check_document, read_json
 
 ALIGNMENT_KIND = "seglens-alignment"
 ALIGNMENT_FORMAT_VERSION = 1
@@ -107,8 +109,61 @@ def alignment_document(
 
 def write_alignment(document: dict, path: str | Path, overwrite: bool = False) -> Path:
     """Write an alignment document atomically (refuses to replace a file unless ``overwrite``)."""
+    document = _clean(document)
     Alignment(document, source=path)  # validate before writing
-    return atomic_write_text(path, json.dumps(_clean(document), indent=1) + "\n", overwrite=overwrite)
+    return atomic_write_text(path, json.dumps(document, indent=1) + "\n", overwrite=overwrite)
+
+
+class SaeSide(Schema):
+    """``sae_a`` / ``sae_b``: which SAE a side is (by the hash of its weights) and its sizes."""
+
+    d_sae: int = Field(ge=1, le=MAX_LATENTS)
+    d_in: int | None = Field(default=None, ge=1, le=MAX_CHANNELS)
+    name: str | None = None
+    path: str | None = None
+    sha256: str | None = None
+    hook_point: str | None = None
+    model_sha256: str | None = None
+
+
+class AlignedPair(Schema):
+    a: int = Field(ge=0, lt=MAX_LATENTS)
+    b: int = Field(ge=0, lt=MAX_LATENTS)
+    shared: bool | None = None
+
+
+class AlignmentDocument(Schema):
+    """``alignment.json`` (module docstring): the sides, the pairs and the shared latents, every latent id within
+    its side's ``d_sae`` and no latent shared twice; checked before any table of latents is built."""
+
+    sae_a: SaeSide
+    sae_b: SaeSide
+    method: str
+    tau: Measured | None
+    pairs: list[AlignedPair] = Field(max_length=MAX_LATENTS)
+    shared_a: list[int] = Field(max_length=MAX_LATENTS)
+    shared_b: list[int] = Field(max_length=MAX_LATENTS)
+    matcher: str | None = None
+    metrics: dict[str, Any] | None = None
+    space: dict[str, Any] | None = None
+    seed_noise_floor: dict[str, Any] | None = None
+    tau_sweep: list[dict[str, Any]] | None = None
+    info: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _latents(self):
+        sizes = {"a": self.sae_a.d_sae, "b": self.sae_b.d_sae}
+        if len(self.shared_a) != len(self.shared_b):
+            raise ValueError("'shared_a' and 'shared_b' must be lists of equal length (partners pairwise)")
+        for where, latents, side in (("pairs[].a", [p.a for p in self.pairs], "a"), ("pairs[].b", [p.b for p in self.pairs], "b"),
+                                     ("shared_a", self.shared_a, "a"), ("shared_b", self.shared_b, "b")):  # fmt: skip
+            for index, latent in enumerate(latents):
+                if not 0 <= latent < sizes[side]:
+                    at = where.replace("[]", f"[{index}]") if "[]" in where else f"{where}[{index}]"
+                    raise ValueError(f"{at}: latent {latent} of SAE {side.upper()} is out of range (d_sae {sizes[side]})")
+        if len(set(self.shared_a)) != len(self.shared_a) or len(set(self.shared_b)) != len(self.shared_b):
+            raise ValueError("a latent appears twice in 'shared_a' or 'shared_b'")
+        return self
 
 
 class Alignment:
@@ -121,15 +176,7 @@ class Alignment:
 
     def __init__(self, document: Any, source: str | Path = "<alignment>"):
         self.source = Path(source)
-        if not isinstance(document, dict):
-            raise InputFileError(source, "is not a JSON object")
-        if document.get("kind") != ALIGNMENT_KIND:
-            raise InputFileError(source, f"is not a SegLens alignment file (kind {document.get('kind')!r}, expected {ALIGNMENT_KIND!r})")
-        if document.get("format_version") != ALIGNMENT_FORMAT_VERSION:
-            raise InputFileError(source, f"alignment format_version {document.get('format_version')!r} is not supported")
-        for key in ("sae_a", "sae_b", "pairs", "shared_a", "shared_b", "method", "tau"):
-            if key not in document:
-                raise InputFileError(source, f"missing field '{key}'")
+        check_document(document, source, ALIGNMENT_KIND, ALIGNMENT_FORMAT_VERSION, AlignmentDocument, "SegLens alignment file")
         self.document = document
         self.sae_a: dict = document["sae_a"]
         self.sae_b: dict = document["sae_b"]
@@ -138,36 +185,33 @@ class Alignment:
         self.metrics: dict = document.get("metrics") or {}
         self.space: dict | None = document.get("space")
         self.seed_noise_floor: dict | None = document.get("seed_noise_floor")
-        sizes = {}
-        for side in SIDES:
-            record = self.sae(side)
-            if not isinstance(record, dict) or not isinstance(record.get("d_sae"), int) or record["d_sae"] < 1:
-                raise InputFileError(source, f"'sae_{side}' must be an object with a positive integer 'd_sae'")
-            sizes[side] = record["d_sae"]
-        shared_a, shared_b = document["shared_a"], document["shared_b"]
-        if not isinstance(shared_a, list) or not isinstance(shared_b, list) or len(shared_a) != len(shared_b):
-            raise InputFileError(source, "'shared_a' and 'shared_b' must be lists of equal length (partners pairwise)")
+        sizes = {side: self.sae(side)["d_sae"] for side in SIDES}
         self._partner: dict[str, dict[int, int]] = {"a": {}, "b": {}}
         self._shared: dict[str, dict[int, int]] = {"a": {}, "b": {}}
         for pair in document["pairs"]:
-            if not isinstance(pair, dict) or not isinstance(pair.get("a"), int) or not isinstance(pair.get("b"), int):
-                raise InputFileError(source, f"malformed pair {pair!r}: needs integer 'a' and 'b'")
-            self._check_latent(pair["a"], "a", sizes)
-            self._check_latent(pair["b"], "b", sizes)
             self._partner["a"][pair["a"]] = pair["b"]
             self._partner["b"][pair["b"]] = pair["a"]
-        for a, b in zip(shared_a, shared_b):
-            self._check_latent(a, "a", sizes)
-            self._check_latent(b, "b", sizes)
+        for a, b in zip(document["shared_a"], document["shared_b"]):
             self._shared["a"][a] = b
             self._shared["b"][b] = a
-        if len(self._shared["a"]) != len(shared_a) or len(self._shared["b"]) != len(shared_b):
-            raise InputFileError(source, "a latent appears twice in 'shared_a' or 'shared_b'")
         self._sizes = sizes
 
-    def _check_latent(self, latent: Any, side: str, sizes: dict) -> None:
-        if not isinstance(latent, int) or not 0 <= latent < sizes[side]:
-            raise InputFileError(self.source, f"latent {latent!r} of SAE {side.upper()} is out of range (d_sae {sizes[side]})")
+    def check_sae(self, sae_sha256: str | None, d_sae: int, d_in: int | None = None, whose: str = "this SAE") -> str:
+        """The side of the SAE with this weights hash, after checking that the alignment's record of it has the
+        SAE's sizes (an alignment claiming the right hash with another size is refused); returns ``"a"`` or ``"b"``.
+
+        Raises:
+            InputFileError: naming this file, when the SAE is neither side or its record's sizes differ.
+        """
+        sides = [side for side in SIDES if sae_sha256 and self.sae(side).get("sha256") == sae_sha256]
+        if not sides:
+            raise InputFileError(self.source, f"alignment does not involve {whose} (neither sae_a nor sae_b has the sha256 of its weights)")
+        for side in sides:
+            record = self.sae(side)
+            if record["d_sae"] != d_sae or (d_in is not None and record.get("d_in") not in (None, d_in)):
+                raise InputFileError(self.source, f"sae_{side} has the SAE's sha256 but d_sae {record['d_sae']}, d_in {record.get('d_in')}; "
+                                                  f"the SAE has d_sae {d_sae}, d_in {d_in} (the file was altered or is corrupt)")  # fmt: skip
+        return sides[0]
 
     # -- the agreed interface --------------------------------------------------------------------------
     def sae(self, side: str) -> dict:

@@ -41,12 +41,15 @@ import importlib.util
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
+from pydantic import Field
 from scipy import ndimage
 
 from ..errors import InputFileError, OutputExistsError, SegLensError
+from ..storage import Schema, read_document
 from .cases import MODALITIES
 
 COHORT_MANIFEST = "cohort.json"
@@ -188,9 +191,7 @@ def planted_shift_categories(manifest_or_population) -> list[str]:
         manifest_or_population: a cohort manifest (dict), a path to one, a population name or a :class:`Population`.
     """
     if isinstance(manifest_or_population, (str, Path)) and Path(manifest_or_population).suffix == ".json":
-        from .io import read_json
-
-        manifest_or_population = read_json(manifest_or_population)
+        manifest_or_population = read_cohort_manifest(manifest_or_population)
     if isinstance(manifest_or_population, dict):
         factors = manifest_or_population.get("shifted_factors", {})
     else:
@@ -674,7 +675,7 @@ def write_phantom_cohort(
     Raises:
         OutputExistsError: ``out`` already holds a cohort manifest or a case folder of this cohort (unless ``overwrite``).
     """
-    from .io import atomic_write_text
+    from ..storage import atomic_write_text
 
     population = get_population(population) if isinstance(population, str) else population
     out = Path(out)
@@ -724,20 +725,23 @@ def write_phantom_cohort(
     return out
 
 
-def read_cohort_manifest(path: str | Path) -> dict:
-    """Read a phantom cohort's ``cohort.json`` (a cohort folder or the file)."""
-    from .io import read_json
+class CohortManifest(Schema):
+    """A phantom cohort's ``cohort.json``: the fields the demo and the report read back, typed."""
 
+    population: str
+    label_scheme: str
+    shifted_factors: dict[str, Any] = Field(default_factory=dict)
+    cases: list[dict[str, Any]] = Field(default_factory=list)
+    feature: dict[str, Any] | None = None
+
+
+def read_cohort_manifest(path: str | Path) -> dict:
+    """Read a phantom cohort's ``cohort.json`` (a cohort folder or the file), checked against its schema."""
     path = Path(path)
     path = path / COHORT_MANIFEST if path.is_dir() else path
     if not path.is_file():
         raise InputFileError(path, "cohort manifest not found (write a cohort with seglens phantoms)")
-    manifest = read_json(path)
-    if not isinstance(manifest, dict) or manifest.get("kind") != COHORT_KIND:
-        raise InputFileError(path, f"is not a phantom cohort manifest (kind '{COHORT_KIND}')")
-    if manifest.get("format_version") != 1:
-        raise InputFileError(path, f"cohort manifest format_version {manifest.get('format_version')!r} is not supported")
-    return manifest
+    return read_document(path, COHORT_KIND, 1, CohortManifest, "phantom cohort manifest", versioned="cohort manifest")
 
 
 # -- degrading real cases ------------------------------------------------------------------------------------------
@@ -821,7 +825,9 @@ def degrade_case(
     import shutil
 
     from .cases import find_case, read_case
-    from .io import atomic_write_text, read_image, refuse_existing, write_image
+    from ..errors import refuse_existing
+    from ..storage import atomic_write_text
+    from .io import read_image, write_image
 
     population = scaled_preset(preset, strength)
     case_dir = Path(case_dir)

@@ -24,11 +24,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from pydantic import Field, model_validator
 
-from ..data.io import atomic_write_text, read_json
 from ..errors import InputFileError
+from ..storage import MAX_AXIS, MAX_LATENTS, Measured, Schema, atomic_write_text, read_document
 from .labeller import GENERIC_CATEGORIES, LabellingRules, LatentLabel
 
 LABELS_FORMAT_VERSION = 1
@@ -150,6 +152,16 @@ class LatentLabels:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def check_sae(self, d_sae: int, sae_sha256: str | None = None) -> "LatentLabels":
+        """Raise :class:`InputFileError` naming this file when it was made for another SAE (its recorded hash
+        differs) or names latents the SAE does not have; returns the labels."""
+        if sae_sha256 and self.sae_sha256 and sae_sha256 != self.sae_sha256:
+            raise InputFileError(self.path, "latent labels were made for another SAE (sae.sha256 differs from the SAE's weights)")
+        beyond = [j for j in self._entries if j >= d_sae]
+        if beyond:
+            raise InputFileError(self.path, f"names latent {min(beyond)}, but the SAE has {d_sae} latents (0..{d_sae - 1})")
+        return self
+
     def entry(self, latent: int) -> dict | None:
         """The latent's whole record, or None when the file has none for it."""
         return self._entries.get(int(latent))
@@ -175,31 +187,66 @@ class LatentLabels:
         return {name: self.latents_in_category(name) for name in out}
 
 
+class TopExample(Schema):
+    case_id: str
+    slice: int = Field(ge=0, le=MAX_AXIS)
+    activation: Measured
+
+
+class LatentEntry(Schema):
+    """One latent's record; the numbers a reader sorts or shows are typed, NaN allowed where a measure is undefined."""
+
+    id: int = Field(ge=0, lt=MAX_LATENTS)
+    category: str
+    description: str | None = None
+    confidence: Measured | None = None
+    stable: bool | None = None
+    stability: Measured | None = None
+    frequency: Measured | None = None
+    mean_activation: Measured | None = None
+    metrics: dict[str, Measured | None] = Field(default_factory=dict)
+    top_examples: list[TopExample] = Field(default_factory=list)
+
+
+class WeightsReference(Schema):
+    path: str | None = None
+    sha256: str | None = None
+
+
+class LatentLabelsDocument(Schema):
+    """``latents.json`` (module docstring): every field a reader uses, typed; latent ids distinct and below ``d_sae``."""
+
+    latents: list[LatentEntry] = Field(max_length=MAX_LATENTS)
+    sae: WeightsReference | None = None
+    model: WeightsReference | None = None
+    cohort: str | None = None
+    class_names: list[str] = Field(default_factory=list, max_length=256)
+    stability: dict[str, Any] | None = None
+    d_sae: int | None = Field(default=None, ge=1, le=MAX_LATENTS)
+    top_k: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _ids(self):
+        seen: set[int] = set()
+        for entry in self.latents:
+            if entry.id in seen:
+                raise ValueError(f"latent {entry.id} is listed twice")
+            if self.d_sae is not None and entry.id >= self.d_sae:
+                raise ValueError(f"latent {entry.id} is out of range for d_sae {self.d_sae}")
+            seen.add(entry.id)
+        return self
+
+
 def load_latent_labels(path: str | Path) -> LatentLabels:
-    """Read a ``latents.json`` written by ``seglens interpret``.
+    """Read a ``latents.json`` written by ``seglens interpret`` (checked against :class:`LatentLabelsDocument`).
 
     Raises:
-        InputFileError: missing file, invalid JSON, another kind of file, a newer format, or malformed entries.
+        InputFileError: missing file, invalid JSON, another kind of file, a newer format, or malformed entries
+            (naming the field, e.g. ``latents[3].id``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputFileError(path, "latent labels file not found")
-    data = read_json(path)
-    if not isinstance(data, dict) or data.get("kind") != LABELS_KIND:
-        raise InputFileError(path, f"is not a SegLens latent labels file (expected \"kind\": \"{LABELS_KIND}\")")
-    version = data.get("format_version")
-    if not isinstance(version, int) or version > LABELS_FORMAT_VERSION:
-        raise InputFileError(path, f"has format_version {version!r}; this SegLens reads version {LABELS_FORMAT_VERSION}")
-    latents = data.get("latents")
-    if not isinstance(latents, list):
-        raise InputFileError(path, "has no \"latents\" list")
-    seen = set()
-    for i, entry in enumerate(latents):
-        if not isinstance(entry, dict) or not isinstance(entry.get("id"), int) or not isinstance(entry.get("category"), str):
-            raise InputFileError(path, f"latents[{i}] needs an integer \"id\" and a string \"category\"")
-        if entry["id"] in seen:
-            raise InputFileError(path, f"latent {entry['id']} is listed twice")
-        seen.add(entry["id"])
+    data = read_document(path, LABELS_KIND, LABELS_FORMAT_VERSION, LatentLabelsDocument, "SegLens latent labels file",
+                         missing="latent labels file not found")  # fmt: skip
     return LatentLabels(data, path)
 
 

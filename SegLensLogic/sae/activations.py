@@ -27,10 +27,8 @@ exact global shuffle (index arrays of 8 bytes per vector).
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,9 +38,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pydantic import Field, model_validator
+
+from .. import storage
 from ..data.cohort import Cohort
-from ..data.io import atomic_write_text, read_json
 from ..errors import InputFileError, SegLensError, refuse_existing
+from ..storage import MAX_CHANNELS, Schema, atomic_write_json, read_document
 from ..inference import default_batch_size, prepare_for_model
 from ..networks.segmenter import Segmenter, weights_sha256
 
@@ -252,16 +253,13 @@ def store_manifest(
 
 def staging_folder(out_dir: Path) -> Path:
     """A fresh hidden folder beside ``out_dir`` where its store is written before :func:`publish_store`."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    return storage.staging_folder(out_dir)
 
 
 def publish_store(tmp: Path, out_dir: Path, manifest: dict) -> None:
     """Write ``store.json`` into the finished ``tmp`` folder and rename it to ``out_dir`` (replacing it)."""
-    atomic_write_text(tmp / STORE_NAME, json.dumps(manifest, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    atomic_write_json(tmp / STORE_NAME, manifest)
+    storage.publish_folder(tmp, out_dir, overwrite=True)
 
 
 @torch.no_grad()
@@ -339,6 +337,38 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
     return tuple(shape), dtype, fortran, offset
 
 
+class StoreShardRecord(Schema):
+    """One shard of ``store.json``: its two file names (inside the store folder) and its number of vectors."""
+
+    vectors: str = Field(min_length=1, max_length=255, pattern=r"^[^/\\]+$")
+    index: str = Field(min_length=1, max_length=255, pattern=r"^[^/\\]+$")
+    n: int = Field(ge=0, le=1 << 40)
+
+
+class StoreCaseRecord(Schema):
+    case_id: str
+
+
+class StoreIndex(Schema):
+    """``store.json``: the fields a reader relies on, each checked before any shard is opened."""
+
+    d_in: int = Field(ge=1, le=MAX_CHANNELS)
+    n_vectors: int = Field(ge=0, le=1 << 40)
+    shards: list[StoreShardRecord] = Field(max_length=1 << 20)
+    cases: list[StoreCaseRecord] = Field(default_factory=list, max_length=1 << 24)
+    hook_point: str | None = None
+    model_sha256: str | None = None
+    cohort: str | None = None
+    format_version: int = STORE_FORMAT_VERSION
+
+    @model_validator(mode="after")
+    def _count(self):
+        total = sum(shard.n for shard in self.shards)
+        if total != self.n_vectors:
+            raise ValueError(f"'n_vectors' is {self.n_vectors} but the shards hold {total} vectors")
+        return self
+
+
 class ActivationStore:
     """A read-only view of an activation store folder; shards are read lazily, memory-mapped.
 
@@ -357,12 +387,8 @@ class ActivationStore:
             raise InputFileError(self.folder, "activation store not found")
         if not manifest_path.is_file():
             raise InputFileError(manifest_path, "missing: not an activation store (run seglens extract)")
-        self.manifest = read_json(manifest_path)
-        if not isinstance(self.manifest, dict):
-            raise InputFileError(manifest_path, "is not a JSON object")
-        for key in ("d_in", "shards", "n_vectors"):
-            if key not in self.manifest:
-                raise InputFileError(manifest_path, f"missing field '{key}'")
+        self.manifest = read_document(manifest_path, None, STORE_FORMAT_VERSION, StoreIndex, "activation store index",
+                                      default_version=STORE_FORMAT_VERSION)
         self.d_in = int(self.manifest["d_in"])
         self._paths: dict[str, list[Path]] = {"vectors": [], "index": []}
         sizes, dtypes = [], []
@@ -373,7 +399,11 @@ class ActivationStore:
                     raise InputFileError(path, "shard listed in store.json is missing")
             vectors_shape, vectors_dtype = _npy_header(vectors_path)[:2]
             dtypes.append(vectors_dtype)
-            index_shape = _npy_header(index_path)[0]
+            index_shape, index_dtype = _npy_header(index_path)[:2]
+            if vectors_dtype.kind != "f":
+                raise InputFileError(vectors_path, f"holds {vectors_dtype} values; activation vectors are float16 or float32")
+            if index_dtype.kind not in "iu":
+                raise InputFileError(index_path, f"holds {index_dtype} values; an index holds integers")
             if len(vectors_shape) != 2 or vectors_shape[1] != self.d_in or vectors_shape[0] != shard["n"]:
                 raise InputFileError(vectors_path, f"has shape {vectors_shape}, store.json says ({shard['n']}, {self.d_in})")
             if index_shape != (shard["n"], 4):
@@ -450,7 +480,7 @@ class ActivationStore:
         """Where vectors came from: ``{"case_id", "slice", "row", "col"}`` per global index."""
         rows = self._gather("index", np.asarray(indices, dtype=np.int64))
         cases = self.case_ids
-        return [{"case_id": cases[r[0]] if r[0] < len(cases) else int(r[0]), "slice": int(r[1]), "row": int(r[2]), "col": int(r[3])} for r in rows]
+        return [{"case_id": cases[r[0]] if 0 <= r[0] < len(cases) else int(r[0]), "slice": int(r[1]), "row": int(r[2]), "col": int(r[3])} for r in rows]
 
     def split(self, holdout_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """A seeded random split of all vector indices: ``(train, holdout)``.

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import SegLensError
+from ..storage import MAX_AXIS, MAX_VOXELS
 from ..sae.activations import feature_map_to_vectors, vectors_to_feature_map
 from ..sae.model import BatchTopKSAE
 
@@ -67,6 +68,16 @@ class Region:
     @classmethod
     def from_mask(cls, mask: np.ndarray) -> "Region":
         return cls("mask", mask=np.asarray(mask, dtype=bool))
+
+    def __post_init__(self):
+        if self.kind not in REGION_KINDS:
+            raise SegLensError(f"unknown region kind {self.kind!r}; use one of {', '.join(REGION_KINDS)}")
+        if self.kind in ("slice", "slices"):
+            for name in ("start", "stop"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                    raise SegLensError(f"a {self.kind} region needs integer slice indices, got {name} {value!r}")
+                object.__setattr__(self, name, int(value))
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, Region):
@@ -116,20 +127,42 @@ class Region:
         return {"kind": self.kind, "start": self.start, "stop": self.stop}
 
     @classmethod
-    def from_json(cls, data: dict) -> "Region":
+    def from_json(cls, data: dict, shape: tuple[int, ...] | None = None) -> "Region":
+        """The region of its JSON form (:meth:`to_json`). A mask region is checked before its voxels are allocated:
+        its ``shape`` (which must be ``shape``, the case's grid, when given) and its runs inside it.
+
+        Raises:
+            SegLensError: a malformed region.
+        """
+        if not isinstance(data, dict):
+            raise SegLensError(f"a region must be a JSON object, got {data!r:.60}")
         kind = data.get("kind")
         if kind == "mask":
-            shape = tuple(int(s) for s in data["shape"])
-            runs = np.asarray(data["runs"], dtype=np.int64).reshape(-1, 2)
-            flat = np.zeros(int(np.prod(shape)), dtype=bool)
-            for start, length in runs:
+            mask_shape, runs = data.get("shape"), data.get("runs")
+            if not isinstance(mask_shape, list) or len(mask_shape) != 3 or not all(type(v) is int and 1 <= v <= MAX_AXIS for v in mask_shape):
+                raise SegLensError(f"a mask region needs a 'shape' of three voxel counts from 1 to {MAX_AXIS}, got {mask_shape!r:.60}")
+            if shape is not None and tuple(mask_shape) != tuple(shape):
+                raise SegLensError(f"region mask of shape {tuple(mask_shape)} is not on the case's voxel grid {tuple(shape)}")
+            size = int(np.prod(mask_shape, dtype=np.int64))
+            if size > MAX_VOXELS:
+                raise SegLensError(f"a mask region of shape {tuple(mask_shape)} is larger than SegLens reads ({MAX_VOXELS} voxels)")
+            if not isinstance(runs, list) or len(runs) % 2 or not all(type(v) is int for v in runs):
+                raise SegLensError("a mask region needs 'runs': an even-length list of integers [start, length, ...]")
+            pairs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+            if len(pairs) and ((pairs[:, 0] < 0).any() or (pairs[:, 1] < 1).any() or (pairs.sum(axis=1) > size).any()):
+                raise SegLensError(f"a mask region's runs must lie inside its {size} voxels (start >= 0, length >= 1)")
+            flat = np.zeros(size, dtype=bool)
+            for start, length in pairs:
                 flat[start : start + length] = True
-            return cls.from_mask(flat.reshape(shape))
+            return cls.from_mask(flat.reshape(tuple(mask_shape)))
         if kind == "volume":
             return cls.volume()
         if kind in ("slice", "slices"):
-            return cls(kind, int(data["start"]), int(data["stop"]))
-        raise SegLensError(f"unknown region kind {kind!r}; use one of {', '.join(REGION_KINDS)}")
+            start, stop = data.get("start"), data.get("stop")
+            if type(start) is not int or type(stop) is not int:
+                raise SegLensError(f"a {kind} region needs integer 'start' and 'stop', got {start!r:.20} and {stop!r:.20}")
+            return cls(kind, start, stop)
+        raise SegLensError(f"unknown region kind {kind!r:.40}; use one of {', '.join(REGION_KINDS)}")
 
 
 @dataclass(frozen=True, eq=False)

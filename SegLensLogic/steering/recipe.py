@@ -11,19 +11,23 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from .. import __version__
-from ..data.io import atomic_write_text, read_json
 from ..data.io import strip_image_suffix
 from ..errors import InputFileError, SegLensError
+from ..storage import MAX_AXIS, MAX_LATENTS, MAX_VOXELS, Schema, atomic_write_text, one_line, read_document, validate
 from ..sae.model import BatchTopKSAE
 from .interventions import LatentEdit, Region
 
 RECIPE_KIND = "seglens-steering-recipe"
 RECIPE_FORMAT_VERSION = 1
+# Edits in one recipe, and latents in one edit, that a recipe may hold.
+MAX_EDITS = 10_000
+MAX_EDIT_LATENTS = 1 << 16
 
 
 def recipe_path_for(mask_path: str | Path) -> Path:
@@ -45,36 +49,99 @@ def edit_to_json(edit: LatentEdit, swap_sha256: str | None = None) -> dict[str, 
     return data
 
 
-def edit_from_json(data: Any, source: str | Path, swap_saes: dict[str, BatchTopKSAE] | None = None) -> LatentEdit:
-    """An edit from its JSON form; swaps look their second SAE up by hash in ``swap_saes``."""
-    if not isinstance(data, dict) or "latents" not in data or "mode" not in data:
-        raise InputFileError(source, f"an edit must be an object with 'latents' and 'mode', got {data!r:.80}")
+class RegionDocument(Schema):
+    """An edit's region: ``{"kind": "volume"}``, ``{"kind": "slice"|"slices", "start", "stop"}`` (RAS axial slices,
+    stop exclusive) or ``{"kind": "mask", "shape": [I, J, K], "runs": [start, length, ...]}`` (a run-length code of
+    the flattened voxel mask on the input grid)."""
+
+    kind: Literal["volume", "slice", "slices", "mask"]
+    start: int | None = Field(default=None, ge=0, le=MAX_AXIS)
+    stop: int | None = Field(default=None, ge=1, le=MAX_AXIS)
+    shape: list[Annotated[int, Field(ge=1, le=MAX_AXIS)]] | None = Field(default=None, min_length=3, max_length=3)
+    runs: list[Annotated[int, Field(ge=0, le=MAX_VOXELS)]] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if self.kind in ("slice", "slices") and (self.start is None or self.stop is None or self.start >= self.stop):
+            raise ValueError(f"a {self.kind} region needs integer 'start' < 'stop', got {self.start} and {self.stop}")
+        if self.kind == "mask":
+            if self.shape is None or self.runs is None or len(self.runs) % 2:
+                raise ValueError("a mask region needs a 'shape' and 'runs' ([start, length, ...], an even-length list)")
+            if int(np.prod(self.shape, dtype=np.int64)) > MAX_VOXELS:
+                raise ValueError(f"a mask region of shape {self.shape} is larger than SegLens reads ({MAX_VOXELS} voxels)")
+        return self
+
+
+class SwapDocument(Schema):
+    sae_sha256: str | None = None
+    partners: list[Annotated[int, Field(ge=0, lt=MAX_LATENTS)]] = Field(default_factory=list, max_length=MAX_EDIT_LATENTS)
+
+
+class EditDocument(Schema):
+    """One edit of a recipe (see :func:`edit_to_json`)."""
+
+    latents: list[Annotated[int, Field(ge=0, lt=MAX_LATENTS)]] = Field(min_length=1, max_length=MAX_EDIT_LATENTS)
+    mode: Literal["scale", "add", "zero", "clamp", "swap"]
+    alpha: float = 1.0
+    where: Literal["active", "everywhere"] = "active"
+    region: RegionDocument = Field(default_factory=lambda: RegionDocument(kind="volume"))
+    swap: SwapDocument | None = None
+
+
+class WeightsRecord(Schema):
+    sha256: str | None = None
+
+
+class CaseRecord(Schema):
+    case_id: str | None = None
+    shape: list[Annotated[int, Field(ge=1, le=MAX_AXIS)]] | None = Field(default=None, min_length=3, max_length=3)
+    affine: list[Annotated[list[float], Field(min_length=4, max_length=4)]] | None = Field(default=None, min_length=4, max_length=4)
+
+
+class RecipeDocument(Schema):
+    """A recipe file (module docstring): the weights by hash, the case's grid and the edits, each edit checked
+    (latent ids, mode, a finite alpha, its region) and every mask region on the recipe's grid."""
+
+    model: WeightsRecord
+    sae: WeightsRecord
+    case: CaseRecord
+    edits: list[EditDocument] = Field(max_length=MAX_EDITS)
+    output: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _regions(self):
+        for index, edit in enumerate(self.edits):
+            region = edit.region
+            if region.kind == "mask" and self.case.shape is not None and list(region.shape) != list(self.case.shape):
+                raise ValueError(f"edits[{index}].region: a mask of shape {region.shape} is not on the recipe's grid {self.case.shape}")
+        return self
+
+
+def edit_from_json(data: Any, source: str | Path, swap_saes: dict[str, BatchTopKSAE] | None = None,
+                   shape: tuple[int, ...] | None = None, where: str = "edit") -> LatentEdit:  # fmt: skip
+    """An edit from its JSON form (checked against :class:`EditDocument`); swaps look their second SAE up by hash
+    in ``swap_saes``. A mask region must lie on ``shape`` (the case's grid) when given, checked before it is built.
+
+    Raises:
+        InputFileError: naming ``source`` and ``where`` (e.g. ``edits[2]``).
+    """
     try:
-        region = Region.from_json(data.get("region", {"kind": "volume"}))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputFileError(source, f"malformed region {data.get('region')!r:.80} ({exc})") from None
+        edit = validate(EditDocument, data, source)
+    except InputFileError as exc:
+        raise InputFileError(source, f"{where}: {exc.problem}") from None
+    try:
+        region = Region.from_json(data.get("region", {"kind": "volume"}), shape=shape)
     except SegLensError as exc:
-        raise InputFileError(source, str(exc)) from None
+        raise InputFileError(source, f"{where}: {one_line(exc)}") from None
     swap_sae, partners = None, None
-    if data["mode"] == "swap":
-        swap = data.get("swap") or {}
-        partners = tuple(swap.get("partners", ()))
-        sha = swap.get("sae_sha256")
-        swap_sae = (swap_saes or {}).get(sha)
+    if edit.mode == "swap":
+        swap = edit.swap or SwapDocument()
+        partners = tuple(swap.partners)
+        swap_sae = (swap_saes or {}).get(swap.sae_sha256)
         if swap_sae is None:
-            raise InputFileError(source, f"a swap edit needs the second SAE with weights sha256 {sha}; give it with --swap-sae")
-    try:
-        return LatentEdit(
-            latents=tuple(int(j) for j in data["latents"]),
-            mode=str(data["mode"]),
-            alpha=float(data.get("alpha", 1.0)),
-            where=str(data.get("where", "active")),
-            region=region,
-            swap_sae=swap_sae,
-            partners=partners,
-        )
-    except (TypeError, ValueError) as exc:
-        raise InputFileError(source, f"malformed edit {data!r:.80} ({exc})") from None
+            raise InputFileError(source, f"{where}: a swap edit needs the second SAE with weights sha256 {swap.sae_sha256}; give it with --swap-sae")
+    return LatentEdit(latents=tuple(edit.latents), mode=edit.mode, alpha=float(edit.alpha), where=edit.where, region=region,
+                      swap_sae=swap_sae, partners=partners)  # fmt: skip
 
 
 @dataclass
@@ -128,22 +195,12 @@ class Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file.
+    """Read and validate a recipe file (:class:`RecipeDocument`: every edit and region is checked here, before the
+    recipe is replayed).
 
     Raises:
-        InputFileError: not JSON, not a recipe, an unsupported version or missing fields.
+        InputFileError: not JSON, not a recipe, an unsupported version, or a missing or malformed field (named).
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputFileError(path, "recipe file not found")
-    data = read_json(path)
-    if not isinstance(data, dict) or data.get("kind") != RECIPE_KIND:
-        raise InputFileError(path, f"is not a SegLens steering recipe (expected \"kind\": \"{RECIPE_KIND}\")")
-    if data.get("format_version") != RECIPE_FORMAT_VERSION:
-        raise InputFileError(path, f"recipe format_version {data.get('format_version')} is not supported (this SegLens reads {RECIPE_FORMAT_VERSION})")
-    missing = [k for k in ("model", "sae", "case", "edits") if k not in data]
-    if missing:
-        raise InputFileError(path, f"recipe lacks {', '.join(missing)}")
-    if not isinstance(data["edits"], list):
-        raise InputFileError(path, "'edits' must be a list")
+    data = read_document(path, RECIPE_KIND, RECIPE_FORMAT_VERSION, RecipeDocument, "SegLens steering recipe", missing="recipe file not found")
     return Recipe(model=data["model"], sae=data["sae"], case=data["case"], edits=data["edits"], output=data.get("output") or {})

@@ -154,6 +154,9 @@ class CachedForward:
                 h[i] += deltas[int(part[i])]
             cache = [level.index_select(0, index) for level in self.cache]
             logits = self.model.decode(h, cache, self.hook)
+            if edited and not torch.isfinite(logits).all():  # an edit too strong for the layers after the hook
+                raise SegLensError("the edit drives the model's output beyond float32 (not finite) on slice(s) "
+                                   f"{sorted(int(self.slices[part[i]]) for i in edited)[:5]}; use a smaller alpha")  # fmt: skip
             logits = self.prepared.geometry.from_model(logits.float())
             labels = labels_from_logits(logits)
             for i, p in enumerate(part):

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from ..data.io import write_image
-from ..errors import SegLensError, refuse_existing
+from ..errors import InputFileError, SegLensError, refuse_existing
+from ..storage import one_line
 from ..networks import load_segmenter
 from ..networks.segmenter import Segmenter
 from ..sae.codes import VolumeCodes
@@ -75,14 +76,7 @@ class SteeringSession:
         batch_size: int | None = None,
         suggestions=None,
     ):
-        hook = sae.config.hook_point or model.config.hook_point
-        if hook not in model.hook_points():
-            raise SegLensError(f"the SAE was trained at hook point '{hook}', which model {model.config.arch} does not have")
-        channels = model.hook_points()[hook][0]
-        if channels != sae.config.d_in:
-            raise SegLensError(
-                f"the SAE takes {sae.config.d_in}-dimensional activations but hook point '{hook}' of the model has {channels} channels"
-            )
+        hook = sae.check_fits(model)
         sae._theta()  # an SAE without an inference threshold cannot encode a case: say so now
         self.model = model
         self.device = next(model.parameters()).device
@@ -92,10 +86,20 @@ class SteeringSession:
         self.batch_size = batch_size
         self.latent_labels = selection.as_latent_labels(labels)
         self.alignments = [selection.as_alignment(a) for a in alignments]
+        # Labels and alignments must be of this SAE (its size, and its weights hash when both know it): a file that
+        # names the SAE's hash but another size is refused here, naming the file, not met later as an index error.
+        sha = getattr(sae, "weights_sha256", None)
+        if hasattr(self.latent_labels, "check_sae"):
+            self.latent_labels.check_sae(sae.d_sae, sha)
+        for alignment in self.alignments:
+            if sha is not None and hasattr(alignment, "check_sae"):
+                alignment.check_sae(sha, sae.d_sae, sae.config.d_in)
         if suggestions is not None and not hasattr(suggestions, "populations"):
             from .suggestions import load_suggestions
 
             suggestions = load_suggestions(suggestions)
+        if hasattr(suggestions, "check_sae"):
+            suggestions.check_sae(sae.d_sae)
         self.suggestions = suggestions
         self.forward: CachedForward | None = None
         self.codes: VolumeCodes | None = None
@@ -129,7 +133,8 @@ class SteeringSession:
         bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle if bundle is not None else reference_bundle_path())
         session = cls.open(bundle.model_dir, bundle.sae_dir, case, labels=bundle.labels_path, alignments=bundle.alignment_paths,
                            device=device, batch_size=batch_size)  # fmt: skip
-        session.suggestions = bundle.load_suggestions()
+        suggestions = bundle.load_suggestions()
+        session.suggestions = suggestions.check_sae(session.d_sae) if suggestions is not None else None
         return session
 
     # -- loading and the unedited mask ----------------------------------------------------------------------
@@ -373,8 +378,13 @@ class SteeringSession:
         recipe.check_matches(self.model_sha256, self.sae_sha256, source)
         recipe.check_case(self.case_id, self.prepared.source.shape, self.prepared.source.affine, source)
         by_hash = {getattr(s, "weights_sha256", None): s for s in swap_saes}
-        edits = [edit_from_json(data, source, by_hash) for data in recipe.edits]
-        self._check(edits)
+        shape = self.prepared.source.shape
+        edits = [edit_from_json(data, source, by_hash, shape=shape, where=f"edits[{i}]") for i, data in enumerate(recipe.edits)]
+        for i, edit in enumerate(edits):  # every edit is checked against this SAE and case before any is applied
+            try:
+                self._check([edit])
+            except SegLensError as exc:
+                raise InputFileError(source, f"edits[{i}]: {one_line(exc)}") from None
         self.reset()
         for edit in edits:
             self.apply(edit)

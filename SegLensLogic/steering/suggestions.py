@@ -24,17 +24,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field, model_validator
 
-from ..data.io import atomic_write_text, read_json
 from ..errors import InputFileError, SegLensError
+from ..storage import MAX_LATENTS, Measured, Schema, atomic_write_text, check_document, read_document
 from .interventions import LatentEdit
 
 SUGGESTIONS_KIND = "seglens-steering-suggestions"
 SUGGESTIONS_FORMAT_VERSION = 1
 METHODS = ("ground-truth-free", "calibrated")
+# A suggested alpha: finite and at most 1000 in size.
+Alpha = Annotated[float, Field(ge=-1e3, le=1e3)]
 
 
 def suggestions_document(results: dict, reference, specific: dict[str, list[int]], alphas, alignment_paths: dict[str, str], n_latents: int = 5) -> dict:
@@ -59,32 +62,57 @@ def write_suggestions(document: dict, path: str | Path, overwrite: bool = True) 
     return atomic_write_text(path, json.dumps(document, indent=1) + "\n", overwrite=overwrite)
 
 
+class ReferenceRecord(Schema):
+    proportions: list[Measured] = Field(min_length=3, max_length=3)
+    log_size: list[Measured] = Field(min_length=2, max_length=2)
+
+
+class PopulationRecord(Schema):
+    specific: list[Annotated[int, Field(ge=0, lt=MAX_LATENTS)]] = Field(max_length=MAX_LATENTS)
+    calibrated_alpha: Alpha
+    alignment: str | None = None
+
+
+class SuggestionsDocument(Schema):
+    """``suggestions.json`` (module docstring): alphas finite and at most 1000 in size, 1-64 latents per edit."""
+
+    n_latents: int = Field(ge=1, le=64)
+    alphas: list[Alpha] = Field(min_length=1, max_length=1000)
+    reference: ReferenceRecord
+    populations: dict[str, PopulationRecord] = Field(max_length=10_000)
+    calibrated_alpha: dict[str, Alpha]
+    evidence: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _all(self):
+        if "all" not in self.calibrated_alpha:
+            raise ValueError("'calibrated_alpha' needs an 'all' entry (the alpha for any population)")
+        return self
+
+
 class Suggestions:
-    """A validated suggestions document (see the module docstring)."""
+    """A validated suggestions document (see the module docstring and :class:`SuggestionsDocument`)."""
 
     def __init__(self, document: Any, source: str | Path = "<suggestions>"):
         self.source = Path(source)
-        if not isinstance(document, dict) or document.get("kind") != SUGGESTIONS_KIND:
-            raise InputFileError(self.source, f"is not a SegLens suggestions file (kind '{SUGGESTIONS_KIND}')")
-        if document.get("format_version") != SUGGESTIONS_FORMAT_VERSION:
-            raise InputFileError(self.source, f"suggestions format_version {document.get('format_version')!r} is not supported")
-        try:
-            self.alphas = [float(a) for a in document["alphas"]]
-            self.n_latents = int(document["n_latents"])
-            reference = document["reference"]
-            self.proportions = np.asarray([float(v) for v in reference["proportions"]], dtype=np.float64)
-            self.log_size = (float(reference["log_size"][0]), float(reference["log_size"][1]))
-            self.populations = {str(name): {"specific": [int(j) for j in entry["specific"]],
-                                            "calibrated_alpha": float(entry["calibrated_alpha"])}
-                                for name, entry in document["populations"].items()}  # fmt: skip
-            self.calibrated_alpha = {str(k): float(v) for k, v in document["calibrated_alpha"].items()}
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-            raise InputFileError(self.source, f"malformed suggestions ({type(exc).__name__}: {exc})") from None
-        if not self.alphas or len(self.proportions) != 3 or "all" not in self.calibrated_alpha or not 1 <= self.n_latents <= 64:
-            raise InputFileError(self.source, "suggestions need alphas, three reference proportions, an 'all' alpha and 1-64 latents")
-        if any(not np.isfinite(a) or abs(a) > 1e3 for a in self.alphas + list(self.calibrated_alpha.values())):
-            raise InputFileError(self.source, "suggested alphas must be finite and at most 1000 in size")
+        check_document(document, self.source, SUGGESTIONS_KIND, SUGGESTIONS_FORMAT_VERSION, SuggestionsDocument, "SegLens suggestions file")
+        self.alphas = [float(a) for a in document["alphas"]]
+        self.n_latents = int(document["n_latents"])
+        reference = document["reference"]
+        self.proportions = np.asarray([float(v) for v in reference["proportions"]], dtype=np.float64)
+        self.log_size = (float(reference["log_size"][0]), float(reference["log_size"][1]))
+        self.populations = {str(name): {"specific": [int(j) for j in entry["specific"]], "calibrated_alpha": float(entry["calibrated_alpha"])}
+                            for name, entry in document["populations"].items()}  # fmt: skip
+        self.calibrated_alpha = {str(k): float(v) for k, v in document["calibrated_alpha"].items()}
         self.document = document
+
+    def check_sae(self, d_sae: int) -> "Suggestions":
+        """Raise :class:`InputFileError` naming this file when a population's latents are not the SAE's."""
+        for name, entry in self.populations.items():
+            beyond = [j for j in entry["specific"] if j >= d_sae]
+            if beyond:
+                raise InputFileError(self.source, f"population '{name}' names latent {beyond[0]}, but the SAE has {d_sae} latents")
+        return self
 
     @property
     def reference(self):
@@ -94,7 +122,9 @@ class Suggestions:
 
 
 def load_suggestions(path: str | Path) -> Suggestions:
-    return Suggestions(read_json(path), path)
+    path = Path(path)
+    return Suggestions(read_document(path, None, SUGGESTIONS_FORMAT_VERSION, None, "SegLens suggestions file",
+                                     default_version=SUGGESTIONS_FORMAT_VERSION, missing="suggestions file not found"), path)  # fmt: skip
 
 
 @dataclass
