@@ -22,6 +22,7 @@ from pathlib import Path
 from . import __version__
 from .console import add_device_arguments, case_from_args, device_from_args, log, progress_printer
 from .errors import SegLensError, refuse_existing
+from .storage import MAX_LATENTS
 
 # Modules that add their own subcommands (steering, interpretation, alignment, experiments, bundles, ...).
 COMMAND_MODULES: tuple[str, ...] = ("SegLensLogic.steering.commands", "SegLensLogic.bundle", "SegLensLogic.data.commands", "SegLensLogic.interpretation.commands", "SegLensLogic.alignment.commands", "SegLensLogic.experiments.commands", "SegLensLogic.reference.commands")
@@ -86,7 +87,13 @@ def cmd_train_segmenter(args: argparse.Namespace) -> int:
         args.epochs = 10
     arch_options = {}
     if args.unet_features:
-        arch_options["features"] = [int(v) for v in args.unet_features.split(",")]
+        try:
+            features = [int(v) for v in args.unet_features.split(",")]
+        except ValueError:
+            features = []
+        if len(features) != 6 or not all(1 <= f <= 1024 for f in features):
+            raise SegLensError(f"--unet-features expects six comma-separated widths from 1 to 1024, got '{args.unet_features}'")
+        arch_options["features"] = features
     cohort = load_cohort(args.cohort, name=args.name)
     modalities = [canonical_modality(m) for m in args.modalities.split(",")] if args.modalities else None
     options = TrainingOptions(
@@ -153,6 +160,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from .networks import load_segmenter
     from .sae import ExtractionOptions, extract_activations
 
+    _check_numbers(args, (("--subsample", "subsample", 1e-9, 1.0),))
     options = ExtractionOptions(
         hook=args.layer,
         brain_only=not args.all_positions,
@@ -177,11 +185,20 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_train_sae(args: argparse.Namespace) -> int:
     from .sae import ActivationStore, SAETrainingOptions, train_sae
-    from .sae.model import SAE_CONFIG_NAME
+    from .sae.model import SAE_CONFIG_NAME, SAE_WEIGHTS_NAME
     from .sae.training import save_training_report
+    from .storage import refuse_output_folder
 
-    refuse_existing(Path(args.out) / SAE_CONFIG_NAME, args.overwrite)
+    refuse_output_folder(args.out, args.overwrite, (SAE_CONFIG_NAME, SAE_WEIGHTS_NAME))
+    _check_numbers(args, (("--k", "k", 1, 1 << 12), ("--expansion", "expansion", 1, 1 << 10), ("--batch-size", "batch_size", 1, 1 << 24),
+                          ("--epochs", "epochs", 1e-9, 1e9), ("--max-steps", "max_steps", 1, 1 << 40), ("--lr", "lr", 1e-12, 10.0),
+                          ("--patience", "patience", 0, 1 << 20)))  # fmt: skip
     store = ActivationStore(args.activations)
+    if store.d_in * args.expansion > MAX_LATENTS:
+        raise SegLensError(f"--expansion {args.expansion}: {store.d_in} channels x {args.expansion} = {store.d_in * args.expansion} latents, "
+                           f"more than SegLens loads ({MAX_LATENTS:,})")  # fmt: skip
+    if args.k > store.d_in * args.expansion:
+        raise SegLensError(f"--k {args.k} is larger than the dictionary ({store.d_in * args.expansion} latents)")
     options = SAETrainingOptions(
         k=args.k,
         expansion=args.expansion,
@@ -218,6 +235,16 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_numbers(args: argparse.Namespace, bounds) -> None:
+    """Refuse a numeric option outside ``[low, high]`` (or not finite), naming the option, before any work."""
+    import math
+
+    for flag, name, low, high in bounds:
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            raise SegLensError(f"{flag} must be from {low:g} to {high:g}, got {value:g}")
+
+
 def cmd_evaluate_sae(args: argparse.Namespace) -> int:
     from .data.cohort import load_cohort
     from .networks import load_segmenter
@@ -247,10 +274,21 @@ def cmd_latents(args: argparse.Namespace) -> int:
     from .networks import load_segmenter
     from .sae import BatchTopKSAE
     from .sae.codes import encode_volume, save_heatmap
+    from .storage import refuse_output_folder
 
+    if args.top < 0:
+        raise SegLensError(f"--top must be 0 or more, got {args.top}")
     model = load_segmenter(args.model, device=device_from_args(args))
     sae = BatchTopKSAE.load(args.sae)
+    sae.check_fits(model)
+    sae._theta()  # an SAE without an inference threshold cannot encode: one line naming it, before any work
+    bad = [j for j in args.heatmap or [] if not 0 <= j < sae.d_sae]
+    if bad:
+        raise SegLensError(f"--heatmap {bad[0]} is out of range: this SAE has {sae.d_sae} latents (0..{sae.d_sae - 1})")
     case = case_from_args(args)
+    heatmaps = [Path(args.out_dir or ".") / f"{case.case_id}-latent{latent:05d}.nii.gz" for latent in args.heatmap or []]
+    if heatmaps:
+        refuse_output_folder(heatmaps[0].parent, args.overwrite, [path.name for path in heatmaps])  # before encoding
     codes = encode_volume(model, sae, case, batch_size=args.batch_size)
     log(
         f"{case.case_id}: {codes.num_positions} positions, mean {codes.mean_l0():.1f} active latents, "
@@ -258,8 +296,7 @@ def cmd_latents(args: argparse.Namespace) -> int:
     )
     for latent, total in codes.top_latents(args.top):
         log(f"  latent {latent:5d}  total activation {total:.1f}")
-    for latent in args.heatmap or []:
-        path = Path(args.out_dir or ".") / f"{case.case_id}-latent{latent:05d}.nii.gz"
+    for latent, path in zip(args.heatmap or [], heatmaps):
         save_heatmap(codes, latent, path, overwrite=args.overwrite)
         log(f"Wrote {path}")
     return 0

@@ -31,12 +31,22 @@ def case_from_args(args: argparse.Namespace):
     from .data.cases import case_from_mapping, find_case
 
     if args.image:
-        mapping = {}
+        from .data.cases import canonical_modality
+
+        mapping: dict[str, str] = {}
+        given: dict[str, str] = {}
         for item in args.image:
             modality, sep, path = item.partition("=")
-            if not sep or not path:
+            if not sep or not path or not modality.strip():
                 raise SegLensError(f"--image expects MODALITY=FILE, got '{item}'")
-            mapping[modality] = path
+            try:
+                canonical = canonical_modality(modality)
+            except ValueError as exc:
+                raise SegLensError(f"--image {item}: {exc}") from None
+            if canonical in given:
+                raise SegLensError(f"--image gives {canonical} twice ('{given[canonical]}' and '{item}'); give each modality once")
+            given[canonical] = item
+            mapping[canonical] = path
         if getattr(args, "seg", None):
             mapping["seg"] = args.seg
         return case_from_mapping(mapping, case_id=args.case.name if args.case else None)
@@ -50,6 +60,8 @@ def device_from_args(args: argparse.Namespace):
 
     from .networks import default_device
 
+    if getattr(args, "batch_size", None) is not None and args.batch_size < 1:
+        raise SegLensError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.device == "auto":
         return default_device()
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from ..errors import InputFileError, SegLensError, refuse_existing
+from ..storage import refuse_output_folder
 
 METHOD_CHOICES = ("auto", "cosine", "activation-correlation", "procrustes")
 
@@ -161,7 +162,7 @@ def save_heatmap(names: list[str], matrix, path: Path, floors: dict | None = Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..data.io import atomic_write_bytes
+    from ..storage import atomic_write_bytes
 
     size = 1.2 + 0.9 * len(names)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
@@ -193,8 +194,7 @@ def diff_command(args: argparse.Namespace, log=print) -> dict:
 
     out = Path(args.out)
     outputs = [out / "fraction_shared.csv", out / "fraction_shared.png", out / "pairs.csv", out / "diff.json"]
-    for path in outputs:
-        refuse_existing(path, args.overwrite)
+    refuse_output_folder(out, args.overwrite, [path.name for path in outputs])
     if len(args.saes) < 2:
         raise SegLensError("seglens diff needs at least two SAE folders")
     saes = [_load_sae(f) for f in args.saes]
@@ -222,7 +222,7 @@ def diff_command(args: argparse.Namespace, log=print) -> dict:
             log(f"warning: {names[i]} / {names[j]}: {warning}")
     diff = diff_cohorts(dict(zip(names, saes)), tau=args.tau, seed_replicas=replicas)
     out.mkdir(parents=True, exist_ok=True)
-    from ..data.io import atomic_write_text
+    from ..storage import atomic_write_text
 
     matrix = diff.fraction_matrix()
     atomic_write_text(outputs[0], _matrix_csv(names, matrix), overwrite=args.overwrite)

@@ -155,9 +155,12 @@ def find_case(folder: str | Path, case_id: str | None = None) -> Case:
         InputFileError: the folder does not exist or no convention finds an image in it.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise InputFileError(folder, "case folder not found")
-    files = _image_files(folder)
+    try:
+        if not folder.is_dir():
+            raise InputFileError(folder, "case folder not found")
+        files = _image_files(folder)
+    except OSError as exc:  # a name too long, a folder we may not list
+        raise InputFileError(folder, f"cannot be read as a case folder ({exc.strerror or exc})") from None
     conventions = (
         ("brats2023", _role_2023, BRATS2023.name),
         ("brats2018", _role_2018, BRATS2018.name),
@@ -213,7 +216,10 @@ def case_from_mapping(
         elif role in ("mask", "brainmask", "brain_mask"):
             mask = path
         else:
-            images[canonical_modality(role)] = path
+            modality = canonical_modality(role)
+            if modality in images:
+                raise ValueError(f"modality {modality} is given twice ({images[modality]} and {path})")
+            images[modality] = path
     if not images:
         raise ValueError("the mapping names no image modality")
     if label_scheme is not None:

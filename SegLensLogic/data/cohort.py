@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputFileError
+from ..storage import read_text
 from .cases import Case, find_case, is_case_folder
 
 
@@ -55,7 +56,7 @@ def load_cohort(source: str | Path, name: str | None = None) -> Cohort:
     source = Path(source)
     if source.is_file():
         cases = []
-        for lineno, raw in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
+        for lineno, raw in enumerate(read_text(source, what="a cohort list (case folders, one per line)").splitlines(), start=1):
             line = raw.split("#", 1)[0].strip()
             if not line:
                 continue

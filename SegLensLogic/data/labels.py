@@ -50,26 +50,33 @@ class LabelScheme:
             InputFileError: non-integer values, or values this scheme does not know.
         """
         arr = np.asarray(labels)
+        if arr.dtype.kind not in "biuf":
+            raise InputFileError(path, f"label map has voxels of type {arr.dtype}; labels are integers")
         if arr.dtype.kind == "f":
             if not np.isfinite(arr).all():
                 raise InputFileError(path, "label map has NaN or Inf voxels")
             if not np.array_equal(arr, np.round(arr)):
                 raise InputFileError(path, "label map has non-integer values")
-        values = np.unique(arr).astype(np.int64)
-        unknown = [int(v) for v in values if int(v) not in self.mapping]
-        if unknown and not self.unknown_to_background:
-            raise InputFileError(
-                path,
-                f"unknown label value(s) {unknown[:10]} for the {self.name} scheme "
-                f"(expected {sorted(self.mapping)})",
-            )
-        lut_size = int(max(values.max(initial=0), max(self.mapping)) + 1)
-        if values.min(initial=0) < 0:
-            raise InputFileError(path, f"negative label value {int(values.min())}")
-        lut = np.zeros(lut_size, dtype=np.uint8)
+        # The values are checked against the scheme before any lookup table is built, so a stray huge value
+        # costs nothing (the table spans the scheme's labels, never the file's).
+        values = np.unique(arr)
+        if values.size and values[0] < 0:
+            raise InputFileError(path, f"negative label value {values[0]:g}")
+        known = np.fromiter(self.mapping, dtype=np.int64)
+        unknown = values[~np.isin(values, known)]
+        if unknown.size and not self.unknown_to_background:
+            shown = [int(v) for v in unknown[:10]]
+            raise InputFileError(path, f"unknown label value(s) {shown} for the {self.name} scheme (expected {sorted(self.mapping)})")
+        top = int(known.max())
+        lut = np.zeros(top + 1, dtype=np.uint8)
         for src, dst in self.mapping.items():
             lut[src] = dst
-        return lut[arr.astype(np.int64)]
+        if not values.size or values[-1] <= top:
+            return lut[arr.astype(np.int64)]
+        out = np.zeros(arr.shape, dtype=np.uint8)  # labels beyond the scheme's are background here
+        inside = arr <= top
+        out[inside] = lut[arr[inside].astype(np.int64)]
+        return out
 
 
 TUMOUR_CLASSES = ("background", "necrotic core", "edema", "enhancing tumour")

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ..errors import InputFileError
 from .cases import CaseImages
 
 _RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
@@ -242,6 +243,9 @@ def prepare_case(
         mask = orientation.apply(case.brain_mask)
     else:
         mask = brain_mask_from_images(list(ras.values()))
+    if not mask.any():  # every command would otherwise run on nothing (or fail deep inside a model)
+        raise InputFileError(case.reference.path, f"case '{case.case_id}' has no brain: every voxel is background "
+                             "(an empty or constant image, or an empty brain mask); there is nothing to segment")  # fmt: skip
     # A missing sequence is 0 everywhere: the brain mean of a z-scored image (models trained with modality dropout).
     images = np.stack([zscore_in_mask(ras[m], mask) if m in ras else np.zeros(mask.shape, np.float32) for m in modalities])
     label = orientation.apply(case.label) if case.label is not None else None

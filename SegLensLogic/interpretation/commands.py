@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ..errors import SegLensError, refuse_existing
+from ..storage import refuse_output_folder
 
 
 def cmd_interpret(args: argparse.Namespace) -> int:
@@ -26,7 +27,7 @@ def cmd_interpret(args: argparse.Namespace) -> int:
     refuse_existing(args.out, args.overwrite)
     chart = Path(args.figures) / "categories.png" if args.figures else None
     if chart is not None:
-        refuse_existing(chart, args.overwrite)
+        refuse_output_folder(args.figures, args.overwrite, (chart.name,))
     model = load_segmenter(args.model, device=device_from_args(args))
     sae = BatchTopKSAE.load(args.sae)
     cohort = load_cohort(args.cohort)

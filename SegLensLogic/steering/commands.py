@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 from ..console import add_device_arguments, case_from_args, device_from_args, log
@@ -16,9 +17,24 @@ def _region(args: argparse.Namespace) -> Region:
         return Region.volume()
     start, sep, stop = args.slices.partition(":")
     try:
-        return Region.slice(int(start)) if not sep else Region.slices(int(start), int(stop))
+        region = Region.slice(int(start)) if not sep else Region.slices(int(start), int(stop))
     except ValueError:
         raise SegLensError(f"--slices expects K or START:STOP (axial slice indices, RAS order), got '{args.slices}'") from None
+    if region.start < 0 or region.start >= region.stop:
+        raise SegLensError(f"--slices {args.slices}: START must be at least 0 and below STOP (stop exclusive)")
+    return region
+
+
+def _check_edit_options(args: argparse.Namespace, session) -> None:
+    """The one edit given on the command line, checked against the opened SAE and case, naming the option."""
+    if not math.isfinite(args.alpha):
+        raise SegLensError(f"--alpha must be a finite number, got {args.alpha}")
+    bad = [j for j in args.latent if not 0 <= j < session.d_sae]
+    if bad:
+        raise SegLensError(f"--latent {bad[0]} is out of range: this SAE has {session.d_sae} latents (0..{session.d_sae - 1})")
+    region = _region(args)
+    if region.kind != "volume" and region.stop > session.num_slices:
+        raise SegLensError(f"--slices {args.slices}: the volume has {session.num_slices} axial slices (0..{session.num_slices - 1})")
 
 
 def cmd_steer(args: argparse.Namespace) -> int:
@@ -32,6 +48,10 @@ def cmd_steer(args: argparse.Namespace) -> int:
     if (args.model is None) != (args.sae is None):
         raise SegLensError("give --model and --sae together, or a --bundle (default: the shipped reference bundle)")
     recipe = load_recipe(args.recipe) if args.recipe else None
+    if args.latent:
+        _region(args)  # a malformed --slices is refused before any work
+        if not math.isfinite(args.alpha):
+            raise SegLensError(f"--alpha must be a finite number, got {args.alpha}")
     start = time.monotonic()
     case = case_from_args(args)
     if args.model is not None:
@@ -53,6 +73,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
         for edit in suggestion.edits:
             session.apply(edit)
     else:
+        _check_edit_options(args, session)
         session.apply(LatentEdit(tuple(args.latent), args.mode, args.alpha, where=args.where, region=_region(args)))
     mask, recipe_file = session.export(out, overwrite=args.overwrite)
     changed = int((session.labels != session.base_labels).sum())
