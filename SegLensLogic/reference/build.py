@@ -67,7 +67,8 @@ class ReferenceSettings:
         arch_options: architecture overrides (U-Net widths; small SegFormers for tiny builds); train_cases: use only the first N
             training cases (tiny builds only).
         leverage_sae_steps, leverage_alphas: the quick SAE per hook point and the alpha grid of the leverage step.
-        sweep_k, sae_expansion, sae_max_steps: the SAE settings tried (two seeds each) at the chosen hook.
+        sweep, sae_max_steps: the SAE settings ``(k, expansion)`` tried at the chosen hook (two seeds each), and
+            the step budget of each; sae_expansion: the quick SAEs' expansion in the leverage step.
         interpret_top_k: examples per latent when labelling latents.
         finetune_epochs, finetune_slices, finetune_learning_rate: population models fine-tuned from the base.
         pediatric_cases, phantom_shape: the synthetic pediatric cohort (no real pediatric case is available).
@@ -101,7 +102,7 @@ class ReferenceSettings:
     repair_patients: int | None = None
     leverage_hooks: tuple[str, ...] | None = None
     fit_steps: int = 40
-    sweep_k: tuple[int, ...] = (8, 16, 32)
+    sweep: tuple[tuple[int, int], ...] = ((8, 4), (16, 4), (16, 8), (32, 8), (32, 16))
     sae_expansion: int = 16
     sae_max_steps: int = 20000
     interpret_top_k: int = 16
@@ -124,7 +125,7 @@ class ReferenceSettings:
             image_size=64, epochs=2, slices_per_epoch=64, batch_size=8, warmup_steps=0, precision="float32",
             arch_options=(("hidden_sizes", [16, 32, 64, 128]), ("decoder_hidden_size", 64), ("num_attention_heads", [1, 1, 2, 4])),
             train_cases=2, leverage_sae_steps=100, leverage_alphas=(0.0, 4.0), repair_alphas=(0.0, 1.0, 4.0), repair_strengths=(2.0,),
-            repair_missing=(), repair_brats2013=1, repair_patients=2, leverage_hooks=("stage1", "stage2"), fit_steps=3, sweep_k=(4, 8), sae_expansion=4,
+            repair_missing=(), repair_brats2013=1, repair_patients=2, leverage_hooks=("stage1", "stage2"), fit_steps=3, sweep=((4, 2), (8, 4)), sae_expansion=4,
             sae_max_steps=300, interpret_top_k=4, finetune_epochs=1, finetune_slices=32, pediatric_cases=2,
             phantom_shape=(48, 56, 40),
         )  # fmt: skip
@@ -294,12 +295,12 @@ def step_sae(build: ReferenceBuild, folder: Path) -> dict:
     train = build.cohort("train+validation")
     store = _extract(build, model, build.model_dir, train, hook, folder / "store")
     channels = store.d_in
-    grid = [{"k": k} for k in s.sweep_k if k <= channels // 2] or [{"k": max(1, channels // 4)}]
-    build.sub(f"{len(store)} vectors of {channels} channels at {hook}; sweep over k {[g['k'] for g in grid]} "
-              f"(expansion {s.sae_expansion}, seeds 0 and 1)")  # fmt: skip
+    grid = [{"k": k, "expansion": e} for k, e in s.sweep if k <= channels // 2] or [{"k": max(1, channels // 4), "expansion": 4}]
+    build.sub(f"{len(store)} vectors of {channels} channels at {hook}; sweep over (k, expansion) "
+              f"{[(g['k'], g['expansion']) for g in grid]} (seeds 0 and 1)")  # fmt: skip
     rows, kept = sae_sweep(store, grid, base=_sae_options(build), keep=True, log=build.sub)
-    chosen, why = choose_setting(rows, prefer={"k": 32})
-    build.sub(f"chosen: k {rows[chosen]['k']} ({why})")
+    chosen, why = choose_setting(rows, prefer={"k": 32, "expansion": 16})
+    build.sub(f"chosen: k {rows[chosen]['k']}, expansion {rows[chosen]['expansion']} ({why})")
     for seed, name in ((0, "sae"), (1, "sae-seed1")):
         sae, report = kept[(chosen, seed)]
         sae.config.training["cohort"] = "brats2018"
@@ -307,7 +308,7 @@ def step_sae(build: ReferenceBuild, folder: Path) -> dict:
         save_training_report(report, folder / name)
     # The resampling floor: the chosen setting, seed 0, on a random 80 % of the positions.
     resampled = _extract(build, model, build.model_dir, train, hook, folder / "store-resampled", subsample=0.8, seed=s.seed + 1)
-    sae, report = train_sae(resampled, _sae_options(build, k=rows[chosen]["k"], seed=0), log=lambda m: None)
+    sae, report = train_sae(resampled, _sae_options(build, k=rows[chosen]["k"], expansion=rows[chosen]["expansion"], seed=0), log=lambda m: None)
     sae.config.training["cohort"] = "brats2018 (80 % resample)"
     sae.save(folder / "sae-resampled", overwrite=True)
     save_training_report(report, folder / "sae-resampled")
@@ -367,7 +368,7 @@ def step_populations(build: ReferenceBuild, folder: Path) -> dict:
     sae_outputs = build.pipeline.outputs("sae")
     reference_dir = out / sae_outputs["sae"]
     reference = BatchTopKSAE.load(reference_dir)
-    k = sae_outputs["chosen"]["k"]
+    k, expansion = sae_outputs["chosen"]["k"], sae_outputs["chosen"]["expansion"]
     store = ActivationStore(out / sae_outputs["store"])
     held_out = store.vectors(store.split(0.05, seed=12345)[1][:32768])
     floors = {
@@ -390,7 +391,7 @@ def step_populations(build: ReferenceBuild, folder: Path) -> dict:
         model = load_segmenter(model_dir)
         model.config.hook_point = build.hook
         pop_store = _extract(build, model, model_dir, cohort, build.hook, pop_folder / "store")
-        sae, report = train_sae(pop_store, _sae_options(build, k=k, seed=100 + number), log=lambda m: None)
+        sae, report = train_sae(pop_store, _sae_options(build, k=k, expansion=expansion, seed=100 + number), log=lambda m: None)
         sae.config.training["cohort"] = name
         sae.save(pop_folder / "sae", overwrite=True)
         save_training_report(report, pop_folder / "sae")

@@ -71,7 +71,7 @@ def model_card(build) -> tuple[str, dict]:
         "dice_test": test["mean"],
         "dice_brats2013": shifted["mean"],
         "hook_point": leverage["hook"],
-        "sae": {"k": chosen["k"], "expansion": s.sae_expansion, "explained_variance": sae_metrics["explained_variance"],
+        "sae": {"k": chosen["k"], "expansion": chosen["expansion"], "explained_variance": sae_metrics["explained_variance"],
                 "l0": sae_metrics["l0"], "dead_fraction": sae_metrics["dead_fraction"], "dice_recovered": sae_metrics["dice_recovered"],
                 "seed_shared": chosen["seed_shared"]},
         "populations": {name: {"live_shared": r["live_shared"], "shared_fraction": r["shared_fraction"]}
@@ -120,14 +120,14 @@ def model_card(build) -> tuple[str, dict]:
                ["case", "NC", "ED", "ET", "WT", "TC"]),
         "",
         "## Sparse autoencoder",
-        f"- BatchTopK, k {chosen['k']}, expansion {s.sae_expansion} ({chosen['k']} active of {s.sae_expansion} x d latents), trained on "
+        f"- BatchTopK, k {chosen['k']}, expansion {chosen['expansion']} ({chosen['k']} active latents on average of {chosen['expansion']} x d), trained on "
         f"every brain position of the training and validation cases at `{leverage['hook']}`.",
         f"- On the test cases' activations (never trained on): explained variance {_goal('explained_variance', sae_metrics['explained_variance'])}, "
         f"L0 {sae_metrics['l0']:.1f}, dead latents {_goal('dead_fraction', sae_metrics['dead_fraction'])}, Dice recovered "
         f"{_goal('dice_recovered', sae_metrics['dice_recovered'])}.",
         f"- Setting chosen from a sweep (two seeds each; `seed_shared`: share of live latents the other seed finds again at tau 0.8): {sae['why']}.",
         "",
-        _table(sae["sweep"], ["k", "explained_variance", "dead_fraction", "l0", "seed_shared", "live", "steps"]),
+        _table(sae["sweep"], ["k", "expansion", "explained_variance", "dead_fraction", "l0", "seed_shared", "live", "steps"]),
         "",
         "- Latent labels (`latents.json`, automatic interpretation over the training cases): "
         + ", ".join(f"{k} {v}" for k, v in sorted(labels["categories"].items(), key=lambda kv: -kv[1]))
