@@ -340,7 +340,8 @@ def test_space_relation_reads_model_provenance(tmp_path):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(name.encode())
         training = {"init_model_sha256": init} if init else {}
-        (folder / "config.json").write_text(json.dumps({"arch": "unet", "training": training}))
+        config = {"arch": "unet", "modalities": ["t1n", "t1c", "t2w", "t2f"], "class_names": ["background", "tumour"], "training": training}
+        (folder / "config.json").write_text(json.dumps(config))
         return folder, file_sha256(folder / "model.safetensors")
 
     base, base_sha = model_folder("base")

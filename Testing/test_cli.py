@@ -214,7 +214,7 @@ def test_hooks(capsys, models):
     assert len(default) == 1
     assert default[0].split()[0] == "down_3"
     assert "32 channels x 8x8" in default[0]
-    assert [line.split()[0] for line in lines[1:]] == ["conv_0", "down_1", "down_2", "down_3", "down_4"]
+    assert [line.split()[0] for line in lines[1:]] == ["conv_0", "down_1", "down_2", "down_3", "down_4", "up_4", "up_3", "up_2", "up_1"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

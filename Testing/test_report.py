@@ -64,6 +64,13 @@ def full_results(brats2018_case):
         "adaptation": [{"population": "ssa", "method": "scale tumour latents", "dice_before": 0.4, "dice_oracle": 0.55, "dice_calibrated": 0.5}],
         "steered_cases": [{"case_id": brats2018_case.name, "image": image, "before": before, "after": truth, "truth": truth,
                            "dice_before": 0.5, "dice_after": 1.0, "recipe": "scale latents 12 by 2"}],
+        "reference_case": {"case_id": brats2018_case.name, "shift": "SSA-like degradation x2", "method": "ground-truth-free",
+                           "suggestion": "scale latents 4, 9 by 2", "voxels_changed": 812, "dice_before": 0.61, "dice_after": 0.66,
+                           "recipe": "steering/recipe.json", "replay_identical": True, "image": image, "before": before,
+                           "after": truth, "truth": truth,
+                           "top_latents": [{"id": 4, "label": "edema, deep <b>", "category": "edema", "status": "shared",
+                                            "shared_with": "ssa", "activation": 1.5}],
+                           "repair": {"oracle": {"cases": 6, "recovered": 0.5, "dice_mean": "+0.04 [0.01, 0.08]"}}},
     }  # fmt: skip
 
 
@@ -75,14 +82,15 @@ def test_planted_shift_scores():
 
 def test_report_is_self_contained_and_omits_absent_sections(full_results, tmp_path):
     page = build_report_html(full_results)
-    assert page.count("<img") == 1 + 2 + 4 + 0 + 0  # shared matrix, two gallery latents, four steering panels
+    assert page.count("<img") == 1 + 2 + 4 + 4  # shared matrix, two gallery latents, four steering panels, four reference panels
+    assert "edema, deep &lt;b&gt;" in page and "+0.04 [0.01, 0.08]" in page
     # No reference leaves the file: every src is inline data, every href an anchor.
     assert all(src.startswith("data:image/png;base64,") for src in re.findall(r'src="([^"]*)"', page))
     assert all(href.startswith("#") for href in re.findall(r'href="([^"]*)"', page))
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert "Omitted" not in page
     sparse = build_report_html({"title": "t", "models": full_results["models"]})
-    assert sparse.count("Omitted:") == 7 and "<img" not in sparse
+    assert sparse.count("Omitted:") == 8 and "<img" not in sparse
     assert "no alignments were given" in sparse
     out = render_report(full_results, tmp_path / "report.html")
     with pytest.raises(OutputExistsError):
