@@ -457,12 +457,16 @@ def test_real_seed_noise_floor_and_diff(real_pipeline, seed_replica, tmp_path, c
     assert code == 0, err
     summary = json.loads((out / "diff.json").read_text())
     assert summary["cohorts"] == ["adult", "variant"]
-    assert summary["fraction_shared"][0][1] == 0.75  # the 96 kept latents of a trained dictionary, each found
+    # The 96 kept latents of a trained dictionary are found, but for the few whose near-duplicate (cosine > 0.99, the
+    # SAE has some) was among the 32 replaced: the optimal matching gives that twin their partner.
+    shared = summary["fraction_shared"][0][1]
+    assert 0.70 <= shared <= 0.75
     floor = summary["seed_noise_floor"]["adult"]  # two seeds of one cohort share far fewer latents
-    assert floor == align_saes(real_pipeline.sae, BatchTopKSAE.load(seed_replica)).shared_fraction() and floor < 0.75
+    assert floor == align_saes(real_pipeline.sae, BatchTopKSAE.load(seed_replica)).shared_fraction() and floor < shared
     assert f"seed floor {100 * floor:.1f}%" in stdout
     groups = summary["universally_shared"]
-    assert len(groups) == 96 and all(np.argsort(perm)[g["adult"]] == g["variant"] for g in groups)
+    assert len(groups) == round(shared * 128) and all(np.argsort(perm)[g["adult"]] == g["variant"] for g in groups)
+    assert all(g["adult"] >= 32 for g in groups)  # no replaced latent is called shared
 
 
 def test_real_align_records_space_metrics_and_floor(real_pipeline, seed_replica, tmp_path, capsys):
