@@ -1,0 +1,129 @@
+"""The reference bundle shipped in ``Resources/``: it loads, and it still does what its model card says.
+
+The bundle is part of the repository, so these tests fail (never skip) when it is missing or broken. They read one
+held-back BraTS 2018 test case from ``../shared/data`` (skipped with a reason where that folder is absent) and
+compare what the shipped weights do on it with the figures the build wrote on the card.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from SegLensLogic.bundle import load_bundle
+from SegLensLogic.data.cases import find_case, read_case
+from SegLensLogic.data.labels import TUMOUR_CLASSES
+from SegLensLogic.metrics import segmentation_scores
+from SegLensLogic.reference import reference_bundle_path
+from SegLensLogic.sae.training import evaluate_reconstruction
+from SegLensLogic.steering import LatentEdit
+from SegLensLogic.steering.encoded import encode_case
+
+TUMOUR_CATEGORIES = ("necrotic core", "edema", "enhancing tumour")
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_bundle(reference_bundle_path())  # verifies every file's hash
+
+
+@pytest.fixture(scope="module")
+def test_case(bundle, brats2018_dir):
+    """The held-back test case with the fewest slices (the card lists the test cases)."""
+    cases = [brats2018_dir / case_id for case_id in bundle.figures["training"]["test_cases"]]
+    for folder in cases:
+        if not folder.is_dir():
+            pytest.skip(f"the shipped bundle's test case {folder} is not in ../shared/data")
+    return find_case(cases[-1])
+
+
+@pytest.fixture(scope="module")
+def encoded(bundle, test_case):
+    torch.set_num_threads(2)
+    model, sae = bundle.load_model(device="cpu"), bundle.load_sae(device="cpu")
+    return model, sae, encode_case(model, sae, test_case)
+
+
+def card_row(bundle, case_id: str) -> dict[str, float]:
+    """The card's per-class Dice row for ``case_id`` (first table it appears in: the test cases)."""
+    text = bundle.card_path.read_text(encoding="utf-8")
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == case_id:
+            return dict(zip(("dice_NC", "dice_ED", "dice_ET", "dice_WT", "dice_TC"), map(float, cells[1:6])))
+    raise AssertionError(f"{case_id} has no row on the model card")
+
+
+def test_the_shipped_bundle_is_complete_and_says_what_it_is(bundle):
+    figures = bundle.figures
+    assert bundle.name == "adult-glioma" and bundle.modalities == ["t1n", "t1c", "t2w", "t2f"]
+    assert bundle.class_names == list(TUMOUR_CLASSES)
+    assert bundle.load_model(device="cpu").config.arch.startswith("segformer")
+    # The model never trained on its test cases, nor on the BraTS 2013 cohort it is measured on.
+    training = figures["training"]
+    assert not set(training["cases"]) & set(training["test_cases"])
+    assert not set(training["cases"]) & set(training["validation_cases"])
+    assert training["held_out_cohort"] and training["epochs"] > 0 and training["hardware"]
+    # Its SAE, labels for every latent, three population alignments against the same SAE, and suggestions.
+    sae = bundle.load_sae(device="cpu")
+    labels = bundle.load_labels()
+    assert len(labels) == sae.d_sae and sae.config.k == figures["sae"]["k"]
+    assert sae.d_sae == figures["sae"]["expansion"] * sae.config.d_in
+    assert len(bundle.load_alignments()) == 3 and set(bundle.load_suggestions().populations) >= {"ssa", "brats2013"}
+    assert any(labels.latents_in_category(c) for c in TUMOUR_CATEGORIES)
+    card = bundle.card_path.read_text(encoding="utf-8")
+    assert "research only, not clinical use" in card and "BraTS" in card
+    for key in ("dice_WT", "dice_TC", "dice_ET", "dice_ED", "dice_NC"):
+        assert 0.0 <= figures["dice_test"][key] <= 1.0
+        assert f"{figures['dice_test'][key]:.3f}" in card
+
+
+def test_segments_a_held_back_case_as_the_card_says(bundle, test_case, encoded):
+    _model, _sae, item = encoded
+    scores = segmentation_scores(item.labels, read_case(test_case).label, bundle.class_names)
+    row = card_row(bundle, test_case.case_id)
+    assert scores["dice_WT"] == pytest.approx(row["dice_WT"], abs=0.05)
+    assert scores["dice_TC"] == pytest.approx(row["dice_TC"], abs=0.05)
+    assert scores["dice_WT"] > 0.6  # a real segmentation, not an empty or full mask
+
+
+def test_the_sae_reconstructs_the_case_as_the_card_says(bundle, encoded):
+    model, sae, item = encoded
+    forward = item.forward
+    vectors = forward.activations.permute(0, 2, 3, 1)[forward.encoded.bool()]
+    metrics = evaluate_reconstruction(sae, vectors)
+    card = bundle.figures["sae"]
+    assert metrics["explained_variance"] == pytest.approx(card["explained_variance"], abs=0.05)
+    assert metrics["l0"] == pytest.approx(card["l0"], abs=2.0)
+    assert metrics["explained_variance"] > 0.85
+
+
+def test_steering_tumour_latents_moves_the_mask(bundle, encoded):
+    _model, sae, item = encoded
+    labels = bundle.load_labels()
+    tumour = [j for c in TUMOUR_CATEGORIES for j in labels.latents_in_category(c)]
+    # The tumour latents that fire most on this case.
+    mass = np.bincount(item.codes.latents, weights=item.codes.values, minlength=sae.d_sae)
+    chosen = sorted(tumour, key=lambda j: -mass[j])[:3]
+    assert mass[chosen[0]] > 0
+    before = item.labels
+    tumour_voxels = int((before > 0).sum())
+    zeroed = item.steer(sae, [LatentEdit(tuple(chosen), "zero")])
+    boosted = item.steer(sae, [LatentEdit(tuple(chosen), "scale", 4.0)])
+    # Removing them shrinks the tumour, boosting them grows it, each by a visible amount.
+    assert int((zeroed > 0).sum()) < tumour_voxels < int((boosted > 0).sum())
+    assert (zeroed != before).sum() > 0.01 * tumour_voxels and (boosted != before).sum() > 0.01 * tumour_voxels
+    # An edit that changes nothing leaves the mask as it was.
+    assert np.array_equal(item.steer(sae, [LatentEdit(tuple(chosen), "scale", 1.0)]), before)
+
+
+def test_the_card_records_steering_against_a_random_control(bundle):
+    repair = bundle.figures["repair"]
+    assert {"oracle (top latents)", "calibrated (top latents)", "ground-truth-free (specific latents)",
+            "calibrated (random latents)", "ground-truth-free (random latents)"} <= set(repair)
+    for arm, row in repair.items():
+        assert row["cases"] > 0 and 0.0 <= row["recovered"] <= 1.0, arm
+        assert re.match(r"^[+-]\d\.\d+ \[[+-]?\d\.\d+, [+-]?\d\.\d+\]$", row["dice_mean"]), row["dice_mean"]
