@@ -246,3 +246,21 @@ def test_leverage_command_on_a_unet_encoder_and_decoder_level(real_pipeline, tmp
     code, _, err = seglens(capsys, "experiment", "leverage", "--model", real_pipeline.model_dir, "--cohort", cohort, "--hooks", "up_9",
                            "--out", tmp_path / "x")  # fmt: skip
     assert_one_line_error(code, err, "unknown hook point")
+
+
+def test_card_states_the_steering_goals_from_the_arms_table():
+    from SegLensLogic.reference.card import steering_verdict
+
+    rows = [
+        {"arm": "oracle (top latents)", "recovered": 0.6, "dice_mean": "+0.080 [+0.030, +0.120]", "vs random control": "+0.050 [+0.010, +0.090]"},
+        {"arm": "calibrated (top latents)", "recovered": 0.2, "dice_mean": "+0.040 [+0.010, +0.070]", "vs random control": "+0.030 [+0.005, +0.060]"},
+        {"arm": "ground-truth-free (specific latents)", "recovered": 0.0, "dice_mean": "-0.010 [-0.030, +0.010]", "vs random control": "-0.004 [-0.020, +0.012]"},
+        {"arm": "CCF (calibrated)", "recovered": 0.0, "dice_mean": "+0.010 [+0.000, +0.020]"},
+        {"arm": "UF (calibrated)", "recovered": 0.0, "dice_mean": "-0.002 [-0.006, -0.001]"},
+    ]
+    oracle, calibrated, free = steering_verdict(rows)
+    assert "60%" in oracle and "meets" in oracle
+    assert "a real gain" in calibrated and "above both" in calibrated
+    assert "not distinguishable" in free and "not above" in free
+    rows[0]["recovered"] = 0.4
+    assert "below the goal" in steering_verdict(rows)[0]
