@@ -281,7 +281,7 @@ def cmd_latents(args: argparse.Namespace) -> int:
     model = load_segmenter(args.model, device=device_from_args(args))
     sae = BatchTopKSAE.load(args.sae)
     sae.check_fits(model)
-    sae._theta()  # an SAE without an inference threshold cannot encode: one line naming it, before any work
+    sae.inference_threshold()  # an SAE without an inference threshold cannot encode: one line naming it, before any work
     bad = [j for j in args.heatmap or [] if not 0 <= j < sae.d_sae]
     if bad:
         raise SegLensError(f"--heatmap {bad[0]} is out of range: this SAE has {sae.d_sae} latents (0..{sae.d_sae - 1})")

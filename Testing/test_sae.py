@@ -1092,3 +1092,31 @@ def test_default_training_finds_a_planted_dictionary_from_any_seed(tmp_path):
     alignment = align_saes(saes[0], saes[1], tau=0.8)
     print(f"shared across seeds at tau 0.8: {alignment.shared_fraction():.3f}")
     assert alignment.shared_fraction() >= 0.5
+
+
+def test_the_sae_owns_its_encoding_rule_and_brain_fraction(real, real_sae, tmp_path):
+    sae = copy.deepcopy(real_sae[0])
+    # The store's extraction rule is recorded with the SAE trained on it, saved and loaded with it.
+    assert sae.config.min_brain_fraction == real["store"].manifest["options"]["min_brain_fraction"] == 0.5
+    # latent_codes is encode's rule on chosen latents: the same numbers as those columns of encode().
+    x = real["store"].vectors(np.arange(500))
+    chosen = [5, 0, 17, 3]
+    with torch.no_grad():  # (a subset's matrix product rounds like the full one's, to float32 precision)
+        torch.testing.assert_close(sae.latent_codes(x, chosen), sae.encode(x)[:, chosen], atol=1e-5, rtol=1e-5)
+    assert sae.inference_threshold() == float(sae.threshold)
+    # A folder written before the rule was stored loads with today's value.
+    folder = sae.save(tmp_path / "old")
+    config = json.loads((folder / SAE_CONFIG_NAME).read_text())
+    del config["min_brain_fraction"]
+    (folder / SAE_CONFIG_NAME).write_text(json.dumps(config))
+    assert BatchTopKSAE.load(folder).config.min_brain_fraction == 0.5
+    config["min_brain_fraction"] = 1.5
+    (folder / SAE_CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(InputFileError, match="min_brain_fraction"):
+        BatchTopKSAE.load(folder)
+    # Encoding follows the SAE's own rule: a stricter SAE encodes fewer positions of the same case.
+    prepared = real["prepared"][REAL_CASES[0]]
+    loose = encode_volume(real["model"], sae, prepared)
+    sae.config.min_brain_fraction = 0.95
+    strict = encode_volume(real["model"], sae, prepared)
+    assert 0 < (np.diff(strict.offsets) > 0).sum() < (np.diff(loose.offsets) > 0).sum()

@@ -23,7 +23,7 @@ from SegLensLogic.networks import SegmenterConfig, build_segmenter
 from SegLensLogic.sae import BatchTopKSAE, SAEConfig, estimate_threshold
 from SegLensLogic.sae.activations import feature_map_to_vectors
 from SegLensLogic.steering import CachedForward, LatentEdit, Region, SteeringSession, load_recipe, resegment, steer_activations
-from SegLensLogic.steering.interventions import latent_values, steering_delta
+from SegLensLogic.steering.interventions import steering_delta
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -64,7 +64,7 @@ def test_modes_change_codes_as_documented_and_keep_the_error_term():
     sae = random_sae(8)
     h = torch.randn(2, 8, 3, 3)
     vectors = feature_map_to_vectors(h)
-    z = latent_values(sae, vectors, range(sae.d_sae))
+    z = sae.latent_codes(vectors, range(sae.d_sae))
     assert torch.allclose(z, sae.encode(vectors), atol=1e-6)
     j = int(torch.argmax((z > 0).sum(0)))  # a latent active somewhere but not everywhere, usually
     active = z[:, j] > 0

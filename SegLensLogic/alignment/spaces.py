@@ -30,6 +30,7 @@ from scipy.linalg import orthogonal_procrustes
 
 from ..storage import read_json
 from ..errors import InputFileError
+from ..sae.model import DEFAULT_MIN_BRAIN_FRACTION
 from .alignment import LatentAlignment, align_similarities, align_vectors, dictionary_vectors
 
 SHARED_RELATIONS = ("same-model", "shared-init")
@@ -97,7 +98,7 @@ def paired_activations(
     cases: Iterable,
     hook_a: str | None = None,
     hook_b: str | None = None,
-    min_brain_fraction: float = 0.5,
+    min_brain_fraction: float = DEFAULT_MIN_BRAIN_FRACTION,
     max_slices_per_case: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The two models' hook activations at the same positions of the same images, batch by batch.
@@ -205,7 +206,7 @@ def shared_image_correlations(
     members: Mapping[str, tuple[object, object]],
     pairs: Mapping[Hashable, tuple[str, str, Collection[int]]],
     cases: Sequence,
-    min_brain_fraction: float = 0.5,
+    min_brain_fraction: float = DEFAULT_MIN_BRAIN_FRACTION,
 ) -> dict[Hashable, tuple[np.ndarray, int]]:
     """Latent activation correlations of many SAE pairs, each over the images it names, every image read once.
 

@@ -34,7 +34,7 @@ def swap_edit(sae_a, sae_b, latents: np.ndarray, partners: np.ndarray, record: l
     """An ``activation_edit`` for :func:`~SegLensLogic.inference.predict_volume` that swaps ``latents`` of A
     for ``partners`` of B (same order), through the steering package's ``LatentEdit(mode="swap")``; appends
     ``(z^A_I, z^B_pi(I))`` per batch to ``record`` when given."""
-    from ..steering.interventions import LatentEdit, latent_values, steer_activations
+    from ..steering.interventions import LatentEdit, steer_activations
 
     latents, partners = tuple(int(j) for j in latents), tuple(int(j) for j in partners)
     edit = LatentEdit(latents=latents, mode="swap", swap_sae=sae_b, partners=partners).check(sae_a)
@@ -42,7 +42,7 @@ def swap_edit(sae_a, sae_b, latents: np.ndarray, partners: np.ndarray, record: l
     def activation_edit(activations: torch.Tensor, _slices: np.ndarray) -> torch.Tensor:
         if record is not None:
             vectors = feature_map_to_vectors(activations.float())
-            record.append((latent_values(sae_a, vectors, latents).cpu(), latent_values(sae_b, vectors, partners).cpu()))
+            record.append((sae_a.latent_codes(vectors, latents).cpu(), sae_b.latent_codes(vectors, partners).cpu()))
         return steer_activations(sae_a, activations, [edit])
 
     return activation_edit

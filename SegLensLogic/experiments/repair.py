@@ -46,7 +46,7 @@ from ..networks.segmenter import Segmenter
 from ..sae.activations import feature_map_to_vectors
 from ..sae.model import BatchTopKSAE
 from ..steering.encoded import EncodedCase, encode_case
-from ..steering.interventions import LatentEdit, latent_values
+from ..steering.interventions import LatentEdit
 from .baselines import CCF_SETTINGS, UF_THRESHOLDS, apply_ccf, uncertainty_filter
 from .calibration import CaseSweep, choose_setting
 from .tables import Report
@@ -309,7 +309,7 @@ def fit_data(encoded: EncodedCase, sae: BatchTopKSAE, truth: np.ndarray, latents
     index = torch.as_tensor(positions, dtype=torch.long, device=forward.device)
     h = forward.activations.index_select(0, index)
     weights = forward.encoded.index_select(0, index).reshape(-1, 1)
-    codes = latent_values(sae, feature_map_to_vectors(h), latents) * weights
+    codes = sae.latent_codes(feature_map_to_vectors(h), latents) * weights
     label = torch.from_numpy(np.ascontiguousarray(truth_ras[:, :, forward.slices[positions]].transpose(2, 0, 1)))[:, None].float()
     target = prepared.geometry.to_model(label, mode="nearest")[:, 0].long()
     return FitData(h, [level.index_select(0, index) for level in forward.cache], codes, target.to(forward.device))

@@ -257,7 +257,7 @@ def interpret_cohort(
         if len(codes.slices) == 0:
             log(f"  {index + 1}/{len(cohort)} {case.case_id}: no brain slices, skipped")
             continue
-        eligible = brain_fraction_on_grid(prepared, codes.slices, codes.grid) >= 0.5
+        eligible = brain_fraction_on_grid(prepared, codes.slices, codes.grid) >= sae.config.min_brain_fraction
         positions += int(eligible.sum())
         active_counts += np.bincount(codes.latents, minlength=d_sae)
         active_sums += np.bincount(codes.latents, weights=codes.values, minlength=d_sae)

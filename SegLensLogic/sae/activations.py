@@ -46,6 +46,7 @@ from ..errors import InputFileError, SegLensError, refuse_existing
 from ..storage import MAX_CHANNELS, Schema, atomic_write_json, read_document
 from ..inference import default_batch_size, prepare_for_model
 from ..networks.segmenter import Segmenter, weights_sha256
+from .model import DEFAULT_MIN_BRAIN_FRACTION
 
 STORE_NAME = "store.json"
 STORE_FORMAT_VERSION = 1
@@ -103,7 +104,7 @@ class ExtractionOptions:
 
     hook: str | None = None
     brain_only: bool = True
-    min_brain_fraction: float = 0.5
+    min_brain_fraction: float = DEFAULT_MIN_BRAIN_FRACTION
     subsample: float = 1.0
     dtype: str = "float16"
     shard_size: int = 1 << 18

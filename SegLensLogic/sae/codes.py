@@ -146,7 +146,7 @@ def encode_volume(
     hook: str | None = None,
     batch_size: int | None = None,
     brain_only: bool = True,
-    min_brain_fraction: float = 0.5,
+    min_brain_fraction: float | None = None,
 ) -> VolumeCodes:
     """Encode every brain slice of ``case`` with ``sae`` at ``hook`` (default: the SAE's hook point).
 
@@ -157,10 +157,11 @@ def encode_volume(
         brain_only: leave positions whose patch is less than ``min_brain_fraction`` brain without codes, as
             extraction does by default: the SAE and its threshold never saw background vectors, on which many
             latents fire spuriously.
+        min_brain_fraction: default the SAE's own (``sae.config.min_brain_fraction``).
     """
     hook = sae.check_fits(model, hook)
     _, height, width = model.hook_points()[hook]
-    sae._theta()  # an SAE without an inference threshold cannot encode: say so before reading the case
+    sae.inference_threshold()  # an SAE without an inference threshold cannot encode: say so before reading the case
     prepared = prepare_for_model(model, case)
     device = next(model.parameters()).device
     model.eval()
@@ -181,10 +182,12 @@ class SparseEncoder:
     Used by :func:`encode_volume` and by the steering session, which encodes activations it has cached anyway.
     """
 
-    def __init__(self, sae: BatchTopKSAE, prepared: PreparedCase, grid: tuple[int, int], brain_only: bool = True, min_brain_fraction: float = 0.5):
+    def __init__(self, sae: BatchTopKSAE, prepared: PreparedCase, grid: tuple[int, int], brain_only: bool = True,
+                 min_brain_fraction: float | None = None):
         self.sae, self.prepared, self.grid = sae, prepared, grid
-        self.brain_only, self.min_brain_fraction = brain_only, min_brain_fraction
-        self.theta = sae._theta()
+        self.brain_only = brain_only
+        self.min_brain_fraction = sae.config.min_brain_fraction if min_brain_fraction is None else min_brain_fraction
+        self.theta = sae.inference_threshold()
         self.counts: list[np.ndarray] = []
         self.latents: list[np.ndarray] = []
         self.values: list[np.ndarray] = []

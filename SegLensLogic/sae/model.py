@@ -43,6 +43,8 @@ from ..storage import (
 SAE_CONFIG_NAME = "sae_config.json"
 SAE_WEIGHTS_NAME = "sae.safetensors"
 SAE_FORMAT_VERSION = 1
+# A feature-map position is encoded when at least half of its patch is brain (extraction, encoding, steering).
+DEFAULT_MIN_BRAIN_FRACTION = 0.5
 
 
 @dataclass
@@ -57,6 +59,9 @@ class SAEConfig:
             estimated.
         hook_point: the segmenter hook point the activations came from.
         model_sha256: hash of the segmenter's weights the SAE was trained on.
+        min_brain_fraction: the SAE encodes a feature-map position only when at least this share of its patch is
+            brain (the rule its training vectors were extracted by; SAE folders written before it was stored have
+            :data:`DEFAULT_MIN_BRAIN_FRACTION`).
         training: provenance and final metrics written by training.
     """
 
@@ -66,6 +71,7 @@ class SAEConfig:
     threshold: float | None = None
     hook_point: str | None = None
     model_sha256: str | None = None
+    min_brain_fraction: float = DEFAULT_MIN_BRAIN_FRACTION
     training: dict[str, Any] = field(default_factory=dict)
     format_version: int = SAE_FORMAT_VERSION
 
@@ -113,6 +119,7 @@ class SAEConfigSchema(Schema):
     threshold: float | None = None
     hook_point: str | None = Field(default=None, max_length=64)
     model_sha256: str | None = Field(default=None, max_length=128)
+    min_brain_fraction: float = Field(default=DEFAULT_MIN_BRAIN_FRACTION, ge=0.0, le=1.0)
     training: dict[str, Any] = Field(default_factory=dict)
     format_version: int = SAE_FORMAT_VERSION
 
@@ -286,7 +293,7 @@ class BatchTopKSAE(nn.Module):
     def encode(self, x: torch.Tensor, use_threshold: bool = True) -> torch.Tensor:
         """Dense codes ``(n, d_sae)``: the inference threshold (default), or BatchTopK over this batch."""
         if use_threshold:
-            theta = self._theta()
+            theta = self.inference_threshold()
             pre = self.pre_activations(x)
             return pre * (pre > theta)
         rows, latents, values = self.batch_topk(x)
@@ -300,7 +307,7 @@ class BatchTopKSAE(nn.Module):
         ``max_active`` (default ``4 * k``) caps the latents kept per vector, largest first; unused slots hold
         value 0 (index 0). With the threshold set so that the mean is ``k``, vectors rarely reach the cap.
         """
-        theta = self._theta()
+        theta = self.inference_threshold()
         pre = self.pre_activations(x)
         width = min(max_active or 4 * self.config.k, self.d_sae)
         top = torch.topk(pre, width, dim=1)
@@ -327,11 +334,26 @@ class BatchTopKSAE(nn.Module):
             raise InputFileError(Path(self.source) / SAE_CONFIG_NAME, problem)
         raise SegLensError(problem)
 
-    def _theta(self) -> float:
+    def inference_threshold(self) -> float:
+        """The threshold a pre-activation must exceed to count as a code (raw activation units).
+
+        Raises:
+            NoThresholdError: the SAE has none yet (not estimated), naming its folder.
+        """
         theta = float(self.threshold)
         if theta != theta:  # NaN: not estimated
             raise NoThresholdError(self)
         return theta
+
+    def latent_codes(self, x: torch.Tensor, latents) -> torch.Tensor:
+        """Codes of some latents: ``(n, len(latents))`` for vectors ``(n, d_in)`` in input units.
+
+        The encoding rule (a code is the ReLU pre-activation kept where it exceeds the inference threshold), from
+        those latents' encoder columns only: the same numbers as those columns of ``encode(x)``.
+        """
+        index = torch.as_tensor(list(latents), dtype=torch.long, device=x.device)
+        pre = torch.relu((x * self.norm_scale) @ self.W_enc.index_select(1, index) + self.b_enc.index_select(0, index))
+        return pre * (pre > self.inference_threshold())
 
     # -- decoding ---------------------------------------------------------------------------------------
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

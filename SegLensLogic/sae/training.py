@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ..errors import SegLensError
 from ..networks.segmenter import default_device
 from .activations import ActivationStore
-from .model import BatchTopKSAE, SAEConfig
+from .model import DEFAULT_MIN_BRAIN_FRACTION, BatchTopKSAE, SAEConfig
 
 
 @dataclass
@@ -102,6 +102,15 @@ def geometric_median(points: torch.Tensor, iterations: int = 50, eps: float = 1e
             return new
         median = new
     return median
+
+
+def store_min_brain_fraction(store) -> float:
+    """The brain-fraction rule a store's vectors were extracted by, which an SAE trained on them encodes by
+    (0 when every position was kept; the default for stores written before the rule was recorded)."""
+    options = store.manifest.get("options") or {}
+    if options.get("brain_only") is False:
+        return 0.0
+    return float(options.get("min_brain_fraction", DEFAULT_MIN_BRAIN_FRACTION))
 
 
 def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -361,6 +370,7 @@ def _train(
         k=options.k,
         hook_point=store.hook_point,
         model_sha256=store.manifest.get("model_sha256"),
+        min_brain_fraction=store_min_brain_fraction(store),
     )
     sae = BatchTopKSAE(config).to(device)
 

@@ -10,12 +10,12 @@ session (paper sections 5.3, 6 and 7).
 - :mod:`~SegLensLogic.steering.session` -- :class:`SteeringSession`, what the Slicer module drives.
 """
 
-from .interventions import MODES, LatentEdit, Region, check_latent_ids, latent_values, steer_activations, steering_delta
+from .interventions import MODES, LatentEdit, Region, check_latent_ids, steer_activations, steering_delta
 from .recipe import Recipe, load_recipe, recipe_path_for
 from .resegment import CachedForward, resegment
 from .session import SteeringSession
 
 __all__ = [
-    "MODES", "LatentEdit", "Region", "check_latent_ids", "latent_values", "steer_activations", "steering_delta",
+    "MODES", "LatentEdit", "Region", "check_latent_ids", "steer_activations", "steering_delta",
     "Recipe", "load_recipe", "recipe_path_for", "CachedForward", "resegment", "SteeringSession",
 ]  # fmt: skip

@@ -19,7 +19,7 @@ from ..networks.segmenter import Segmenter
 from ..sae.codes import SparseEncoder, VolumeCodes
 from ..sae.model import BatchTopKSAE
 from .interventions import LatentEdit
-from .resegment import MIN_BRAIN_FRACTION, CachedForward
+from .resegment import CachedForward
 
 # Slices encoded per SAE call (bounds the dense pre-activations: 64 x h x w x d_sae floats).
 _ENCODE_CHUNK = 64
@@ -84,13 +84,13 @@ def encode_case(
         progress: ``progress(done, total)`` over both halves (encoding, then decoding); False cancels.
     """
     hook = sae.check_fits(model)
-    sae._theta()  # an SAE without an inference threshold cannot encode: say so before reading the case
+    sae.inference_threshold()  # an SAE without an inference threshold cannot encode: say so before reading the case
     report = None
     if progress is not None:
         report = lambda done, total: progress(done, 2 * total)  # noqa: E731  (encoding: first half)
-    forward = CachedForward(model, case, hook=hook, batch_size=batch_size, progress=report)
+    forward = CachedForward(model, case, hook=hook, batch_size=batch_size, progress=report, min_brain_fraction=sae.config.min_brain_fraction)
     sae = sae.to(forward.device)
-    encoder = SparseEncoder(sae, forward.prepared, forward.grid, brain_only=True, min_brain_fraction=MIN_BRAIN_FRACTION)
+    encoder = SparseEncoder(sae, forward.prepared, forward.grid)
     for start in range(0, len(forward.slices), _ENCODE_CHUNK):
         encoder.add(forward.activations[start : start + _ENCODE_CHUNK], forward.slices[start : start + _ENCODE_CHUNK])
     if progress is not None:

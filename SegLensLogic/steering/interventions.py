@@ -245,17 +245,6 @@ def check_latent_ids(latents: Sequence[int], d_sae: int, what: str = "latent") -
     return ids
 
 
-def latent_values(sae: BatchTopKSAE, vectors: torch.Tensor, latents: Sequence[int]) -> torch.Tensor:
-    """Thresholded codes of some latents: ``(P, len(latents))`` for activation vectors ``(P, d_in)``.
-
-    The same numbers as the columns of ``sae.encode(vectors)``, computed from those latents' encoder columns only.
-    """
-    index = torch.as_tensor(list(latents), dtype=torch.long, device=vectors.device)
-    w = sae.W_enc.index_select(1, index)
-    pre = torch.relu((vectors * sae.norm_scale) @ w + sae.b_enc.index_select(0, index))
-    return pre * (pre > sae._theta())
-
-
 def _edited(edit: LatentEdit, z: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     """New values of ``edit.latents`` given their current values ``z`` ``(P, L)``."""
     if edit.mode == "scale":
@@ -267,7 +256,7 @@ def _edited(edit: LatentEdit, z: torch.Tensor, vectors: torch.Tensor) -> torch.T
     if edit.mode == "clamp":
         return torch.full_like(z, edit.alpha) if edit.where == "everywhere" else torch.where(z > 0, edit.alpha, z)
     if edit.mode == "swap":
-        return latent_values(edit.swap_sae, vectors, edit.partners).to(z.dtype)
+        return edit.swap_sae.latent_codes(vectors, edit.partners).to(z.dtype)
     raise SegLensError(f"unknown steering mode '{edit.mode}'")
 
 
@@ -296,7 +285,7 @@ def steering_delta(
     if not latents:
         return torch.zeros_like(activations)
     column = {j: i for i, j in enumerate(latents)}
-    z = latent_values(sae, vectors, latents)
+    z = sae.latent_codes(vectors, latents)
     z_new = z.clone()
     for number, edit in enumerate(edits):
         cols = torch.as_tensor([column[j] for j in edit.latents], dtype=torch.long, device=z.device)

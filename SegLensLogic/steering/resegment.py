@@ -22,11 +22,8 @@ from ..errors import SegLensError
 from ..inference import PredictionCancelled, default_batch_size, labels_from_logits, prepare_for_model
 from ..networks.segmenter import Segmenter
 from ..sae.activations import brain_fraction_on_grid, mask_fraction_on_grid
-from ..sae.model import BatchTopKSAE
+from ..sae.model import DEFAULT_MIN_BRAIN_FRACTION, BatchTopKSAE
 from .interventions import LatentEdit, Region, steering_delta
-
-# Feature-map positions whose patch is at least this much brain carry SAE codes (as in extraction).
-MIN_BRAIN_FRACTION = 0.5
 
 
 class CachedForward:
@@ -37,7 +34,8 @@ class CachedForward:
         slices: RAS axial indices of the cached (brain) slices, ``(S,)``.
         activations: hook activations ``(S, D, h, w)`` (CPU or the model's device).
         cache: the earlier feature maps ``decode`` reads, each ``(S, C_i, H_i, W_i)``.
-        encoded: ``(S, h, w)`` float, 1 where a position carries SAE codes (mostly brain), else 0.
+        encoded: ``(S, h, w)`` float, 1 where a position carries SAE codes (at least ``min_brain_fraction`` of its
+            patch is brain: the SAE's own rule, ``sae.config.min_brain_fraction``), else 0.
     """
 
     def __init__(
@@ -47,6 +45,7 @@ class CachedForward:
         hook: str | None = None,
         batch_size: int | None = None,
         progress: Callable[[int, int], bool | None] | None = None,
+        min_brain_fraction: float = DEFAULT_MIN_BRAIN_FRACTION,
     ):
         self.model = model.eval()
         self.hook = model._hook(hook)
@@ -68,7 +67,7 @@ class CachedForward:
         self.cache = [torch.cat(level) for level in zip(*caches)] if caches else []
         grid = tuple(self.activations.shape[2:])
         self.grid = grid
-        self.encoded = (brain_fraction_on_grid(self.prepared, self.slices, grid) >= MIN_BRAIN_FRACTION).float().to(self.device)
+        self.encoded = (brain_fraction_on_grid(self.prepared, self.slices, grid) >= min_brain_fraction).float().to(self.device)
 
     @property
     def nbytes(self) -> int:
@@ -202,7 +201,7 @@ def resegment(
     """
     for edit in edits:
         edit.check(sae)
-    forward = CachedForward(model, case, hook=sae.config.hook_point, batch_size=batch_size)
+    forward = CachedForward(model, case, hook=sae.config.hook_point, batch_size=batch_size, min_brain_fraction=sae.config.min_brain_fraction)
     for edit in edits:
         edit.region.check(forward.prepared.num_slices, forward.prepared.source.shape)
     deltas = forward.deltas(sae.to(forward.device), edits)

@@ -77,7 +77,7 @@ class SteeringSession:
         suggestions=None,
     ):
         hook = sae.check_fits(model)
-        sae._theta()  # an SAE without an inference threshold cannot encode a case: say so now
+        sae.inference_threshold()  # an SAE without an inference threshold cannot encode a case: say so now
         self.model = model
         self.device = next(model.parameters()).device
         self.sae = sae.to(self.device).eval()
