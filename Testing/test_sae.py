@@ -47,6 +47,7 @@ from SegLensLogic.sae import (
     vectors_to_feature_map,
 )
 from SegLensLogic.sae.activations import brain_fraction_on_grid
+from SegLensLogic.sae.batch_topk import batch_topk, train_forward
 from SegLensLogic.sae.codes import encode_volume
 from SegLensLogic.sae.evaluation import dice_recovered, reconstruction_edit
 from SegLensLogic.sae.model import SAE_CONFIG_NAME, SAE_WEIGHTS_NAME
@@ -314,7 +315,7 @@ def test_batch_topk_keeps_n_times_k_with_varying_counts():
     x = torch.randn(n, 16)
     with torch.no_grad():
         sae.b_enc.fill_(5.0)  # every pre-activation positive: exactly n * k are kept
-    rows, latents, values = sae.batch_topk(x)
+    rows, latents, values = batch_topk(sae, x)
     assert len(rows) == len(latents) == len(values) == n * k
     assert bool((values > 0).all())
     pre = sae.pre_activations(x).detach()
@@ -330,20 +331,20 @@ def test_batch_topk_keeps_n_times_k_with_varying_counts():
     x2[0] *= 20
     with torch.no_grad():
         sae.b_enc.zero_()
-    rows2, _, _ = sae.batch_topk(x2)
+    rows2, _, _ = batch_topk(sae, x2)
     assert torch.bincount(rows2, minlength=n)[0] > k
 
     # Few positive pre-activations: fewer than n*k are kept, and only positive ones.
     with torch.no_grad():
         sae.b_enc.fill_(-3.0)
-    rows, latents, values = sae.batch_topk(x)
+    rows, latents, values = batch_topk(sae, x)
     positive = int((sae.pre_activations(x) > 0).sum())
     assert positive < n * k
     assert len(values) == positive and bool((values > 0).all())
     # An explicit k overrides the config's.
     with torch.no_grad():
         sae.b_enc.fill_(5.0)
-    assert len(sae.batch_topk(x, k=2)[0]) == n * 2
+    assert len(batch_topk(sae, x, k=2)[0]) == n * 2
     # Dense BatchTopK encoding matches the sparse triples.
     codes = sae.encode(x, use_threshold=False)
     assert int((codes > 0).sum()) == n * k
@@ -361,7 +362,7 @@ def test_batch_topk_sparse_backward_matches_dense_reference():
 
     # Sparse path: what training runs.
     xs = x.clone().requires_grad_(True)
-    rows, latents, values = sae.batch_topk(xs)
+    rows, latents, values = batch_topk(sae, xs)
     assert values.requires_grad and 0 < len(values) <= n * k
     loss = (sae.decode_sparse(rows, latents, values, n) * weights).sum() + (values**2).sum()
     loss.backward()
@@ -408,7 +409,7 @@ def test_train_forward_matches_dense_reference():
     weights = torch.randn(n, d_in)
 
     xs = x.clone().requires_grad_(True)
-    x_hat, latents = sae.train_forward(xs)
+    x_hat, latents = train_forward(sae, xs)
     assert x_hat.shape == (n, d_in) and 0 < len(latents) <= n * k
     (x_hat * weights).sum().backward()
     fast = {name: p.grad.clone() for name, p in sae.named_parameters()}
@@ -430,7 +431,7 @@ def test_train_forward_matches_dense_reference():
 
 
 def test_sampled_topk_is_exact():
-    from SegLensLogic.sae.model import batch_topk_flat_indices
+    from SegLensLogic.sae.batch_topk import batch_topk_flat_indices
 
     torch.manual_seed(0)
     for values, m in (

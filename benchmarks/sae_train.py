@@ -18,7 +18,7 @@ process, on the same batches, on the same device:
 
 * **SegLens** -- the inner loop of :func:`SegLensLogic.sae.training.train_sae`, step for step::
 
-      x_hat, latents = sae.train_forward(x)  # codes as a CSR matrix: sparse-dense products forward and backward
+      x_hat, latents = train_forward(sae, x)  # codes as a CSR matrix: sparse-dense products forward and backward
       loss  = mean((x_hat - x)^2); loss.backward()         # sparse encoder backward (_SparseEncode)
       sae.remove_parallel_gradient(); adam.step(); sae.normalise_decoder()
 
@@ -72,6 +72,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from SegLensLogic.networks import default_device  # noqa: E402
 from SegLensLogic.sae import ActivationStore, BatchTopKSAE, SAEConfig  # noqa: E402
+from SegLensLogic.sae.batch_topk import train_forward  # noqa: E402
 
 LEARNING_RATE = 3e-4
 BETAS = (0.9, 0.999)
@@ -160,7 +161,7 @@ class SegLensStep:
 
     def forward_backward(self, x: torch.Tensor) -> torch.Tensor:
         sae = self.sae
-        x_hat, _ = sae.train_forward(x)
+        x_hat, _ = train_forward(sae, x)
         loss = (x_hat - x).pow(2).mean()
         self.optimiser.zero_grad(set_to_none=True)
         loss.backward()

@@ -62,6 +62,7 @@ from .activations import (
     store_manifest,
     subsample_generator,
 )
+from .batch_topk import train_forward
 from .model import BatchTopKSAE
 from .training import SAETrainingOptions, TrainingWorld, _train, save_training_report
 
@@ -355,7 +356,7 @@ class _TrainForward(torch.nn.Module):
         self.sae = sae
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.sae.train_forward(x)
+        return train_forward(self.sae, x)
 
 
 class _RayWorld(TrainingWorld):

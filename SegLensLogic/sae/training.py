@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..errors import SegLensError
 from ..networks.segmenter import default_device
 from .activations import ActivationStore
+from .batch_topk import train_forward
 from .model import DEFAULT_MIN_BRAIN_FRACTION, BatchTopKSAE, SAEConfig
 
 
@@ -217,7 +218,7 @@ def initialise_from_data(sae: BatchTopKSAE, sample: torch.Tensor, generator: tor
 def _heldout_nmse(sae: BatchTopKSAE, x: torch.Tensor) -> float:
     """Normalised MSE ``1 - EV`` of BatchTopK reconstructions of held-out (normalised) vectors."""
     with torch.no_grad():
-        x_hat, _ = sae.train_forward(x)
+        x_hat, _ = train_forward(sae, x)
         return float((x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12))
 
 
@@ -262,7 +263,7 @@ class TrainingWorld:
 
     def forward(self, sae: BatchTopKSAE) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """The training pass ``x -> (x_hat, latents)`` (DDP wraps it so that gradients are averaged)."""
-        return sae.train_forward
+        return lambda x: train_forward(sae, x)
 
     def fired_anywhere(self, fired: torch.Tensor) -> torch.Tensor:
         """The latents that fired on any worker this step, from this worker's boolean mask."""
