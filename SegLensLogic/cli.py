@@ -305,7 +305,7 @@ def cmd_latents(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, data=args.data, quick=args.quick, overwrite=args.overwrite, threads=args.threads, log=log)
+    run_demo(args.out, data=args.data, quick=args.quick, overwrite=args.overwrite, threads=args.threads, log=log, hook=args.hook)
     return 0
 
 
@@ -435,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="reduced sizes: about two minutes on two CPU cores")
     p.add_argument("--overwrite", action="store_true", help="start the demo in --out over instead of continuing it")
     p.add_argument("--threads", type=int, help="PyTorch CPU threads (default 1 without a GPU: tiny models run faster on one)")
+    p.add_argument("--hook", help="the U-Net hook point SAEs read and steering edits (default down_2; a decoder level such as up_3 "
+                   "is behind the skip connections, so edits there reach the mask)")
     p.set_defaults(func=cmd_demo)
 
     # Commands of later concepts live beside them; each module defines ``add_commands(subparsers)``.

@@ -142,7 +142,7 @@ class DemoSettings:
                    f"({self.test_cases} held out), ")
         return (
             f"{'QUICK run (reduced sizes)' if self.quick else 'default run'}: {cohorts}U-Net widths {list(self.unet_features)} at "
-            f"{self.image_size} px, SAE k {self.sae_k} x expansion {self.sae_expansion}"
+            f"{self.image_size} px, SAEs at {self.hook_point}, k {self.sae_k} x expansion {self.sae_expansion}"
             + (" (the paper uses k 32, expansion 16)" if self.quick or self.sae_k < 32 else "")
         )
 
@@ -218,6 +218,8 @@ def _options_text(options: Any) -> str:
     if not isinstance(options, dict):
         return "unknown options"
     text = "--quick" if options.get("quick") else "default sizes"
+    if options.get("hook"):
+        text += f", --hook {options['hook']}"
     if options.get("data"):
         data = options["data"]
         text += ", --data " + (" ".join(map(str, data)) if isinstance(data, list) else str(data))
@@ -227,6 +229,7 @@ def _options_text(options: Any) -> str:
 class DemoOptions(Schema):
     quick: bool
     data: list[str] | None = None
+    hook: str | None = None
 
 
 class DemoStateDocument(RunState):
@@ -872,8 +875,12 @@ def step_experiments(demo: Demo, folder: Path) -> dict:
     for name, target in runs_by_population.items():
         if name == reference or len(target) < 2:
             continue
-        report = adaptation_report(experiment, target, source=runs_by_population[reference], labels=use_labels, source_name=reference,
-                                   target_name=name, additive=s.adaptation_alphas, multiplicative=s.multiplicative_alphas)  # fmt: skip
+        try:
+            report = adaptation_report(experiment, target, source=runs_by_population[reference], labels=use_labels, source_name=reference,
+                                       target_name=name, additive=s.adaptation_alphas, multiplicative=s.multiplicative_alphas)  # fmt: skip
+        except SegLensError as error:  # e.g. no latent of the reference is enriched on edema: nothing to steer
+            demo.sub(f"adaptation {reference} -> {name}: skipped ({error})")
+            continue
         report.write(folder / f"adaptation-{name}")
         table5 = report.tables["table5_adaptation"][1]
         base = _method(table5, "base model")
@@ -1279,6 +1286,7 @@ def run_demo(
     overwrite: bool = False,
     threads: int | None = None,
     log: Callable[[str], None] = print,
+    hook: str | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) the demo in ``out``; returns the state document (``OUT/demo.json``).
 
@@ -1289,6 +1297,8 @@ def run_demo(
         overwrite: start over in a demo folder instead of continuing it.
         threads: PyTorch CPU threads while the demo runs (default 1 without a GPU: models this small run faster on
             one thread than on two that contend with each other and with other processes; restored afterwards).
+        hook: the U-Net hook point the SAEs read and steering edits (default ``down_2``); a decoder level
+            (``up_3``, ``up_2``) is behind the skip connections, so its edits reach the mask (the README's leverage).
     """
     out = Path(out)
     if data is not None and not isinstance(data, (list, tuple)):
@@ -1298,10 +1308,18 @@ def run_demo(
         if not path.is_dir():
             raise InputFileError(path, "cohort folder not found")
     options = {"quick": bool(quick), "data": [str(p.resolve()) for p in paths] if paths else None}
+    if hook is not None:
+        from .networks.unet import UNetSegmenter
+
+        if hook not in UNetSegmenter.hook_names:
+            raise SegLensError(f"--hook: the demo's U-Net has no hook point '{hook}' (it has {', '.join(UNetSegmenter.hook_names)})")
+        options["hook"] = hook  # recorded only when given, so demos run before the option existed still continue
     if threads is not None and threads < 1:
         raise SegLensError(f"--threads must be at least 1, got {threads}")
     state = DemoState.open(out, options, overwrite, log)
     settings = DemoSettings.for_run(quick)
+    if hook is not None:
+        settings = replace(settings, hook_point=hook)
     demo = Demo(out=out, settings=settings, data=paths, state=state, log=log)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or (previous_threads if demo.device.type == "cuda" else 1))

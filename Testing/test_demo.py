@@ -151,6 +151,12 @@ def test_demo_refuses_other_options_and_foreign_folders(quick_demo, tmp_path, ca
     code, _, stderr = seglens(capsys, "demo", "--out", foreign, "--quick", "--overwrite")
     assert_one_line_error(code, stderr, str(foreign), "not a SegLens demo folder")
     assert (foreign / "notes.txt").read_text() == "not a demo"
+    # A hook the demo's U-Net lacks is refused before anything is written; another hook is another run.
+    code, _, stderr = seglens(capsys, "demo", "--out", tmp_path / "hooked", "--quick", "--hook", "stage2")
+    assert_one_line_error(code, stderr, "--hook", "stage2", "up_3")
+    assert not (tmp_path / "hooked").exists()
+    code, _, stderr = seglens(capsys, "demo", "--out", quick_demo, "--quick", "--hook", "up_3")
+    assert_one_line_error(code, stderr, "--hook up_3", "--overwrite")
 
 
 @pytest.mark.slow

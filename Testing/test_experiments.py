@@ -265,3 +265,21 @@ def test_population_steering_command_on_phantoms(phantom_pipeline, capsys, tmp_p
     assert (out / "figure5_population_steering.png").read_bytes()[:4] == b"\x89PNG"
     readme = (out / "README.md").read_text()
     assert "oracle" in readme and "calibrated" in readme
+
+
+def test_failure_recovery_keeps_instance_results_when_no_class_latent_is_found(phantom_pipeline, monkeypatch):
+    from SegLensLogic.errors import SegLensError
+    from SegLensLogic.experiments import recovery
+    from SegLensLogic.experiments.recovery import failure_recovery_report
+    from SegLensLogic.experiments.runs import Experiment
+
+    def none_enriched(*_args, **_kwargs):
+        raise SegLensError("no latent has 2x the average share of activation on class 2 in the reference cases")
+
+    monkeypatch.setattr(recovery, "class_latents_from_truth", none_enriched)
+    experiment = Experiment(phantom_pipeline.model, phantom_pipeline.sae)
+    runs = experiment.run_cohort(phantom_pipeline.train.cases[:4])
+    report = failure_recovery_report(experiment, runs, worst=2, alphas=(0.5, 1.0))
+    assert "table3_failure_recovery" in report.tables and "table4_class_steering" not in report.tables
+    assert any(note.startswith("Class-level steering (figure 7, table 4) skipped: no latent has 2x") for note in report.notes)
+    assert any(note.startswith("Cohort: 4 labelled cases") for note in report.notes)

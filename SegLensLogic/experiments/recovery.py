@@ -216,6 +216,18 @@ def choice_rows(choices) -> list[dict]:
              "calibration_cases": " ".join(c.calibration_cases)} for name, c in choices]  # fmt: skip
 
 
+def _instance_notes(runs, failures, top: int, margin: float, folds: int, population: str) -> list[str]:
+    """The failure-recovery report's notes on its cohort, instance-level steering and calibration."""
+    return [
+        f"Cohort: {len(runs)} labelled cases{f' ({population})' if population else ''}; failure cases: the {len(failures)} lowest mean Dice.",
+        f"Instance-level steering scales each failure case's {top} most active latent(s) (summed activation over the volume) by alpha.",
+        f"Recovered = Dice rises by at least {margin}.",
+        "Oracle rows choose the setting per case by reading that case's ground truth: an upper bound, not a method.",
+        f"Calibrated rows: {folds}-fold cross-fitting; each fold gets the setting with the best mean score on the other folds' cases, "
+        "chosen before any of its own scores are read. Baseline parameters (CCF mode/size, UF entropy threshold) are calibrated the same way.",
+    ]
+
+
 def failure_recovery_report(
     experiment: Experiment,
     runs: Sequence[CaseRun],
@@ -298,7 +310,14 @@ def failure_recovery_report(
         pool = [r for r in pool if r.case_id not in failure_ids]
         if not pool:
             raise SegLensError("no reference case to find class latents on: give --reference, --labels or --class-latents")
-        latents = class_latents_from_truth(pool, cls, n_class_latents)
+        try:
+            latents = class_latents_from_truth(pool, cls, n_class_latents)
+        except SegLensError as error:
+            # The instance-level results stand on their own: keep them, say why the class level is missing.
+            experiment.log(f"Class-level steering skipped: {error}")
+            report.notes += _instance_notes(runs, failures, top, margin, folds, population)
+            report.notes.append(f"Class-level steering (figure 7, table 4) skipped: {error} (give --labels or --class-latents).")
+            return report
         source = f"their activation share on ground-truth {class_name} in {len(pool)} reference case(s) not evaluated here"
     experiment.log(f"Class-level sweep on {len(class_failures)} {class_name} failure cases, latents {latents}")
     class_sweeps = class_sweep(experiment, class_failures, latents, cls)
@@ -312,13 +331,7 @@ def failure_recovery_report(
     report.table("table4_cases", "Table 4 per case: error mode and settings chosen", cases4)
     report.table("table4_choices", "Calibrated choices per fold and error mode", choice_rows(choices4))
     report.figure("figure7_mode_effects", lambda path, ow: plot_mode_effects(effects, path, class_metric, overwrite=ow))
-    report.notes += [
-        f"Cohort: {len(runs)} labelled cases{f' ({population})' if population else ''}; failure cases: the {len(failures)} lowest mean Dice.",
-        f"Instance-level steering scales each failure case's {top} most active latent(s) (summed activation over the volume) by alpha.",
-        f"Recovered = Dice rises by at least {margin}.",
-        "Oracle rows choose the setting per case by reading that case's ground truth: an upper bound, not a method.",
-        f"Calibrated rows: {folds}-fold cross-fitting; each fold gets the setting with the best mean score on the other folds' cases, "
-        "chosen before any of its own scores are read. Baseline parameters (CCF mode/size, UF entropy threshold) are calibrated the same way.",
+    report.notes += _instance_notes(runs, failures, top, margin, folds, population) + [
         f"{class_name} failure cases: {class_name} Dice < {class_max_dice} (else the lowest). Class latents {latents}, chosen from {source}.",
         "Error modes read the ground truth (FP vs FN voxel counts, ratio 2): the per-mode calibrated row needs the mode of a test case, "
         "which is only known with its ground truth; the 'one setting for all modes' row needs none.",
