@@ -187,7 +187,7 @@ class SparseEncoder:
         self.sae, self.prepared, self.grid = sae, prepared, grid
         self.brain_only = brain_only
         self.min_brain_fraction = sae.config.min_brain_fraction if min_brain_fraction is None else min_brain_fraction
-        self.theta = sae.inference_threshold()
+        sae.inference_threshold()  # an SAE without one cannot encode: say so before any slice is read
         self.counts: list[np.ndarray] = []
         self.latents: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
@@ -197,7 +197,7 @@ class SparseEncoder:
     def add(self, activations: torch.Tensor, slices: np.ndarray) -> None:
         """Encode the hook activations ``(N, D, h, w)`` of RAS axial ``slices`` ``(N,)``, in slice order."""
         pre = self.sae.pre_activations(feature_map_to_vectors(activations).to(self.sae.W_enc.device))
-        active = pre > self.theta
+        active = self.sae.active(pre)
         if self.brain_only:
             inside = brain_fraction_on_grid(self.prepared, slices, self.grid).flatten().to(pre.device) >= self.min_brain_fraction
             active &= inside[:, None]

@@ -175,12 +175,16 @@ class BatchTopKSAE(nn.Module):
         """``relu(x * norm_scale @ W_enc + b_enc)``, shape ``(n, d_sae)``."""
         return F.relu((x * self.norm_scale) @ self.W_enc + self.b_enc)
 
+    def active(self, pre: torch.Tensor) -> torch.Tensor:
+        """The encoding rule: which ReLU pre-activations (any shape) are codes, those above the inference
+        threshold (boolean, same shape). Every encoding path of SegLens decides by it."""
+        return pre > self.inference_threshold()
+
     def encode(self, x: torch.Tensor, use_threshold: bool = True) -> torch.Tensor:
         """Dense codes ``(n, d_sae)``: the inference threshold (default), or BatchTopK over this batch."""
         if use_threshold:
-            theta = self.inference_threshold()
             pre = self.pre_activations(x)
-            return pre * (pre > theta)
+            return pre * self.active(pre)
         from .batch_topk import batch_topk  # training-time selection, kept out of the inference path
 
         rows, latents, values = batch_topk(self, x)
@@ -194,11 +198,10 @@ class BatchTopKSAE(nn.Module):
         ``max_active`` (default ``4 * k``) caps the latents kept per vector, largest first; unused slots hold
         value 0 (index 0). With the threshold set so that the mean is ``k``, vectors rarely reach the cap.
         """
-        theta = self.inference_threshold()
         pre = self.pre_activations(x)
         width = min(max_active or 4 * self.config.k, self.d_sae)
         top = torch.topk(pre, width, dim=1)
-        values = top.values * (top.values > theta)
+        values = top.values * self.active(top.values)
         indices = torch.where(values > 0, top.indices, torch.zeros_like(top.indices))
         return indices, values
 
@@ -240,7 +243,7 @@ class BatchTopKSAE(nn.Module):
         """
         index = torch.as_tensor(list(latents), dtype=torch.long, device=x.device)
         pre = torch.relu((x * self.norm_scale) @ self.W_enc.index_select(1, index) + self.b_enc.index_select(0, index))
-        return pre * (pre > self.inference_threshold())
+        return pre * self.active(pre)
 
     # -- decoding ---------------------------------------------------------------------------------------
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
