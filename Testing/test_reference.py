@@ -105,6 +105,7 @@ def test_segment_and_steer_default_to_the_reference_bundle(tiny_build, brats2018
     code, out, err = seglens(capsys, "steer", "--case", brats2018_case, "--suggest", "--population", "ssa", "--out", tmp_path / "fixed.nii.gz")
     assert code == 0, err
     assert "Suggested: ground-truth-free" in out and (tmp_path / "fixed.recipe.json").exists()
+    assert "failure cases this method changed mean Dice by" in out  # the build's evidence, beside the suggestion
     # the suggestion's recipe replays to the same mask
     code, out, err = seglens(capsys, "steer", "--case", brats2018_case, "--recipe", tmp_path / "fixed.recipe.json", "--out", tmp_path / "again.nii.gz")
     assert code == 0, err

@@ -127,3 +127,8 @@ def test_the_card_records_steering_against_a_random_control(bundle):
     for arm, row in repair.items():
         assert row["cases"] > 0 and 0.0 <= row["recovered"] <= 1.0, arm
         assert re.match(r"^[+-]\d\.\d+ \[[+-]?\d\.\d+, [+-]?\d\.\d+\]$", row["dice_mean"]), row["dice_mean"]
+    # A suggestion says how its method did on these failures (what the module and `steer --suggest` show).
+    suggestions = bundle.load_suggestions()
+    for method, arm in (("ground-truth-free", "ground-truth-free (specific latents)"), ("calibrated", "calibrated (top latents)")):
+        evidence = suggestions.evidence(method)
+        assert evidence is not None and repair[arm]["dice_mean"] in evidence and "against random latents" in evidence

@@ -36,6 +36,8 @@ from .interventions import LatentEdit
 SUGGESTIONS_KIND = "seglens-steering-suggestions"
 SUGGESTIONS_FORMAT_VERSION = 1
 METHODS = ("ground-truth-free", "calibrated")
+# The row of the build's arms table that measured each method on real failures (``evidence`` of the document).
+EVIDENCE_ARM = {"ground-truth-free": "ground-truth-free (specific latents)", "calibrated": "calibrated (top latents)"}
 # A suggested alpha: finite and at most 1000 in size.
 Alpha = Annotated[float, Field(ge=-1e3, le=1e3)]
 
@@ -106,6 +108,17 @@ class Suggestions:
         self.calibrated_alpha = {str(k): float(v) for k, v in document["calibrated_alpha"].items()}
         self.document = document
 
+    def evidence(self, method: str) -> str | None:
+        """How ``method`` did on the build's failure cases, in one line (None when the document has no record)."""
+        rows = [r for r in self.document.get("evidence") or [] if isinstance(r, dict) and r.get("arm") == EVIDENCE_ARM.get(method)]
+        if not rows:
+            return None
+        row = rows[0]
+        text = f"on the build's {row.get('cases', '?')} failure cases this method changed mean Dice by {row.get('dice_mean', '?')}"
+        if row.get("vs random control"):
+            text += f" ({row['vs random control']} against random latents)"
+        return text
+
     def check_sae(self, d_sae: int) -> "Suggestions":
         """Raise :class:`InputFileError` naming this file when a population's latents are not the SAE's."""
         for name, entry in self.populations.items():
@@ -137,13 +150,17 @@ class Suggestion:
     alpha: float
     edits: list[LatentEdit]
     plausibility: dict[float, float] = field(default_factory=dict)
+    evidence: str | None = None
 
     def describe(self) -> str:
+        """One line: the edit, how it was chosen, and how the method did on the build's failure cases."""
         if not self.latents or self.alpha == 1.0:
-            return f"{self.method}: no edit makes the prediction more plausible; the mask is kept as it is"
-        how = "most plausible prediction on this case" if self.method == "ground-truth-free" else "best on the build's failure cases"
-        return (f"{self.method} ({self.population or 'any population'}): scale latents {', '.join(map(str, self.latents))} "
-                f"by {self.alpha:g} ({how})")  # fmt: skip
+            text = f"{self.method}: no edit makes the prediction more plausible; the mask is kept as it is"
+        else:
+            how = "most plausible prediction on this case" if self.method == "ground-truth-free" else "best on the build's failure cases"
+            text = (f"{self.method} ({self.population or 'any population'}): scale latents {', '.join(map(str, self.latents))} "
+                    f"by {self.alpha:g} ({how})")  # fmt: skip
+        return text + (f"; {self.evidence}" if self.evidence else "")
 
 
 def suggest(encoded, sae, suggestions: Suggestions, population: str | None = None, method: str = "ground-truth-free") -> Suggestion:
@@ -164,7 +181,8 @@ def suggest(encoded, sae, suggestions: Suggestions, population: str | None = Non
     if method == "calibrated":
         latents = sets["top"]
         alpha = suggestions.populations[population]["calibrated_alpha"] if population else suggestions.calibrated_alpha["all"]
-        return Suggestion(method, population, latents, alpha, [LatentEdit(latents, "scale", alpha)] if latents and alpha != 1.0 else [])
+        return Suggestion(method, population, latents, alpha, [LatentEdit(latents, "scale", alpha)] if latents and alpha != 1.0 else [],
+                          evidence=suggestions.evidence(method))
     latents = sets["specific"]
     brain = encoded.prepared.to_input_grid(encoded.prepared.brain_mask)
     scores = {}
@@ -173,4 +191,4 @@ def suggest(encoded, sae, suggestions: Suggestions, population: str | None = Non
         scores[alpha] = plausibility(labels, brain, suggestions.reference)
     alpha = min(scores, key=lambda a: (scores[a], a != 1.0))
     edits = [LatentEdit(latents, "scale", alpha)] if latents and alpha != 1.0 else []
-    return Suggestion(method, population, latents, alpha, edits, scores)
+    return Suggestion(method, population, latents, alpha, edits, scores, suggestions.evidence(method))
