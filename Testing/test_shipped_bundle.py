@@ -93,7 +93,7 @@ def test_segments_a_held_back_case_as_the_card_says(bundle, test_case, encoded):
 def test_the_sae_reconstructs_the_case_as_the_card_says(bundle, encoded):
     model, sae, item = encoded
     forward = item.forward
-    vectors = forward.activations.permute(0, 2, 3, 1)[forward.encoded.bool()]
+    vectors = forward.activations.permute(0, 2, 3, 1)[forward.encoded(sae).bool()]
     metrics = evaluate_reconstruction(sae, vectors)
     card = bundle.figures["sae"]
     assert metrics["explained_variance"] == pytest.approx(card["explained_variance"], abs=0.05)

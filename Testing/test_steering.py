@@ -43,7 +43,7 @@ def full_forward_with_hook(session: SteeringSession) -> np.ndarray:
 
     def edit(activations, slices):
         positions = np.array([forward.slice_position[int(z)] for z in slices])
-        weights = [forward.region_weights(e.region, positions) for e in session.edits]
+        weights = [forward.region_weights(session.sae, e.region, positions) for e in session.edits]
         return steer_activations(session.sae, activations, session.edits, weights)
 
     return predict_volume(session.model, session.prepared, activation_edit=edit).labels
@@ -169,7 +169,7 @@ def test_partial_forward_matches_full_forward_for_both_architectures(arch, synth
     x = forward.prepared.model_input([forward.slices[position]])
     with torch.no_grad():
         full_h, full_cache = model.encode(x)
-        weights = [forward.region_weights(e.region, np.array([position])) for e in session.edits]
+        weights = [forward.region_weights(sae, e.region, np.array([position])) for e in session.edits]
         full = model.decode(steer_activations(sae, full_h, session.edits, weights), full_cache)
     assert torch.allclose(partial, full, atol=1e-4)
     assert np.array_equal(full_forward_with_hook(session), session.labels)

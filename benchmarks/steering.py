@@ -133,7 +133,7 @@ def run_one(label: str, model, sae, case, repeats: int, device) -> dict:
         def baseline(edit=edit):
             def hook(activations, slices):
                 positions = np.array([forward.slice_position[int(z)] for z in slices])
-                return steer_activations(sae, activations, [edit], [forward.region_weights(edit.region, positions)])
+                return steer_activations(sae, activations, [edit], [forward.region_weights(sae, edit.region, positions)])
 
             return predict_volume(model, prepared, activation_edit=hook).labels
 

@@ -308,7 +308,7 @@ def fit_data(encoded: EncodedCase, sae: BatchTopKSAE, truth: np.ndarray, latents
         positions = np.sort(np.random.default_rng(seed).choice(positions, max_slices, replace=False))
     index = torch.as_tensor(positions, dtype=torch.long, device=forward.device)
     h = forward.activations.index_select(0, index)
-    weights = forward.encoded.index_select(0, index).reshape(-1, 1)
+    weights = forward.encoded(sae, index).reshape(-1, 1)
     codes = sae.latent_codes(feature_map_to_vectors(h), latents) * weights
     label = torch.from_numpy(np.ascontiguousarray(truth_ras[:, :, forward.slices[positions]].transpose(2, 0, 1)))[:, None].float()
     target = prepared.geometry.to_model(label, mode="nearest")[:, 0].long()

@@ -178,7 +178,7 @@ class Experiment:
         from ..steering.resegment import CachedForward
 
         if run.forward is None:
-            run.forward = CachedForward(self.model, run.prepared, hook=self.sae.config.hook_point, min_brain_fraction=self.sae.config.min_brain_fraction)
+            run.forward = CachedForward(self.model, run.prepared, hook=self.sae.config.hook_point)
         forward = run.forward
         latent_edits = [LatentEdit(tuple(int(j) for j in l), mode=m, alpha=float(a), where=w).check(self.sae) for l, m, a, w in edits]
         deltas = forward.deltas(self.sae, latent_edits)

@@ -88,7 +88,7 @@ def encode_case(
     report = None
     if progress is not None:
         report = lambda done, total: progress(done, 2 * total)  # noqa: E731  (encoding: first half)
-    forward = CachedForward(model, case, hook=hook, batch_size=batch_size, progress=report, min_brain_fraction=sae.config.min_brain_fraction)
+    forward = CachedForward(model, case, hook=hook, batch_size=batch_size, progress=report)
     sae = sae.to(forward.device)
     encoder = SparseEncoder(sae, forward.prepared, forward.grid)
     for start in range(0, len(forward.slices), _ENCODE_CHUNK):

@@ -22,7 +22,7 @@ from ..errors import SegLensError
 from ..inference import PredictionCancelled, default_batch_size, labels_from_logits, prepare_for_model
 from ..networks.segmenter import Segmenter
 from ..sae.activations import brain_fraction_on_grid, mask_fraction_on_grid
-from ..sae.model import DEFAULT_MIN_BRAIN_FRACTION, BatchTopKSAE
+from ..sae.model import BatchTopKSAE
 from .interventions import LatentEdit, Region, steering_delta
 
 
@@ -34,8 +34,8 @@ class CachedForward:
         slices: RAS axial indices of the cached (brain) slices, ``(S,)``.
         activations: hook activations ``(S, D, h, w)`` (CPU or the model's device).
         cache: the earlier feature maps ``decode`` reads, each ``(S, C_i, H_i, W_i)``.
-        encoded: ``(S, h, w)`` float, 1 where a position carries SAE codes (at least ``min_brain_fraction`` of its
-            patch is brain: the SAE's own rule, ``sae.config.min_brain_fraction``), else 0.
+        brain_fraction: ``(S, h, w)`` share of each feature-map position's patch that is brain; an SAE encodes the
+            positions at or above its own ``config.min_brain_fraction`` (:meth:`encoded`).
     """
 
     def __init__(
@@ -45,7 +45,6 @@ class CachedForward:
         hook: str | None = None,
         batch_size: int | None = None,
         progress: Callable[[int, int], bool | None] | None = None,
-        min_brain_fraction: float = DEFAULT_MIN_BRAIN_FRACTION,
     ):
         self.model = model.eval()
         self.hook = model._hook(hook)
@@ -67,7 +66,12 @@ class CachedForward:
         self.cache = [torch.cat(level) for level in zip(*caches)] if caches else []
         grid = tuple(self.activations.shape[2:])
         self.grid = grid
-        self.encoded = (brain_fraction_on_grid(self.prepared, self.slices, grid) >= min_brain_fraction).float().to(self.device)
+        self.brain_fraction = brain_fraction_on_grid(self.prepared, self.slices, grid).to(self.device)
+
+    def encoded(self, sae: BatchTopKSAE, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N, h, w)`` float, 1 where ``sae`` encodes a position of the cached slices ``index`` (default all), else 0."""
+        fraction = self.brain_fraction if index is None else self.brain_fraction.index_select(0, index)
+        return (fraction >= sae.config.min_brain_fraction).float()
 
     @property
     def nbytes(self) -> int:
@@ -75,12 +79,12 @@ class CachedForward:
         return int(sum(t.numel() * t.element_size() for t in [self.activations, *self.cache]))
 
     # -- where edits apply ------------------------------------------------------------------------------
-    def region_weights(self, region: Region, positions: np.ndarray | None = None) -> torch.Tensor:
-        """How much an edit in ``region`` applies at each encoded position: ``(N, h, w)`` in [0, 1] for the cached
-        slices at ``positions`` (indices into :attr:`slices`; default all)."""
+    def region_weights(self, sae: BatchTopKSAE, region: Region, positions: np.ndarray | None = None) -> torch.Tensor:
+        """How much an edit in ``region`` applies at each position ``sae`` encodes: ``(N, h, w)`` in [0, 1] for the
+        cached slices at ``positions`` (indices into :attr:`slices`; default all)."""
         positions = np.arange(len(self.slices)) if positions is None else np.asarray(positions)
         slices = self.slices[positions]
-        weights = self.encoded[torch.as_tensor(positions, dtype=torch.long, device=self.device)].clone()
+        weights = self.encoded(sae, torch.as_tensor(positions, dtype=torch.long, device=self.device))
         per_slice = region.slice_weights(slices)
         if per_slice is not None:
             weights *= torch.as_tensor(per_slice, device=self.device)[:, None, None]
@@ -102,7 +106,7 @@ class CachedForward:
         for start in range(0, len(positions), chunk):
             part = positions[start : start + chunk]
             index = torch.as_tensor(part, dtype=torch.long, device=self.device)
-            weights = [self.region_weights(edit.region, part) for edit in edits]
+            weights = [self.region_weights(sae, edit.region, part) for edit in edits]
             h = self.activations.index_select(0, index)
             delta = steering_delta(sae, h, edits, weights)
             if not torch.isfinite(h + delta).all():
@@ -201,7 +205,7 @@ def resegment(
     """
     for edit in edits:
         edit.check(sae)
-    forward = CachedForward(model, case, hook=sae.config.hook_point, batch_size=batch_size, min_brain_fraction=sae.config.min_brain_fraction)
+    forward = CachedForward(model, case, hook=sae.config.hook_point, batch_size=batch_size)
     for edit in edits:
         edit.region.check(forward.prepared.num_slices, forward.prepared.source.shape)
     deltas = forward.deltas(sae.to(forward.device), edits)
