@@ -69,6 +69,8 @@ def test_tiny_rebuild_writes_a_bundle_whose_card_is_the_builds_measurement(tiny_
     assert list(state["steps"]) == ["split", "base", "leverage", "sae", "interpret", "populations", "evaluation", "repair", "bundle"]
     bundle = load_bundle(root / "published")
     assert (root / "published" / "build.log").read_text().count("[9/9]") == 1
+    history = json.loads((root / "published" / "training_history.json").read_text())
+    assert len(history) == state["steps"]["base"]["outputs"]["epochs"]  # every epoch of the base model, beside the log
     # the figures on the card are the evaluation step's numbers, for the weights in the bundle
     evaluation = state["steps"]["evaluation"]["outputs"]
     assert bundle.figures["dice_test"] == pytest.approx(evaluation["segmentation"]["test"]["mean"])

@@ -558,7 +558,8 @@ def build_reference(
     """Run (or continue) the reference build into ``out`` from the real cases in ``data``.
 
     Args:
-        publish: copy the finished bundle there (replacing what is there) with the build log beside it.
+        publish: copy the finished bundle there (replacing what is there) with the build log and the base model's
+            per-epoch training history beside it.
     """
     settings = settings or ReferenceSettings()
     data = Path(data)
@@ -588,13 +589,15 @@ def build_reference(
     pipeline.run("repair", lambda folder: step_repair(build, folder))
     pipeline.run("bundle", lambda folder: step_bundle(build, folder))
     if publish is not None:
-        publish_bundle(pipeline.out / "bundle" / "bundle", Path(publish), log_path)
+        publish_bundle(pipeline.out / "bundle" / "bundle", Path(publish), log_path, build.model_dir / "training_history.json")
         logged(f"Published the bundle to {publish}")
     return build
 
 
-def publish_bundle(bundle: Path, target: Path, log_path: Path) -> None:
-    """Copy a finished bundle (and the build log) to ``target``, replacing what was there, atomically."""
+def publish_bundle(bundle: Path, target: Path, log_path: Path, training_history: Path | None = None) -> None:
+    """Copy a finished bundle, the build log and (when given) the training history to ``target``, replacing what
+    was there, atomically. The history holds every epoch's loss and validation Dice, also of runs the build resumed
+    (whose lines the build log of a later run does not repeat)."""
     import os
     import shutil
     import tempfile
@@ -607,6 +610,8 @@ def publish_bundle(bundle: Path, target: Path, log_path: Path) -> None:
     try:
         shutil.copytree(bundle, tmp, dirs_exist_ok=True)
         shutil.copyfile(log_path, tmp / "build.log")
+        if training_history is not None:
+            shutil.copyfile(training_history, tmp / "training_history.json")
         load_bundle(tmp)
         old = target.with_name(f".{target.name}.old")
         if target.exists():
