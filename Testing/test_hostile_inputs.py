@@ -957,8 +957,14 @@ def test_signal_while_writing_leaves_nothing(kit, tmp_path, capsys, monkeypatch,
         signal.raise_signal(sig)
 
     monkeypatch.setattr(nib, "save", save_then_signal)
+    # Ctrl-C as in a terminal: a process started in the background (nohup, `&`, some CI runners) inherits SIGINT
+    # ignored, and Python then never turns it into KeyboardInterrupt.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = snapshot(kit.root, tmp_path)
-    result, _, err = seglens(capsys, *steer(kit, tmp_path, "--latent", kit.latent))
+    try:
+        result, _, err = seglens(capsys, *steer(kit, tmp_path, "--latent", kit.latent))
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
     assert result == code and err.strip() == line
     assert snapshot(kit.root, tmp_path) == before
     assert signal.getsignal(signal.SIGTERM) is before_handler
