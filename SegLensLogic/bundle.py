@@ -441,10 +441,10 @@ def build_bundle(
     Returns:
         The loaded, validated bundle.
     """
-    import torch
 
     from .networks import load_segmenter, weights_sha256
     from .sae import BatchTopKSAE, sae_sha256
+    from .sae.model import NoThresholdError
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -459,7 +459,11 @@ def build_bundle(
         raise InputFileError(sae_dir / SAE_FILES[0], f"hook point '{hook}' is not one of the model's ({', '.join(shapes)})")
     if shapes[hook][0] != sae.config.d_in:
         raise InputFileError(sae_dir / SAE_FILES[0], f"SAE takes {sae.config.d_in} channels but hook '{hook}' has {shapes[hook][0]}")
-    if sae.config.threshold is None or torch.isnan(sae.threshold):
+    try:
+        missing = sae.config.threshold is None or sae.inference_threshold() is None
+    except NoThresholdError:
+        missing = True
+    if missing:
         raise InputFileError(sae_dir / SAE_FILES[0], "SAE has no inference threshold; it cannot encode single cases")
     model_sha, sae_sha = weights_sha256(model_dir), sae_sha256(sae_dir)
     if sae.config.model_sha256 and sae.config.model_sha256 != model_sha:

@@ -57,6 +57,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -430,29 +431,9 @@ def step_base(demo: Demo, folder: Path) -> dict:
 
 
 # -- 3. population models ---------------------------------------------------------------------------------------------
-def init_with_new_head(base_dir: Path, class_names: list[str], label_scheme: str, out: Path) -> Path:
-    """A copy of the base model for other label classes: every weight kept except the output layer (new, random).
-
-    The encoder, and so the hook point, starts where the base is: fine-tuned from this, a model with other classes
-    (healthy structures) stays in the base's activation space, like the tumour models.
-    """
-    from .networks import build_segmenter, load_segmenter, weights_sha256
-
-    base = load_segmenter(base_dir, device="cpu")
-    provenance = {"encoder_from": str(base_dir), "encoder_from_sha256": weights_sha256(base_dir), "output_layer": "new (random)"}
-    config = replace(base.config, class_names=list(class_names), label_scheme=label_scheme, training=provenance)
-    torch.manual_seed(0)
-    model = build_segmenter(config)
-    own = model.state_dict()
-    kept = {k: v for k, v in base.state_dict().items() if k in own and own[k].shape == v.shape}
-    model.load_state_dict(kept, strict=False)
-    model.save_pretrained(out)
-    return out
-
-
 def step_models(demo: Demo, folder: Path) -> dict:
     from .data.labels import get_scheme
-    from .training import train_segmenter
+    from .training import init_with_new_head, train_segmenter
 
     s = demo.settings
     base = demo.path(demo.state.outputs("base")["model"])
@@ -506,19 +487,15 @@ def step_evaluation(demo: Demo, folder: Path) -> dict:
 
 
 # -- 5. SAEs --------------------------------------------------------------------------------------------------------
-def replica_names(name: str) -> dict[str, str]:
-    """The floors' replicas of a population's SAE: ``seed`` (another seed, same activations) and ``resampled``
-    (same seed, a random ``resample_fraction`` of the activations)."""
-    return {"seed": f"{name}-seed", "resampled": f"{name}-resampled"}
-
-
 def step_saes(demo: Demo, folder: Path) -> dict:
     """An SAE per population model on its own training activations, each from its own seed (the population's
     index), and two replicas of each for the floors (:func:`replica_names`): another seed on the same activations,
     and the same seed on a random ``resample_fraction`` of them. Dead latents are counted on all of the cohort's
     activation vectors (the held-out figure of the training report, on a few hundred vectors, misses rare latents)."""
+    from .alignment.cohorts import replica_names
     from .data.cohort import Cohort
     from .sae import ExtractionOptions, SAETrainingOptions, extract_activations, train_sae
+    from .sae.activations import effective_dimensions
     from .sae.evaluation import dice_recovered
     from .sae.sweep import live_latents
     from .sae.training import save_training_report
@@ -547,7 +524,7 @@ def step_saes(demo: Demo, folder: Path) -> dict:
         store = stores[key]
         if model_name not in vectors:
             vectors[model_name] = stores[(model_name, 1.0)].vectors(np.arange(len(stores[(model_name, 1.0)])))
-            dimensions[model_name] = _effective_dimensions(vectors[model_name])
+            dimensions[model_name] = effective_dimensions(vectors[model_name])
         options = SAETrainingOptions(k=s.sae_k, expansion=s.sae_expansion, batch_size=s.sae_batch, epochs=1000, max_steps=s.sae_steps,
                                      holdout_fraction=0.1, eval_every=100, log_every=10**6, seed=seed)  # fmt: skip
         sae, report = train_sae(store, options, device=demo.device, log=_quiet)
@@ -571,14 +548,6 @@ def step_saes(demo: Demo, folder: Path) -> dict:
     demo.sub("principal components holding 95% of the activations' variance: " + ", ".join(f"{n} {d}" for n, d in dimensions.items())
              + f" (of {next(iter(saes.values()))['d_sae'] // s.sae_expansion} channels)")
     return {"saes": saes, "reference": reference, "replicas": replicas, "effective_dimensions": dimensions}
-
-
-def _effective_dimensions(vectors: torch.Tensor, share: float = 0.95) -> int:
-    """How many principal components hold ``share`` of the variance of activation vectors ``(n, d)``."""
-    x = vectors.double()
-    values = torch.linalg.svdvals(x - x.mean(dim=0)) ** 2
-    cumulative = torch.cumsum(values, 0) / values.sum().clamp_min(1e-12)
-    return int(torch.searchsorted(cumulative, torch.tensor(share, dtype=cumulative.dtype)).item()) + 1
 
 
 def _sae_dir(demo: Demo, name: str) -> Path:
@@ -645,19 +614,12 @@ def _thumbnails(result, latents: list[int], model, folder: Path) -> dict[int, Pa
 
 
 # -- 7. alignment ---------------------------------------------------------------------------------------------------
-def _live_latents(demo: Demo, name: str) -> set[int]:
-    """Latents of an SAE (a population's or a replica's) that fire on its cohort's activation vectors."""
-    return set(demo.state.outputs("saes")["saes"][name]["live_latents"])
-
-
-def _live_share(alignment, live_a: set[int], live_b: set[int], flipped: bool = False) -> float | None:
-    """Share of side A's live latents (side B's when ``flipped``) with a shared partner that is live too."""
-    a, b = alignment.shared_pairs()
-    if flipped:
-        a, b, live_a, live_b = b, a, live_b, live_a
-    if not live_a:
-        return None
-    return sum(1 for i, j in zip(a.tolist(), b.tolist()) if i in live_a and j in live_b) / len(live_a)
+def _live_latents(demo: Demo, name: str) -> np.ndarray:
+    """``(d_sae,)`` bool: latents of an SAE (a population's or a replica's) that fire on its cohort's activation vectors."""
+    record = demo.state.outputs("saes")["saes"][name]
+    live = np.zeros(record["d_sae"], dtype=bool)
+    live[record["live_latents"]] = True
+    return live
 
 
 def step_alignment(demo: Demo, folder: Path) -> dict:
@@ -673,7 +635,7 @@ def step_alignment(demo: Demo, folder: Path) -> dict:
     """
     from .alignment import alignment_document, sae_record, write_alignment
     from .alignment.alignment import align_saes, tau_sweep
-    from .alignment.cohorts import CohortDiff
+    from .alignment.cohorts import CohortDiff, replica_floors
     from .alignment.spaces import alignment_from_correlations, shared_image_correlations
     from .sae import BatchTopKSAE
 
@@ -707,20 +669,13 @@ def step_alignment(demo: Demo, folder: Path) -> dict:
     for method in (COSINE, ACTIVATION):
         alignments = {(i, j): align(method, a, b) for i, a in enumerate(names) for j, b in enumerate(names) if i < j}
         diff = CohortDiff(names, alignments, TAUS[method])
-        n = len(names)
-        matrix = np.eye(n)
-        for i in range(n):
-            for j in range(n):
-                if i != j:
-                    alignment, flipped = diff.alignment(i, j)
-                    share = _live_share(alignment, live[names[min(i, j)]], live[names[max(i, j)]], flipped=flipped)
-                    matrix[i, j] = 0.0 if share is None else share
+        matrix = diff.live_fraction_matrix([live[name] for name in names])
         floors, floor_files = {}, {}
         for name in names:
             floors[name] = {}
-            for kind, replica in replicas[name].items():
-                alignment = align(method, name, replica)
-                floors[name][kind] = _live_share(alignment, live[name], live[replica])
+            for kind, (alignment, share) in replica_floors(name, replicas[name], partial(align, method), live).items():
+                replica = replicas[name][kind]
+                floors[name][kind] = share
                 document = alignment_document(alignment, sae_record(saes[name], _sae_dir(demo, name), name),
                                               sae_record(saes[replica], _sae_dir(demo, replica), replica), tau_sweep=tau_sweep(alignment))  # fmt: skip
                 floor_files.setdefault(name, {})[kind] = demo.rel(write_alignment(document, folder / method / "floors" / f"{name}-vs-{replica}.json"))

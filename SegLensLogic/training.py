@@ -21,7 +21,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -319,6 +319,27 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], saved: dict) -> dict:
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     return {"state": state, "param_groups": saved["param_groups"]}
+
+
+def init_with_new_head(base_dir: str | Path, class_names: list[str], label_scheme: str, out: str | Path, seed: int = 0) -> Path:
+    """A copy of the base model for other label classes: every weight kept except the output layer (new, random).
+
+    The encoder, and so the hook point, starts where the base is: fine-tuned from this (``train_segmenter(init=out)``),
+    a model with other classes (healthy structures) stays in the base's activation space, like the tumour models.
+
+    Returns:
+        ``out``, a model folder.
+    """
+    base = load_segmenter(base_dir, device="cpu")
+    provenance = {"encoder_from": str(base_dir), "encoder_from_sha256": weights_sha256(base_dir), "output_layer": "new (random)"}
+    config = replace(base.config, class_names=list(class_names), label_scheme=label_scheme, training=provenance)
+    torch.manual_seed(seed)
+    model = build_segmenter(config)
+    own = model.state_dict()
+    kept = {k: v for k, v in base.state_dict().items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(kept, strict=False)
+    model.save_pretrained(out)
+    return Path(out)
 
 
 def train_segmenter(

@@ -637,3 +637,32 @@ def test_shared_image_correlations_match_pairwise_correlations(tmp_path):
     assert alignment.method == "activation-correlation" and alignment.info["positions"] == out["ab"][1]
     with pytest.raises(ValueError, match="not among the members"):
         shared_image_correlations(saes, {"x": ("a", "zz", [0])}, cases)
+
+
+def test_live_shared_fractions_count_live_latents_only():
+    """A shared pair counts only when both latents are live; each side's share has its own live count below it."""
+    from SegLensLogic.alignment.alignment import align_vectors
+    from SegLensLogic.alignment.cohorts import CohortDiff, replica_floors, replica_names
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 16))
+    b = a[[3, 0, 5, 1, 4, 2]] + 1e-3 * rng.normal(size=(6, 16))  # B's latent k copies A's latent perm[k]
+    b[5] = rng.normal(size=16)  # ... except B's latent 5 (A's 2): not shared
+    alignment = align_vectors({"enc": a, "dec": a}, {"enc": b, "dec": b})
+    shared_a, shared_b = alignment.shared_pairs()
+    assert shared_a.tolist() == [0, 1, 3, 4, 5] and shared_b.tolist() == [1, 3, 0, 4, 2]
+    live_a = np.array([1, 1, 1, 0, 1, 1], dtype=bool)  # A's 3 is dead
+    live_b = np.array([1, 1, 0, 1, 1, 1], dtype=bool)  # B's 2 (A's 5's partner) is dead
+    # live pairs: (0, 1), (1, 3), (4, 4); (3, 0) has a dead A side, (5, 2) a dead B side
+    assert alignment.live_shared_fraction(live_a, live_b) == pytest.approx(3 / 5)
+    assert alignment.live_shared_fraction(live_a, live_b, side="b") == pytest.approx(3 / 5)
+    assert alignment.live_shared_fraction(live_a, np.ones(6, bool), side="b") == pytest.approx(4 / 6)
+    assert alignment.live_shared_fraction(np.zeros(6, bool), live_b) is None
+    matrix = CohortDiff(["x", "y"], {(0, 1): alignment}).live_fraction_matrix([live_a, np.ones(6, bool)])
+    np.testing.assert_allclose(matrix, [[1, 4 / 5], [4 / 6, 1]])
+    # floors: the cohort against each replica by the caller's method
+    replicas = replica_names("x")
+    assert replicas == {"seed": "x-seed", "resampled": "x-resampled"}
+    live = {"x": live_a, "x-seed": live_b, "x-resampled": np.zeros(6, bool)}
+    floors = replica_floors("x", replicas, lambda name, other: alignment, live)
+    assert floors["seed"][1] == pytest.approx(3 / 5) and floors["resampled"][1] == 0.0

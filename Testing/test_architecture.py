@@ -99,3 +99,25 @@ def test_no_import_cycles():
 
 def test_the_checker_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+SAE_WEIGHTS = {"W_enc", "b_enc", "W_dec", "b_dec", "norm_scale", "_theta"}  # (".threshold" names other things too)
+
+
+def sae_weight_reads(path: Path) -> list[str]:
+    """``file:line attribute`` for every read of an SAE weight by attribute name in ``path``'s code."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [f"{path.name}:{node.lineno} .{node.attr}" for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr in SAE_WEIGHTS]
+
+
+def test_only_the_sae_package_reads_sae_weights(tmp_path):
+    """Steering, diffing, experiments and the rest use the SAE through its methods (the ``SparseDictionary``
+    protocol: codes of chosen latents, the activation change of a code change, latent directions), never its
+    weights, so the encoding rule and the normalisation live in one place."""
+    outside = [p for p in PACKAGE.rglob("*.py") if "sae" not in p.relative_to(PACKAGE).parts[:1]]
+    reads = [read for path in outside for read in sae_weight_reads(path)]
+    assert not reads, reads
+    # the check sees such a read
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f(sae):\n    return sae.W_dec[0] / sae.norm_scale\n", encoding="utf-8")
+    assert sorted(sae_weight_reads(probe)) == ["probe.py:2 .W_dec", "probe.py:2 .norm_scale"]

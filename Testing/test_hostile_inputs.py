@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_line_error, make_nifti, save_tiny_unet, seglens, write_synthetic_case
+from helpers import assert_one_line_error, save_tiny_unet, seglens, write_synthetic_case
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -4,7 +4,6 @@ cohort, the labels file, split-half stability, and ``seglens interpret`` on real
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

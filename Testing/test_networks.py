@@ -573,3 +573,53 @@ def test_fused_segformer_head_computes_the_huggingface_head():
     x = torch.randn(2, 5, 7, 9)
     for size in ((7, 9), (14, 18), (28, 36), (21, 40)):
         assert torch.allclose(upsample_bilinear(x, size), F.interpolate(x, size=size, mode="bilinear", align_corners=False), atol=1e-5)
+
+
+def test_split_unet_decoder_computes_monai_basicunet():
+    """SegLens runs each U-Net decoder level's first convolution as two (the skip's term, cached by ``encode``, plus
+    the upsampled input's): the same logits as MONAI's ``BasicUNet.forward``, to float rounding, in train and eval
+    mode; ``with_cache=False`` gives the same activations and computes no cache."""
+    torch.manual_seed(0)
+    model = build_segmenter(SegmenterConfig(arch="unet", modalities=["t1c", "t2f"], class_names=["bg", "a", "b", "c"],
+                                            image_size=48, arch_options={"features": [8, 8, 16, 16, 32, 8]}))  # fmt: skip
+    x = torch.randn(3, 2, 48, 48)
+    with torch.no_grad():
+        for mode in (model.eval, model.train):
+            mode()
+            reference = model.net(x)
+            assert torch.allclose(model(x), reference, atol=1e-5 * float(reference.abs().max()))
+            for hook in model.hook_names:
+                activations, cache = model.encode(x, hook)
+                bare, empty = model.encode(x, hook, with_cache=False)
+                assert torch.equal(bare, activations) and empty == [], hook
+                # what is cached for a skip has the skip's decoder level's output channels
+                assert all(term.shape[1] in (8, 16) for term in cache), hook
+    # gradients reach every weight of the split convolutions, as they reach MONAI's
+    model.train()
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_init_with_new_head_keeps_every_weight_but_the_output_layer(tmp_path):
+    from SegLensLogic.networks import load_segmenter
+    from SegLensLogic.training import init_with_new_head
+
+    for arch, options in (("unet", {"features": [8, 8, 16, 16, 32, 8]}), ("segformer-b0", {"hidden_sizes": [8, 16, 24, 32], "decoder_hidden_size": 16})):
+        torch.manual_seed(1)
+        base = build_segmenter(SegmenterConfig(arch=arch, modalities=["t1c", "t2f"], class_names=["bg", "a", "b", "c"],
+                                               image_size=32, arch_options=options))  # fmt: skip
+        base.save_pretrained(tmp_path / f"{arch}-base")
+        out = init_with_new_head(tmp_path / f"{arch}-base", ["bg", "csf", "grey", "white", "deep"], "aseg", tmp_path / f"{arch}-new")
+        model = load_segmenter(out, device="cpu")
+        assert model.config.class_names == ["bg", "csf", "grey", "white", "deep"] and model.config.label_scheme == "aseg"
+        assert model.config.training["encoder_from_sha256"] == base_sha(tmp_path / f"{arch}-base")
+        old, new = base.state_dict(), model.state_dict()
+        differ = [k for k in new if new[k].shape != old[k].shape]
+        assert differ and all(k.startswith(("net.final_conv", "model.decode_head.classifier")) for k in differ), differ
+        assert all(torch.equal(new[k], old[k]) for k in new if k not in differ)
+
+
+def base_sha(folder):
+    from SegLensLogic.networks import weights_sha256
+
+    return weights_sha256(folder)

@@ -16,7 +16,6 @@ import torch
 from helpers import assert_one_line_error, seglens
 from SegLensLogic.bundle import load_bundle
 from SegLensLogic.errors import SegLensError
-from SegLensLogic.experiments.calibration import CaseSweep
 from SegLensLogic.experiments.leverage import choose_hook
 from SegLensLogic.experiments.repair import (
     CaseSweeps,

@@ -3,8 +3,8 @@
 - :mod:`.matching`: Hungarian, greedy, Sinkhorn (rounded) and nearest-neighbour matchings of a similarity matrix.
 - :mod:`.alignment`: encoder/decoder cosine alignment of two SAEs, the shared-latent rule, the tau sweep.
 - :mod:`.metrics`: agreement, bootstrap stability, collision, predictability; the baselines table (table 2).
-- :mod:`.cohorts`: all pairs of several cohorts, the fraction-shared matrix (table 7), universally shared and
-  population-specific latents, the seed noise floor.
+- :mod:`.cohorts`: all pairs of several cohorts, the fraction-shared matrix (table 7) over all or live latents,
+  universally shared and population-specific latents, the floors (each SAE against its seed and resampled replicas).
 - :mod:`.spaces`: which activation space two SAEs live in; activation-correlation and Procrustes alignment for
   unrelated models (e.g. SegFormer against U-Net).
 - :mod:`.swapping`: feature swapping (section 5.3).

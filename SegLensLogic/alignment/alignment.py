@@ -43,7 +43,7 @@ def cosine_matrix(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) ->
 
 def dictionary_vectors(sae) -> dict[str, np.ndarray]:
     """An SAE's latent vectors in activation space: ``{"enc": W_enc.T, "dec": W_dec}``, each ``(d_sae, d_in)``."""
-    return {"enc": sae.W_enc.detach().float().cpu().t().numpy(), "dec": sae.W_dec.detach().float().cpu().numpy()}
+    return {space: vectors.float().cpu().numpy() for space, vectors in sae.latent_directions().items()}
 
 
 @dataclass
@@ -107,6 +107,24 @@ class LatentAlignment:
         """``(shared_a, shared_b)``: index arrays of shared latents, pairwise partners."""
         a = np.flatnonzero(self.shared_mask(tau))
         return a, self.partner[a]
+
+    def live_shared_fraction(self, live_a: np.ndarray, live_b: np.ndarray, side: str = "a", tau: float | None = None) -> float | None:
+        """Share of one side's *live* latents whose shared partner is live too.
+
+        A dead latent (one that never fires on the cohort's activations) matches something by chance, so shared
+        fractions over whole dictionaries say little when many latents are dead; this counts live ones only.
+
+        Args:
+            live_a, live_b: ``(n_a,)`` and ``(n_b,)`` bool, the latents that fire on each SAE's cohort.
+            side: ``"a"`` or ``"b"``, whose live latents are the denominator.
+
+        Returns:
+            The share, or None when that side has no live latent.
+        """
+        a, b = self.shared_pairs(tau)
+        both = int((np.asarray(live_a, dtype=bool)[a] & np.asarray(live_b, dtype=bool)[b]).sum())
+        n_live = int(np.count_nonzero(live_a if side == "a" else live_b))
+        return both / n_live if n_live else None
 
     def shared_fraction(self, tau: float | None = None) -> float:
         """Shared latents over the larger dictionary (both sides' fraction when sizes agree)."""

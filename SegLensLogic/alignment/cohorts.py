@@ -52,6 +52,17 @@ class CohortDiff:
             out[i, j] = out[j, i] = alignment.shared_fraction()
         return out
 
+    def live_fraction_matrix(self, live: list[np.ndarray]) -> np.ndarray:
+        """``(n, n)``: entry ``(i, j)`` is the share of cohort ``i``'s live latents (``live[i]``, bool ``(d_i,)``)
+        whose shared partner in cohort ``j`` is live too (0 when ``i`` has none); the diagonal is 1. Not
+        symmetric: the denominators differ."""
+        n = len(self.names)
+        out = np.eye(n)
+        for (i, j), alignment in self.alignments.items():
+            out[i, j] = alignment.live_shared_fraction(live[i], live[j], side="a") or 0.0
+            out[j, i] = alignment.live_shared_fraction(live[i], live[j], side="b") or 0.0
+        return out
+
     def noise_floor(self, i: int, j: int) -> float | None:
         """The seed noise floor for a pair: the lower of the two cohorts' floors that are known (None if neither)."""
         floors = [self.seed_noise_floor[self.names[k]] for k in (i, j) if self.names[k] in self.seed_noise_floor]
@@ -146,7 +157,7 @@ def diff_cohorts(
     """Align every pair of named SAEs (same activation space) and, when given, each cohort with a seed replica.
 
     Args:
-        saes: ``{cohort name: BatchTopKSAE}``, at least two.
+        saes: ``{cohort name: SAE}`` (:class:`~SegLensLogic.sae.model.SparseDictionary`), at least two.
         tau: shared-latent threshold.
         seed_replicas: ``{cohort name: an SAE trained on the same activations with another seed}``.
         align: ``align(sae_a, sae_b, tau) -> LatentAlignment`` (default: encoder+decoder cosines).
@@ -163,3 +174,39 @@ def diff_cohorts(
             raise ValueError(f"seed replica given for unknown cohort '{name}' (cohorts: {', '.join(names)})")
         floors[name] = align(saes[name], replica, tau).shared_fraction()
     return CohortDiff(names, alignments, tau, floors)
+
+
+# -- floors: how much one cohort's SAE shares with its own replicas ------------------------------------------------------
+REPLICA_KINDS = {
+    "seed": "another seed on the same activations (seed floor)",
+    "resampled": "the same seed on a random share of the activations (resampling floor)",
+}
+
+
+def replica_names(name: str) -> dict[str, str]:
+    """The names of a cohort SAE's replicas for the floors, by kind (:data:`REPLICA_KINDS`)."""
+    return {kind: f"{name}-{kind}" for kind in REPLICA_KINDS}
+
+
+def replica_floors(
+    name: str,
+    replicas: dict[str, str],
+    align: Callable[[str, str], LatentAlignment],
+    live: dict[str, np.ndarray],
+) -> dict[str, tuple[LatentAlignment, float | None]]:
+    """A cohort's floors: its SAE aligned with each of its replicas, and the share of its live latents found again.
+
+    Args:
+        name: the cohort's SAE.
+        replicas: ``{kind: replica name}`` (:func:`replica_names`).
+        align: ``align(name_a, name_b) -> LatentAlignment`` by whichever method the caller diffs with.
+        live: ``{name: (d_sae,) bool}`` live latents of every named SAE.
+
+    Returns:
+        ``{kind: (alignment, live shared fraction or None when the cohort's SAE has no live latent)}``.
+    """
+    out = {}
+    for kind, replica in replicas.items():
+        alignment = align(name, replica)
+        out[kind] = (alignment, alignment.live_shared_fraction(live[name], live[replica]))
+    return out

@@ -130,8 +130,8 @@ def paired_activations(
             slices = slices[np.linspace(0, len(slices) - 1, max_slices_per_case).round().astype(int)]
         for start in range(0, len(slices), batch_size):
             batch = slices[start : start + batch_size]
-            act_a, _ = model_a.encode(pa.model_input(batch).to(device_a), hook_a)
-            act_b, _ = model_b.encode(pb.model_input(batch).to(device_b), hook_b)
+            act_a, _ = model_a.encode(pa.model_input(batch).to(device_a), hook_a, with_cache=False)
+            act_b, _ = model_b.encode(pb.model_input(batch).to(device_b), hook_b, with_cache=False)
             act_a = F.adaptive_avg_pool2d(act_a.float(), grid).cpu()
             act_b = F.adaptive_avg_pool2d(act_b.float(), grid).cpu()
             keep = brain_fraction_on_grid(pa, batch, grid).flatten() >= min_brain_fraction
@@ -177,7 +177,7 @@ def latent_correlations(sae_a, sae_b, pairs: Iterable[tuple[torch.Tensor, torch.
     sums = _CorrelationSums(sae_a.d_sae, sae_b.d_sae)
     with torch.no_grad():
         for h_a, h_b in pairs:
-            sums.add(sae_a.encode(h_a.to(sae_a.W_enc.device)).cpu(), sae_b.encode(h_b.to(sae_b.W_enc.device)).cpu())
+            sums.add(sae_a.encode(h_a.to(sae_a.device)).cpu(), sae_b.encode(h_b.to(sae_b.device)).cpu())
     if sums.n < 2:
         raise ValueError("too few paired positions to correlate latent activations (are the images empty?)")
     return sums.correlation(), sums.n
@@ -266,14 +266,14 @@ def shared_image_correlations(
                 device = next(model.parameters()).device
                 parts = []
                 for s in range(0, len(slices), batch_size):
-                    h, _ = model.encode(prepared.model_input(slices[s : s + batch_size]).to(device), hooks[name])
+                    h, _ = model.encode(prepared.model_input(slices[s : s + batch_size]).to(device), hooks[name], with_cache=False)
                     parts.append(feature_map_to_vectors(h.float()).cpu())
                 vectors[key_model] = torch.cat(parts)[keep]
         codes = {}
         for name in names:
             model, sae = members[name]
             x = vectors[(id(model), hooks[name])]
-            codes[name] = sae.encode(x.to(sae.W_enc.device)).cpu()
+            codes[name] = sae.encode(x.to(sae.device)).cpu()
         for key in keys:
             a, b, _ = pairs[key]
             sums[key].add(codes[a], codes[b])

@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..errors import InputFileError, refuse_existing
+from ..errors import InputFileError
 # Atomic writes, JSON and weights folders live in the storage ground floor; re-exported here for their many users.
 from ..storage import (  # noqa: F401
     atomic_target,

@@ -307,12 +307,13 @@ def fit_data(encoded: EncodedCase, sae: BatchTopKSAE, truth: np.ndarray, latents
     if len(positions) > max_slices:
         positions = np.sort(np.random.default_rng(seed).choice(positions, max_slices, replace=False))
     index = torch.as_tensor(positions, dtype=torch.long, device=forward.device)
-    h = forward.activations.index_select(0, index)
+    with torch.no_grad():
+        h, cache = forward.decoder_inputs(index)
     weights = forward.encoded(sae, index).reshape(-1, 1)
     codes = sae.latent_codes(feature_map_to_vectors(h), latents) * weights
     label = torch.from_numpy(np.ascontiguousarray(truth_ras[:, :, forward.slices[positions]].transpose(2, 0, 1)))[:, None].float()
     target = prepared.geometry.to_model(label, mode="nearest")[:, 0].long()
-    return FitData(h, [level.index_select(0, index) for level in forward.cache], codes, target.to(forward.device))
+    return FitData(h, cache, codes, target.to(forward.device))
 
 
 def fit_correction(
@@ -329,7 +330,8 @@ def fit_correction(
 
     hook = sae.config.hook_point or model.config.hook_point
     device = data[0].activations.device
-    rows = sae.W_dec.index_select(0, torch.as_tensor(list(latents), dtype=torch.long, device=device)).detach() / sae.norm_scale
+    with torch.no_grad():  # each latent's decoder direction in input units: the change one unit of its code makes
+        rows = sae.decode_change(torch.eye(len(latents), device=device), latents)
     theta = torch.zeros(len(latents), device=device, requires_grad=True)
     optimiser = torch.optim.Adam([theta], lr=learning_rate)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)

@@ -76,15 +76,24 @@ class SegFormerSegmenter(Segmenter):
         super().__init__(config)
         self.model = SegformerForSemanticSegmentation(self.hf_config)
 
-    def encode(self, x: torch.Tensor, hook: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def encode(self, x: torch.Tensor, hook: str | None = None, with_cache: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
         stop = self.hook_names.index(self._hook(hook))
         cache: list[torch.Tensor] = []
         hidden = x
         for index, stage in enumerate(self.model.segformer.stages[: stop + 1]):
             hidden = stage(hidden)
-            if index < stop:
+            if index < stop and with_cache:
                 cache.append(hidden)
         return hidden, cache
+
+    def encode_cache(self, x: torch.Tensor, hook: str | None = None, count: int | None = None) -> list[torch.Tensor]:
+        stop = self.hook_names.index(self._hook(hook))
+        count = stop if count is None else min(count, stop)
+        cache, hidden = [], x
+        for stage in self.model.segformer.stages[:count]:
+            hidden = stage(hidden)
+            cache.append(hidden)
+        return cache
 
     def decode(self, activations: torch.Tensor, cache: list[torch.Tensor], hook: str | None = None) -> torch.Tensor:
         start = self.hook_names.index(self._hook(hook))

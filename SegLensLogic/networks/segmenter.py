@@ -183,18 +183,25 @@ class Segmenter(nn.Module):
         self._hook_shapes: dict[str, tuple[int, int, int]] | None = None
 
     # -- the split forward pass -------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor, hook: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def encode(self, x: torch.Tensor, hook: str | None = None, with_cache: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the network up to ``hook``.
 
         Returns:
-            ``(activations, cache)``: the hook's feature map ``(N, D, h, w)`` and the earlier feature maps that
-            :meth:`decode` reads again (skip connections, SegFormer's multi-scale head).
+            ``(activations, cache)``: the hook's feature map ``(N, D, h, w)`` and what :meth:`decode` reads of the
+            earlier layers (SegFormer's earlier stages for its multi-scale head; the U-Net's skip connections, as
+            their terms of the decoder's convolutions). ``with_cache=False`` returns an empty cache and computes
+            nothing for it: for callers that only want the activations.
         """
         raise NotImplementedError
 
     def decode(self, activations: torch.Tensor, cache: list[torch.Tensor], hook: str | None = None) -> torch.Tensor:
         """Run the rest of the network from the hook's (possibly edited) activations to logits ``(N, K, S, S)``."""
         raise NotImplementedError
+
+    def encode_cache(self, x: torch.Tensor, hook: str | None = None, count: int | None = None) -> list[torch.Tensor]:
+        """The first ``count`` entries (finest first) of ``encode(x, hook)``'s cache, the same bits, running only
+        the layers they need: a cache that keeps only the coarser entries recomputes the finest ones from the input."""
+        return self.encode(x, hook)[1][:count]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         activations, cache = self.encode(x)
@@ -224,7 +231,7 @@ class Segmenter(nn.Module):
             self.eval()
             shapes = {}
             for name in self.hook_names:
-                activations, _ = self.encode(x, name)
+                activations, _ = self.encode(x, name, with_cache=False)
                 shapes[name] = tuple(int(s) for s in activations.shape[1:])
             self.train(was_training)
             self._hook_shapes = shapes

@@ -360,7 +360,8 @@ def step_populations(build: ReferenceBuild, folder: Path) -> dict:
     from ..alignment import align_saes, alignment_document, sae_record, write_alignment
     from ..alignment.metrics import alignment_metrics
     from ..sae import ActivationStore, BatchTopKSAE, train_sae
-    from ..sae.sweep import seed_agreement
+    from ..alignment.cohorts import replica_floors
+    from ..sae.sweep import live_latents
     from ..sae.training import save_training_report
     from ..training import train_segmenter
 
@@ -371,10 +372,12 @@ def step_populations(build: ReferenceBuild, folder: Path) -> dict:
     k, expansion = sae_outputs["chosen"]["k"], sae_outputs["chosen"]["expansion"]
     store = ActivationStore(out / sae_outputs["store"])
     held_out = store.vectors(store.split(0.05, seed=12345)[1][:32768])
-    floors = {
-        "seed": seed_agreement(reference, BatchTopKSAE.load(out / sae_outputs["seed_replica"]), held_out)["seed_shared"],
-        "resample": seed_agreement(reference, BatchTopKSAE.load(out / sae_outputs["resampled_replica"]), held_out)["seed_shared"],
-    }
+    # Live latents on the held-out positions, each SAE's once; every share below is over live latents only.
+    saes = {"adult": reference, "seed": BatchTopKSAE.load(out / sae_outputs["seed_replica"]),
+            "resample": BatchTopKSAE.load(out / sae_outputs["resampled_replica"])}  # fmt: skip
+    live = {name: live_latents(sae, held_out) for name, sae in saes.items()}
+    replicas = replica_floors("adult", {"seed": "seed", "resample": "resample"}, lambda a, b: align_saes(saes[a], saes[b]), live)
+    floors = {kind: share or 0.0 for kind, (_alignment, share) in replicas.items()}
     build.sub(f"floors (share of the reference's live latents shared): another seed {floors['seed']:.2f}, "
               f"resampled data {floors['resample']:.2f}")  # fmt: skip
     results = {}
@@ -400,10 +403,10 @@ def step_populations(build: ReferenceBuild, folder: Path) -> dict:
         shutil.rmtree(pop_folder / "store", ignore_errors=True)
         sae = BatchTopKSAE.load(pop_folder / "sae")
         alignment = align_saes(reference, sae)
-        live = seed_agreement(reference, sae, held_out)
+        live_shared = alignment.live_shared_fraction(live["adult"], live_latents(sae, held_out)) or 0.0
         document = alignment_document(
             alignment, sae_record(reference, reference_dir, name="adult (BraTS 2018)"), sae_record(sae, pop_folder / "sae", name=name),
-            metrics={**alignment_metrics(alignment), "live_shared": live["seed_shared"]},
+            metrics={**alignment_metrics(alignment), "live_shared": live_shared},
             seed_noise_floor={"seed_replica": floors["seed"], "resampled_replica": floors["resample"],
                               "measure": "share of the reference's live latents with a live shared partner"},
         )  # fmt: skip
@@ -411,12 +414,12 @@ def step_populations(build: ReferenceBuild, folder: Path) -> dict:
         validation = model.config.training.get("best_validation", {})
         results[name] = {
             "cases": [c.case_id for c in cohort], "model": f"populations/{name}/model", "sae": f"populations/{name}/sae",
-            "alignment": f"populations/{path.name}", "shared_fraction": alignment.shared_fraction(), "live_shared": live["seed_shared"],
+            "alignment": f"populations/{path.name}", "shared_fraction": alignment.shared_fraction(), "live_shared": live_shared,
             "sae_holdout": report["holdout"], "validation": validation,
         }  # fmt: skip
         build.sub(f"{name}: {len(cohort)} cases; fine-tuned validation Dice {validation.get('dice_mean', float('nan')):.3f}; "
                   f"SAE EV {report['holdout']['explained_variance']:.3f}, dead {report['holdout']['dead_fraction']:.3f}; "
-                  f"shared with adult {live['seed_shared']:.2f} of live latents (floors: seed {floors['seed']:.2f}, resample {floors['resample']:.2f})")  # fmt: skip
+                  f"shared with adult {live_shared:.2f} of live latents (floors: seed {floors['seed']:.2f}, resample {floors['resample']:.2f})")  # fmt: skip
     return {"populations": results, "floors": floors}
 
 

@@ -193,7 +193,7 @@ def extract_case(
     for start in range(0, len(slices), batch_size):
         batch = slices[start : start + batch_size]
         # Only the encoder up to the hook: the rest of the network is not needed here.
-        activations, _ = model.encode(prepared.model_input(batch).to(device), hook)
+        activations, _ = model.encode(prepared.model_input(batch).to(device), hook, with_cache=False)
         if not torch.isfinite(activations).all():
             raise SegLensError(f"case '{case.case_id}': the model produced NaN or Inf activations at '{hook}'")
         vectors = feature_map_to_vectors(activations).float().cpu().numpy()
@@ -635,3 +635,12 @@ class ShardSplit:
                     yield self.store._float32(buffer[order[b * batch_size : (b + 1) * batch_size]])
                 skip = 0
             epoch += 1
+
+
+def effective_dimensions(vectors: torch.Tensor, share: float = 0.95) -> int:
+    """How many principal components hold ``share`` of the variance of activation vectors ``(n, d)``: how many
+    directions an SAE on them has to find (a dictionary far wider than this leaves latents dead)."""
+    x = vectors.double()
+    values = torch.linalg.svdvals(x - x.mean(dim=0)) ** 2
+    cumulative = torch.cumsum(values, 0) / values.sum().clamp_min(1e-12)
+    return int(torch.searchsorted(cumulative, torch.tensor(share, dtype=cumulative.dtype)).item()) + 1

@@ -171,7 +171,7 @@ def encode_volume(
     for start in range(0, len(slices), batch_size):
         batch = slices[start : start + batch_size]
         # Only the encoder up to the hook: the rest of the network is not needed for codes.
-        activations, _ = model.encode(prepared.model_input(batch).to(device), hook)
+        activations, _ = model.encode(prepared.model_input(batch).to(device), hook, with_cache=False)
         encoder.add(activations, batch)
     return encoder.finish()
 

@@ -17,7 +17,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +142,35 @@ class NoThresholdError(SegLensError, RuntimeError):
                          "(train it with seglens train-sae, which sets one; or estimate it with estimate_threshold())")  # fmt: skip
 
 
+@runtime_checkable
+class SparseDictionary(Protocol):
+    """What steering and model diffing read of an SAE: its config (hook point, the brain-fraction rule), the codes
+    of chosen latents, the activation change a change of codes makes, and its latent vectors. :class:`BatchTopKSAE`
+    is one; nothing outside :mod:`SegLensLogic.sae` reads its weights."""
+
+    config: SAEConfig
+
+    @property
+    def d_sae(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def encode(self, x: torch.Tensor, use_threshold: bool = True) -> torch.Tensor: ...
+
+    def latent_codes(self, x: torch.Tensor, latents) -> torch.Tensor: ...
+
+    def decode_change(self, change: torch.Tensor, latents) -> torch.Tensor: ...
+
+    def latent_directions(self) -> dict[str, torch.Tensor]: ...
+
+    def inference_threshold(self) -> float: ...
+
+    def check_fits(self, model, hook: str | None = None) -> str: ...
+
+    def to(self, device) -> "SparseDictionary": ...
+
+
 class BatchTopKSAE(nn.Module):
     """BatchTopK sparse autoencoder on activation vectors of dimension ``d_in``.
 
@@ -246,6 +275,22 @@ class BatchTopKSAE(nn.Module):
         return pre * self.active(pre)
 
     # -- decoding ---------------------------------------------------------------------------------------
+    def decode_change(self, change: torch.Tensor, latents) -> torch.Tensor:
+        """``(n, d_in)``: how the reconstruction of ``n`` vectors moves when the codes of ``latents`` change by
+        ``change`` ``(n, len(latents))``, in input units (``change @ W_dec[latents]``). A steering edit adds
+        exactly this to the activations."""
+        index = torch.as_tensor(list(latents), dtype=torch.long, device=change.device)
+        return (change @ self.W_dec.index_select(0, index)) / self.norm_scale
+
+    def latent_directions(self) -> dict[str, torch.Tensor]:
+        """Every latent's encoder and decoder vector in activation space: ``{"enc": W_enc^T, "dec": W_dec}``,
+        each ``(d_sae, d_in)`` (what model diffing compares)."""
+        return {"enc": self.W_enc.detach().t(), "dec": self.W_dec.detach()}
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Dense codes ``(n, d_sae)`` -> reconstructions ``(n, d_in)`` in input units."""
         return (codes @ self.W_dec + self.b_dec) / self.norm_scale

@@ -40,14 +40,10 @@ def seed_agreement(sae_a: BatchTopKSAE, sae_b: BatchTopKSAE, vectors: torch.Tens
 
     live_a, live_b = live_latents(sae_a, vectors), live_latents(sae_b, vectors)
     alignment = align_saes(sae_a, sae_b, tau=tau)
-    shared = alignment.shared_mask(tau)
-    partner = alignment.partner
-    with_live_partner = shared & (partner >= 0) & live_b[np.clip(partner, 0, None)]
-    n_live = int(live_a.sum())
     return {
-        "seed_shared": float((with_live_partner & live_a).sum() / max(n_live, 1)),
-        "seed_shared_all": float(shared.mean()),
-        "live": n_live,
+        "seed_shared": alignment.live_shared_fraction(live_a, live_b) or 0.0,
+        "seed_shared_all": float(alignment.shared_mask(tau).mean()),
+        "live": int(live_a.sum()),
     }
 
 

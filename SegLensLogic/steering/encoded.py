@@ -17,9 +17,9 @@ import torch
 
 from ..networks.segmenter import Segmenter
 from ..sae.codes import SparseEncoder, VolumeCodes
-from ..sae.model import BatchTopKSAE
+from ..sae.model import SparseDictionary
 from .interventions import LatentEdit
-from .resegment import CachedForward
+from .resegment import DEFAULT_CACHE_MB, CachedForward
 
 # Slices encoded per SAE call (bounds the dense pre-activations: 64 x h x w x d_sae floats).
 _ENCODE_CHUNK = 64
@@ -54,14 +54,14 @@ class EncodedCase:
         """The unedited labels on the input's voxel grid (file order)."""
         return self.prepared.to_input_grid(self.labels_ras)
 
-    def steer_ras(self, sae: BatchTopKSAE, edits: Sequence[LatentEdit], base_ras: np.ndarray | None = None) -> np.ndarray:
+    def steer_ras(self, sae: SparseDictionary, edits: Sequence[LatentEdit], base_ras: np.ndarray | None = None) -> np.ndarray:
         """RAS labels with ``edits`` applied (from ``base_ras``, default the unedited labels): only the slices
         whose activations change are decoded again."""
         deltas = self.forward.deltas(sae, list(edits))
         base = self.labels_ras if base_ras is None else base_ras
         return self.forward.relabel(base, list(deltas), deltas)
 
-    def steer(self, sae: BatchTopKSAE, edits: Sequence[LatentEdit]) -> np.ndarray:
+    def steer(self, sae: SparseDictionary, edits: Sequence[LatentEdit]) -> np.ndarray:
         """Labels with ``edits`` applied, on the input's voxel grid."""
         return self.prepared.to_input_grid(self.steer_ras(sae, edits))
 
@@ -69,11 +69,12 @@ class EncodedCase:
 @torch.no_grad()
 def encode_case(
     model: Segmenter,
-    sae: BatchTopKSAE,
+    sae: SparseDictionary,
     case,
     probabilities: bool = False,
     batch_size: int | None = None,
     progress: Callable[[int, int], bool | None] | None = None,
+    cache_mb: float | None = DEFAULT_CACHE_MB,
 ) -> EncodedCase:
     """Run ``case`` once through the layers before the SAE's hook point, encode it, and decode it unedited.
 
@@ -82,13 +83,14 @@ def encode_case(
         case: a case folder, :class:`~SegLensLogic.data.Case`, ``CaseImages`` or ``PreparedCase``.
         probabilities: also keep the softmax on the input grid (for uncertainty filtering).
         progress: ``progress(done, total)`` over both halves (encoding, then decoding); False cancels.
+        cache_mb: the most the kept encoder outputs may hold (:class:`~SegLensLogic.steering.resegment.CachedForward`).
     """
     hook = sae.check_fits(model)
     sae.inference_threshold()  # an SAE without an inference threshold cannot encode: say so before reading the case
     report = None
     if progress is not None:
         report = lambda done, total: progress(done, 2 * total)  # noqa: E731  (encoding: first half)
-    forward = CachedForward(model, case, hook=hook, batch_size=batch_size, progress=report)
+    forward = CachedForward(model, case, hook=hook, batch_size=batch_size, progress=report, cache_mb=cache_mb)
     sae = sae.to(forward.device)
     encoder = SparseEncoder(sae, forward.prepared, forward.grid)
     for start in range(0, len(forward.slices), _ENCODE_CHUNK):

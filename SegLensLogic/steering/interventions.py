@@ -33,7 +33,7 @@ import torch
 from ..errors import SegLensError
 from ..storage import MAX_AXIS, MAX_VOXELS
 from ..sae.activations import feature_map_to_vectors, vectors_to_feature_map
-from ..sae.model import BatchTopKSAE
+from ..sae.model import SparseDictionary
 
 MODES = ("scale", "add", "zero", "clamp", "swap")
 WHERE = ("active", "everywhere")
@@ -184,7 +184,7 @@ class LatentEdit:
     alpha: float = 1.0
     where: str = "active"
     region: Region = field(default_factory=Region.volume)
-    swap_sae: BatchTopKSAE | None = field(default=None, repr=False)
+    swap_sae: SparseDictionary | None = field(default=None, repr=False)
     partners: tuple[int, ...] | None = None
 
     def __post_init__(self):
@@ -207,7 +207,7 @@ class LatentEdit:
     def __hash__(self) -> int:
         return hash((self.latents, self.mode, self.alpha, self.where))
 
-    def check(self, sae: BatchTopKSAE) -> "LatentEdit":
+    def check(self, sae: SparseDictionary) -> "LatentEdit":
         """Raise :class:`SegLensError` for an edit ``sae`` cannot carry out; returns the edit."""
         if self.mode not in MODES:
             raise SegLensError(f"unknown steering mode '{self.mode}'; use one of {', '.join(MODES)}")
@@ -262,7 +262,7 @@ def _edited(edit: LatentEdit, z: torch.Tensor, vectors: torch.Tensor) -> torch.T
 
 @torch.no_grad()
 def steering_delta(
-    sae: BatchTopKSAE,
+    sae: SparseDictionary,
     activations: torch.Tensor,
     edits: Sequence[LatentEdit],
     weights: Sequence[torch.Tensor | None] | None = None,
@@ -295,13 +295,12 @@ def steering_delta(
         if w is not None:
             change = change * w.reshape(-1, 1).to(change.dtype)
         z_new.index_add_(1, cols, change)
-    rows = sae.W_dec.index_select(0, torch.as_tensor(latents, dtype=torch.long, device=z.device))
-    delta = ((z_new - z) @ rows) / sae.norm_scale
+    delta = sae.decode_change(z_new - z, latents)
     return vectors_to_feature_map(delta.to(activations.dtype), n, tuple(spatial))
 
 
 def steer_activations(
-    sae: BatchTopKSAE,
+    sae: SparseDictionary,
     activations: torch.Tensor,
     edits: Sequence[LatentEdit],
     weights: Sequence[torch.Tensor | None] | None = None,

@@ -20,7 +20,7 @@ from .. import __version__
 from ..data.io import strip_image_suffix
 from ..errors import InputFileError, SegLensError
 from ..storage import MAX_AXIS, MAX_LATENTS, MAX_VOXELS, Schema, atomic_write_text, one_line, read_document, validate
-from ..sae.model import BatchTopKSAE
+from ..sae.model import SparseDictionary
 from .interventions import LatentEdit, Region
 
 RECIPE_KIND = "seglens-steering-recipe"
@@ -117,7 +117,7 @@ class RecipeDocument(Schema):
         return self
 
 
-def edit_from_json(data: Any, source: str | Path, swap_saes: dict[str, BatchTopKSAE] | None = None,
+def edit_from_json(data: Any, source: str | Path, swap_saes: dict[str, SparseDictionary] | None = None,
                    shape: tuple[int, ...] | None = None, where: str = "edit") -> LatentEdit:  # fmt: skip
     """An edit from its JSON form (checked against :class:`EditDocument`); swaps look their second SAE up by hash
     in ``swap_saes``. A mask region must lie on ``shape`` (the case's grid) when given, checked before it is built.

@@ -1,9 +1,10 @@
 """Fast re-segmentation after an edit: the layers before the hook point run once per case and are kept.
 
 :class:`CachedForward` runs the segmenter's ``encode`` on every brain slice of a case once and keeps its outputs:
-the hook activations and the earlier feature maps that ``decode`` reads again (SegFormer's first stages, which
-its all-MLP head reads; the U-Net's skip connections). An edit then costs only ``decode`` -- SegFormer's later
-stages and head, or the U-Net's decoder -- and only on the slices whose activations the edit changes: the change
+the hook activations and what ``decode`` reads of the earlier layers (SegFormer's first stages, which its all-MLP
+head reads; the U-Net's skip connections as their terms of the decoder convolutions that read them). An edit then
+costs only ``decode`` -- SegFormer's later stages and head, or the rest of the U-Net's decoder -- and only on the
+slices whose activations the edit changes: the change
 ``W_dec^T (z' - z)`` is computed for every cached slice first (a few small products), and slices where it is
 exactly zero keep the labels they had.
 
@@ -22,18 +23,33 @@ from ..errors import SegLensError
 from ..inference import PredictionCancelled, default_batch_size, labels_from_logits, prepare_for_model
 from ..networks.segmenter import Segmenter
 from ..sae.activations import brain_fraction_on_grid, mask_fraction_on_grid
-from ..sae.model import BatchTopKSAE
+from ..sae.model import SparseDictionary
 from .interventions import LatentEdit, Region, steering_delta
+
+
+# What a case's cache may hold by default (activations and what decode reads of earlier layers), in MB: a U-Net at
+# 256 px would keep 12 MB a slice, 1.7 GB for a 138-slice case; within this its finest skip is recomputed instead.
+DEFAULT_CACHE_MB = 600.0
 
 
 class CachedForward:
     """One case's encoder outputs at a hook point, kept for re-running only the rest of the network.
 
+    Args:
+        model, case: the segmenter and the case (anything :func:`~SegLensLogic.inference.prepare_for_model` takes).
+        hook: the hook point (default: the model's).
+        batch_size: slices per forward pass (default: the model's on this device).
+        progress: ``progress(done, total)`` while encoding; returning False cancels.
+        cache_mb: the most the cache may hold, in MB (None: no limit). When everything would not fit, the finest
+            entries of the model's cache (the U-Net's full-resolution skip) are not kept but recomputed from the
+            input slices whenever slices are decoded: the same bits, a little slower (:attr:`recomputed`).
+
     Attributes:
         prepared: the preprocessed case.
         slices: RAS axial indices of the cached (brain) slices, ``(S,)``.
         activations: hook activations ``(S, D, h, w)`` (CPU or the model's device).
-        cache: the earlier feature maps ``decode`` reads, each ``(S, C_i, H_i, W_i)``.
+        cache: the kept entries of what ``decode`` reads of the earlier layers (:meth:`Segmenter.encode`), each
+            ``(S, C_i, H_i, W_i)``; the first :attr:`recomputed` entries are not among them.
         brain_fraction: ``(S, h, w)`` share of each feature-map position's patch that is brain; an SAE encodes the
             positions at or above its own ``config.min_brain_fraction`` (:meth:`encoded`).
     """
@@ -45,6 +61,7 @@ class CachedForward:
         hook: str | None = None,
         batch_size: int | None = None,
         progress: Callable[[int, int], bool | None] | None = None,
+        cache_mb: float | None = DEFAULT_CACHE_MB,
     ):
         self.model = model.eval()
         self.hook = model._hook(hook)
@@ -53,33 +70,57 @@ class CachedForward:
         self.batch_size = batch_size or default_batch_size(model)
         self.slices = self.prepared.brain_slices()
         self.slice_position = {int(z): i for i, z in enumerate(self.slices)}
-        activations, caches = [], []
+        self.recomputed = 0
+        self.activations, self.cache = torch.zeros(0), []
+        n = len(self.slices)
         with torch.no_grad():
-            for start in range(0, len(self.slices), self.batch_size):
+            for start in range(0, n, self.batch_size):
                 batch = self.slices[start : start + self.batch_size]
                 h, cache = model.encode(self.prepared.model_input(batch).to(self.device), self.hook)
-                activations.append(h)
-                caches.append(cache)
-                if progress is not None and progress(start + len(batch), len(self.slices)) is False:
+                if start == 0:  # sizes known: choose what to keep, and allocate it once (no second copy to concatenate)
+                    self.recomputed = _levels_to_recompute(h, cache, n, cache_mb)
+                    self.activations = h.new_empty((n, *h.shape[1:]))
+                    self.cache = [level.new_empty((n, *level.shape[1:])) for level in cache[self.recomputed :]]
+                self.activations[start : start + len(batch)] = h
+                for kept, level in zip(self.cache, cache[self.recomputed :]):
+                    kept[start : start + len(batch)] = level
+                del h, cache
+                if progress is not None and progress(start + len(batch), n) is False:
                     raise PredictionCancelled("segmentation cancelled")
-        self.activations = torch.cat(activations) if activations else torch.zeros(0)
-        self.cache = [torch.cat(level) for level in zip(*caches)] if caches else []
         grid = tuple(self.activations.shape[2:])
         self.grid = grid
         self.brain_fraction = brain_fraction_on_grid(self.prepared, self.slices, grid).to(self.device)
 
-    def encoded(self, sae: BatchTopKSAE, index: torch.Tensor | None = None) -> torch.Tensor:
+    def decoder_inputs(self, index: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(activations, cache)`` of the cached slices at ``index`` (positions into :attr:`slices`), as
+        ``decode`` takes them. The entries not kept are recomputed from the input slices, each in the fixed batch
+        it was first computed in (a convolution's rounding depends on the batch), so they are the same bits."""
+        h = self.activations.index_select(0, index)
+        cache = [level.index_select(0, index) for level in self.cache]
+        if self.recomputed:
+            positions = index.cpu().numpy()
+            parts: dict[int, list[torch.Tensor]] = {}
+            for block in np.unique(positions // self.batch_size):
+                batch = np.arange(block * self.batch_size, min((block + 1) * self.batch_size, len(self.slices)))
+                x = self.prepared.model_input(self.slices[batch]).to(self.device)
+                parts[int(block)] = self.model.encode_cache(x, self.hook, self.recomputed)
+            finest = [torch.stack([parts[int(p) // self.batch_size][level][int(p) % self.batch_size] for p in positions])
+                      for level in range(self.recomputed)]  # fmt: skip
+            cache = finest + cache
+        return h, cache
+
+    def encoded(self, sae: SparseDictionary, index: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, h, w)`` float, 1 where ``sae`` encodes a position of the cached slices ``index`` (default all), else 0."""
         fraction = self.brain_fraction if index is None else self.brain_fraction.index_select(0, index)
         return (fraction >= sae.config.min_brain_fraction).float()
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the cache."""
+        """Memory held by the cache (activations and the kept entries)."""
         return int(sum(t.numel() * t.element_size() for t in [self.activations, *self.cache]))
 
     # -- where edits apply ------------------------------------------------------------------------------
-    def region_weights(self, sae: BatchTopKSAE, region: Region, positions: np.ndarray | None = None) -> torch.Tensor:
+    def region_weights(self, sae: SparseDictionary, region: Region, positions: np.ndarray | None = None) -> torch.Tensor:
         """How much an edit in ``region`` applies at each position ``sae`` encodes: ``(N, h, w)`` in [0, 1] for the
         cached slices at ``positions`` (indices into :attr:`slices`; default all)."""
         positions = np.arange(len(self.slices)) if positions is None else np.asarray(positions)
@@ -93,7 +134,7 @@ class CachedForward:
             weights *= mask_fraction_on_grid(ras, self.prepared.geometry, slices, self.grid).to(self.device)
         return weights
 
-    def deltas(self, sae: BatchTopKSAE, edits: Sequence[LatentEdit], positions: np.ndarray | None = None, chunk: int = 64) -> dict[int, torch.Tensor]:
+    def deltas(self, sae: SparseDictionary, edits: Sequence[LatentEdit], positions: np.ndarray | None = None, chunk: int = 64) -> dict[int, torch.Tensor]:
         """The activation change of ``edits`` on each cached slice where it is not exactly zero.
 
         Returns:
@@ -151,11 +192,10 @@ class CachedForward:
         out: dict[int, np.ndarray] = {}
         for number, part in enumerate(batches):
             index = torch.as_tensor(part, dtype=torch.long, device=self.device)
-            h = self.activations.index_select(0, index)
+            h, cache = self.decoder_inputs(index)
             edited = [i for i, p in enumerate(part) if int(p) in deltas]
             for i in edited:
                 h[i] += deltas[int(part[i])]
-            cache = [level.index_select(0, index) for level in self.cache]
             logits = self.model.decode(h, cache, self.hook)
             if edited and not torch.isfinite(logits).all():  # an edit too strong for the layers after the hook
                 raise SegLensError("the edit drives the model's output beyond float32 (not finite) on slice(s) "
@@ -191,7 +231,7 @@ class CachedForward:
 
 def resegment(
     model: Segmenter,
-    sae: BatchTopKSAE,
+    sae: SparseDictionary,
     case,
     edits: Sequence[LatentEdit],
     batch_size: int | None = None,
@@ -211,3 +251,16 @@ def resegment(
     deltas = forward.deltas(sae.to(forward.device), edits)
     empty = np.zeros(forward.prepared.brain_mask.shape, dtype=np.uint8)
     return forward.prepared.to_input_grid(forward.relabel(empty, np.arange(len(forward.slices)), deltas))
+
+
+def _levels_to_recompute(activations: torch.Tensor, cache: list[torch.Tensor], slices: int, cache_mb: float | None) -> int:
+    """How many of the finest cache entries not to keep so that ``slices`` slices' activations and the other
+    entries fit in ``cache_mb`` (sizes from one batch: ``(B, ...)`` tensors); all of them when nothing else fits."""
+    if cache_mb is None:
+        return 0
+    per_slice = [t[0].numel() * t.element_size() for t in cache]
+    base = activations[0].numel() * activations.element_size()
+    for dropped in range(len(cache) + 1):
+        if slices * (base + sum(per_slice[dropped:])) <= cache_mb * 1e6:
+            return dropped
+    return len(cache)

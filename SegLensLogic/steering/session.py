@@ -32,11 +32,11 @@ from ..storage import one_line
 from ..networks import load_segmenter
 from ..networks.segmenter import Segmenter
 from ..sae.codes import VolumeCodes
-from ..sae.model import BatchTopKSAE
+from ..sae.model import BatchTopKSAE, SparseDictionary
 from .interventions import LatentEdit, Region, check_latent_ids
 from .recipe import Recipe, edit_from_json, edit_to_json, recipe_path_for
 from .encoded import encode_case
-from .resegment import CachedForward
+from .resegment import DEFAULT_CACHE_MB, CachedForward
 from . import selection
 
 
@@ -61,6 +61,8 @@ class SteeringSession:
         alignments: alignment files (``seglens align``) naming which latents are shared or population-specific.
         batch_size: slices per forward pass (default: the model's on this device).
         suggestions: suggested corrections (a bundle's ``suggestions.json``), for :meth:`suggest`.
+        cache_mb: the most the case's kept encoder outputs may hold, in MB (None: no limit); beyond it the finest
+            ones are recomputed when slices are re-run (same labels, slower: see ``benchmarks/steering.py``).
 
     Raises:
         SegLensError: the SAE does not fit the model's hook point.
@@ -69,12 +71,13 @@ class SteeringSession:
     def __init__(
         self,
         model: Segmenter,
-        sae: BatchTopKSAE,
+        sae: SparseDictionary,
         case,
         labels=None,
         alignments: Sequence = (),
         batch_size: int | None = None,
         suggestions=None,
+        cache_mb: float | None = DEFAULT_CACHE_MB,
     ):
         hook = sae.check_fits(model)
         sae.inference_threshold()  # an SAE without an inference threshold cannot encode a case: say so now
@@ -84,6 +87,7 @@ class SteeringSession:
         self.hook = hook
         self.case = case
         self.batch_size = batch_size
+        self.cache_mb = cache_mb
         self.latent_labels = selection.as_latent_labels(labels)
         self.alignments = [selection.as_alignment(a) for a in alignments]
         # Labels and alignments must be of this SAE (its size, and its weights hash when both know it): a file that
@@ -115,14 +119,16 @@ class SteeringSession:
         alignments: Sequence[str | Path] = (),
         device: str | torch.device | None = None,
         batch_size: int | None = None,
+        cache_mb: float | None = DEFAULT_CACHE_MB,
     ) -> "SteeringSession":
         """Open a session from a model folder and an SAE folder (the form recipes name by hash)."""
         model = load_segmenter(model_dir, device=device)
         sae = BatchTopKSAE.load(sae_dir, device=next(model.parameters()).device)
-        return cls(model, sae, case, labels=labels, alignments=alignments, batch_size=batch_size)
+        return cls(model, sae, case, labels=labels, alignments=alignments, batch_size=batch_size, cache_mb=cache_mb)
 
     @classmethod
-    def from_bundle(cls, bundle=None, case=None, device: str | torch.device | None = None, batch_size: int | None = None) -> "SteeringSession":
+    def from_bundle(cls, bundle=None, case=None, device: str | torch.device | None = None, batch_size: int | None = None,
+                    cache_mb: float | None = DEFAULT_CACHE_MB) -> "SteeringSession":  # fmt: skip
         """Open a session from a model bundle (a folder or a loaded :class:`~SegLensLogic.bundle.Bundle`; default:
         the shipped reference bundle, :func:`~SegLensLogic.reference.reference_bundle_path`)."""
         from ..bundle import Bundle, load_bundle
@@ -132,7 +138,7 @@ class SteeringSession:
             raise SegLensError("from_bundle needs a case (a folder, a Case or images read from volume nodes)")
         bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle if bundle is not None else reference_bundle_path())
         session = cls.open(bundle.model_dir, bundle.sae_dir, case, labels=bundle.labels_path, alignments=bundle.alignment_paths,
-                           device=device, batch_size=batch_size)  # fmt: skip
+                           device=device, batch_size=batch_size, cache_mb=cache_mb)  # fmt: skip
         suggestions = bundle.load_suggestions()
         session.suggestions = suggestions.check_sae(session.d_sae) if suggestions is not None else None
         return session
@@ -148,7 +154,7 @@ class SteeringSession:
             The unmodified model's labels, ``uint8`` on the input's voxel grid (file order).
         """
         if self.forward is None:
-            encoded = encode_case(self.model, self.sae, self.case, batch_size=self.batch_size, progress=progress)
+            encoded = encode_case(self.model, self.sae, self.case, batch_size=self.batch_size, progress=progress, cache_mb=self.cache_mb)
             self.forward, self.codes = encoded.forward, encoded.codes
             self._history = [_State((), encoded.labels_ras, {})]
         return self.base_labels
@@ -368,7 +374,7 @@ class SteeringSession:
             edits=[edit_to_json(e, getattr(e.swap_sae, "weights_sha256", None)) for e in self.edits],
         )
 
-    def apply_recipe(self, recipe: Recipe, swap_saes: Sequence[BatchTopKSAE] = (), source: str | Path = "<recipe>") -> np.ndarray:
+    def apply_recipe(self, recipe: Recipe, swap_saes: Sequence[SparseDictionary] = (), source: str | Path = "<recipe>") -> np.ndarray:
         """Replay a recipe's edits from the unmodified mask; the result is the recipe's mask, bit for bit.
 
         Raises:
