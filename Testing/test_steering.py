@@ -418,9 +418,16 @@ def test_a_cache_budget_recomputes_the_finest_levels_with_the_same_bits(arch, sy
     assert middle.forward.recomputed == 1 and len(middle.forward.cache) == len(sizes) - 1
     edit = LatentEdit(tuple(j for j, _ in whole.top_latents(2)), "scale", 8.0)
     z = int(whole.forward.slices[len(whole.forward.slices) // 2])
+    # room for two batches' recomputed levels besides: the last two re-run are kept (a slider's slice recomputes once)
+    block = middle.forward.batch_size * sizes[0] / 1e6
+    roomy = SteeringSession(model, sae, case, cache_mb=budget + 2.5 * block)
+    roomy.segment()
+    assert roomy.forward.recomputed == 1 and roomy.forward._recent_blocks == 2 and not roomy.forward._recent  # opening decodes as it encodes
     preview, applied = whole.preview(edit, z), whole.apply(edit)
     assert not np.array_equal(applied, whole.base_labels)  # the edit changes something
-    for session in (lean, middle):
+    assert np.array_equal(roomy.preview(edit, z), preview) and next(reversed(roomy.forward._recent)) == roomy.forward.slice_position[z] // roomy.forward.batch_size
+    assert len(roomy.forward._recent) == 1 and roomy.forward.nbytes <= (budget + 2.5 * block) * 1e6
+    for session in (lean, middle, roomy):
         assert np.array_equal(session.preview(edit, z), preview)
         assert np.array_equal(session.apply(edit), applied)
         assert np.array_equal(full_forward_with_hook(session), session.labels)

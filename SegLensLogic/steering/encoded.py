@@ -82,28 +82,26 @@ def encode_case(
         model: the segmenter; sae: the SAE at one of its hook points (with an inference threshold).
         case: a case folder, :class:`~SegLensLogic.data.Case`, ``CaseImages`` or ``PreparedCase``.
         probabilities: also keep the softmax on the input grid (for uncertainty filtering).
-        progress: ``progress(done, total)`` over both halves (encoding, then decoding); False cancels.
+        progress: ``progress(done, total)`` over the case's brain slices; False cancels.
         cache_mb: the most the kept encoder outputs may hold (:class:`~SegLensLogic.steering.resegment.CachedForward`).
     """
     hook = sae.check_fits(model)
     sae.inference_threshold()  # an SAE without an inference threshold cannot encode: say so before reading the case
-    report = None
-    if progress is not None:
-        report = lambda done, total: progress(done, 2 * total)  # noqa: E731  (encoding: first half)
-    forward = CachedForward(model, case, hook=hook, batch_size=batch_size, progress=report, cache_mb=cache_mb)
+    # One pass: each batch is encoded, decoded unedited and kept (the unedited labels need the whole cache, which a
+    # cache budget may not keep).
+    base: dict[int, np.ndarray] = {}
+    softmax: dict[int, np.ndarray] | None = {} if probabilities else None
+    forward = CachedForward(model, case, hook=hook, batch_size=batch_size, progress=progress, cache_mb=cache_mb,
+                            base_labels=base, base_probabilities=softmax)  # fmt: skip
     sae = sae.to(forward.device)
     encoder = SparseEncoder(sae, forward.prepared, forward.grid)
     for start in range(0, len(forward.slices), _ENCODE_CHUNK):
         encoder.add(forward.activations[start : start + _ENCODE_CHUNK], forward.slices[start : start + _ENCODE_CHUNK])
-    if progress is not None:
-        report = lambda done, total: progress(total + done, 2 * total)  # noqa: E731  (decoding: second half)
     prepared = forward.prepared
     labels_ras = np.zeros(prepared.brain_mask.shape, dtype=np.uint8)
-    softmax: dict[int, np.ndarray] | None = {} if probabilities else None
-    if len(forward.slices):
-        for position, labels in forward.decode_labels(np.arange(len(forward.slices)), {}, progress=report, probabilities=softmax).items():
-            z = forward.slices[position]
-            labels_ras[:, :, z] = labels * prepared.brain_mask[:, :, z]
+    for position, labels in base.items():
+        z = forward.slices[position]
+        labels_ras[:, :, z] = labels * prepared.brain_mask[:, :, z]
     volume = None
     if softmax is not None:
         classes = model.config.num_classes

@@ -14,6 +14,7 @@ batches, so with no edit (or an identity edit) the mask is the unmodified model'
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -30,6 +31,8 @@ from .interventions import LatentEdit, Region, steering_delta
 # What a case's cache may hold by default (activations and what decode reads of earlier layers), in MB: a U-Net at
 # 256 px would keep 12 MB a slice, 1.7 GB for a 138-slice case; within this its finest skip is recomputed instead.
 DEFAULT_CACHE_MB = 600.0
+# At most this many fixed batches' recomputed levels are kept besides (within the budget).
+RECENT_BLOCKS = 8
 
 
 class CachedForward:
@@ -40,6 +43,8 @@ class CachedForward:
         hook: the hook point (default: the model's).
         batch_size: slices per forward pass (default: the model's on this device).
         progress: ``progress(done, total)`` while encoding; returning False cancels.
+        base_labels, base_probabilities: when given, filled as :meth:`decode_labels` fills its output (the unedited
+            labels and softmax, the same bits) while the case is encoded, in the same pass.
         cache_mb: the most the cache may hold, in MB (None: no limit). When everything would not fit, the finest
             entries of the model's cache (the U-Net's full-resolution skip) are not kept but recomputed from the
             input slices whenever slices are decoded: the same bits, a little slower (:attr:`recomputed`).
@@ -62,6 +67,8 @@ class CachedForward:
         batch_size: int | None = None,
         progress: Callable[[int, int], bool | None] | None = None,
         cache_mb: float | None = DEFAULT_CACHE_MB,
+        base_labels: dict[int, np.ndarray] | None = None,
+        base_probabilities: dict[int, np.ndarray] | None = None,
     ):
         self.model = model.eval()
         self.hook = model._hook(hook)
@@ -71,6 +78,10 @@ class CachedForward:
         self.slices = self.prepared.brain_slices()
         self.slice_position = {int(z): i for i, z in enumerate(self.slices)}
         self.recomputed = 0
+        # The recomputed levels of the last few fixed batches re-run, kept while the budget has room: a slider
+        # previewing one slice again and again recomputes them once.
+        self._recent: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
+        self._recent_blocks = 0
         self.activations, self.cache = torch.zeros(0), []
         n = len(self.slices)
         with torch.no_grad():
@@ -79,11 +90,17 @@ class CachedForward:
                 h, cache = model.encode(self.prepared.model_input(batch).to(self.device), self.hook)
                 if start == 0:  # sizes known: choose what to keep, and allocate it once (no second copy to concatenate)
                     self.recomputed = _levels_to_recompute(h, cache, n, cache_mb)
+                    if self.recomputed and cache_mb is not None:
+                        kept = n * sum(t[0].numel() * t.element_size() for t in [h, *cache[self.recomputed :]])
+                        block = self.batch_size * sum(t[0].numel() * t.element_size() for t in cache[: self.recomputed])
+                        self._recent_blocks = int(min(RECENT_BLOCKS, max(0.0, cache_mb * 1e6 - kept) // block))
                     self.activations = h.new_empty((n, *h.shape[1:]))
                     self.cache = [level.new_empty((n, *level.shape[1:])) for level in cache[self.recomputed :]]
                 self.activations[start : start + len(batch)] = h
                 for kept, level in zip(self.cache, cache[self.recomputed :]):
                     kept[start : start + len(batch)] = level
+                if base_labels is not None:  # decoded now, while the whole cache of this batch is at hand
+                    self._labels_of(np.arange(start, start + len(batch)), self.model.decode(h, cache, self.hook), base_labels, base_probabilities)
                 del h, cache
                 if progress is not None and progress(start + len(batch), n) is False:
                     raise PredictionCancelled("segmentation cancelled")
@@ -100,10 +117,18 @@ class CachedForward:
         if self.recomputed:
             positions = index.cpu().numpy()
             parts: dict[int, list[torch.Tensor]] = {}
-            for block in np.unique(positions // self.batch_size):
+            for block in (int(b) for b in np.unique(positions // self.batch_size)):
+                if block in self._recent:
+                    self._recent.move_to_end(block)
+                    parts[block] = self._recent[block]
+                    continue
                 batch = np.arange(block * self.batch_size, min((block + 1) * self.batch_size, len(self.slices)))
                 x = self.prepared.model_input(self.slices[batch]).to(self.device)
-                parts[int(block)] = self.model.encode_cache(x, self.hook, self.recomputed)
+                parts[block] = self.model.encode_cache(x, self.hook, self.recomputed)
+                if self._recent_blocks:
+                    self._recent[block] = parts[block]
+                    while len(self._recent) > self._recent_blocks:
+                        self._recent.popitem(last=False)
             finest = [torch.stack([parts[int(p) // self.batch_size][level][int(p) % self.batch_size] for p in positions])
                       for level in range(self.recomputed)]  # fmt: skip
             cache = finest + cache
@@ -116,8 +141,9 @@ class CachedForward:
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the cache (activations and the kept entries)."""
-        return int(sum(t.numel() * t.element_size() for t in [self.activations, *self.cache]))
+        """Memory held by the cache (activations, the kept entries, the recent recomputed ones)."""
+        recent = [t for levels in self._recent.values() for t in levels]
+        return int(sum(t.numel() * t.element_size() for t in [self.activations, *self.cache, *recent]))
 
     # -- where edits apply ------------------------------------------------------------------------------
     def region_weights(self, sae: SparseDictionary, region: Region, positions: np.ndarray | None = None) -> torch.Tensor:
@@ -200,17 +226,21 @@ class CachedForward:
             if edited and not torch.isfinite(logits).all():  # an edit too strong for the layers after the hook
                 raise SegLensError("the edit drives the model's output beyond float32 (not finite) on slice(s) "
                                    f"{sorted(int(self.slices[part[i]]) for i in edited)[:5]}; use a smaller alpha")  # fmt: skip
-            logits = self.prepared.geometry.from_model(logits.float())
-            labels = labels_from_logits(logits)
-            for i, p in enumerate(part):
-                out[int(p)] = labels[:, :, i]
-            if probabilities is not None:
-                softmax = torch.softmax(logits, dim=1).cpu().numpy().transpose(0, 2, 3, 1).astype(np.float16)
-                for i, p in enumerate(part):
-                    probabilities[int(p)] = softmax[i]
+            self._labels_of(part, logits, out, probabilities)
             if progress is not None and progress(number + 1, len(batches)) is False:
                 raise PredictionCancelled("segmentation cancelled")
         return out
+
+    def _labels_of(self, part: np.ndarray, logits: torch.Tensor, out: dict[int, np.ndarray], probabilities: dict[int, np.ndarray] | None) -> None:
+        """Fill ``out`` (and ``probabilities``) for cached slices ``part`` from their logits ``(len(part), K, S, S)``."""
+        logits = self.prepared.geometry.from_model(logits.float())
+        labels = labels_from_logits(logits)
+        for i, p in enumerate(part):
+            out[int(p)] = labels[:, :, i]
+        if probabilities is not None:
+            softmax = torch.softmax(logits, dim=1).cpu().numpy().transpose(0, 2, 3, 1).astype(np.float16)
+            for i, p in enumerate(part):
+                probabilities[int(p)] = softmax[i]
 
     def relabel(self, labels_ras: np.ndarray, positions, deltas: dict[int, torch.Tensor], exact_batches: bool = True, progress=None) -> np.ndarray:
         """A copy of RAS ``labels_ras`` ``(X, Y, Z)`` with the cached slices at ``positions`` recomputed under
