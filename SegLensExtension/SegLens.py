@@ -55,7 +55,7 @@ NO_POPULATION = "(no population)"
 # Heatmaps shown at once: the foreground layer plus the extra layers of Slicer 5.10+.
 MAX_HEATMAPS = 4
 EXPORT_FOLDER_SETTING = "SegLens/ExportFolder"
-SEGMENT_PHASES = ("Segmenting, step 1 of 2 (encoding the slices)", "Segmenting, step 2 of 2 (decoding the slices)")
+SEGMENT_PHASES = ("Segmenting, step 1 of 2 (running the model over the slices)", "Segmenting, step 2 of 2 (encoding the latent codes)")
 JOB_TITLES = {
     "segment": "Segmentation", "table": "Latent table", "heatmaps": "Heatmaps", "preview": "Preview",
     "apply": "Steering", "suggest": "Suggested correction", "recipe": "Loading the recipe",
@@ -330,7 +330,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
     def segmentSession(self, session, progress=None):
         """Run the unedited model over ``session``'s case (worker thread): labels ``(I, J, K)`` on the input grid.
 
-        ``progress`` sees two phases, each counted from 0 to its own total: encoding the slices, then decoding them.
+        ``progress`` sees two phases, each counted from 0 to its own total: the model over the slices (encoded and decoded in one pass), then the latent codes.
         """
         def report(done, total):
             half = total / 2.0 if total else 0.0

@@ -27,7 +27,7 @@ class Progress:
 
     Pass :meth:`callback` as a SegLensLogic ``progress`` argument: it records ``(done, total)`` and returns False
     once :meth:`cancel` was called, which SegLensLogic answers by stopping between two batches of slices
-    (``PredictionCancelled``). ``phase`` names the step the numbers count (``"step 1 of 2: encoding the slices"``);
+    (``PredictionCancelled``). ``phase`` names the step the numbers count (``"step 1 of 2: running the model over the slices"``);
     ``done`` and ``total`` always count within that step.
     """
 

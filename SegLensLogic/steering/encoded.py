@@ -19,6 +19,7 @@ from ..networks.segmenter import Segmenter
 from ..sae.codes import SparseEncoder, VolumeCodes
 from ..sae.model import SparseDictionary
 from .interventions import LatentEdit
+from ..inference import PredictionCancelled
 from .resegment import DEFAULT_CACHE_MB, CachedForward
 
 # Slices encoded per SAE call (bounds the dense pre-activations: 64 x h x w x d_sae floats).
@@ -82,7 +83,7 @@ def encode_case(
         model: the segmenter; sae: the SAE at one of its hook points (with an inference threshold).
         case: a case folder, :class:`~SegLensLogic.data.Case`, ``CaseImages`` or ``PreparedCase``.
         probabilities: also keep the softmax on the input grid (for uncertainty filtering).
-        progress: ``progress(done, total)`` over the case's brain slices; False cancels.
+        progress: ``progress(done, total)`` over both halves (the model over the slices, then the latent codes); False cancels.
         cache_mb: the most the kept encoder outputs may hold (:class:`~SegLensLogic.steering.resegment.CachedForward`).
     """
     hook = sae.check_fits(model)
@@ -91,12 +92,18 @@ def encode_case(
     # cache budget may not keep).
     base: dict[int, np.ndarray] = {}
     softmax: dict[int, np.ndarray] | None = {} if probabilities else None
-    forward = CachedForward(model, case, hook=hook, batch_size=batch_size, progress=progress, cache_mb=cache_mb,
+    report = None
+    if progress is not None:
+        report = lambda done, total: progress(done, 2 * total)  # noqa: E731  (the model: first half)
+    forward = CachedForward(model, case, hook=hook, batch_size=batch_size, progress=report, cache_mb=cache_mb,
                             base_labels=base, base_probabilities=softmax)  # fmt: skip
     sae = sae.to(forward.device)
     encoder = SparseEncoder(sae, forward.prepared, forward.grid)
-    for start in range(0, len(forward.slices), _ENCODE_CHUNK):
+    total = len(forward.slices)
+    for start in range(0, total, _ENCODE_CHUNK):
         encoder.add(forward.activations[start : start + _ENCODE_CHUNK], forward.slices[start : start + _ENCODE_CHUNK])
+        if progress is not None and progress(total + min(start + _ENCODE_CHUNK, total), 2 * total) is False:  # the codes: second half
+            raise PredictionCancelled("segmentation cancelled")
     prepared = forward.prepared
     labels_ras = np.zeros(prepared.brain_mask.shape, dtype=np.uint8)
     for position, labels in base.items():
