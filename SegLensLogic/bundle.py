@@ -441,7 +441,6 @@ def build_bundle(
     Returns:
         The loaded, validated bundle.
     """
-
     from .networks import load_segmenter, weights_sha256
     from .sae import BatchTopKSAE, sae_sha256
     from .sae.model import NoThresholdError
@@ -460,7 +459,8 @@ def build_bundle(
     if shapes[hook][0] != sae.config.d_in:
         raise InputFileError(sae_dir / SAE_FILES[0], f"SAE takes {sae.config.d_in} channels but hook '{hook}' has {shapes[hook][0]}")
     try:
-        missing = sae.config.threshold is None or sae.inference_threshold() is None
+        sae.inference_threshold()
+        missing = sae.config.threshold is None
     except NoThresholdError:
         missing = True
     if missing:

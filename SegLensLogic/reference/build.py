@@ -358,9 +358,9 @@ def _population_cohort(build: ReferenceBuild, name: str, folder: Path) -> Cohort
 
 def step_populations(build: ReferenceBuild, folder: Path) -> dict:
     from ..alignment import align_saes, alignment_document, sae_record, write_alignment
+    from ..alignment.cohorts import replica_floors
     from ..alignment.metrics import alignment_metrics
     from ..sae import ActivationStore, BatchTopKSAE, train_sae
-    from ..alignment.cohorts import replica_floors
     from ..sae.sweep import live_latents
     from ..sae.training import save_training_report
     from ..training import train_segmenter

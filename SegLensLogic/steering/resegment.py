@@ -89,11 +89,7 @@ class CachedForward:
                 batch = self.slices[start : start + self.batch_size]
                 h, cache = model.encode(self.prepared.model_input(batch).to(self.device), self.hook)
                 if start == 0:  # sizes known: choose what to keep, and allocate it once (no second copy to concatenate)
-                    self.recomputed = _levels_to_recompute(h, cache, n, cache_mb)
-                    if self.recomputed and cache_mb is not None:
-                        kept = n * sum(t[0].numel() * t.element_size() for t in [h, *cache[self.recomputed :]])
-                        block = self.batch_size * sum(t[0].numel() * t.element_size() for t in cache[: self.recomputed])
-                        self._recent_blocks = int(min(RECENT_BLOCKS, max(0.0, cache_mb * 1e6 - kept) // block))
+                    self.recomputed, self._recent_blocks = _cache_plan(h, cache, n, self.batch_size, cache_mb)
                     self.activations = h.new_empty((n, *h.shape[1:]))
                     self.cache = [level.new_empty((n, *level.shape[1:])) for level in cache[self.recomputed :]]
                 self.activations[start : start + len(batch)] = h
@@ -283,14 +279,20 @@ def resegment(
     return forward.prepared.to_input_grid(forward.relabel(empty, np.arange(len(forward.slices)), deltas))
 
 
-def _levels_to_recompute(activations: torch.Tensor, cache: list[torch.Tensor], slices: int, cache_mb: float | None) -> int:
-    """How many of the finest cache entries not to keep so that ``slices`` slices' activations and the other
-    entries fit in ``cache_mb`` (sizes from one batch: ``(B, ...)`` tensors); all of them when nothing else fits."""
+def _cache_plan(activations: torch.Tensor, cache: list[torch.Tensor], slices: int, batch_size: int, cache_mb: float | None) -> tuple[int, int]:
+    """What a cache of ``slices`` slices keeps within ``cache_mb`` (sizes from one batch of ``(B, ...)`` tensors).
+
+    Returns:
+        ``(recomputed, recent)``: how many of the finest cache entries are not kept (all of them when nothing else
+        fits), and how many fixed batches of those recomputed entries the rest of the budget holds (at most
+        :data:`RECENT_BLOCKS`).
+    """
     if cache_mb is None:
-        return 0
+        return 0, 0
     per_slice = [t[0].numel() * t.element_size() for t in cache]
-    base = activations[0].numel() * activations.element_size()
-    for dropped in range(len(cache) + 1):
-        if slices * (base + sum(per_slice[dropped:])) <= cache_mb * 1e6:
-            return dropped
-    return len(cache)
+    budget, base = cache_mb * 1e6, activations[0].numel() * activations.element_size()
+    recomputed = next((dropped for dropped in range(len(cache) + 1) if slices * (base + sum(per_slice[dropped:])) <= budget), len(cache))
+    if not recomputed:
+        return 0, 0
+    room = budget - slices * (base + sum(per_slice[recomputed:]))
+    return recomputed, int(min(RECENT_BLOCKS, max(0.0, room) // (batch_size * sum(per_slice[:recomputed]))))
