@@ -42,6 +42,10 @@ class Orientation:
         """RAS order -> file order."""
         return np.ascontiguousarray(nib.orientations.apply_orientation(array, self.from_ras))
 
+    def ras_view(self, array: np.ndarray) -> np.ndarray:
+        """A file-order array seen in RAS order, without a copy: writing to the view writes to ``array``."""
+        return nib.orientations.apply_orientation(array, self.to_ras)
+
 
 def brain_mask_from_images(images: list[np.ndarray]) -> np.ndarray:
     """A brain mask from skull-stripped (or background-constant) images.

@@ -126,10 +126,19 @@ class UNetSegmenter(Segmenter):
     def _up(self, level: int, hidden: torch.Tensor, skip_term: torch.Tensor) -> torch.Tensor:
         """The decoder level (MONAI ``UpCat``) that reads encoder ``level``, from the level below and the skip's term."""
         block, conv, adn = self._first_conv(level)
-        up = block.upsample(hidden)
+        up = _upsample(block.upsample, hidden)
         if block.is_pad and up.shape[-2:] != skip_term.shape[-2:]:
             # as UpCat: pad by one on the far side where 2x max-pooling of an odd side lost a row or column
             up = F.pad(up, [0, int(skip_term.shape[-1] != up.shape[-1]), 0, int(skip_term.shape[-2] != up.shape[-2])], "replicate")
         weight = conv.weight[:, conv.in_channels - up.shape[1] :]
         hidden = skip_term + F.conv2d(up, weight, None, conv.stride, conv.padding, conv.dilation)
         return block.convs.conv_1(adn(hidden))
+
+
+def _upsample(upsample: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``upsample(hidden)``, contiguous. On the CPU the transposed convolution reads a channels-last copy of its
+    input: PyTorch's kernel for that layout gives the same bits about ten times faster at full resolution (13 ms
+    against 1.5 ms for 32 channels at 256 x 256 on 2 cores), the layout change and the copy back included."""
+    if hidden.device.type == "cpu":
+        return upsample(hidden.contiguous(memory_format=torch.channels_last)).contiguous()
+    return upsample(hidden)

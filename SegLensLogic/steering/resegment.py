@@ -242,12 +242,17 @@ class CachedForward:
         """A copy of RAS ``labels_ras`` ``(X, Y, Z)`` with the cached slices at ``positions`` recomputed under
         ``deltas`` (see :meth:`decode_labels`); background stays background outside the brain."""
         out = labels_ras.copy()
+        self.write_slices(out, positions, deltas, exact_batches, progress)
+        return out
+
+    def write_slices(self, out_ras: np.ndarray, positions, deltas: dict[int, torch.Tensor], exact_batches: bool = True, progress=None) -> None:
+        """Write into RAS ``out_ras`` ``(X, Y, Z)`` (an array or a view) the labels of the cached slices at
+        ``positions`` under ``deltas`` (see :meth:`decode_labels`); background stays background outside the brain."""
         positions = np.asarray(list(positions), dtype=np.int64)
         if len(positions):
             for position, labels in self.decode_labels(positions, deltas, exact_batches, progress).items():
                 z = self.slices[position]
-                out[:, :, z] = labels * self.prepared.brain_mask[:, :, z]
-        return out
+                out_ras[:, :, z] = labels * self.prepared.brain_mask[:, :, z]
 
     def base_labels_ras(self, progress=None) -> np.ndarray:
         """The unmodified model's labels, RAS order ``(X, Y, Z)`` ``uint8``; background outside the brain."""

@@ -47,6 +47,8 @@ class _State:
     edits: tuple[LatentEdit, ...]
     labels_ras: np.ndarray
     deltas: dict[int, torch.Tensor]
+    # The labels on the input grid, kept for the current state only: previews start from a plain copy of them.
+    input_labels: np.ndarray | None = None
 
 
 class SteeringSession:
@@ -195,7 +197,16 @@ class SteeringSession:
     def labels(self) -> np.ndarray:
         """The current labels (after the applied edits) on the input grid."""
         self._ready()
-        return self.prepared.to_input_grid(self._history[-1].labels_ras)
+        return self._current_on_input_grid().copy()
+
+    def _current_on_input_grid(self) -> np.ndarray:
+        """The current state's labels on the input grid, reoriented once per state (not to be modified)."""
+        current = self._history[-1]
+        if current.input_labels is None:
+            for state in self._history[:-1]:
+                state.input_labels = None
+            current.input_labels = self.prepared.to_input_grid(current.labels_ras)
+        return current.input_labels
 
     @property
     def edits(self) -> list[LatentEdit]:
@@ -289,12 +300,12 @@ class SteeringSession:
         self._check([edit])
         current = self._history[-1]
         position = forward.slice_position.get(int(slice_index))
+        out = self._current_on_input_grid().copy()
         if position is None:  # no brain in this slice: nothing to recompute
-            return self.prepared.to_input_grid(current.labels_ras)
-        edits = (*current.edits, edit)
-        deltas = forward.deltas(self.sae, edits, positions=np.array([position]))
-        labels = forward.relabel(current.labels_ras, [position], deltas, exact_batches=False)
-        return self.prepared.to_input_grid(labels)
+            return out
+        deltas = forward.deltas(self.sae, (*current.edits, edit), positions=np.array([position]))
+        forward.write_slices(self.prepared.orientation.ras_view(out), [position], deltas, exact_batches=False)
+        return out
 
     def apply(self, edit: LatentEdit, progress: Callable[[int, int], bool | None] | None = None) -> np.ndarray:
         """Apply ``edit`` on top of the current edits and re-segment the slices it changes.
