@@ -457,10 +457,17 @@ def test_real_seed_noise_floor_and_diff(real_pipeline, seed_replica, tmp_path, c
     assert code == 0, err
     summary = json.loads((out / "diff.json").read_text())
     assert summary["cohorts"] == ["adult", "variant"]
-    # The 96 kept latents of a trained dictionary are found, but for the few whose near-duplicate (cosine > 0.99, the
-    # SAE has some) was among the 32 replaced: the optimal matching gives that twin their partner.
+    # The 96 kept latents of a trained dictionary are found, but for a few whose near-twin was among the 32 replaced
+    # (128 latents in 32 dimensions: many pairs reach cosine 0.9): the optimal matching may give the twin their
+    # partner. How many are lost depends on the trained SAE (float rounding differs between CPUs), so the test bounds
+    # the count loosely and checks the reason for each loss.
     shared = summary["fraction_shared"][0][1]
-    assert 0.70 <= shared <= 0.75
+    assert 0.60 <= shared <= 0.75
+    shared_adult = {g["adult"] for g in summary["universally_shared"]}
+    lost = [k for k in range(32, 128) if k not in shared_adult]
+    encoder = torch.nn.functional.normalize(real_pipeline.sae.W_enc.detach().T, dim=1)
+    twin_of_replaced = (encoder[lost] @ encoder[:32].T).amax(dim=1) if lost else torch.ones(0)
+    assert bool((twin_of_replaced >= 0.8).all()), f"kept latents lost without a replaced twin: {lost}"
     floor = summary["seed_noise_floor"]["adult"]  # two seeds of one cohort share far fewer latents
     assert floor == align_saes(real_pipeline.sae, BatchTopKSAE.load(seed_replica)).shared_fraction() and floor < shared
     assert f"seed floor {100 * floor:.1f}%" in stdout
