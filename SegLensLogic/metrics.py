@@ -20,9 +20,13 @@ TUMOUR_REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
 
 def confusion_matrix(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
     """``C[p, t]`` = number of voxels predicted ``p`` whose truth is ``t``; shape ``(num_classes, num_classes)``."""
-    pred = prediction.astype(np.int64, copy=False).ravel()
-    true = truth.astype(np.int64, copy=False).ravel()
-    return np.bincount(pred * num_classes + true, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    # One small-integer code per voxel; only the (few) nonzero codes are counted, background-background is the rest.
+    dtype = np.uint8 if num_classes**2 <= 256 else np.int64
+    code = prediction.astype(dtype) * dtype(num_classes) + truth.astype(dtype, copy=False)
+    counted = code[code != 0]
+    counts = np.bincount(counted, minlength=num_classes * num_classes)
+    counts[0] = code.size - counted.size
+    return counts.reshape(num_classes, num_classes)
 
 
 def overlap_scores(confusion: np.ndarray, classes: tuple[int, ...]) -> tuple[float, float, float]:

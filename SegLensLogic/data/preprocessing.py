@@ -61,7 +61,9 @@ def brain_mask_from_images(images: list[np.ndarray]) -> np.ndarray:
     Returns:
         Boolean array ``(X, Y, Z)``.
     """
-    mask = np.zeros(images[0].shape, dtype=bool)
+    # In the images' own memory order (a file's arrays are Fortran-ordered, each axial slice contiguous), so the
+    # comparisons stream through memory and the slice-wise hole filling reads contiguous slices; C order at the end.
+    mask = np.zeros_like(images[0], dtype=bool)
     for image in images:
         low = image.min()
         if np.count_nonzero(image == low) >= 0.1 * image.size:
@@ -71,7 +73,7 @@ def brain_mask_from_images(images: list[np.ndarray]) -> np.ndarray:
     for k in range(mask.shape[2]):
         if mask[:, :, k].any():
             mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
-    return mask
+    return np.ascontiguousarray(mask)
 
 
 def _otsu_threshold(image: np.ndarray, bins: int = 256) -> float:
@@ -86,9 +88,13 @@ def _otsu_threshold(image: np.ndarray, bins: int = 256) -> float:
     return float(centres[int(np.argmax(between))])
 
 
-def zscore_in_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``(image - mean) / std`` over the mask's voxels; 0 outside the mask. Returns ``float32``."""
-    out = np.zeros(image.shape, dtype=np.float32)
+def zscore_in_mask(image: np.ndarray, mask: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``(image - mean) / std`` over the mask's voxels; 0 outside the mask. Returns ``float32`` (``out`` when
+    given: a float32 array of the image's shape, overwritten)."""
+    if out is None:
+        out = np.zeros(image.shape, dtype=np.float32)
+    else:
+        out[...] = 0
     if not mask.any():
         return out
     values = image[mask].astype(np.float64)
@@ -242,7 +248,8 @@ def prepare_case(
     present = [m for m in modalities if m in case.images]
     if not present:
         raise ValueError(f"case '{case.case_id}' has none of the modalities {list(modalities)}")
-    ras = {m: orientation.apply(case.images[m]) for m in present}
+    # Views, not copies: each image is read once more, by its z-scoring into the stacked array.
+    ras = {m: orientation.ras_view(case.images[m]) for m in present}
     if case.brain_mask is not None:
         mask = orientation.apply(case.brain_mask)
     else:
@@ -251,7 +258,10 @@ def prepare_case(
         raise InputFileError(case.reference.path, f"case '{case.case_id}' has no brain: every voxel is background "
                              "(an empty or constant image, or an empty brain mask); there is nothing to segment")  # fmt: skip
     # A missing sequence is 0 everywhere: the brain mean of a z-scored image (models trained with modality dropout).
-    images = np.stack([zscore_in_mask(ras[m], mask) if m in ras else np.zeros(mask.shape, np.float32) for m in modalities])
+    images = np.zeros((len(modalities), *mask.shape), dtype=np.float32)
+    for channel, m in zip(images, modalities):
+        if m in ras:
+            zscore_in_mask(ras[m], mask, out=channel)
     label = orientation.apply(case.label) if case.label is not None else None
     crop = brain_window(mask) if crop_to_brain else None
     geometry = SliceGeometry(in_plane=(int(images.shape[1]), int(images.shape[2])), size=size, crop=crop)
