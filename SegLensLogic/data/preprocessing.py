@@ -193,7 +193,9 @@ class PreparedCase:
     """A case ready for a slice-wise model, in RAS order.
 
     Attributes:
-        images: ``float32`` array ``(C, X, Y, Z)``, z-scored inside the brain, channels in ``modalities`` order.
+        images: ``float32`` array ``(C, X, Y, Z)``, z-scored inside the brain, channels in ``modalities`` order;
+            stored slice by slice (``images.transpose(3, 0, 1, 2)`` is C-contiguous) so a batch of axial slices is
+            gathered from contiguous memory.
         brain_mask: boolean ``(X, Y, Z)``.
         label: SegLens classes ``(X, Y, Z)`` or None.
         modalities: channel names.
@@ -223,7 +225,7 @@ class PreparedCase:
     def model_input(self, slice_indices: np.ndarray | list[int]) -> torch.Tensor:
         """Axial slices resized for the model: ``(N, C, S, S)`` float32."""
         idx = np.asarray(slice_indices, dtype=np.int64)
-        slices = torch.from_numpy(np.ascontiguousarray(self.images[:, :, :, idx].transpose(3, 0, 1, 2)))
+        slices = torch.from_numpy(np.ascontiguousarray(self.images.transpose(3, 0, 1, 2)[idx]))
         return self.geometry.to_model(slices.float())
 
     def to_input_grid(self, volume_ras: np.ndarray) -> np.ndarray:
@@ -258,7 +260,7 @@ def prepare_case(
         raise InputFileError(case.reference.path, f"case '{case.case_id}' has no brain: every voxel is background "
                              "(an empty or constant image, or an empty brain mask); there is nothing to segment")  # fmt: skip
     # A missing sequence is 0 everywhere: the brain mean of a z-scored image (models trained with modality dropout).
-    images = np.zeros((len(modalities), *mask.shape), dtype=np.float32)
+    images = np.zeros((mask.shape[2], len(modalities), *mask.shape[:2]), dtype=np.float32).transpose(1, 2, 3, 0)
     for channel, m in zip(images, modalities):
         if m in ras:
             zscore_in_mask(ras[m], mask, out=channel)
