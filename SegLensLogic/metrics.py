@@ -19,7 +19,10 @@ TUMOUR_REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
 
 
 def confusion_matrix(prediction: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
-    """``C[p, t]`` = number of voxels predicted ``p`` whose truth is ``t``; shape ``(num_classes, num_classes)``."""
+    """``C[p, t]`` = number of voxels predicted ``p`` whose truth is ``t``; shape ``(num_classes, num_classes)``.
+
+    Both label maps hold SegLens classes, integers in ``[0, num_classes)`` (callers pass at least their maximum + 1).
+    """
     # One small-integer code per voxel; only the (few) nonzero codes are counted, background-background is the rest.
     dtype = np.uint8 if num_classes**2 <= 256 else np.int64
     code = prediction.astype(dtype) * dtype(num_classes) + truth.astype(dtype, copy=False)

@@ -465,7 +465,7 @@ def test_real_seed_noise_floor_and_diff(real_pipeline, seed_replica, tmp_path, c
     assert 0.60 <= shared <= 0.75
     shared_adult = {g["adult"] for g in summary["universally_shared"]}
     lost = [k for k in range(32, 128) if k not in shared_adult]
-    encoder = torch.nn.functional.normalize(real_pipeline.sae.W_enc.detach().T, dim=1)
+    encoder = torch.nn.functional.normalize(real_pipeline.sae.latent_directions()["enc"], dim=1)
     twin_of_replaced = (encoder[lost] @ encoder[:32].T).amax(dim=1) if lost else torch.ones(0)
     assert bool((twin_of_replaced >= 0.8).all()), f"kept latents lost without a replaced twin: {lost}"
     floor = summary["seed_noise_floor"]["adult"]  # two seeds of one cohort share far fewer latents
