@@ -7,6 +7,7 @@ import copy
 
 import numpy as np
 import pytest
+import torch
 
 from SegLensLogic.experiments.runs import Experiment
 from SegLensLogic.inference import prepare_for_model
@@ -69,3 +70,19 @@ def test_dice_recovered_encodes_each_case_once(setting, monkeypatch):
     counter = EncoderCounter(model, monkeypatch)
     dice_recovered(model, sae, [case])
     assert counter.slices == n_slices
+
+
+def test_an_encoded_case_gives_the_vectors_an_activation_store_holds(setting, tmp_path, monkeypatch):
+    from SegLensLogic.data import Cohort
+    from SegLensLogic.sae import ActivationStore, ExtractionOptions, extract_activations
+    from SegLensLogic.steering.encoded import encode_case
+
+    model, sae, case, n_slices = setting
+    counter = EncoderCounter(model, monkeypatch)
+    encoded = encode_case(model, sae, case)
+    vectors = encoded.activation_vectors(sae)
+    assert counter.slices == n_slices  # read from the encoded case, not a second pass
+    options = ExtractionOptions(hook=sae.config.hook_point, dtype="float32", min_brain_fraction=sae.config.min_brain_fraction)
+    store = extract_activations(model, Cohort("one", [case]), tmp_path / "store", options, log=lambda m: None)
+    assert vectors.shape == (len(store), sae.config.d_in) and vectors.dtype == torch.float32
+    assert torch.equal(vectors, store.vectors(np.arange(len(store))))

@@ -437,12 +437,15 @@ def step_evaluation(build: ReferenceBuild, folder: Path) -> dict:
     sae = BatchTopKSAE.load(build.pipeline.out / build.pipeline.outputs("sae")["sae"])
     config = model.config
     results: dict[str, dict] = {}
+    test_vectors = []  # the SAE's reconstruction figures: the test cases' activations (never trained on), as encoded
     for split in ("test", "brats2013"):
         cohort = build.cohort(split)
         rows = []
         for case in cohort:
             images = read_case(case, modalities=config.modalities, allow_missing=True)
             encoded = encode_case(model, sae, images)
+            if split == "test":
+                test_vectors.append(encoded.activation_vectors(sae))
             scores = segmentation_scores(encoded.labels, images.label, config.class_names)
             dice_model, dice_sae, agreement = recovered_scores(encoded, sae, images.label, config.class_names)
             latents = tumour_latents(encoded.codes, encoded.labels, 3)
@@ -454,12 +457,7 @@ def step_evaluation(build: ReferenceBuild, folder: Path) -> dict:
                       f"with the SAE substituted {dice_sae:.3f} vs {dice_model:.3f}")  # fmt: skip
         mean = {key: float(np.mean([r[key] for r in rows])) for key in rows[0] if key.startswith("dice_")}
         results[split] = {"cases": rows, "mean": mean}
-    # SAE reconstruction figures on the test cases' activations (never trained on).
-    store = _extract(build, model, build.model_dir, build.cohort("test"), build.hook, folder / "test-store")
-    sae_metrics = evaluate_reconstruction(sae, store.vectors(np.arange(len(store))))
-    import shutil
-
-    shutil.rmtree(folder / "test-store", ignore_errors=True)
+    sae_metrics = evaluate_reconstruction(sae, torch.cat(test_vectors))
     test_rows = results["test"]["cases"]
     sae_metrics["dice_recovered"] = float(np.mean([r["dice_sae"] for r in test_rows]) / max(np.mean([r["dice_mean"] for r in test_rows]), 1e-9))
     build.sub(f"SAE on test activations: EV {sae_metrics['explained_variance']:.3f}, L0 {sae_metrics['l0']:.1f}, "

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..networks.segmenter import Segmenter
+from ..sae.activations import feature_map_to_vectors
 from ..sae.codes import SparseEncoder, VolumeCodes
 from ..sae.model import SparseDictionary
 from .interventions import LatentEdit
@@ -54,6 +55,13 @@ class EncodedCase:
     def labels(self) -> np.ndarray:
         """The unedited labels on the input's voxel grid (file order)."""
         return self.prepared.to_input_grid(self.labels_ras)
+
+    def activation_vectors(self, sae: SparseDictionary) -> torch.Tensor:
+        """``(P, d_in)`` float32 hook activations at the positions ``sae`` encodes (its minimum brain fraction),
+        slice by slice in row-major order: the vectors an activation store of this case holds, without a second
+        pass of the encoder."""
+        keep = self.forward.encoded(sae).flatten() > 0
+        return feature_map_to_vectors(self.forward.activations)[keep.to(self.forward.activations.device)].float().cpu()
 
     def steer_ras(self, sae: SparseDictionary, edits: Sequence[LatentEdit], base_ras: np.ndarray | None = None) -> np.ndarray:
         """RAS labels with ``edits`` applied (from ``base_ras``, default the unedited labels): only the slices
