@@ -25,7 +25,7 @@ def confusion_matrix(prediction: np.ndarray, truth: np.ndarray, num_classes: int
     """
     # One small-integer code per voxel; only the (few) nonzero codes are counted, background-background is the rest.
     dtype = np.uint8 if num_classes**2 <= 256 else np.int64
-    code = prediction.astype(dtype) * dtype(num_classes) + truth.astype(dtype, copy=False)
+    code = prediction.astype(dtype, copy=False) * dtype(num_classes) + truth.astype(dtype, copy=False)
     counted = code[code != 0]
     counts = np.bincount(counted, minlength=num_classes * num_classes)
     counts[0] = code.size - counted.size

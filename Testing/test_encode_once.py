@@ -74,7 +74,7 @@ def test_dice_recovered_encodes_each_case_once(setting, monkeypatch):
 
 def test_an_encoded_case_gives_the_vectors_an_activation_store_holds(setting, tmp_path, monkeypatch):
     from SegLensLogic.data import Cohort
-    from SegLensLogic.sae import ActivationStore, ExtractionOptions, extract_activations
+    from SegLensLogic.sae import ExtractionOptions, extract_activations
     from SegLensLogic.steering.encoded import encode_case
 
     model, sae, case, n_slices = setting

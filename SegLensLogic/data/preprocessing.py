@@ -260,10 +260,12 @@ def prepare_case(
         raise InputFileError(case.reference.path, f"case '{case.case_id}' has no brain: every voxel is background "
                              "(an empty or constant image, or an empty brain mask); there is nothing to segment")  # fmt: skip
     # A missing sequence is 0 everywhere: the brain mean of a z-scored image (models trained with modality dropout).
-    images = np.zeros((mask.shape[2], len(modalities), *mask.shape[:2]), dtype=np.float32).transpose(1, 2, 3, 0)
+    images = np.empty((mask.shape[2], len(modalities), *mask.shape[:2]), dtype=np.float32).transpose(1, 2, 3, 0)
     for channel, m in zip(images, modalities):
         if m in ras:
-            zscore_in_mask(ras[m], mask, out=channel)
+            zscore_in_mask(ras[m], mask, out=channel)  # writes every voxel
+        else:
+            channel[...] = 0
     label = orientation.apply(case.label) if case.label is not None else None
     crop = brain_window(mask) if crop_to_brain else None
     geometry = SliceGeometry(in_plane=(int(images.shape[1]), int(images.shape[2])), size=size, crop=crop)
