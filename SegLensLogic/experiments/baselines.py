@@ -11,6 +11,8 @@ WT -> background (0), TC -> edema (2), ET -> necrotic core (1), the usual BraTS 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage
 
@@ -146,3 +148,81 @@ def baseline_sweeps(runs, ccf_settings=CCF_SETTINGS, uf_thresholds=UF_THRESHOLDS
         out["CCF"].append(CaseSweep(run.case_id, dict(run.base_scores), ccf, group))
         out["UF"].append(CaseSweep(run.case_id, dict(run.base_scores), uf, group))
     return out
+
+
+# -- output-level fixes from hints (the hint benchmark's baselines) -------------------------------------------
+def paint_spheres(labels: np.ndarray, clicks, radius_mm: float, spacing, brain: np.ndarray | None = None) -> np.ndarray:
+    """Paint a ball of ``radius_mm`` at each click with what it says: its class for ``+c`` (tumour class 1 for a
+    ``+`` without class), background for ``-``; later clicks paint over earlier ones, the brain bounds the paint.
+
+    Args:
+        labels: ``(X, Y, Z)`` label map; clicks: objects with ``voxel`` (in ``labels``' order), ``sign``, ``cls``;
+        spacing: voxel sizes (mm) along the three axes.
+
+    Returns:
+        A new ``uint8`` label map.
+    """
+    out = np.array(labels, dtype=np.uint8, copy=True)
+    spacing = np.asarray(spacing, dtype=np.float64)
+    reach = np.ceil(radius_mm / spacing).astype(int)
+    for click in clicks:
+        lo = [max(0, v - r) for v, r in zip(click.voxel, reach)]
+        hi = [min(n, v + r + 1) for v, r, n in zip(click.voxel, reach, out.shape)]
+        grids = np.meshgrid(*[(np.arange(a, b) - v) * s for a, b, v, s in zip(lo, hi, click.voxel, spacing)], indexing="ij")
+        ball = sum(g**2 for g in grids) <= radius_mm**2
+        if brain is not None:
+            ball &= brain[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        value = 0 if click.sign == "-" else (click.cls or 1)
+        out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]][ball] = value
+    return out
+
+
+def logit_bias_fix(
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    hint_masks: Sequence[np.ndarray],
+    hint_kinds: Sequence[tuple[str, int | None]],
+    region: np.ndarray,
+    steps: int = 60,
+    learning_rate: float = 0.5,
+    l2: float = 0.01,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A per-class bias added to the model's log-probabilities inside ``region``, fitted so that each hint's disk
+    says what the hint says (the output-level counterpart of a hint-guided latent edit: the threshold moved,
+    nothing else).
+
+    Args:
+        probabilities: the unedited softmax ``(X, Y, Z, K)``.
+        labels: the unedited labels ``(X, Y, Z)`` (kept outside ``region``).
+        hint_masks: per hint, a boolean ``(X, Y, Z)`` disk; hint_kinds: per hint, ``(sign, class or None)``.
+        region: boolean ``(X, Y, Z)``: where the bias applies.
+
+    Returns:
+        ``(labels, bias)``: the new ``uint8`` label map and the fitted bias ``(K,)``.
+    """
+    import torch
+
+    log_p = torch.log(torch.from_numpy(np.clip(probabilities.astype(np.float32), 1e-6, 1.0)))
+    samples = [(log_p[torch.from_numpy(mask)], kind) for mask, kind in zip(hint_masks, hint_kinds)]
+    bias = torch.zeros(log_p.shape[-1], requires_grad=True)
+    optimiser = torch.optim.Adam([bias], lr=learning_rate)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        losses = []
+        for values, (sign, cls) in samples:
+            lp = torch.log_softmax(values + bias, dim=1)
+            if sign == "+":
+                wanted = lp[:, cls] if cls is not None else torch.logsumexp(lp[:, 1:], dim=1)
+            elif cls is None:
+                wanted = lp[:, 0]
+            else:
+                wanted = torch.logsumexp(lp[:, [c for c in range(lp.shape[1]) if c != cls]], dim=1)
+            losses.append(-wanted.mean())
+        loss = torch.stack(losses).mean() + l2 * bias.pow(2).sum()
+        loss.backward()
+        optimiser.step()
+    fitted = bias.detach()
+    out = np.array(labels, dtype=np.uint8, copy=True)
+    inside = torch.from_numpy(region)
+    out[region] = torch.argmax(log_p[inside] + fitted, dim=1).numpy().astype(np.uint8)
+    return out, fitted.numpy()

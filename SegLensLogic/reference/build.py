@@ -39,14 +39,25 @@ import torch
 
 from ..data.cohort import Cohort, load_cohort
 from ..data.io import atomic_write_text
-from ..errors import InputFileError
+from ..errors import InputFileError, SegLensError
 from ..pipeline import Pipeline, now_utc
 from .card import hardware
 
 STATE_NAME = "build.json"
 STATE_KIND = "seglens-reference-build"
-# Acquisition groups of BraTS 2018 training cases, read from their ids.
-GROUPS = ("Brats18_2013_", "Brats18_CBICA_", "Brats18_TCIA")
+# Acquisition groups of the real cases, read from their ids: the BraTS 2013 cohort inside BraTS 2018, CBICA, TCIA
+# (BraTS 2018 ids and the BRATS 2014 TCIA ids of brats-extra), and the BraTS 2021 release.
+GROUPS = {
+    "2013 cohort": ("Brats18_2013_",),
+    "CBICA": ("Brats18_CBICA_",),
+    "TCIA": ("Brats18_TCIA", "brats_tcia_"),
+    "BraTS 2021": ("BraTS2021_",),
+}
+
+
+def acquisition_group(case_id: str) -> str | None:
+    """The acquisition group (a key of :data:`GROUPS`) of a case id, or None."""
+    return next((name for name, prefixes in GROUPS.items() if case_id.startswith(prefixes)), None)
 
 
 @dataclass(frozen=True)
@@ -54,8 +65,12 @@ class ReferenceSettings:
     """Every choice the reference build makes (stored in ``build.json`` and on the model card).
 
     Attributes:
-        arch, image_size, crop_to_brain: the segmenter: SegFormer-B0 on the brain's bounding box at 192 px
-            (about 1 mm per pixel: the same detail as the whole 240 px slice at 256 px, for 56 % of the cost).
+        arch, image_size, crop_to_brain: the segmenter: SegFormer-B1 on the brain's bounding box at 192 px
+            (about 1 mm per pixel: the same detail as the whole 240 px slice at 256 px, for 56 % of the cost; B1 has
+            twice B0's channels at every stage, for 1.5x its training time on the CPU).
+        extra_cases, test_cases, validation_cases: the split (:func:`split_cases`): the cases of ``DATA/brats2018``
+            and, with ``extra_cases``, ``DATA/brats-extra``; how many are held out for testing (never trained on,
+            never used for a choice) and for validation.
         epochs, slices_per_epoch, batch_size, learning_rate, warmup_steps, weight_decay: training schedule
             (AdamW, linear warm-up then cosine decay).
         modality_dropout: share of training slices that lose random input sequences (so that the BraTS 2013
@@ -78,10 +93,13 @@ class ReferenceSettings:
             fewer test patients and hook points (tiny builds only).
     """
 
-    arch: str = "segformer-b0"
+    arch: str = "segformer-b1"
     image_size: int = 192
     crop_to_brain: bool = True
-    epochs: int = 80
+    extra_cases: bool = True
+    test_cases: int = 4
+    validation_cases: int = 2
+    epochs: int = 100
     slices_per_epoch: int = 1024
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -122,7 +140,7 @@ class ReferenceSettings:
     def tiny(cls) -> "ReferenceSettings":
         """Minutes instead of hours: the same steps on a small model and few cases (tests, a first look)."""
         return cls(
-            image_size=64, epochs=2, slices_per_epoch=64, batch_size=8, warmup_steps=0, precision="float32",
+            arch="segformer-b0", extra_cases=False, test_cases=3, validation_cases=1, image_size=64, epochs=2, slices_per_epoch=64, batch_size=8, warmup_steps=0, precision="float32",
             arch_options=(("hidden_sizes", [16, 32, 64, 128]), ("decoder_hidden_size", 64), ("num_attention_heads", [1, 1, 2, 4])),
             train_cases=2, leverage_sae_steps=100, leverage_alphas=(0.0, 4.0), repair_alphas=(0.0, 1.0, 4.0), repair_strengths=(2.0,),
             repair_missing=(), repair_brats2013=1, repair_patients=2, leverage_hooks=("stage1", "stage2"), fit_steps=3, sweep=((4, 2), (8, 4)), sae_expansion=4,
@@ -177,17 +195,36 @@ class ReferenceBuild:
         return self.pipeline.outputs("leverage")["hook"]
 
 
-def split_cases(cohort: Cohort, seed: int) -> dict[str, list[str]]:
-    """Test: one case of each acquisition group (:data:`GROUPS`), drawn with ``seed``; validation: one more case of
-    the largest group; training: the rest. Returns case ids per split."""
+def split_cases(cohort: Cohort, seed: int, test_cases: int = 3, validation_cases: int = 1) -> dict[str, list[str]]:
+    """Case ids per split, drawn with ``seed``.
+
+    Test: one case of each acquisition group with at least two cases (:data:`GROUPS`: the 2013 cohort, CBICA,
+    TCIA), then more from the group with the most cases left until there are ``test_cases``; validation:
+    ``validation_cases`` more, each from the group with the most cases left; training: the rest (a group of one
+    case, such as the BraTS 2021 case, always trains).
+    """
     rng = np.random.default_rng(seed)
     ids = sorted(case.case_id for case in cohort)
-    groups = {g: [i for i in ids if i.startswith(g)] for g in GROUPS}
-    if any(len(members) < 2 for members in groups.values()):
-        raise InputFileError(Path(cohort.name), f"needs at least two cases of each group {GROUPS} to hold one out")
-    test = [str(rng.choice(members)) for members in groups.values()]
-    largest = max(groups.values(), key=len)
-    validation = [str(rng.choice([i for i in largest if i not in test]))]
+    groups: dict[str, list[str]] = {}
+    for i in ids:
+        groups.setdefault(acquisition_group(i) or "other", []).append(i)
+    required = ("2013 cohort", "CBICA", "TCIA")
+    if any(len(groups.get(g, [])) < 2 for g in required):
+        raise InputFileError(Path(cohort.name), f"needs at least two cases of each group {', '.join(required)} to hold one out")
+    left = {g: list(members) for g, members in groups.items()}
+
+    def draw(group: str) -> str:
+        chosen = str(rng.choice(left[group]))
+        left[group].remove(chosen)
+        return chosen
+
+    def largest() -> str:  # the group with the most cases left (ties: the first in GROUPS order)
+        return max((g for g in GROUPS if g in left), key=lambda g: len(left[g]))
+
+    test = [draw(g) for g in required]
+    while len(test) < test_cases:
+        test.append(draw(largest()))
+    validation = [draw(largest()) for _ in range(validation_cases)]
     train = [i for i in ids if i not in test and i not in validation]
     return {"train": train, "validation": validation, "test": test}
 
@@ -200,10 +237,20 @@ def _write_list(path: Path, cases) -> None:
     atomic_write_text(path, "".join(f"{_case_folder(c)}\n" for c in cases), overwrite=True)
 
 
+def _reference_cohort(build: ReferenceBuild) -> Cohort:
+    """The labelled cases the build splits: ``DATA/brats2018`` and, with ``settings.extra_cases``, ``DATA/brats-extra``."""
+    cohort = load_cohort(build.data / "brats2018", name="brats2018")
+    if build.settings.extra_cases and (build.data / "brats-extra").is_dir():
+        extra = load_cohort(build.data / "brats-extra", name="brats-extra")
+        cohort = Cohort(name="brats2018+extra", cases=[*cohort, *extra])
+    return cohort
+
+
 def step_split(build: ReferenceBuild, folder: Path) -> dict:
-    reference = load_cohort(build.data / "brats2018", name="brats2018")
+    s = build.settings
+    reference = _reference_cohort(build)
     shifted = load_cohort(build.data / "brats2013", name="brats2013")
-    splits = split_cases(reference, build.settings.seed)
+    splits = split_cases(reference, s.seed, test_cases=s.test_cases, validation_cases=s.validation_cases)
     if build.settings.train_cases is not None:
         splits["train"] = splits["train"][: build.settings.train_cases]
     by_id = {c.case_id: c for c in reference}
@@ -240,10 +287,10 @@ def step_base(build: ReferenceBuild, folder: Path) -> dict:
     from ..training import train_segmenter
 
     s = build.settings
-    cohort = load_cohort(build.pipeline.folder("split") / "train+validation.txt", name="brats2018")
+    cohort = load_cohort(build.pipeline.folder("split") / "train+validation.txt", name="adult glioma")
     result = train_segmenter(
         cohort, folder / "model", arch=s.arch, modalities=MODALITIES, image_size=s.image_size, arch_options=dict(s.arch_options),
-        crop_to_brain=s.crop_to_brain, options=_training_options(build, fine_tune=False), overwrite=True, resumable=True, log=build.sub,
+        crop_to_brain=s.crop_to_brain, options=_training_options(build, fine_tune=False, val_cases=s.validation_cases), overwrite=True, resumable=True, log=build.sub,
     )  # fmt: skip
     return {"model": "base/model", "best_epoch": result.best_epoch, "validation": result.best_scores,
             "seconds": result.history[-1]["seconds"], "epochs": len(result.history)}  # fmt: skip
@@ -555,10 +602,13 @@ def build_reference(
     overwrite: bool = False,
     publish: str | Path | None = None,
     log: Callable[[str], None] = print,
+    until: str | None = None,
 ) -> ReferenceBuild:
     """Run (or continue) the reference build into ``out`` from the real cases in ``data``.
 
     Args:
+        until: stop after this step (e.g. ``"base"``: train the segmenter now, choose the hook later); a rerun
+            without it continues from there.
         publish: copy the finished bundle there (replacing what is there) with the build log and the base model's
             per-epoch training history beside it.
     """
@@ -580,15 +630,18 @@ def build_reference(
     pipeline.log = logged
     build = ReferenceBuild(data=data, settings=settings, pipeline=pipeline, log=logged)
     logged(f"Reference build in {out} ({hardware()}), started {now_utc()}")
-    pipeline.run("split", lambda folder: step_split(build, folder))
-    pipeline.run("base", lambda folder: step_base(build, folder), resumable=True)
-    pipeline.run("leverage", lambda folder: step_leverage(build, folder))
-    pipeline.run("sae", lambda folder: step_sae(build, folder))
-    pipeline.run("interpret", lambda folder: step_interpret(build, folder))
-    pipeline.run("populations", lambda folder: step_populations(build, folder), resumable=True)
-    pipeline.run("evaluation", lambda folder: step_evaluation(build, folder))
-    pipeline.run("repair", lambda folder: step_repair(build, folder))
-    pipeline.run("bundle", lambda folder: step_bundle(build, folder))
+    names = [name for name, _title in STEPS]
+    if until is not None and until not in names:
+        raise SegLensError(f"unknown build step '{until}'; use one of {', '.join(names)}")
+    runners = {
+        "split": step_split, "base": step_base, "leverage": step_leverage, "sae": step_sae, "interpret": step_interpret,
+        "populations": step_populations, "evaluation": step_evaluation, "repair": step_repair, "bundle": step_bundle,
+    }  # fmt: skip
+    for name in names:
+        pipeline.run(name, lambda folder, step=runners[name]: step(build, folder), resumable=name in ("base", "populations"))
+        if name == until:
+            logged(f"Stopped after step '{until}' as asked; rerun without --until to continue")
+            return build
     if publish is not None:
         publish_bundle(pipeline.out / "bundle" / "bundle", Path(publish), log_path, build.model_dir / "training_history.json")
         logged(f"Published the bundle to {publish}")

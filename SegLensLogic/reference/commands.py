@@ -18,7 +18,7 @@ def cmd_build_reference(args: argparse.Namespace) -> int:
     if args.tiny and args.arch == "unet":
         raise SegLensError("--tiny builds the SegFormer only")
     settings = ReferenceSettings.tiny() if args.tiny else ReferenceSettings.unet() if args.arch == "unet" else ReferenceSettings()
-    build_reference(args.data, args.out, settings, overwrite=args.overwrite, publish=args.publish, log=log)
+    build_reference(args.data, args.out, settings, overwrite=args.overwrite, publish=args.publish, log=log, until=args.until)
     return 0
 
 
@@ -29,9 +29,10 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--data", required=True, help="folder with brats2018/ and brats2013/ case folders (e.g. ../shared/data)")
     p.add_argument("--out", required=True, help="build folder (rerun with the same options to continue an interrupted build)")
-    p.add_argument("--arch", choices=("segformer", "unet"), default="segformer", help="the reference SegFormer-B0 (default) or a U-Net")
+    p.add_argument("--arch", choices=("segformer", "unet"), default="segformer", help="the reference SegFormer (B1, the default) or a U-Net")
     p.add_argument("--tiny", action="store_true", help="a small model and short schedule: the same steps in minutes")
     p.add_argument("--threads", type=int, help="PyTorch CPU threads (default: PyTorch's choice)")
     p.add_argument("--publish", metavar="DIR", help="copy the finished bundle (and build.log) to DIR, e.g. Resources/adult-glioma-segformer")
+    p.add_argument("--until", metavar="STEP", help="stop after this step (split, base, leverage, sae, ...); rerun without it to continue")
     p.add_argument("--overwrite", action="store_true", help="start the build in --out over")
     p.set_defaults(func=cmd_build_reference)

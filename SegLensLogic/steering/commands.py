@@ -1,4 +1,5 @@
-"""``seglens steer``: replay a steering recipe, or apply one edit, and write the corrected mask with its recipe."""
+"""``seglens steer``: fix a mask from hints, replay a steering recipe, or apply one edit, and write the corrected mask
+with its recipe."""
 
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
     out = refuse_existing(args.out, args.overwrite)
     refuse_existing(recipe_path_for(out), args.overwrite)
-    if sum(x is not None and x is not False for x in (args.recipe, args.latent, args.suggest)) != 1:
-        raise SegLensError("give one of --recipe R.json, --latent J (with --mode and --alpha) or --suggest")
+    if sum(x is not None and x is not False for x in (args.recipe, args.latent, args.suggest, args.hint)) != 1:
+        raise SegLensError("give one of --hint R,A,S:+ (repeat), --recipe R.json, --latent J (with --mode and --alpha) or --suggest")
     if (args.model is None) != (args.sae is None):
         raise SegLensError("give --model and --sae together, or a --bundle (default: the shipped reference bundle)")
     recipe = load_recipe(args.recipe) if args.recipe else None
@@ -63,10 +64,23 @@ def cmd_steer(args: argparse.Namespace) -> int:
             args.bundle = reference_bundle_path()
             log(f"Using the shipped reference bundle ({args.bundle}); --bundle or --model/--sae choose another")
         session = SteeringSession.from_bundle(args.bundle, case, device=device_from_args(args), batch_size=args.batch_size)
+    hints = None
+    if args.hint:  # checked before the case is segmented: a malformed hint costs nothing
+        from .hints import parse_hint
+
+        hints = [parse_hint(text, session.class_names) for text in args.hint]
     session.segment()
     if recipe is not None:
         swap_saes = [BatchTopKSAE.load(path) for path in args.swap_sae or ()]
         session.apply_recipe(recipe, swap_saes, source=args.recipe)
+    elif hints is not None:
+        fix = session.fix(hints)
+        if not fix.edits:
+            log("The hints found no latent to edit (no latent fires where they point); the mask is the model's own")
+        else:
+            session.apply(fix.edits)
+            log(f"Fix from {len(hints)} hint(s): " + ", ".join(f"latent {e.latents[0]} x{e.alpha:g}" for e in fix.edits)
+                + f" ({fix.seconds:.1f} s to fit)")  # fmt: skip
     elif args.suggest:
         suggestion = session.suggest(population=args.population, method=args.method)
         log(f"Suggested: {suggestion.describe()}")
@@ -88,6 +102,9 @@ def add_commands(sub) -> None:
     p.add_argument("--sae", help="SAE folder (trained at the model's hook point)")
     p.add_argument("--case", help="case folder")
     p.add_argument("--image", action="append", metavar="MOD=FILE", help="explicit modality file (repeat)")
+    p.add_argument("--hint", action="append", metavar="R,A,S:SIGN",
+                   help="a point (RAS mm, as Slicer shows it) and what it is: + tumour, +edema (a class), - not tumour, -edema "
+                        "(repeat); SegLens fits the latent edit that agrees with the hints")  # fmt: skip
     p.add_argument("--recipe", help="replay this recipe (JSON); the mask is reproduced bit for bit")
     p.add_argument("--latent", type=int, action="append", metavar="J", help="latent to edit (repeat), instead of --recipe")
     p.add_argument("--suggest", action="store_true", help="apply the bundle's suggested correction for --population (no label of the case is read)")

@@ -33,6 +33,8 @@ from ..networks import load_segmenter
 from ..networks.segmenter import Segmenter
 from ..sae.codes import VolumeCodes
 from ..sae.model import BatchTopKSAE, SparseDictionary
+from .guided import GuidedFix, GuidedOptions, guided_edits
+from .hints import Hint, resolve_hints
 from .interventions import LatentEdit, Region, check_latent_ids
 from .recipe import Recipe, edit_from_json, edit_to_json, recipe_path_for
 from .encoded import encode_case
@@ -143,6 +145,15 @@ class SteeringSession:
                            device=device, batch_size=batch_size, cache_mb=cache_mb)  # fmt: skip
         suggestions = bundle.load_suggestions()
         session.suggestions = suggestions.check_sae(session.d_sae) if suggestions is not None else None
+        return session
+
+    @classmethod
+    def of_encoded(cls, model: Segmenter, sae: SparseDictionary, encoded, **kwargs) -> "SteeringSession":
+        """A session on a case already encoded by :func:`~SegLensLogic.steering.encoded.encode_case` with this
+        model and SAE (nothing is run again); ``kwargs`` as for the constructor."""
+        session = cls(model, sae, encoded.prepared.source, **kwargs)
+        session.forward, session.codes = encoded.forward, encoded.codes
+        session._history = [_State((), encoded.labels_ras, {})]
         return session
 
     # -- loading and the unedited mask ----------------------------------------------------------------------
@@ -289,26 +300,29 @@ class SteeringSession:
             edit.check(self.sae)
             edit.region.check(prepared.num_slices, prepared.source.shape)
 
-    def preview(self, edit: LatentEdit, slice_index: int) -> np.ndarray:
-        """The labels the current edits plus ``edit`` give, recomputed on one axial slice only (RAS index).
+    def preview(self, edit: LatentEdit | Sequence[LatentEdit], slice_index: int) -> np.ndarray:
+        """The labels the current edits plus ``edit`` (or several edits) give, recomputed on one axial slice only
+        (RAS index).
 
         Fast enough to follow a slider: one slice through the layers after the hook. Other slices keep the
         current labels. Returns the whole volume on the input grid; nothing is recorded.
         """
         forward = self._ready()
         Region.slice(slice_index).check(self.num_slices, self.prepared.source.shape)
-        self._check([edit])
+        new = [edit] if isinstance(edit, LatentEdit) else list(edit)
+        self._check(new)
         current = self._history[-1]
         position = forward.slice_position.get(int(slice_index))
         out = self._current_on_input_grid().copy()
-        if position is None:  # no brain in this slice: nothing to recompute
+        if position is None or not new:  # no brain in this slice (or no edit): nothing to recompute
             return out
-        deltas = forward.deltas(self.sae, (*current.edits, edit), positions=np.array([position]))
+        deltas = forward.deltas(self.sae, (*current.edits, *new), positions=np.array([position]))
         forward.write_slices(self.prepared.orientation.ras_view(out), [position], deltas, exact_batches=False)
         return out
 
-    def apply(self, edit: LatentEdit, progress: Callable[[int, int], bool | None] | None = None) -> np.ndarray:
-        """Apply ``edit`` on top of the current edits and re-segment the slices it changes.
+    def apply(self, edit: LatentEdit | Sequence[LatentEdit], progress: Callable[[int, int], bool | None] | None = None) -> np.ndarray:
+        """Apply ``edit`` (or several edits, as one step: a fix from :meth:`fix`) on top of the current edits and
+        re-segment the slices it changes.
 
         Args:
             progress: ``progress(batches_done, batches_total)`` while the changed slices are decoded; returning
@@ -318,14 +332,37 @@ class SteeringSession:
             The new labels on the input grid (also :attr:`labels`); :meth:`undo` goes back.
         """
         forward = self._ready()
-        self._check([edit])
+        new = [edit] if isinstance(edit, LatentEdit) else list(edit)
+        if not new:
+            raise SegLensError("no edit to apply")
+        self._check(new)
         current = self._history[-1]
-        edits = (*current.edits, edit)
+        edits = (*current.edits, *new)
         deltas = forward.deltas(self.sae, edits)
         changed = [p for p in set(deltas) | set(current.deltas) if p not in deltas or p not in current.deltas or not torch.equal(deltas[p], current.deltas[p])]
         labels = forward.relabel(current.labels_ras, changed, deltas, progress=progress)
         self._history.append(_State(edits, labels, deltas))
         return self.prepared.to_input_grid(labels)
+
+    def fix(self, hints: Sequence[Hint], options: GuidedOptions | None = None, candidates: Sequence[int] | None = None,
+            random_seed: int | None = None) -> GuidedFix:  # fmt: skip
+        """The latent edit that makes the current mask agree with ``hints`` (:mod:`~SegLensLogic.steering.guided`);
+        nothing is applied: preview its ``edits`` or :meth:`apply` them (one step, recorded in the recipe).
+
+        Args:
+            hints: :class:`~SegLensLogic.steering.hints.Hint` s (world points in mm, ``+``/``-``, optional class).
+            options: the fit's settings (:class:`~SegLensLogic.steering.guided.GuidedOptions`).
+            candidates: fit these latents instead of those chosen by attribution.
+            random_seed: fit random latents active in the hinted slices instead (the random-latent control).
+
+        Raises:
+            SegLensError: a hint outside the volume or the brain, an unknown class, contradicting hints, too many.
+        """
+        forward = self._ready()
+        resolved = resolve_hints(hints, self.prepared, len(self.class_names))
+        current = self._history[-1]
+        return guided_edits(forward, self.sae, resolved, current.labels_ras, current.deltas, options or GuidedOptions(), candidates,
+                            random_seed, codes=self.codes)  # fmt: skip
 
     def suggest(self, population: str | None = None, method: str = "ground-truth-free"):
         """A suggested correction for this case (no label of it is read), computed from the unedited mask; apply
@@ -403,8 +440,8 @@ class SteeringSession:
             except SegLensError as exc:
                 raise InputFileError(source, f"edits[{i}]: {one_line(exc)}") from None
         self.reset()
-        for edit in edits:
-            self.apply(edit)
+        if edits:  # one step: every edit's change is computed together and each changed slice decoded once
+            self.apply(edits)
         return self.labels
 
     def export(self, path: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
