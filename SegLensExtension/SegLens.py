@@ -58,8 +58,12 @@ EXPORT_FOLDER_SETTING = "SegLens/ExportFolder"
 SEGMENT_PHASES = ("Segmenting, step 1 of 2 (running the model over the slices)", "Segmenting, step 2 of 2 (encoding the latent codes)")
 JOB_TITLES = {
     "segment": "Segmentation", "table": "Latent table", "heatmaps": "Heatmaps", "preview": "Preview",
-    "apply": "Steering", "suggest": "Suggested correction", "recipe": "Loading the recipe",
+    "apply": "Steering", "suggest": "Suggested correction", "recipe": "Loading the recipe", "fix": "Fix",
 }  # fmt: skip
+# The two markups point lists hints are placed in (by sign), and what + points say when no class is chosen.
+HINT_LISTS = {"+": "SegLens points: tumour (+)", "-": "SegLens points: not tumour (-)"}
+HINT_COLOURS = {"+": (0.1, 0.9, 0.2), "-": (0.95, 0.2, 0.8)}
+ANY_TUMOUR = "any tumour class"
 # Jobs that follow the user's browsing (slice, selection): they do not take over the status line.
 QUIET_JOBS = ("table", "heatmaps")
 
@@ -165,6 +169,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         self.previewNode = None
         self.classNames = []
         self.classColours = []
+        self.fixOptions = None  # GuidedOptions for Fix (None: SegLens' defaults); settable from the Python console
 
     def getParameterNode(self):
         """The module's parameter node (``SegLensLib.parameters.SegLensParameterNode``; needs Slicer's Qt)."""
@@ -513,7 +518,8 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         return LatentEdit(latents=tuple(int(j) for j in latents), mode=mode, alpha=float(alpha), region=where)
 
     def computePreview(self, edit, sliceIndex):
-        """What ``edit`` changes on slice ``sliceIndex``, on top of the current edits (worker thread): a ``uint8``
+        """What ``edit`` (or a list of edits: a fix) changes on slice ``sliceIndex``, on top of the current edits
+        (worker thread): a ``uint8``
         map of the volume (``nodes.CHANGE_CLASSES``: 1 added, 2 removed, 3 relabelled; 0 elsewhere)."""
         session = self._requireSession()
         return nodes.change_map(session.labels, session.preview(edit, int(sliceIndex)))
@@ -551,18 +557,15 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         if not edits:
             raise self._error("nothing to apply")
         before = len(session.edits)
-        try:
-            labels = None
-            for number, edit in enumerate(edits):
-                phase = "Steering: re-segmenting the slices the edit changes"
-                if len(edits) > 1:
-                    phase += f" (edit {number + 1} of {len(edits)})"
-                labels = session.apply(edit, progress=self._phase(progress, phase))
+        phase = "Steering: re-segmenting the slices the edit changes"
+        if len(edits) > 1:
+            phase = f"Steering: re-segmenting the slices the {len(edits)} edits change"
+        try:  # one step: every edit's change computed together, each changed slice decoded once; one Undo
+            return session.apply(edits, progress=self._phase(progress, phase))
         except BaseException:
             while len(session.edits) > before:
                 session.undo()
             raise
-        return labels
 
     def discardApply(self, count=1):
         """Undo ``count`` edits a cancelled Apply made after all (its result is not shown): the session is as it was."""
@@ -641,6 +644,98 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
             if display is not None:
                 display.SetVisibility(node is shown)
 
+
+    # -- fixing by pointing (hints) -------------------------------------------------------------------------------
+    def hintNode(self, sign, create=True):
+        """The markups point list of ``sign`` (``+`` or ``-``) that SegLens reads hints from (made when missing)."""
+        for index in range(self.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode")):
+            node = self.scene.GetNthNodeByClass(index, "vtkMRMLMarkupsFiducialNode")
+            if node.GetAttribute("SegLens.HintSign") == sign:
+                return node
+        if not create:
+            return None
+        node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", HINT_LISTS[sign])
+        node.SetAttribute("SegLens.HintSign", sign)
+        node.SetControlPointLabelFormat(sign)
+        if node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        if display is not None:
+            display.SetSelectedColor(*HINT_COLOURS[sign])
+            display.SetColor(*HINT_COLOURS[sign])
+        return node
+
+    def setHintClass(self, className):
+        """What the next + points say: ``any tumour class`` or one of the model's classes (their label, e.g. +edema)."""
+        node = self.hintNode("+")
+        node.SetControlPointLabelFormat("+" if not className or className == ANY_TUMOUR else "+" + className)
+
+    def hintCount(self):
+        return sum(node.GetNumberOfControlPoints() for node in (self.hintNode(s, create=False) for s in HINT_LISTS) if node is not None)
+
+    def readHints(self):
+        """The hints of both point lists (main thread): each point's world position (RAS mm) and its label (``+``,
+        ``+edema``, ``-``; a point renamed by hand keeps its list's sign and may name a class).
+
+        Raises:
+            SegLensError: a point names a class the model does not have (naming the point), or no point is placed.
+        """
+        from SegLensLogic.steering.hints import Hint, class_index
+
+        hints = []
+        for sign in HINT_LISTS:
+            node = self.hintNode(sign, create=False)
+            if node is None:
+                continue
+            for index in range(node.GetNumberOfControlPoints()):
+                position = [0.0, 0.0, 0.0]
+                node.GetNthControlPointPositionWorld(index, position)
+                label = (node.GetNthControlPointLabel(index) or "").strip()
+                said = label[1:] if label[:1] in HINT_LISTS else label
+                said = said.rstrip("0123456789-_ ").strip()  # Slicer may number points ("+edema-2")
+                try:
+                    cls = class_index(said, self.classNames) if said else None
+                except Exception as exc:
+                    raise self._error(f"point '{label}' of '{node.GetName()}': {exc}") from None
+                hints.append(Hint(tuple(position), sign, cls))
+        if not hints:
+            raise self._error("place at least one point first: + on missed tumour, - on false tumour")
+        return hints
+
+    def computeFix(self, hints):
+        """The latent edit that agrees with ``hints`` (worker thread; the session does not change): a
+        ``GuidedFix`` whose ``edits`` Apply applies like any other edit (and the recipe records)."""
+        return self._requireSession().fix(hints, self.fixOptions)
+
+    def clearHints(self):
+        for sign in HINT_LISTS:
+            node = self.hintNode(sign, create=False)
+            if node is not None:
+                node.RemoveAllControlPoints()
+
+    def hintMeasurement(self):
+        """What the bundle's build measured of fixing by pointing on real failures (one line), or ''."""
+        figures = getattr(self.bundle, "figures", None) or {}
+        measured = figures.get("hints")
+        if not measured:
+            return ""
+        return str(measured.get("summary_line", ""))
+
+    def fixDescription(self, fix):
+        if not fix.latents:
+            return "No latent to edit where the points are (no latent fires there): the mask stays the model's own."
+        if not fix.edits:
+            return (f"The fit moved none of the {len(fix.latents)} latents firing at the points by 2 % or more: the model "
+                    "cannot be steered to agree with them here; the mask stays its own.")  # fmt: skip
+        latents = ", ".join(f"{e.latents[0]} x{e.alpha:.2f}" for e in fix.edits)
+        return f"Fix: {len(fix.edits)} latent(s) scaled ({latents}) in slices {self._regionText(fix.region)}, fitted in {fix.seconds:.1f} s."
+
+    @staticmethod
+    def _regionText(region):
+        if region.kind in ("slice", "slices"):
+            return f"{region.start}-{region.stop - 1}"
+        return "around the points" if region.kind == "mask" else "of the whole volume"
+
     # -- export -------------------------------------------------------------------------------------------------------
     def export(self, basePath, overwrite=False):
         """Write the current segmentation as ``<base>.seg.nrrd`` and ``<base>.nii.gz`` (+ its recipe JSON from
@@ -705,6 +800,9 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.rows = []  # the rows shown
         self.currentSlice = None
         self.suggestion = None
+        self.pendingFix = None  # the last Fix, until applied or its points change
+        self.lastFix = None
+        self._hintNodes = []
         self.droppedResults = 0  # results not shown: stale (their inputs changed), cancelled or orphaned
         self.versionLabel = None
         self._parameterNode = None
@@ -742,6 +840,8 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.suggestionMethodComboBox.addItems(list(SUGGESTION_METHODS))
         self.ui.populationComboBox.clear()
         self.ui.populationComboBox.addItems([NO_POPULATION])
+        self.ui.hintClassComboBox.clear()
+        self.ui.hintClassComboBox.addItems([ANY_TUMOUR])
         for combo in (self.ui.categoryFilterComboBox, self.ui.statusFilterComboBox):
             combo.clear()
             combo.addItems([latenttable.ALL])
@@ -776,6 +876,12 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.populationComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.suggestionMethodComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.suggestButton.connect("clicked(bool)", self.onSuggest)
+        self.ui.hintClassComboBox.connect("currentIndexChanged(int)", self.onHintClassChanged)
+        self.ui.placePlusButton.connect("clicked(bool)", lambda checked=False: self.onPlaceHint("+"))
+        self.ui.placeMinusButton.connect("clicked(bool)", lambda checked=False: self.onPlaceHint("-"))
+        self.ui.fixButton.connect("clicked(bool)", self.onFix)
+        self.ui.applyFixButton.connect("clicked(bool)", self.onApplyFix)
+        self.ui.clearHintsButton.connect("clicked(bool)", self.onClearHints)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
         self.ui.recipePathLineEdit.connect("currentPathChanged(QString)", self.onRecipePathChanged)
@@ -831,6 +937,9 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.clear()
         self._sessionNumber += 1
         self.allRows, self.rows, self.currentSlice, self.suggestion, self._previewShown = [], [], None, None, None
+        self.pendingFix = None
+        self._hintNodes = []
+        self.ui.fixLabel.text = ""
         self._updatingTable = True
         self.ui.latentTableWidget.setRowCount(0)
         self._updatingTable = False
@@ -1160,6 +1269,16 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.ui.sliceRangeWidget.maximumValue <= 0 or self.ui.sliceRangeWidget.maximumValue > last:
             self.ui.sliceRangeWidget.maximumValue = last
         self.ui.suggestionLabel.text = ""
+        self.pendingFix = None
+        self.ui.fixLabel.text = ""
+        self.ui.fixMeasurementLabel.text = self.logic.hintMeasurement()
+        self._updatingGUI = True
+        try:
+            self.ui.hintClassComboBox.clear()
+            self.ui.hintClassComboBox.addItems([ANY_TUMOUR] + list(self.logic.classNames[1:]))
+        finally:
+            self._updatingGUI = False
+        self.observeHintNodes()
         population = self._parameterNode.population if self._parameterNode is not None else ""
         self._updatingGUI = True
         try:
@@ -1456,6 +1575,107 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
         self.requestPreview()
 
+
+    # -- fixing by pointing ---------------------------------------------------------------------------------------------
+    def observeHintNodes(self):
+        """Follow the two point lists (made when missing): a point added, moved or removed drops the last Fix."""
+        events = [slicer.vtkMRMLMarkupsNode.PointAddedEvent, slicer.vtkMRMLMarkupsNode.PointRemovedEvent,
+                  slicer.vtkMRMLMarkupsNode.PointModifiedEvent]  # fmt: skip
+        for node in self._hintNodes:
+            for event in events:
+                self.removeObserver(node, event, self.onHintsModified)
+        self._hintNodes = [self.logic.hintNode(sign) for sign in HINT_LISTS]
+        for node in self._hintNodes:
+            for event in events:
+                self.addObserver(node, event, self.onHintsModified)
+        self.onHintsModified()
+
+    def onHintsModified(self, caller=None, event=None):
+        plus = minus = 0
+        if self._hintNodes:
+            plus, minus = (node.GetNumberOfControlPoints() for node in self._hintNodes)
+        self.ui.hintCountLabel.text = f"{plus} +, {minus} -" if plus or minus else "none placed"
+        if self.pendingFix is not None and caller is not None:
+            self.pendingFix = None
+            self.ui.fixLabel.text = "The points changed: press Fix again."
+        self.updateButtons()
+
+    def onHintClassChanged(self, *args):
+        if self._updatingGUI or self.logic is None or not self.logic.isSegmented():
+            return
+        self.logic.setHintClass(self.ui.hintClassComboBox.currentText)
+
+    def onPlaceHint(self, sign):
+        """Start placing points of ``sign`` in the slice views (Slicer's place mode, the sign's list active)."""
+        if not self.logic.isSegmented():
+            return
+        if sign == "+":
+            self.logic.setHintClass(self.ui.hintClassComboBox.currentText)
+        node = self.logic.hintNode(sign)
+        selection = slicer.app.applicationLogic().GetSelectionNode() if hasattr(slicer.app, "applicationLogic") else None
+        interaction = slicer.app.applicationLogic().GetInteractionNode() if selection is not None else None
+        if selection is not None and interaction is not None:
+            selection.SetReferenceActivePlaceNodeClassName("vtkMRMLMarkupsFiducialNode")
+            selection.SetActivePlaceNodeID(node.GetID())
+            interaction.SetPlaceModePersistence(1)
+            interaction.SetCurrentInteractionMode(interaction.Place)
+        self.ui.statusLabel.text = ("Click on tumour the mask missed" if sign == "+" else "Click on false tumour") + \
+            " in a slice view (Esc or the arrow tool stops placing)."
+
+    def onFix(self):
+        if self.job is not None:
+            return
+        try:
+            hints = self.logic.readHints()
+        except Exception as exc:
+            self.showError("Cannot fix", exc)
+            return
+        self.pendingFix = None
+        self.startJob("fix", self.logic.computeFix, hints, done=self.onFixed,
+                      phase=f"Fitting a latent edit to {len(hints)} point(s)")
+
+    def onFixed(self, fix):
+        self.lastFix = fix
+        self.pendingFix = fix if fix.edits else None
+        self.ui.fixLabel.text = self.logic.fixDescription(fix)
+        if not fix.edits:
+            self.ui.statusLabel.text = "No fix found for these points."
+            return
+        self.pending.discard("preview")
+        self.ui.statusLabel.text = "Fix ready: the preview shows it on the current slice; Apply fix re-segments."
+        if self.currentSlice is not None:
+            self.startJob("preview", self.logic.computePreview, list(fix.edits), self.currentSlice, done=self.onFixPreviewed,
+                          phase=f"Previewing the fix on slice {self.currentSlice}")
+
+    def onFixPreviewed(self, changes):
+        self.logic.showPreview(changes)
+        self._previewShown = None  # the steering controls' preview may replace it
+        added, removed, relabelled = (int((changes == v).sum()) for v in (1, 2, 3))
+        self.ui.statusLabel.text = (f"Fix on slice {self.currentSlice}: {added} voxels added (green), {removed} removed "
+                                    f"(magenta), {relabelled} relabelled (yellow). Apply fix re-segments the volume.")  # fmt: skip
+
+    def onApplyFix(self):
+        if self.job is not None or self.pendingFix is None:
+            return
+        edits = list(self.pendingFix.edits)
+        self.pending.discard("preview")
+        self.clearPreview()
+        self.startJob("apply", self.logic.computeApply, edits, done=self.onFixApplied, reports=True,
+                      discard=lambda labels: self.logic.discardApply(1), phase="Steering")
+
+    def onFixApplied(self, labels):
+        node = self.logic.showCorrected(labels, "fixed")
+        self._previewShown = None
+        self.pendingFix = None
+        self.ui.fixLabel.text = ""
+        self.ui.statusLabel.text = f"Created '{node.GetName()}' with the fix (the previous segmentation is kept; Undo goes back)."
+
+    def onClearHints(self):
+        self.logic.clearHints()
+        self.pendingFix = None
+        self.ui.fixLabel.text = ""
+        self.updateButtons()
+
     # -- suggested corrections ------------------------------------------------------------------------------------------
     def onSuggest(self):
         if self.job is not None:
@@ -1554,6 +1774,11 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoButton.enabled = ready and len(self.logic.segmentationNodes) > 1
         self.ui.exportButton.enabled = ready
         self.ui.suggestButton.enabled = ready and getattr(self.logic.session, "suggestions", None) is not None
+        hints = self.logic.hintCount() if ready else 0
+        self.ui.placePlusButton.enabled = self.ui.placeMinusButton.enabled = ready
+        self.ui.fixButton.enabled = ready and hints > 0
+        self.ui.applyFixButton.enabled = ready and self.pendingFix is not None
+        self.ui.clearHintsButton.enabled = not busy and hints > 0
         self.ui.loadRecipeButton.enabled = ready and bool(self.ui.recipePathLineEdit.currentPath)
         text = ", ".join(str(j) for j in selected) or "(select latents in the table)"
         if len(selected) > MAX_HEATMAPS:

@@ -881,50 +881,58 @@ def step_bundles(demo: Demo, folder: Path) -> dict:
 
 # -- 11. steering ---------------------------------------------------------------------------------------------------
 def step_steering(demo: Demo, folder: Path) -> dict:
+    """Fix the reference population's worst failures by pointing at them: the simulated user clicks at the interior
+    of the largest error (``seglens experiment hints``' protocol), the hint fix turns the clicks into latent edits,
+    up to three clicks; the corrected mask is exported with its recipe, which is replayed bit for bit."""
     from .bundle import load_bundle
     from .data.cases import read_case
     from .experiments import class_scores
-    from .steering import LatentEdit, SteeringSession, load_recipe
+    from .experiments.hints import simulate_clicks
+    from .steering import SteeringSession, load_recipe
 
     reference = demo.state.outputs("cohorts")["reference"]
     bundle = load_bundle(demo.path(demo.state.outputs("bundles")["bundles"][reference]))
     failures = demo.state.outputs("experiments")["failure_recovery"]
     tests = _load_cohorts(demo, "test")
     cases = {c.case_id: c for cohort in tests.values() for c in cohort}
-    chosen = sorted(failures, key=lambda f: f["dice_oracle"] - f["dice_before"], reverse=True)[:2]
+    chosen = sorted(failures, key=lambda f: f["dice_before"])[:2]  # the worst failures
     steered = []
+    names = bundle.class_names
     for failure in chosen:
         case = cases[failure["case"]]
         session = SteeringSession.from_bundle(bundle, case, device=demo.device)
         before = session.segment()
-        alpha = float(failure["oracle alpha"])
-        latents = tuple(int(j) for j in failure["steered latents"])
-        if latents and alpha != 1.0:
-            session.apply(LatentEdit(latents, mode="scale", alpha=alpha))
+        images = read_case(case, modalities=bundle.modalities)
+        truth = images.label
+        truth_ras = session.prepared.orientation.apply(truth)
+        per_click = [class_scores(before, truth, names)["dice_mean"]]
+        steps = list(simulate_clicks(session, truth_ras, max_clicks=3))
+        for step in steps:
+            per_click.append(class_scores(session.prepared.to_input_grid(step.labels_ras), truth, names)["dice_mean"])
         mask, recipe_path = session.export(folder / f"{case.case_id}-corrected.nii.gz")
         after = session.labels
-        # The recipe must reproduce the mask bit for bit.
         replay = SteeringSession.from_bundle(bundle, case, device=demo.device)
         replayed = replay.apply_recipe(load_recipe(recipe_path), source=recipe_path)
         identical = bool(np.array_equal(replayed, after))
-        images = read_case(case, modalities=bundle.modalities)
-        truth = images.label
-        names = bundle.class_names
-        dice_before, dice_after = class_scores(before, truth, names)["dice_mean"], class_scores(after, truth, names)["dice_mean"]
+        dice_before, dice_after = per_click[0], class_scores(after, truth, names)["dice_mean"]
         changed = np.flatnonzero((before != after).sum(axis=(0, 1)))
         z = int(changed[np.argmax((before != after).sum(axis=(0, 1))[changed])]) if changed.size else int(np.argmax((truth > 0).sum(axis=(0, 1))))
         display = "t1c" if "t1c" in images.images else bundle.modalities[0]
         np_file = folder / f"{case.case_id}-panels.npz"
         np.savez_compressed(np_file, image=images.images[display][:, :, z].T.astype(np.float32), before=before[:, :, z].T,
                             after=after[:, :, z].T, truth=truth[:, :, z].T)  # fmt: skip
+        last = steps[-1].fix if steps else None
+        clicks = ", ".join(f"{s.click.sign}{names[s.click.cls] if s.click.cls else ''}" for s in steps)
+        edit = (f"hint fix from {len(steps)} simulated click(s) ({clicks}): " + (", ".join(f"latent {e.latents[0]} x{e.alpha:.2f}" for e in last.edits)
+                if last is not None and last.edits else "no latent edit found")) if steps else "no error to click on: unchanged"  # fmt: skip
         steered.append({
             "case_id": case.case_id, "population": failure["population"], "mask": demo.rel(mask), "recipe": demo.rel(recipe_path),
-            "edit": f"scale latents {list(latents)} by {alpha:g} (the recovery sweep's oracle setting)" if latents and alpha != 1.0 else "no edit helped: unchanged",
-            "dice_before": dice_before, "dice_after": dice_after, "replay_identical": identical, "slice": z, "panels": demo.rel(np_file),
-            "voxels_changed": int((before != after).sum()),
+            "edit": edit, "dice_before": dice_before, "dice_after": dice_after, "dice_per_click": per_click, "replay_identical": identical,
+            "slice": z, "panels": demo.rel(np_file), "voxels_changed": int((before != after).sum()),
         })  # fmt: skip
-        demo.sub(f"{case.case_id}: Dice {dice_before:.3f} -> {dice_after:.3f}, {steered[-1]['voxels_changed']} voxels changed; "
-                 f"wrote {mask.name} + {recipe_path.name}; recipe replays {'identically' if identical else 'DIFFERENTLY'}")  # fmt: skip
+        demo.sub(f"{case.case_id}: Dice " + " -> ".join(f"{d:.3f}" for d in per_click) + f" over {len(steps)} click(s); "
+                 f"{steered[-1]['voxels_changed']} voxels changed; wrote {mask.name} + {recipe_path.name}; recipe replays "
+                 f"{'identically' if identical else 'DIFFERENTLY'}")  # fmt: skip
         if not identical:
             raise SegLensError(f"the recipe {recipe_path} did not reproduce the corrected mask of {case.case_id}")
     return {"cases": steered, "bundle": demo.rel(bundle.root)}
@@ -1228,7 +1236,7 @@ STEPS: tuple[tuple[str, str, Callable[[Demo, Path], dict]], ...] = (
     ("diffing", "Diffing scored against the planted features' footprints", step_diffing),
     ("experiments", "Experiments: failure diagnosis, recovery and adaptation (oracle and calibrated)", step_experiments),
     ("bundles", "Bundles: one per population", step_bundles),
-    ("steering", "Steering: corrected masks with recipes, from the reference bundle", step_steering),
+    ("steering", "Fixing failures by pointing: simulated clicks, hint fixes, corrected masks with recipes", step_steering),
     ("reference", "The shipped reference model on a real case: top latents, a suggested correction and its recipe", step_reference),
     ("report", "Report: the HTML audit report", step_report),
 )

@@ -146,6 +146,14 @@ def real_pipeline(brats2018_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def real_decoder_sae(real_pipeline, tmp_path_factory):
+    """An SAE of the real pipeline's model at its decoder level ``up_4`` (see ``pipelines.decoder_sae``): its folder."""
+    from pipelines import decoder_sae
+
+    return decoder_sae(real_pipeline, tmp_path_factory.mktemp("decoder-sae"))
+
+
+@pytest.fixture(scope="session")
 def phantom_pipeline(tmp_path_factory):
     """The same tiny pipeline trained on six synthetic phantoms (needs no real data)."""
     from pipelines import phantom_pipeline as build

@@ -72,6 +72,16 @@ def build_pipeline(root: Path, train: Cohort, test: Cohort, epochs: int = 4, see
     return Pipeline(root, root / "model", root / "sae", model, BatchTopKSAE.load(root / "sae"), train, test)
 
 
+def decoder_sae(pipeline: Pipeline, root: Path, hook: str = "up_4") -> Path:
+    """An SAE of the pipeline's model at a decoder level (``up_4``: 32 channels at 8x8, the encoder hook's size),
+    where edits are not bypassed by skip connections: what hint fixes on the tiny model steer. Returns its folder."""
+    store = extract_activations(pipeline.model, pipeline.train, root / f"activations-{hook}", ExtractionOptions(hook=hook, seed=0),
+                                model_dir=pipeline.model_dir, log=QUIET)  # fmt: skip
+    sae, _ = train_sae(store, SAETrainingOptions(**SAE_OPTIONS), device="cpu", log=QUIET)
+    sae.save(root / f"sae-{hook}")
+    return root / f"sae-{hook}"
+
+
 def real_pipeline(brats2018_dir: Path, root: Path) -> Pipeline:
     train = _link_cohort(brats2018_dir, REAL_TRAIN_CASES, root / "adult-train", "adult")
     test = _link_cohort(brats2018_dir, REAL_TEST_CASES, root / "adult-test", "adult-test")

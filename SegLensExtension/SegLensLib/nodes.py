@@ -81,12 +81,14 @@ def add_volume_like(scene, reference, array_ijk: np.ndarray, name: str, class_na
         scene: the MRML scene.
         reference: the input volume node whose geometry the new node takes.
         array_ijk: ``(I, J, K)`` array, the shape of ``reference``.
-        name: node name (made unique in the scene).
+        name: node name (made unique in the scene when a node already has it).
         class_name: ``vtkMRMLScalarVolumeNode`` for maps, ``vtkMRMLLabelMapVolumeNode`` for labels.
     """
     if tuple(array_ijk.shape) != volume_shape(reference):
         raise ValueError(f"array of shape {array_ijk.shape} does not match '{reference.GetName()}' {volume_shape(reference)}")
-    node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
+    # GenerateUniqueName counts every name it ever gave: a node made again after its namesake left would be "_1".
+    unique = name if scene.GetFirstNodeByName(name) is None else scene.GenerateUniqueName(name)
+    node = scene.AddNewNodeByClass(class_name, unique)
     node.CopyOrientation(reference)
     set_volume_array(node, array_ijk)
     node.CreateDefaultDisplayNodes()

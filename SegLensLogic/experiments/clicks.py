@@ -2,7 +2,8 @@
 
 The standard protocol (as in DeepIGeoS, RITM and MONAI Label's DeepEdit simulation): compare the current mask with
 the ground truth, take the largest connected error component, and click at its interior point, the voxel farthest
-from the component's border (Euclidean distance transform in mm). A component of missed tumour of class ``c``
+from the component's border (Euclidean distance transform in mm; among tied voxels, the one nearest their
+centroid). A component of missed tumour of class ``c``
 (truth ``c``, prediction not ``c``) gives a ``+c`` hint; a component of false tumour (prediction tumour, truth
 background) gives a ``-`` hint.
 """
@@ -60,7 +61,9 @@ def next_click(labels: np.ndarray, truth: np.ndarray, spacing=(1.0, 1.0, 1.0), n
     size, sign, cls, component, box = best
     # Pad so that the volume's edge counts as the component's border.
     distance = ndimage.distance_transform_edt(np.pad(component, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
-    local = np.unravel_index(int(np.argmax(distance)), component.shape)
+    # Ties (a slab's whole mid-plane is farthest from its border): the tied voxel nearest their centroid.
+    tied = np.argwhere(distance >= distance.max() - 1e-6)
+    local = tied[int(np.argmin(((tied - tied.mean(axis=0)) ** 2).sum(axis=1)))]
     voxel = tuple(int(s.start + v) for s, v in zip(box, local))
     return Click(voxel, sign, cls, size)  # type: ignore[arg-type]
 

@@ -1,4 +1,4 @@
-"""``seglens diagnose`` and ``seglens experiment failure-recovery | adaptation | population-steering | leverage``.
+"""``seglens diagnose`` and ``seglens experiment failure-recovery | adaptation | population-steering | leverage | hints``.
 
 Each command writes one folder: tables as Markdown and CSV, figures as PNG, and a README.md with every table
 and the notes on how the numbers were obtained (oracle vs calibrated).
@@ -180,6 +180,40 @@ def cmd_leverage(args) -> int:
     return _finish(report, out, args.overwrite)
 
 
+def cmd_hints(args) -> int:
+    import json
+
+    from ..bundle import load_bundle
+    from ..console import device_from_args, log
+    from ..data.io import atomic_write_text
+    from ..sae import BatchTopKSAE
+    from ..steering.guided import GuidedOptions
+    from .hints import hint_failure_pool, run_hints
+
+    out = _out_dir(args)
+    if args.bundle is None:
+        from ..reference import reference_bundle_path
+
+        args.bundle = reference_bundle_path()
+        log(f"Using the shipped reference bundle ({args.bundle}); --bundle chooses another")
+    bundle = load_bundle(args.bundle)
+    model = bundle.load_model(device=device_from_args(args))
+    sae = bundle.load_sae(device=next(model.parameters()).device)
+    if args.sae:  # another SAE of the same model, at any of its hook points (choosing the hook by aim)
+        sae = BatchTopKSAE.load(args.sae, device=next(model.parameters()).device)
+        model.config.hook_point = sae.check_fits(model)
+    pool = hint_failure_pool(args.data, bundle, out / "cases", log=log)
+    if args.cases:
+        pool = [c for c in pool if any(text in c.label for text in args.cases)]
+    if not pool:
+        raise SegLensError(f"no case to run on: {args.data} holds none of the bundle's held-back cases, BraTS 2013 or brats-extra cases")
+    log(f"Hint benchmark on {len(pool)} case(s) of {args.data} with {bundle.name} (hook {sae.config.hook_point or model.config.hook_point})")
+    report, results = run_hints(model, sae, pool, max_clicks=args.clicks, options=GuidedOptions(), seed=args.seed, log=log)
+    _finish(report, out, args.overwrite)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=float) + "\n", overwrite=True)
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, cohort: bool = True) -> None:
     from ..console import add_device_arguments
 
@@ -235,6 +269,18 @@ def add_commands(subparsers) -> None:
 
     add_device_arguments(q)
     q.set_defaults(func=cmd_leverage)
+
+    q = sub.add_parser("hints", help="fixing real failures by pointing at them: latent fix vs random latents, logit bias and spheres on the same simulated clicks")
+    q.add_argument("--data", required=True, help="the real cases (e.g. ../shared/data: brats2018/, brats2013/, brats-extra/)")
+    q.add_argument("--bundle", help="bundle folder (default: the shipped reference bundle)")
+    q.add_argument("--sae", help="another SAE of the bundle's model (any hook point) to fix with instead of the bundle's")
+    q.add_argument("--clicks", type=int, default=5, help="simulated clicks per case (default 5; tables at 1, 3, 5)")
+    q.add_argument("--cases", action="append", metavar="TEXT", help="only the cases whose name holds TEXT (repeat)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the random-latent control")
+    q.add_argument("--out", required=True, help="output folder (tables, a plot, README.md, results.json)")
+    q.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
+    add_device_arguments(q)
+    q.set_defaults(func=cmd_hints)
 
     q = sub.add_parser("adaptation", help="model of population A on population B: additive/multiplicative class-latent steering (table 5, figure 8)")
     _common(q, cohort=False)

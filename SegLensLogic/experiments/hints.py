@@ -9,8 +9,8 @@ clicks are those the latent fix's own masks call for, and every arm sees the sam
   around the hints);
 - **random latents**: the same fit on random latents active in the hinted slices (the control: the same fit and
   region, no aim);
-- **logit bias**: a per-class bias on the unedited log-probabilities inside the same slab, fitted to the same hint
-  disks (:func:`~.baselines.logit_bias_fix`: the threshold moved);
+- **logit bias**: a per-class bias on the unedited log-probabilities inside the same region, fitted to the same hint
+  disks (:func:`~.baselines.logit_bias_fix`: the threshold moved), under the fix's own label rule;
 - **spheres**: a ball painted at each click with its class, the radius chosen on the other patients' cases
   (two folds by patient, as every calibrated choice of SegLens);
 - **unedited**: the model's own mask.
@@ -36,9 +36,9 @@ import numpy as np
 from ..data.cases import read_case
 from ..metrics import segmentation_scores
 from ..steering.encoded import encode_case
-from ..steering.guided import GuidedOptions, _ras_spacing, _targets, hint_region
+from ..steering.guided import GuidedOptions, _ras_spacing, _targets
 from ..steering.hints import HintVoxel, resolve_hints
-from ..steering.interventions import LatentEdit, Region
+from ..steering.interventions import LatentEdit, Region, apply_label_rule
 from ..steering.session import SteeringSession
 from .baselines import logit_bias_fix, paint_spheres
 from .clicks import Click, click_hint, next_click
@@ -89,6 +89,41 @@ def far_from_clicks(changed: np.ndarray, clicks: Sequence[Click], spacing, far_m
     return int((~near).sum())
 
 
+@dataclass
+class SimulatedStep:
+    """One click of the simulated user and the fix that followed it (from every click so far)."""
+
+    click: Click
+    hints: list
+    fix: object  # GuidedFix
+    labels_ras: np.ndarray
+    seconds: float
+
+
+def simulate_clicks(session: SteeringSession, truth_ras: np.ndarray, max_clicks: int = 5, options: GuidedOptions = GuidedOptions()):
+    """The simulated user on an open session: click at the interior of the largest error of the current mask, fix
+    from every click so far (from the model's own mask, so the last fix is the whole correction), up to
+    ``max_clicks`` times or until the mask has no error. Yields :class:`SimulatedStep` s; the session is left with
+    the last fix applied."""
+    prepared = session.prepared
+    spacing = _ras_spacing(prepared)
+    current = prepared.orientation.apply(session.base_labels)
+    base = current
+    clicks: list[Click] = []
+    hints = []
+    for _ in range(max_clicks):
+        click = next_click(current, truth_ras, spacing, len(session.class_names))
+        if click is None:
+            return
+        clicks.append(click)
+        hints.append(click_hint(click, prepared))
+        session.reset()
+        started = time.perf_counter()
+        fix = session.fix(hints, options)
+        current = prepared.orientation.apply(session.apply(fix.edits)) if fix.edits else base
+        yield SimulatedStep(click, list(hints), fix, current, time.perf_counter() - started)
+
+
 def _arm_result(labels_ras: np.ndarray, base_ras: np.ndarray, truth_ras: np.ndarray, clicks, spacing, names, seconds=0.0, setting="") -> ArmResult:
     changed = labels_ras != base_ras
     return ArmResult(segmentation_scores(labels_ras, truth_ras, names), int(changed.sum()), far_from_clicks(changed, clicks, spacing),
@@ -115,22 +150,12 @@ def run_case(model, sae, shifted: ShiftedCase, max_clicks: int = 5, options: Gui
     probabilities = prepared.orientation.apply(np.moveaxis(encoded.probabilities, 0, 3))
     brain = prepared.brain_mask
     case_seed = seed + zlib.crc32(shifted.label.encode()) % 10_000
-    current = base
-    hints = []
-    for n in range(1, max_clicks + 1):
-        click = next_click(current, truth, spacing, len(names))
-        if click is None:  # nothing left to fix: later counts keep the last result
-            break
-        result.clicks.append(click)
-        hints.append(click_hint(click, prepared))
-        session.reset()
-        started = time.perf_counter()
-        fix = session.fix(hints, options)
-        labels = prepared.orientation.apply(session.apply(fix.edits)) if fix.edits else base
-        seconds = time.perf_counter() - started
-        result.arms[("latent fix", n)] = _arm_result(labels, base, truth, result.clicks, spacing, names, seconds,
+    for n, step in enumerate(simulate_clicks(session, truth, max_clicks, options), start=1):  # stops early on a perfect mask
+        result.clicks.append(step.click)
+        hints, fix, labels = step.hints, step.fix, step.labels_ras
+        result.arms[("latent fix", n)] = _arm_result(labels, base, truth, result.clicks, spacing, names, step.seconds,
                                                      f"{len(fix.edits)} latents")  # fmt: skip
-        current = labels
+
         if n not in CLICK_COUNTS:
             continue
         session.reset()
@@ -139,9 +164,10 @@ def run_case(model, sae, shifted: ShiftedCase, max_clicks: int = 5, options: Gui
         result.arms[("random latents", n)] = _arm_result(random_labels, base, truth, result.clicks, spacing, names,
                                                          setting=f"{len(control.edits)} latents")  # fmt: skip
         resolved = resolve_hints(hints, prepared, len(names))
-        region = _region_mask(hint_region(resolved, prepared.num_slices, spacing[2], options.margin_mm), brain)
+        region = _region_mask(fix.region, prepared, brain)
         masks, kinds = _hint_disks(resolved, base, brain, spacing, options)
         biased, bias = logit_bias_fix(probabilities, base, masks, kinds, region)
+        biased = apply_label_rule(fix.rule, base, biased)  # the fix's own label rule: only the edit differs
         result.arms[("logit bias", n)] = _arm_result(biased, base, truth, result.clicks, spacing, names,
                                                      setting=" ".join(f"{b:+.1f}" for b in bias))  # fmt: skip
         for radius in SPHERE_RADII:
@@ -165,9 +191,15 @@ def run_case(model, sae, shifted: ShiftedCase, max_clicks: int = 5, options: Gui
     return result
 
 
-def _region_mask(region: Region, brain: np.ndarray) -> np.ndarray:
+def _region_mask(region: Region, prepared, brain: np.ndarray) -> np.ndarray:
+    """A fix's region as a RAS voxel mask inside the brain (the logit bias acts where the latent fix may)."""
+    if region.kind == "mask":
+        return prepared.orientation.apply(region.mask) & brain
     mask = np.zeros(brain.shape, dtype=bool)
-    mask[:, :, region.start : region.stop] = True
+    if region.kind == "volume":
+        mask[...] = True
+    else:
+        mask[:, :, region.start : region.stop] = True
     return mask & brain
 
 

@@ -50,27 +50,38 @@ class GuidedOptions:
             class) and on the current background (keeping it background) when the hints ask for more tumour; the
             two swap roles when they ask for less.
         l2: penalty on the mean squared log-scale.
+        hint_weight, hint_probability: weight of the hint term, and the probability of what a hint says above
+            which its voxels pull no further (a hinge: the edit is as large as the hints need, no larger).
+        keep_every_mm: the keep term reads the hinted slices and slices this far apart across the slab.
         max_alpha: log-scales are clipped to ``[-log max_alpha, log max_alpha]``.
         min_change: alphas within this of 1 are dropped from the edit.
+        at_hints: candidates only among latents that fire at the hints (a scale acts where its latent fires).
+        region: where the edit applies: ``slab`` (the slices within ``margin_mm``), ``near`` (the slab's brain
+            within ``near_mm`` of the current tumour or a hint: no reach into healthy tissue far away) or
+            ``features`` (the slab's positions whose codes resemble the hinted ones, cosine >= ``similarity``).
+        target: ``disk`` (each hint speaks for its disk) or ``region`` (for the feature region on its slice).
+        label_rules: extent and composition apart (:func:`rule_for_hints`); False: the edited model's labels.
     """
 
     margin_mm: float = 20.0
-    candidates: int = 12
+    candidates: int = 6
     steps: int = 25
     learning_rate: float = 0.15
     disk_mm: float = 3.0
-    keep_composition: float = 0.5
-    keep_extent: float = 0.05
-    l2: float = 0.02
+    keep_composition: float = 1.0
+    keep_extent: float = 0.5
+    l2: float = 0.05
     hint_weight: float = 1.0
     hint_probability: float = 0.7
     keep_every_mm: float = 8.0
+    max_alpha: float = 8.0
+    min_change: float = 0.02
     at_hints: bool = True
-    region: str = "slab"
+    region: str = "near"
+    near_mm: float = 15.0
     similarity: float = 0.5
     target: str = "disk"
-    max_alpha: float = 16.0
-    min_change: float = 0.02
+    label_rules: bool = True
 
 
 @dataclass
@@ -85,6 +96,7 @@ class GuidedFix:
         attribution: the candidates' attribution at the start (``d L / d log alpha``; negative: scaling up helps).
         losses: the fit's loss per step.
         seconds: time to fit.
+        rule: the label rule of its edits (:func:`rule_for_hints`).
     """
 
     edits: list[LatentEdit]
@@ -94,6 +106,36 @@ class GuidedFix:
     attribution: tuple[float, ...] = ()
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    rule: str = "model"
+
+
+def rule_for_hints(hints: Sequence[HintVoxel], current_ras: np.ndarray) -> str:
+    """The label rule a fix from ``hints`` follows (:func:`apply_label_rule`), from what each hint asks of the
+    current labels at its voxel: tumour on background (``grow``), background on tumour (``shrink``), both
+    (``extent``), another tumour class inside the tumour (``composition``); hints of both kinds, extent and
+    composition, give ``model`` (the edited model's own labels). A hint the labels already agree with asks nothing."""
+    extent, grow, shrink, composition = False, False, False, False
+    for hint in hints:
+        label = int(current_ras[hint.voxel])
+        sign, cls = hint.hint.sign, hint.hint.cls
+        if sign == "+":
+            if label == 0:
+                grow = True
+            elif cls is not None and label != cls:
+                composition = True
+        elif label > 0:
+            if cls is None:
+                shrink = True
+            elif label == cls:
+                composition = True
+    extent = grow or shrink
+    if extent and composition:
+        return "model"
+    if composition:
+        return "composition"
+    if grow and shrink:
+        return "extent"
+    return "grow" if grow else "shrink" if shrink else "model"
 
 
 def hint_region(hints: Sequence[HintVoxel], num_slices: int, slice_mm: float, margin_mm: float) -> Region:
@@ -117,10 +159,12 @@ class _Targets:
     hint_kinds: list[tuple[str, int | None]]  # (sign, class) per hint
     keep_labels: torch.Tensor  # (N, X, Y) long: the current labels
     keep_weights: torch.Tensor  # (N, X, Y) float: the keep term's weight per voxel
+    composition: bool = False  # the fix's rule keeps the extent: hints and keep term read the tumour classes only
 
 
 def _targets(hints: Sequence[HintVoxel], slices: np.ndarray, current_ras: np.ndarray, brain: np.ndarray,
-             spacing: tuple[float, float, float], options: GuidedOptions, grown: np.ndarray | None = None) -> _Targets:  # fmt: skip
+             spacing: tuple[float, float, float], options: GuidedOptions, grown: np.ndarray | None = None,
+             rule: str = "model") -> _Targets:  # fmt: skip
     shape = current_ras.shape[:2]
     masks = np.zeros((len(hints), len(slices), *shape), dtype=bool)
     for i, hint in enumerate(hints):
@@ -134,19 +178,27 @@ def _targets(hints: Sequence[HintVoxel], slices: np.ndarray, current_ras: np.nda
             masks[i, n] |= part == part[hint.voxel[:2]]
     labels = current_ras[:, :, slices].transpose(2, 0, 1).astype(np.int64)
     inside = brain[:, :, slices].transpose(2, 0, 1) & ~masks.any(axis=0)
-    grow = any(h.hint.sign == "+" for h in hints)
-    shrink = any(h.hint.sign == "-" for h in hints)
     tumour = labels > 0
-    # More tumour wanted: keep the current tumour's classes, let the background give way (weakly held); less
-    # tumour wanted: the other way round; both: hold both moderately.
-    on_tumour = options.keep_composition if grow and not shrink else options.keep_extent if shrink and not grow else 0.5 * (options.keep_composition + options.keep_extent)
-    on_background = options.keep_extent if grow and not shrink else options.keep_composition if shrink and not grow else on_tumour
+    # What the rule leaves to the edit is held by the keep term; what the rule keeps anyway is not. More tumour
+    # wanted: the background gives way, weakly held (its extent is the fix); less: the tumour gives way.
+    if rule == "composition":
+        on_tumour, on_background = options.keep_composition, 0.0
+    elif rule == "grow":
+        on_tumour, on_background = 0.1 * options.keep_composition, options.keep_extent
+    elif rule == "shrink":
+        on_tumour, on_background = options.keep_extent, 0.1 * options.keep_composition
+    else:
+        grow = any(h.hint.sign == "+" for h in hints)
+        shrink = any(h.hint.sign == "-" for h in hints)
+        on_tumour = options.keep_composition if grow and not shrink else options.keep_extent if shrink and not grow else 0.5 * (options.keep_composition + options.keep_extent)
+        on_background = options.keep_extent if grow and not shrink else options.keep_composition if shrink and not grow else on_tumour
     weights = np.where(tumour, on_tumour, on_background) * inside
     return _Targets(
         hint_masks=torch.from_numpy(masks),
         hint_kinds=[(h.hint.sign, h.hint.cls) for h in hints],
         keep_labels=torch.from_numpy(labels),
         keep_weights=torch.from_numpy(weights.astype(np.float32)),
+        composition=rule == "composition",
     )
 
 
@@ -156,6 +208,10 @@ def _hint_loss(log_probs: torch.Tensor, targets: _Targets, satisfied: float = 0.
     losses = []
     for mask, (sign, cls) in zip(targets.hint_masks, targets.hint_kinds):
         lp = log_probs.permute(0, 2, 3, 1)[mask]  # (V, K)
+        if targets.composition:  # the extent is kept: only the tumour classes' shares count
+            lp = torch.cat([torch.zeros_like(lp[:, :1]), torch.log_softmax(lp[:, 1:], dim=1)], dim=1)
+            if cls is None:
+                continue
         if sign == "+":
             wanted = lp[:, cls] if cls is not None else torch.logsumexp(lp[:, 1:], dim=1)
         elif cls is None:
@@ -164,10 +220,13 @@ def _hint_loss(log_probs: torch.Tensor, targets: _Targets, satisfied: float = 0.
             keep = [c for c in range(lp.shape[1]) if c != cls]
             wanted = torch.logsumexp(lp[:, keep], dim=1)
         losses.append(torch.relu(-wanted - satisfied).mean())
-    return torch.stack(losses).mean()
+    return torch.stack(losses).mean() if losses else log_probs.sum() * 0
 
 
 def _keep_loss(log_probs: torch.Tensor, targets: _Targets) -> torch.Tensor:
+    if targets.composition:  # within the tumour's classes (its extent is kept by the rule)
+        tumour = torch.log_softmax(log_probs[:, 1:], dim=1)
+        log_probs = torch.cat([torch.zeros_like(log_probs[:, :1]), tumour], dim=1)
     nll = torch.nn.functional.nll_loss(log_probs, targets.keep_labels, reduction="none")
     return (nll * targets.keep_weights).sum() / targets.keep_weights.gt(0).sum().clamp(min=1)
 
@@ -194,8 +253,8 @@ def guided_edits(
         current_deltas: the activation changes of the edits already applied (``{position: (D, h, w)}``).
         candidates: fit these latents instead of choosing them by attribution.
         codes: the case's :class:`~SegLensLogic.sae.codes.VolumeCodes` (needed by ``options.region="features"``).
-        random_seed: fit ``options.candidates`` latents drawn at random (with this seed) among those active in the
-            hinted slices instead (the random-latent control: the same fit, no aim).
+        random_seed: fit as many latents as the aimed fix would, drawn at random (with this seed) among all those
+            active in the fitted slices instead (the random-latent control: the same fit and region, no aim).
 
     Returns:
         A :class:`GuidedFix`; its ``edits`` are empty when no latent fires in the hinted slices.
@@ -206,7 +265,10 @@ def guided_edits(
     spacing = _ras_spacing(prepared)
     slab = region = hint_region(hints, prepared.num_slices, spacing[2], options.margin_mm)
     grown = None
-    if options.region == "features":
+    if options.region == "near":
+        grown = near_region(hints, current_ras, prepared.brain_mask, slab, spacing, options.near_mm)
+        region = Region.from_mask(prepared.to_input_grid(grown))
+    elif options.region == "features":
         if codes is None:
             raise SegLensError("a feature region needs the case's latent codes")
         grown = feature_region(codes, forward, sae, hints, slab, options.similarity)
@@ -228,7 +290,8 @@ def guided_edits(
                 h[i] += current_deltas[int(p)]
         weights = forward.region_weights(sae, region, positions).reshape(-1, 1)
         vectors = feature_map_to_vectors(h)
-    targets = _targets(hints, slices, current_ras, prepared.brain_mask, spacing, options, grown)
+    rule = rule_for_hints(hints, current_ras) if options.label_rules else "model"
+    targets = _targets(hints, slices, current_ras, prepared.brain_mask, spacing, options, grown, rule)
     targets = _Targets(targets.hint_masks.to(forward.device), targets.hint_kinds, targets.keep_labels.to(forward.device),
                        targets.keep_weights.to(forward.device))  # fmt: skip
     n, d, *spatial = h.shape
@@ -253,13 +316,16 @@ def guided_edits(
     try:
         with torch.no_grad():
             dense = sae.latent_codes(vectors, range(sae.d_sae)).mul(weights)
+            in_slices = torch.nonzero(dense.sum(dim=0) > 0).flatten().tolist()
+            active = in_slices
             if options.at_hints:  # only latents that fire where the hints are: a scale acts where its latent fires
                 near = _hint_neighbourhood(targets.hint_masks, prepared, slices, forward.grid).reshape(-1).to(dense.device)
-                dense = dense * near[:, None]
-            active = torch.nonzero(dense.sum(dim=0) > 0).flatten().tolist()
+                active = torch.nonzero((dense * near[:, None]).sum(dim=0) > 0).flatten().tolist()
         if random_seed is not None and candidates is None:
+            # The control: as many latents, drawn among all that fire in the fitted slices (no aim in the choice).
             rng = np.random.default_rng(random_seed)
-            latents = tuple(int(j) for j in rng.choice(active, size=min(options.candidates, len(active)), replace=False)) if active else ()
+            count = min(options.candidates, len(active) or options.candidates, len(in_slices))
+            latents = tuple(int(j) for j in rng.choice(in_slices, size=count, replace=False)) if in_slices else ()
             scores = ()
         elif candidates is None:
             attribution = _attribution(sae, vectors, weights, active, logits_of, loss_of, forward.device)
@@ -267,10 +333,10 @@ def guided_edits(
             latents = tuple(int(active[i]) for i in order)
             scores = tuple(float(attribution[i]) for i in order)
         else:
-            latents = tuple(int(j) for j in candidates if int(j) in set(active))
+            latents = tuple(int(j) for j in candidates if int(j) in set(in_slices))
             scores = ()
         if not latents:
-            return GuidedFix([], (), (), region, scores, [], time.perf_counter() - started)
+            return GuidedFix([], (), (), region, scores, [], time.perf_counter() - started, rule)
         with torch.no_grad():
             codes = sae.latent_codes(vectors, latents) * weights
             rows = sae.decode_change(torch.eye(len(latents), device=forward.device), latents)
@@ -292,8 +358,9 @@ def guided_edits(
         for parameter in trainable:
             parameter.requires_grad_(True)
     alphas = tuple(float(np.float32(np.exp(float(t)))) for t in theta.detach().cpu())
-    edits = [LatentEdit((j,), "scale", round(a, 4), region=region) for j, a in zip(latents, alphas) if abs(a - 1.0) >= options.min_change]
-    return GuidedFix(edits, latents, alphas, region, scores, losses, time.perf_counter() - started)
+    edits = [LatentEdit((j,), "scale", round(a, 4), region=region, labels=rule) for j, a in zip(latents, alphas)
+             if abs(a - 1.0) >= options.min_change]  # fmt: skip
+    return GuidedFix(edits, latents, alphas, region, scores, losses, time.perf_counter() - started, rule)
 
 
 def _attribution(sae, vectors, weights, active, logits_of, loss_of, device) -> np.ndarray:
@@ -317,6 +384,22 @@ def _hint_neighbourhood(hint_masks: torch.Tensor, prepared, slices: np.ndarray, 
     volume = np.zeros((*union.shape[1:], len(slices)), dtype=bool)
     volume[...] = union.transpose(1, 2, 0)
     return (mask_fraction_on_grid(volume, prepared.geometry, np.arange(len(slices)), grid) > 0).float()
+
+
+def near_region(hints: Sequence[HintVoxel], current_ras: np.ndarray, brain: np.ndarray, slab: Region, spacing, near_mm: float) -> np.ndarray:
+    """The slab's brain within ``near_mm`` of the current tumour or of a hint (RAS, boolean): where a missed
+    tumour can plausibly be grown, or a false one taken back, without reaching healthy tissue far away."""
+    from scipy import ndimage
+
+    start, stop = slab.start, slab.stop
+    seed = current_ras[:, :, start:stop] > 0
+    for hint in hints:
+        if start <= hint.slice < stop:
+            seed[hint.voxel[0], hint.voxel[1], hint.slice - start] = True
+    distance = ndimage.distance_transform_edt(~seed, sampling=spacing)
+    out = np.zeros(brain.shape, dtype=bool)
+    out[:, :, start:stop] = (distance <= near_mm) & brain[:, :, start:stop]
+    return out
 
 
 def feature_region(codes, forward, sae, hints: Sequence[HintVoxel], slab: Region, threshold: float) -> np.ndarray | None:

@@ -112,7 +112,10 @@ def parse_hint(text: str, class_names: Sequence[str]) -> Hint:
         raise SegLensError(f"hint '{text}': the point must be three numbers R,A,S in mm, got {len(point)}")
     if not all(math.isfinite(v) for v in point):
         raise SegLensError(f"hint '{text}': a coordinate is not a finite number")
-    cls = class_index(said[1:], class_names) if said[1:].strip() else None
+    try:
+        cls = class_index(said[1:], class_names) if said[1:].strip() else None
+    except SegLensError as exc:
+        raise SegLensError(f"hint '{text}': {exc}") from None
     return Hint(point, said[0], cls)
 
 

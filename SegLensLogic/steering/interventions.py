@@ -36,6 +36,8 @@ from ..sae.activations import feature_map_to_vectors, vectors_to_feature_map
 from ..sae.model import SparseDictionary
 
 MODES = ("scale", "add", "zero", "clamp", "swap")
+# What the edited model's labels become (:func:`apply_label_rule`): extent and composition apart.
+LABEL_RULES = ("model", "grow", "shrink", "extent", "composition")
 WHERE = ("active", "everywhere")
 REGION_KINDS = ("volume", "slice", "slices", "mask")
 
@@ -177,6 +179,8 @@ class LatentEdit:
         region: where the edit applies.
         swap_sae: for swap, the second SAE whose aligned latents give the values.
         partners: for swap, the aligned latent of ``swap_sae`` for each of ``latents`` (same order).
+        labels: the label rule of the step that applies this edit (:func:`apply_label_rule`): ``model`` (the edited
+            model's own labels), or one that changes only the tumour's extent or only its composition.
     """
 
     latents: tuple[int, ...]
@@ -186,6 +190,7 @@ class LatentEdit:
     region: Region = field(default_factory=Region.volume)
     swap_sae: SparseDictionary | None = field(default=None, repr=False)
     partners: tuple[int, ...] | None = None
+    labels: str = "model"
 
     def __post_init__(self):
         latents = [int(j) for j in np.atleast_1d(self.latents)]
@@ -200,8 +205,8 @@ class LatentEdit:
     def __eq__(self, other) -> bool:
         if not isinstance(other, LatentEdit):
             return NotImplemented
-        return (self.latents, self.mode, self.alpha, self.where, self.region, self.partners) == (
-            other.latents, other.mode, other.alpha, other.where, other.region, other.partners
+        return (self.latents, self.mode, self.alpha, self.where, self.region, self.partners, self.labels) == (
+            other.latents, other.mode, other.alpha, other.where, other.region, other.partners, other.labels
         ) and self.swap_sae is other.swap_sae  # fmt: skip
 
     def __hash__(self) -> int:
@@ -213,6 +218,8 @@ class LatentEdit:
             raise SegLensError(f"unknown steering mode '{self.mode}'; use one of {', '.join(MODES)}")
         if self.where not in WHERE:
             raise SegLensError(f"unknown 'where' {self.where!r}; use 'active' or 'everywhere'")
+        if self.labels not in LABEL_RULES:
+            raise SegLensError(f"unknown label rule {self.labels!r:.30}; use one of {', '.join(LABEL_RULES)}")
         if not self.latents:
             raise SegLensError("the edit selects no latent")
         check_latent_ids(self.latents, sae.d_sae)
@@ -234,6 +241,46 @@ class LatentEdit:
     def is_identity(self) -> bool:
         """True for edits that change nothing by construction (scale 1, add 0)."""
         return (self.mode == "scale" and self.alpha == 1.0) or (self.mode == "add" and self.alpha == 0.0)
+
+
+def apply_label_rule(rule: str, before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Extent and composition apart: the labels an edit under ``rule`` leaves, from the labels ``before`` it and
+    the edited model's labels ``after`` (same shape).
+
+    - ``model``: ``after`` as it is;
+    - ``extent``: tumour that stays tumour keeps its class from ``before`` (the edit moves the tumour's border,
+      the model's own composition stays); voxels that become tumour take their class from ``after``;
+    - ``grow``: as ``extent``, and no tumour is removed; ``shrink``: as ``extent``, and no tumour is added;
+    - ``composition``: the tumour's extent stays as ``before``; inside it, the classes of ``after`` (where
+      ``after`` says background, the class of ``before``).
+    """
+    if rule == "model":
+        return after
+    was, now = before > 0, after > 0
+    if rule == "composition":
+        out = before.copy()
+        relabel = was & now
+        out[relabel] = after[relabel]
+        return out
+    out = after.copy()
+    out[was & now] = before[was & now]
+    if rule == "grow":
+        out[was & ~now] = before[was & ~now]
+    elif rule == "shrink":
+        out[~was & now] = 0
+    return out
+
+
+def step_rule(edits: Sequence[LatentEdit]) -> str:
+    """The label rule of edits applied as one step: the one they share.
+
+    Raises:
+        SegLensError: edits of one step with different rules.
+    """
+    rules = {edit.labels for edit in edits}
+    if len(rules) > 1:
+        raise SegLensError(f"edits applied together must share one label rule, got {', '.join(sorted(rules))}")
+    return rules.pop() if rules else "model"
 
 
 def check_latent_ids(latents: Sequence[int], d_sae: int, what: str = "latent") -> tuple[int, ...]:

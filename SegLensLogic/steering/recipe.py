@@ -1,8 +1,8 @@
 """Steering recipes: a JSON document that reproduces a corrected mask bit for bit.
 
 A recipe names the segmenter and the SAE by the SHA-256 of their weights, the case by its id and voxel grid, and
-lists the edits in the order they were applied (latents, mode, alpha, where, region; for swaps the second SAE's
-hash and the partner latents). ``seglens steer --model M --sae S --case C --recipe R.json --out mask.nii.gz``
+lists the edits in the order they were applied (latents, mode, alpha, where, region, the label rule and the
+Apply step they belonged to; for swaps the second SAE's hash and the partner latents). ``seglens steer --model M --sae S --case C --recipe R.json --out mask.nii.gz``
 replays it; a recipe is written next to every corrected mask (``mask.nii.gz`` -> ``mask.recipe.json``).
 """
 
@@ -36,7 +36,9 @@ def recipe_path_for(mask_path: str | Path) -> Path:
     return mask_path.with_name(strip_image_suffix(mask_path) + ".recipe.json")
 
 
-def edit_to_json(edit: LatentEdit, swap_sha256: str | None = None) -> dict[str, Any]:
+def edit_to_json(edit: LatentEdit, swap_sha256: str | None = None, step: int | None = None) -> dict[str, Any]:
+    """An edit's JSON form; ``step`` numbers the Apply it was part of (edits of one step are applied together, and a
+    step's label rule reads the labels before it), and ``labels`` is written when it is not the model's own."""
     data: dict[str, Any] = {
         "latents": list(edit.latents),
         "mode": edit.mode,
@@ -44,6 +46,10 @@ def edit_to_json(edit: LatentEdit, swap_sha256: str | None = None) -> dict[str, 
         "where": edit.where,
         "region": edit.region.to_json(),
     }
+    if edit.labels != "model":
+        data["labels"] = edit.labels
+    if step is not None:
+        data["step"] = int(step)
     if edit.mode == "swap":
         data["swap"] = {"sae_sha256": swap_sha256, "partners": list(edit.partners or ())}
     return data
@@ -86,6 +92,8 @@ class EditDocument(Schema):
     where: Literal["active", "everywhere"] = "active"
     region: RegionDocument = Field(default_factory=lambda: RegionDocument(kind="volume"))
     swap: SwapDocument | None = None
+    labels: Literal["model", "grow", "shrink", "extent", "composition"] = "model"
+    step: int | None = Field(default=None, ge=1, le=MAX_EDITS)
 
 
 class WeightsRecord(Schema):
@@ -141,7 +149,7 @@ def edit_from_json(data: Any, source: str | Path, swap_saes: dict[str, SparseDic
         if swap_sae is None:
             raise InputFileError(source, f"{where}: a swap edit needs the second SAE with weights sha256 {swap.sae_sha256}; give it with --swap-sae")
     return LatentEdit(latents=tuple(edit.latents), mode=edit.mode, alpha=float(edit.alpha), where=edit.where, region=region,
-                      swap_sae=swap_sae, partners=partners)  # fmt: skip
+                      swap_sae=swap_sae, partners=partners, labels=edit.labels)  # fmt: skip
 
 
 @dataclass

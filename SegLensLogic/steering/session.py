@@ -35,7 +35,7 @@ from ..sae.codes import VolumeCodes
 from ..sae.model import BatchTopKSAE, SparseDictionary
 from .guided import GuidedFix, GuidedOptions, guided_edits
 from .hints import Hint, resolve_hints
-from .interventions import LatentEdit, Region, check_latent_ids
+from .interventions import LatentEdit, Region, apply_label_rule, check_latent_ids, step_rule
 from .recipe import Recipe, edit_from_json, edit_to_json, recipe_path_for
 from .encoded import encode_case
 from .resegment import DEFAULT_CACHE_MB, CachedForward
@@ -49,6 +49,8 @@ class _State:
     edits: tuple[LatentEdit, ...]
     labels_ras: np.ndarray
     deltas: dict[int, torch.Tensor]
+    # How many edits each Apply added, in order (a step's label rule reads the labels before it).
+    steps: tuple[int, ...] = ()
     # The labels on the input grid, kept for the current state only: previews start from a plain copy of them.
     input_labels: np.ndarray | None = None
 
@@ -317,7 +319,12 @@ class SteeringSession:
         if position is None or not new:  # no brain in this slice (or no edit): nothing to recompute
             return out
         deltas = forward.deltas(self.sae, (*current.edits, *new), positions=np.array([position]))
-        forward.write_slices(self.prepared.orientation.ras_view(out), [position], deltas, exact_batches=False)
+        view = self.prepared.orientation.ras_view(out)
+        forward.write_slices(view, [position], deltas, exact_batches=False)
+        rule = step_rule(new)
+        if rule != "model":
+            z = int(slice_index)
+            view[:, :, z] = apply_label_rule(rule, current.labels_ras[:, :, z], view[:, :, z])
         return out
 
     def apply(self, edit: LatentEdit | Sequence[LatentEdit], progress: Callable[[int, int], bool | None] | None = None) -> np.ndarray:
@@ -336,12 +343,16 @@ class SteeringSession:
         if not new:
             raise SegLensError("no edit to apply")
         self._check(new)
+        rule = step_rule(new)
         current = self._history[-1]
         edits = (*current.edits, *new)
         deltas = forward.deltas(self.sae, edits)
         changed = [p for p in set(deltas) | set(current.deltas) if p not in deltas or p not in current.deltas or not torch.equal(deltas[p], current.deltas[p])]
         labels = forward.relabel(current.labels_ras, changed, deltas, progress=progress)
-        self._history.append(_State(edits, labels, deltas))
+        if rule != "model":  # the step's rule reads the labels before it, on the slices it changed
+            slices = forward.slices[np.asarray(sorted(changed), dtype=np.int64)] if changed else np.zeros(0, dtype=np.int64)
+            labels[:, :, slices] = apply_label_rule(rule, current.labels_ras[:, :, slices], labels[:, :, slices])
+        self._history.append(_State(edits, labels, deltas, steps=(*current.steps, len(new))))
         return self.prepared.to_input_grid(labels)
 
     def fix(self, hints: Sequence[Hint], options: GuidedOptions | None = None, candidates: Sequence[int] | None = None,
@@ -415,11 +426,13 @@ class SteeringSession:
     def recipe(self) -> Recipe:
         """The recipe of the current labels (model and SAE hashes, the case's grid, the edits in order)."""
         prepared = self.prepared
+        state = self._history[-1]
+        step_of = [number for number, count in enumerate(state.steps, start=1) for _ in range(count)]
         return Recipe(
             model={"sha256": self.model_sha256, "arch": self.model.config.arch, "hook_point": self.hook},
             sae={"sha256": self.sae_sha256, "d_sae": self.d_sae, "k": self.sae.config.k},
             case={"case_id": self.case_id, "shape": list(prepared.source.shape), "affine": prepared.source.affine.tolist()},
-            edits=[edit_to_json(e, getattr(e.swap_sae, "weights_sha256", None)) for e in self.edits],
+            edits=[edit_to_json(e, getattr(e.swap_sae, "weights_sha256", None), step) for e, step in zip(self.edits, step_of)],
         )
 
     def apply_recipe(self, recipe: Recipe, swap_saes: Sequence[SparseDictionary] = (), source: str | Path = "<recipe>") -> np.ndarray:
@@ -440,8 +453,17 @@ class SteeringSession:
             except SegLensError as exc:
                 raise InputFileError(source, f"edits[{i}]: {one_line(exc)}") from None
         self.reset()
-        if edits:  # one step: every edit's change is computed together and each changed slice decoded once
+        steps = [data.get("step") for data in recipe.edits]
+        if edits and all(step is None for step in steps):  # a recipe without steps: one step, each slice decoded once
             self.apply(edits)
+        else:  # the Apply steps as they were made (a step's label rule reads the labels before it)
+            groups: list[list[LatentEdit]] = []
+            for i, edit in enumerate(edits):
+                if i == 0 or steps[i] is None or steps[i] != steps[i - 1]:
+                    groups.append([])
+                groups[-1].append(edit)
+            for group in groups:
+                self.apply(group)
         return self.labels
 
     def export(self, path: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
