@@ -70,7 +70,11 @@ def test_quick_demo_outputs(quick_demo, capsys):
     replayed = session.apply_recipe(load_recipe(recipe), source=recipe)
     written = read_image(mask).array
     assert replayed.shape == written.shape and np.array_equal(replayed, written)
-    assert len(load_recipe(recipe).edits) in (0, 1)
+    # The hint fix of the last simulated click, applied as one step (its edits share their Apply and label rule).
+    edits = load_recipe(recipe).edits
+    assert len({e.get("step") for e in edits}) <= 1 and len({e.get("labels", "model") for e in edits}) <= 1
+    assert all(e["mode"] == "scale" and len(e["latents"]) == 1 for e in edits)
+    assert len(case["dice_per_click"]) >= 1 and case["dice_per_click"][0] == case["dice_before"]
 
     # The report: one file with every section filled in (none replaced by an "Omitted" note), images inline.
     html = (out / state["steps"]["report"]["outputs"]["report"]).read_text(encoding="utf-8")

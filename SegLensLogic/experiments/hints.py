@@ -348,6 +348,26 @@ def run_hints(model, sae, cases: Sequence[ShiftedCase], max_clicks: int = 5, opt
                     "cases": per_case}  # fmt: skip
 
 
+def aim(model, sae, cases: Sequence, clicks: int = 3, options: GuidedOptions = GuidedOptions(),
+        log: Callable[[str], None] = print) -> dict:  # fmt: skip
+    """How well hint fixes at ``sae``'s hook aim: the mean Dice (NC, ED, ET) gain after ``clicks`` simulated clicks
+    over labelled ``cases`` (each encoded once), and per case. What the reference build chooses its hook by."""
+    config = model.config
+    gains = {}
+    for case in cases:
+        images = read_case(case, modalities=config.modalities, allow_missing=True)
+        encoded = encode_case(model, sae, images)
+        session = SteeringSession.of_encoded(model, sae, encoded)
+        truth = encoded.prepared.orientation.apply(images.label)
+        base = segmentation_scores(encoded.labels_ras, truth, config.class_names)["dice_mean"]
+        last = encoded.labels_ras
+        for step in simulate_clicks(session, truth, clicks, options):
+            last = step.labels_ras
+        gains[images.case_id] = segmentation_scores(last, truth, config.class_names)["dice_mean"] - base
+        log(f"    {sae.config.hook_point}: {images.case_id}: mean Dice {base:.3f} -> {base + gains[images.case_id]:.3f} after {clicks} simulated clicks")
+    return {"aim_gain": float(np.mean(list(gains.values()))) if gains else 0.0, "per_case": gains}
+
+
 def hint_failure_pool(data: str | Path, bundle, work: str | Path, log: Callable[[str], None] = print) -> list[ShiftedCase]:
     """The failure pool of a reference bundle: its held-back test cases clean, SSA-like at strengths 1 and 2, without
     FLAIR and without T1c; the BraTS 2013 cases; and the ``brats-extra`` cases it was not trained on. Degraded

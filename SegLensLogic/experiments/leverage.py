@@ -116,10 +116,11 @@ def summarise_hook(hook: str, sae: BatchTopKSAE, grid: tuple[int, int], rows: Se
 
 
 def choose_hook(summary: Sequence[dict], min_side: int = MIN_SIDE) -> str:
-    """The hook with the largest ``moved`` among those with at least ``min_side`` positions per side (any
-    hook when none has)."""
+    """Among the hooks with at least ``min_side`` positions per side (any hook when none has): the one whose hint
+    fixes aim best (largest ``aim_gain``, when measured: :func:`~SegLensLogic.experiments.hints.aim`), then the
+    one whose edits move the mask most (``moved``)."""
     eligible = [r for r in summary if min(int(v) for v in r["grid"].split("x")) >= min_side] or list(summary)
-    return max(eligible, key=lambda r: (r["moved"], r["oracle_gain_mean"]))["hook"]
+    return max(eligible, key=lambda r: (r.get("aim_gain", 0.0), r["moved"], r["oracle_gain_mean"]))["hook"]
 
 
 def leverage_report(
@@ -130,8 +131,11 @@ def leverage_report(
     n_latents: int = 5,
     min_side: int = MIN_SIDE,
     log: Callable[[str], None] = print,
+    aim_cases: Sequence = (),
+    aim_clicks: int = 3,
 ) -> tuple[Report, str, list[dict]]:
-    """Leverage of every hook (one SAE each) on labelled ``cases``.
+    """Leverage of every hook (one SAE each) on labelled ``cases``, and, on ``aim_cases``, how well hint fixes
+    at each hook aim (the mean Dice gain after ``aim_clicks`` simulated clicks): the hook is chosen by aim.
 
     Returns:
         ``(report, chosen hook, summary rows)``.
@@ -153,6 +157,10 @@ def leverage_report(
                 f"best mean Dice change {best['gain_mean']:+.3f} at alpha {best['alpha']:g}")  # fmt: skip
         per_alpha += rows
         summary.append(summarise_hook(hook, sae, shapes[hook][1:], rows))
+        if aim_cases:
+            from .hints import aim
+
+            summary[-1].update(aim_gain=aim(model, sae, aim_cases, aim_clicks, log=log)["aim_gain"])
     chosen = choose_hook(summary, min_side)
     report = Report("leverage", "Leverage: how far latent edits at each hook point move the mask")
     report.table("leverage", "Per hook (moved: share of the predicted tumour changed, mean over the alpha grid; oracle gains: best over the grid per case, ground truth read)", summary)
@@ -160,7 +168,9 @@ def leverage_report(
     report.notes += [
         f"Each case's {n_latents} latents with the largest activation mass inside its ground-truth tumour are scaled by alpha in "
         f"{list(alphas)} over the whole volume; the mask is re-segmented from the hook on.",
-        f"Chosen hook: {chosen} (largest 'moved' among hooks with at least {min_side}x{min_side} positions per slice).",
+        f"Chosen hook: {chosen} (" + ("best aim: the largest mean Dice gain of hint fixes after "
+        f"{aim_clicks} simulated clicks on {len(aim_cases)} case(s), then " if aim_cases else "") + "the largest 'moved', among hooks "
+        f"with at least {min_side}x{min_side} positions per slice).",
         "Oracle gains read each case's ground truth to pick the best alpha: an upper bound, not what a user gets.",
     ]
 

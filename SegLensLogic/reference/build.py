@@ -9,8 +9,9 @@ rerunning the same command continues where it stopped; the segmenter's training 
 2. ``base``: the segmenter (SegFormer-B0 by default, or a U-Net) trained from scratch on the training cases
    (:class:`ReferenceSettings`).
 3. ``leverage``: a quick SAE per hook point; how far scaling the top tumour latents moves the mask on the
-   validation case, an SSA-like degraded copy of it and a training case; the hook is chosen from that
-   (:mod:`SegLensLogic.experiments.leverage`).
+   validation case, an SSA-like degraded copy of it and a training case, and how well hint fixes aim there (the
+   mean Dice gain after three simulated clicks on the validation cases and failing copies of them); the hook is
+   chosen by aim (:mod:`SegLensLogic.experiments.leverage`).
 4. ``sae``: activations of the training and validation cases at the hook; SAEs for each k of the sweep, two seeds
    each, the setting chosen by stated rules (:mod:`SegLensLogic.sae.sweep`); the chosen setting's second seed
    (seed floor) and a replica on 80 % of the positions (resampling floor) are kept.
@@ -81,7 +82,9 @@ class ReferenceSettings:
         seed: weights, sampling, augmentation and the split.
         arch_options: architecture overrides (U-Net widths; small SegFormers for tiny builds); train_cases: use only the first N
             training cases (tiny builds only).
-        leverage_sae_steps, leverage_alphas: the quick SAE per hook point and the alpha grid of the leverage step.
+        leverage_sae_steps, leverage_alphas: the quick SAE per hook point and the alpha grid of the leverage step;
+            aim_cases: the validation cases and failing copies of them the hook's aim is measured on (0: choose by
+            leverage alone).
         sweep, sae_max_steps: the SAE settings ``(k, expansion)`` tried at the chosen hook (two seeds each), and
             the step budget of each; sae_expansion: the quick SAEs' expansion in the leverage step.
         interpret_top_k: examples per latent when labelling latents.
@@ -119,6 +122,7 @@ class ReferenceSettings:
     repair_brats2013: int = 3
     repair_patients: int | None = None
     leverage_hooks: tuple[str, ...] | None = None
+    aim_cases: int = 4
     fit_steps: int = 40
     sweep: tuple[tuple[int, int], ...] = ((8, 4), (16, 4), (16, 8), (32, 8), (32, 16))
     sae_expansion: int = 16
@@ -143,7 +147,7 @@ class ReferenceSettings:
             arch="segformer-b0", extra_cases=False, test_cases=3, validation_cases=1, image_size=64, epochs=2, slices_per_epoch=64, batch_size=8, warmup_steps=0, precision="float32",
             arch_options=(("hidden_sizes", [16, 32, 64, 128]), ("decoder_hidden_size", 64), ("num_attention_heads", [1, 1, 2, 4])),
             train_cases=2, leverage_sae_steps=100, leverage_alphas=(0.0, 4.0), repair_alphas=(0.0, 1.0, 4.0), repair_strengths=(2.0,),
-            repair_missing=(), repair_brats2013=1, repair_patients=2, leverage_hooks=("stage1", "stage2"), fit_steps=3, sweep=((4, 2), (8, 4)), sae_expansion=4,
+            repair_missing=(), repair_brats2013=1, repair_patients=2, leverage_hooks=("stage1", "stage2"), aim_cases=1, fit_steps=3, sweep=((4, 2), (8, 4)), sae_expansion=4,
             sae_max_steps=300, interpret_top_k=4, finetune_epochs=1, finetune_slices=32, pediatric_cases=2,
             phantom_shape=(48, 56, 40),
         )  # fmt: skip
@@ -324,7 +328,14 @@ def step_leverage(build: ReferenceBuild, folder: Path) -> dict:
     hooks = [h for h in model.hook_names if s.leverage_hooks is None or h in s.leverage_hooks]
     saes = quick_saes(model, build.model_dir, train, hooks, folder / "stores", steps=s.leverage_sae_steps,
                       expansion=s.sae_expansion, seed=s.seed, log=build.sub)  # fmt: skip
-    report, chosen, summary = leverage_report(model, saes, cases, s.leverage_alphas, log=build.sub)
+    # Aim: hint fixes from simulated clicks on the validation cases and failing copies of them (SSA-like, no FLAIR).
+    from ..experiments.repair import without_modalities
+
+    validation_cases = list(build.cohort("validation"))
+    aim_cases = [*validation_cases, load_cohort(degraded)[0]]
+    aim_cases += [without_modalities(c, ["t2f"], "-no-t2f") for c in validation_cases[: s.aim_cases]]
+    aim_cases = aim_cases[: max(1, s.aim_cases)] if s.aim_cases else []
+    report, chosen, summary = leverage_report(model, saes, cases, s.leverage_alphas, log=build.sub, aim_cases=aim_cases)
     report.write(folder / "report", overwrite=True)
     build.sub(f"chosen hook: {chosen}")
     return {"hook": chosen, "summary": summary, "cases": [c.case_id for c in cases[:1]] + [f"{cases[1].case_id} (SSA-degraded)", cases[2].case_id],
