@@ -61,6 +61,8 @@ class GuidedOptions:
             ``features`` (the slab's positions whose codes resemble the hinted ones, cosine >= ``similarity``).
         target: ``disk`` (each hint speaks for its disk) or ``region`` (for the feature region on its slice).
         label_rules: extent and composition apart (:func:`rule_for_hints`); False: the edited model's labels.
+        backtrack: after the fit, the smallest of these shares of its log-scales that still gives every hint's
+            voxel what the hint says is kept (the fit overshoots; a smaller edit spills less); empty: keep the fit.
     """
 
     margin_mm: float = 20.0
@@ -82,6 +84,7 @@ class GuidedOptions:
     similarity: float = 0.5
     target: str = "disk"
     label_rules: bool = True
+    backtrack: tuple[float, ...] = (0.25, 0.5, 0.75)
 
 
 @dataclass
@@ -223,6 +226,20 @@ def _hint_loss(log_probs: torch.Tensor, targets: _Targets, satisfied: float = 0.
     return torch.stack(losses).mean() if losses else log_probs.sum() * 0
 
 
+def _satisfied(logits: torch.Tensor, targets: _Targets, hint_pixels: list[tuple[int, int, int]]) -> bool:
+    """Whether the labels at every hint's own voxel (``(slice number, x, y)``) are what the hint says."""
+    labels = torch.argmax(logits, dim=1)
+    for (n, x, y), (sign, cls) in zip(hint_pixels, targets.hint_kinds):
+        label = int(labels[n, x, y])
+        if targets.composition:
+            label = int(torch.argmax(logits[n, 1:, x, y])) + 1 if cls is not None else label
+        if sign == "+" and not (label == cls if cls is not None else label > 0):
+            return False
+        if sign == "-" and not (label != cls if cls is not None else label == 0):
+            return False
+    return True
+
+
 def _keep_loss(log_probs: torch.Tensor, targets: _Targets) -> torch.Tensor:
     if targets.composition:  # within the tumour's classes (its extent is kept by the rule)
         tumour = torch.log_softmax(log_probs[:, 1:], dim=1)
@@ -291,6 +308,7 @@ def guided_edits(
         weights = forward.region_weights(sae, region, positions).reshape(-1, 1)
         vectors = feature_map_to_vectors(h)
     rule = rule_for_hints(hints, current_ras) if options.label_rules else "model"
+    hint_pixels = [(int(np.flatnonzero(slices == h.slice)[0]), h.voxel[0], h.voxel[1]) for h in hints]
     targets = _targets(hints, slices, current_ras, prepared.brain_mask, spacing, options, grown, rule)
     targets = _Targets(targets.hint_masks.to(forward.device), targets.hint_kinds, targets.keep_labels.to(forward.device),
                        targets.keep_weights.to(forward.device))  # fmt: skip
@@ -357,7 +375,14 @@ def guided_edits(
     finally:
         for parameter in trainable:
             parameter.requires_grad_(True)
-    alphas = tuple(float(np.float32(np.exp(float(t)))) for t in theta.detach().cpu())
+    fitted = theta.detach()
+    if options.backtrack:  # the smallest share of the fitted edit that still does what the hints say
+        with torch.no_grad():
+            for share in options.backtrack:
+                if _satisfied(logits_of(fitted * share, latents, codes, rows), targets, hint_pixels):
+                    fitted = fitted * share
+                    break
+    alphas = tuple(float(np.float32(np.exp(float(t)))) for t in fitted.cpu())
     edits = [LatentEdit((j,), "scale", round(a, 4), region=region, labels=rule) for j, a in zip(latents, alphas)
              if abs(a - 1.0) >= options.min_change]  # fmt: skip
     return GuidedFix(edits, latents, alphas, region, scores, losses, time.perf_counter() - started, rule)
