@@ -55,6 +55,7 @@ def test_split_holds_out_one_case_per_acquisition_group(brats2018_dir):
     cohort = load_cohort(brats2018_dir)
     splits = split_cases(cohort, seed=0)
     assert splits == split_cases(cohort, seed=0)  # deterministic
+    assert splits["test"] == ["Brats18_2013_3_1", "Brats18_CBICA_ALU_1", "Brats18_TCIA02_370_1"]  # the shipped bundle's
     assert len(splits["test"]) == 3 and len(splits["validation"]) == 1
     assert {g for g in ("Brats18_2013_", "Brats18_CBICA_", "Brats18_TCIA") if any(t.startswith(g) for t in splits["test"])} == {
         "Brats18_2013_", "Brats18_CBICA_", "Brats18_TCIA"}
@@ -62,12 +63,28 @@ def test_split_holds_out_one_case_per_acquisition_group(brats2018_dir):
     assert sorted(everything) == sorted(c.case_id for c in cohort) and len(set(everything)) == len(everything)
 
 
+def test_the_second_edition_split_holds_out_four_cases_of_three_groups_with_brats_extra(brats2018_dir, shared_data):
+    from SegLensLogic.data import Cohort, load_cohort
+    from SegLensLogic.reference.build import acquisition_group
+
+    extra = shared_data / "brats-extra"
+    if not extra.is_dir():
+        pytest.skip(f"{extra} is not here")
+    cohort = Cohort("all", [*load_cohort(brats2018_dir), *load_cohort(extra)])
+    splits = split_cases(cohort, seed=0, test_cases=4, validation_cases=2)
+    assert len(splits["test"]) == 4 and len(splits["validation"]) == 2
+    assert {acquisition_group(t) for t in splits["test"]} == {"2013 cohort", "CBICA", "TCIA"}
+    assert "BraTS2021_00006" in splits["train"]  # a group of one case always trains
+    everything = splits["train"] + splits["validation"] + splits["test"]
+    assert sorted(everything) == sorted(c.case_id for c in cohort) and len(set(everything)) == len(everything)
+
+
 def test_tiny_rebuild_writes_a_bundle_whose_card_is_the_builds_measurement(tiny_build):
     build, root, lines = tiny_build
     state = json.loads((root / "build" / "build.json").read_text())
-    assert list(state["steps"]) == ["split", "base", "leverage", "sae", "interpret", "populations", "evaluation", "repair", "bundle"]
+    assert list(state["steps"]) == ["split", "base", "leverage", "sae", "interpret", "populations", "evaluation", "repair", "hints", "bundle"]
     bundle = load_bundle(root / "published")
-    assert (root / "published" / "build.log").read_text().count("[9/9]") == 1
+    assert (root / "published" / "build.log").read_text().count("[10/10]") == 1
     history = json.loads((root / "published" / "training_history.json").read_text())
     assert len(history) == state["steps"]["base"]["outputs"]["epochs"]  # every epoch of the base model, beside the log
     # the figures on the card are the evaluation step's numbers, for the weights in the bundle
@@ -85,12 +102,20 @@ def test_tiny_rebuild_writes_a_bundle_whose_card_is_the_builds_measurement(tiny_
     assert {p.name for p in bundle.alignment_paths} == {"adult-vs-brats2013.json", "adult-vs-ssa.json", "adult-vs-pediatric.json"}
     assert isinstance(bundle.load_suggestions(), Suggestions)
     assert bundle.manifest["preprocessing"]["crop_to_brain"] is True
+    # the hook was chosen by aim: every hook's hint fixes were measured; the hint benchmark is on the card and in the
+    # figures the Slicer panel shows beside Fix
+    summary = state["steps"]["leverage"]["outputs"]["summary"]
+    assert all("aim_gain" in row for row in summary)
+    assert hook == max(summary, key=lambda r: (r["aim_gain"], r["moved"], r["oracle_gain_mean"]))["hook"]
+    hints = state["steps"]["hints"]["outputs"]["results"]
+    assert "## Fixing by pointing (hints)" in card and bundle.figures["hints"]["summary_line"].startswith("Measured by the build on")
+    assert bundle.figures["hints"]["cases"] == sum(f["failure"] for f in hints["failures"])
 
     # a second run finds every step done and redoes nothing
     again: list[str] = []
     start = time.monotonic()
     build_reference(build.data, root / "build", ReferenceSettings.tiny(), log=again.append)
-    assert sum("skipped" in line for line in again) == 9 and time.monotonic() - start < 30
+    assert sum("skipped" in line for line in again) == 10 and time.monotonic() - start < 30
     # other settings are refused rather than mixed into the same build
     with pytest.raises(SegLensError, match="other options"):
         build_reference(build.data, root / "build", ReferenceSettings(), log=QUIET)

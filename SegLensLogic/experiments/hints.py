@@ -369,15 +369,15 @@ def aim(model, sae, cases: Sequence, clicks: int = 3, options: GuidedOptions = G
 
 
 def hint_failure_pool(data: str | Path, bundle, work: str | Path, log: Callable[[str], None] = print) -> list[ShiftedCase]:
-    """The failure pool of a reference bundle: its held-back test cases clean, SSA-like at strengths 1 and 2, without
-    FLAIR and without T1c; the BraTS 2013 cases; and the ``brats-extra`` cases it was not trained on. Degraded
-    copies are written once into ``work``."""
+    """The failure pool of a reference bundle (or its figures, a dict with ``training``): its held-back test cases
+    clean, SSA-like at strengths 1 and 2, without FLAIR and without T1c; the BraTS 2013 cases; and the
+    ``brats-extra`` cases it was not trained on. Degraded copies are written once into ``work``."""
     from ..data.cohort import load_cohort
     from ..data.phantoms import degrade_case
     from .repair import without_modalities
 
     data, work = Path(data), Path(work)
-    training = (bundle.figures or {}).get("training", {})
+    training = ((bundle if isinstance(bundle, dict) else bundle.figures) or {}).get("training", {})
     seen = set(training.get("cases", [])) | set(training.get("validation_cases", []))
     test_ids = training.get("test_cases", [])
     cases = {c.case_id: c for sub in ("brats2018", "brats-extra") if (data / sub).is_dir() for c in load_cohort(data / sub)}

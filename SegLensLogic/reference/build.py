@@ -24,13 +24,16 @@ rerunning the same command continues where it stopped; the segmenter's training 
 8. ``repair``: the failure cases among the test cases under SSA-like shifts and missing sequences and the BraTS 2013
    cases, every steering arm and baseline on them (:mod:`SegLensLogic.experiments.repair`), and the suggested
    corrections per population (:mod:`SegLensLogic.steering.suggestions`).
-9. ``bundle``: model, SAE, labels, alignments, suggestions and the model card (:mod:`.card`) in one bundle.
+9. ``hints``: the hint benchmark (:mod:`SegLensLogic.experiments.hints`) on the failures of the test cases (clean,
+   SSA-like, without FLAIR or T1c), the BraTS 2013 cases and the ``brats-extra`` cases not trained on.
+10. ``bundle``: model, SAE, labels, alignments, suggestions and the model card (:mod:`.card`) in one bundle.
 
 The build is deterministic given its seeds on one machine (PyTorch's CPU kernels may differ across CPUs).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -92,7 +95,8 @@ class ReferenceSettings:
         pediatric_cases, phantom_shape: the synthetic pediatric cohort (no real pediatric case is available).
         repair_alphas, repair_strengths, repair_missing, repair_brats2013, fit_steps: the failure-repair
             experiment: alpha grid, SSA-like degradation strengths of the test cases, sequences left out of them,
-            BraTS 2013 cases used, gradient steps of the fitted correction; repair_patients, leverage_hooks:
+            BraTS 2013 cases used, gradient steps of the fitted correction; hint_clicks: simulated clicks per case of
+            the hint benchmark; repair_patients, leverage_hooks:
             fewer test patients and hook points (tiny builds only).
     """
 
@@ -124,6 +128,7 @@ class ReferenceSettings:
     leverage_hooks: tuple[str, ...] | None = None
     aim_cases: int = 4
     fit_steps: int = 40
+    hint_clicks: int = 5
     sweep: tuple[tuple[int, int], ...] = ((8, 4), (16, 4), (16, 8), (32, 8), (32, 16))
     sae_expansion: int = 16
     sae_max_steps: int = 20000
@@ -147,7 +152,7 @@ class ReferenceSettings:
             arch="segformer-b0", extra_cases=False, test_cases=3, validation_cases=1, image_size=64, epochs=2, slices_per_epoch=64, batch_size=8, warmup_steps=0, precision="float32",
             arch_options=(("hidden_sizes", [16, 32, 64, 128]), ("decoder_hidden_size", 64), ("num_attention_heads", [1, 1, 2, 4])),
             train_cases=2, leverage_sae_steps=100, leverage_alphas=(0.0, 4.0), repair_alphas=(0.0, 1.0, 4.0), repair_strengths=(2.0,),
-            repair_missing=(), repair_brats2013=1, repair_patients=2, leverage_hooks=("stage1", "stage2"), aim_cases=1, fit_steps=3, sweep=((4, 2), (8, 4)), sae_expansion=4,
+            repair_missing=(), repair_brats2013=1, repair_patients=2, leverage_hooks=("stage1", "stage2"), aim_cases=1, hint_clicks=1, fit_steps=3, sweep=((4, 2), (8, 4)), sae_expansion=4,
             sae_max_steps=300, interpret_top_k=4, finetune_epochs=1, finetune_slices=32, pediatric_cases=2,
             phantom_shape=(48, 56, 40),
         )  # fmt: skip
@@ -162,6 +167,7 @@ STEPS = [
     ("populations", "fine-tune population models (BraTS 2013, SSA-like degraded, pediatric phantoms), their SAEs and alignments"),
     ("evaluation", "measure the model and its SAE on cases never trained on"),
     ("repair", "steer real failure cases: every arm side by side; the suggested corrections per population"),
+    ("hints", "fix real failure cases by pointing at them: the hint benchmark on simulated clicks"),
     ("bundle", "write the bundle with its model card"),
 ]
 MODALITIES = ["t1n", "t1c", "t2w", "t2f"]
@@ -574,6 +580,24 @@ def step_repair(build: ReferenceBuild, folder: Path) -> dict:
             "failures": results["failures"], "fits": results["fits"]}  # fmt: skip
 
 
+def step_hints(build: ReferenceBuild, folder: Path) -> dict:
+    from ..experiments.hints import hint_failure_pool, run_hints
+    from ..sae import BatchTopKSAE
+
+    s = build.settings
+    model = build.model()
+    model.config.hook_point = build.hook
+    sae = BatchTopKSAE.load(build.pipeline.out / build.pipeline.outputs("sae")["sae"])
+    split = build.pipeline.outputs("split")
+    figures = {"training": {"cases": split["train"], "validation_cases": split["validation"], "test_cases": split["test"]}}
+    pool = hint_failure_pool(build.data, figures, folder / "cases", log=build.sub)
+    if s.repair_patients is not None:  # tiny builds: fewer cases
+        pool = pool[: 2 * s.repair_patients]
+    report, results = run_hints(model, sae, pool, max_clicks=s.hint_clicks, seed=s.seed, log=build.sub)
+    report.write(folder / "report", overwrite=True)
+    return {"report": "hints/report/README.md", "results": results}
+
+
 def step_bundle(build: ReferenceBuild, folder: Path) -> dict:
     from ..bundle import build_bundle
     from ..networks import load_segmenter
@@ -646,7 +670,8 @@ def build_reference(
         raise SegLensError(f"unknown build step '{until}'; use one of {', '.join(names)}")
     runners = {
         "split": step_split, "base": step_base, "leverage": step_leverage, "sae": step_sae, "interpret": step_interpret,
-        "populations": step_populations, "evaluation": step_evaluation, "repair": step_repair, "bundle": step_bundle,
+        "populations": step_populations, "evaluation": step_evaluation, "repair": step_repair, "hints": step_hints,
+        "bundle": step_bundle,
     }  # fmt: skip
     for name in names:
         pipeline.run(name, lambda folder, step=runners[name]: step(build, folder), resumable=name in ("base", "populations"))
@@ -659,11 +684,56 @@ def build_reference(
     return build
 
 
+def record_hints(bundle_dir: str | Path, results: dict) -> Path:
+    """Write a hint benchmark's measurement (:func:`~SegLensLogic.experiments.hints.run_hints` results) into a
+    published bundle: ``figures["hints"]`` in its manifest (what the Slicer panel shows beside *Fix*) and the card's
+    section on fixing by pointing (replacing an earlier one), the card's hash updated; the folder is replaced
+    atomically and loads (hashes verified) before and after."""
+    import json
+    import shutil
+    import tempfile
+
+    from ..bundle import MANIFEST_NAME, load_bundle
+    from ..storage import file_sha256
+    from .card import hints_figures, hints_section
+
+    bundle = load_bundle(bundle_dir)
+    root = Path(bundle.root)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
+    try:
+        shutil.copytree(root, tmp, dirs_exist_ok=True)
+        manifest = json.loads((tmp / MANIFEST_NAME).read_text(encoding="utf-8"))
+        manifest.setdefault("figures", {})["hints"] = hints_figures(results)
+        card = manifest.get("card")
+        if card:
+            text = (tmp / card).read_text(encoding="utf-8")
+            section = "\n".join(hints_section(results)) + "\n\n"
+            start = text.find("## Fixing by pointing (hints)")
+            end = text.find("## Data licences and citations")
+            if start >= 0:
+                text = text[:start] + section + text[end if end > start else len(text):]
+            elif end >= 0:
+                text = text[:end] + section + text[end:]
+            else:
+                text = text.rstrip("\n") + "\n\n" + section
+            atomic_write_text(tmp / card, text, overwrite=True)
+            manifest["files"][card] = file_sha256(tmp / card)
+        atomic_write_text(tmp / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n", overwrite=True)
+        load_bundle(tmp)
+        old = root.with_name(f".{root.name}.old")
+        os.replace(root, old)
+        os.replace(tmp, root)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
 def publish_bundle(bundle: Path, target: Path, log_path: Path, training_history: Path | None = None) -> None:
     """Copy a finished bundle, the build log and (when given) the training history to ``target``, replacing what
     was there, atomically. The history holds every epoch's loss and validation Dice, also of runs the build resumed
     (whose lines the build log of a later run does not repeat)."""
-    import os
     import shutil
     import tempfile
 

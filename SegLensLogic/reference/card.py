@@ -82,6 +82,60 @@ def steering_verdict(summary: list[dict]) -> list[str]:
     return lines
 
 
+HINT_GOALS = {"gain": 0.05, "gaining": 0.5, "far": 0.5, "seconds": 10.0}
+
+
+def hints_figures(results: dict) -> dict:
+    """What the card's figures keep of a hint benchmark (:func:`~SegLensLogic.experiments.hints.run_hints`): the
+    latent fix's row at each click count, the paired differences, and a one-line summary the Slicer panel shows."""
+    out: dict[str, Any] = {"cases": len([f for f in results["failures"] if f["failure"]])}
+    for clicks, rows in results["summary"].items():
+        fix = next(r for r in rows if r["arm"] == "latent fix")
+        out[f"clicks_{clicks}"] = {key: fix.get(key) for key in ("dice_mean", "dice_WT", "gaining >= 0.05", "far from clicks", "seconds",
+                                                                 "vs random latents", "vs logit bias", "vs spheres")}  # fmt: skip
+    three = out.get("clicks_3", {})
+    out["summary_line"] = (
+        f"Measured by the build on {out['cases']} real failures with 3 simulated clicks each: mean Dice change {three.get('dice_mean')} "
+        f"(against the same fit on random latents {three.get('vs random latents')}; against a fitted logit bias "
+        f"{three.get('vs logit bias')}); {float(three.get('gaining >= 0.05') or 0):.0%} of the failures gain 0.05 or more."
+    )
+    return out
+
+
+def hints_section(results: dict) -> list[str]:
+    """The card's section on fixing by pointing: the benchmark's tables at 1, 3 and 5 clicks, and its goals."""
+    columns = ["arm", "dice_mean", "dice_WT", "dice_TC", "dice_ET", "gaining >= 0.05", "far from clicks", "vs random latents",
+               "vs logit bias", "vs spheres"]  # fmt: skip
+    failures = [f for f in results["failures"] if f["failure"]]
+    lines = [
+        "## Fixing by pointing (hints)",
+        f"`seglens experiment hints` on the failures of this model ({len(failures)} of {len(results['failures'])} cases: the test cases "
+        "clean, SSA-like x1 and x2, without FLAIR and without T1c, the BraTS 2013 cases and the brats-extra cases never trained on; "
+        "a failure has mean Dice < 0.6 or lost >= 0.10 against its clean case). The simulated user clicks at the interior of the "
+        "largest error of the latent fix's current mask; every arm sees the same clicks. Mean change with 95 % bootstrap intervals "
+        "over the failures; 'vs' columns: paired differences of the latent fix's mean Dice change to each other arm; far from "
+        "clicks: share of the changed voxels more than 15 mm from every click.",
+        "",
+    ]
+    for clicks, rows in results["summary"].items():
+        lines += [f"After {clicks} click(s):", "", _table(rows, columns), ""]
+    lines += [f"Reference, the paper's protocol (no clicks; alpha read from each case's truth): {results['paper']['dice_mean']} "
+              f"({results['paper']['recovered (>= 0.05)']:.0%} of the failures gain 0.05 or more).", ""]
+    three = next((r for r in results["summary"].get("3", []) if r["arm"] == "latent fix"), None)
+    if three is not None:
+        mean = _interval(three["dice_mean"])[0]
+        random_low = _interval(three["vs random latents"])[1]
+        bias_low = _interval(three["vs logit bias"])[1]
+        lines += [
+            f"- Goal, after 3 clicks a mean gain of at least {HINT_GOALS['gain']}: {mean:+.3f} ({'met' if mean >= HINT_GOALS['gain'] else 'not met'}); "
+            f"the interval against random latents {'excludes' if random_low > 0 else 'includes'} 0, against the logit bias "
+            f"{'excludes' if bias_low > 0 else 'includes'} 0; {three['gaining >= 0.05']:.0%} of the failures gain 0.05 or more "
+            f"(goal: half); {three['far from clicks']:.0%} of the changed voxels lie farther than 15 mm from every click (goal: "
+            f"more than half).",
+        ]
+    return lines
+
+
 def model_card(build) -> tuple[str, dict]:
     """``(markdown, figures)`` of a build whose steps up to ``evaluation`` have finished."""
     p = build.pipeline
@@ -108,6 +162,7 @@ def model_card(build) -> tuple[str, dict]:
         "floors": populations["floors"],
         "repair": {row["arm"]: {"cases": row["cases"], "recovered": row["recovered"], "dice_mean": row["dice_mean"]} for row in repair["summary"]},
         "goals": GOALS,
+        **({"hints": hints_figures(p.outputs("hints")["results"])} if p.done("hints") else {}),
     }  # fmt: skip
     mean = test["mean"]
     lines = [
@@ -199,6 +254,7 @@ def model_card(build) -> tuple[str, dict]:
         "",
         *steering_verdict(repair["summary"]),
         "",
+        *(hints_section(p.outputs("hints")["results"]) + [""] if p.done("hints") else []),
         "## Data licences and citations",
         CITATIONS,
         "",
