@@ -214,7 +214,11 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
             node = given[modality]
             if node.GetImageData() is None:
                 raise self._error(f"volume '{node.GetName()}' ({modality}) has no voxels")
-            volumes[modality] = (nodes.volume_array(node), nodes.ijk_to_ras(node), node)
+            array = nodes.volume_array(node)
+            problem = inputs.not_an_mri(array, node.IsA("vtkMRMLLabelMapVolumeNode"))
+            if problem:
+                raise self._error(f"volume '{node.GetName()}' ({modality}) {problem}")
+            volumes[modality] = (array, nodes.ijk_to_ras(node), node)
         return volumes
 
     def caseFromArrays(self, volumes, caseId=None):
@@ -367,7 +371,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
     def showSegmentation(self, labels, name=None):
         """A new segmentation node (named, coloured class segments) from ``labels``; the original result."""
         if self.colourTableNode is None or self.scene.GetNodeByID(self.colourTableNode.GetID()) is None:
-            self.colourTableNode = nodes.colour_table_node(self.scene, self.classNames, self.classColours, "SegLens classes")
+            self.colourTableNode = self._sameColourTable() or nodes.colour_table_node(self.scene, self.classNames, self.classColours, "SegLens classes")
         node = nodes.segmentation_from_labels(
             self.scene, labels, self.referenceNode, self.colourTableNode, name or f"{self.referenceNode.GetName()} SegLens"
         )
@@ -377,6 +381,24 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         self.segmentationNodes = [node]
         self._showOnly(node)
         return node
+
+    def _sameColourTable(self):
+        """A "SegLens classes" table already in the scene with exactly these classes and colours (one per scene, not
+        one per Segment), or None."""
+        for index in range(self.scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
+            table = self.scene.GetNthNodeByClass(index, "vtkMRMLColorTableNode")
+            if not (table.GetName() or "").startswith("SegLens classes") or table.GetNumberOfColors() != len(self.classNames):
+                continue
+            rgba = [0.0, 0.0, 0.0, 0.0]
+            same = True
+            for value, (name, colour) in enumerate(zip(self.classNames, self.classColours)):
+                table.GetColor(value, rgba)
+                if table.GetColorName(value) != name or any(abs(a * 255.0 - float(c)) > 0.5 for a, c in zip(rgba[:3], colour)):
+                    same = False
+                    break
+            if same:
+                return table
+        return None
 
     def segment(self, progress=None):
         """Segment the opened case and return the new segmentation node (main thread)."""
@@ -1756,6 +1778,8 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             finally:
                 qt.QApplication.restoreOverrideCursor()
         except Exception as exc:
+            if type(exc).__name__ == "OutputExistsError":  # the panel's words, not the command line's (--overwrite)
+                exc = self.logic._error(f"{exc.path} already exists; choose another name or tick 'Overwrite existing files'")
             self.showError("Export failed", exc)
             return
         qt.QSettings().setValue(EXPORT_FOLDER_SETTING, folder)

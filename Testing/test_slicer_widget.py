@@ -138,6 +138,13 @@ def coarse_copy(scene, path: Path, name: str):
     return node
 
 
+def read_seg_labels(case_dir: Path) -> np.ndarray:
+    """The case's expert labels (values 0, 1, 2, 4) as a float array on its grid: a segmentation loaded as an image."""
+    import nibabel as nib
+
+    return np.asarray(nib.load(str(case_dir / f"{case_dir.name}_seg.nii.gz")).dataobj).astype(np.float32)
+
+
 def segment_nodes(scene, role=None) -> list:
     found = []
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
@@ -342,6 +349,22 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
     assert messages.errors()[-1] == f"Segmentation failed: {tmp_path / 'no-bundle'}: bundle folder not found"
     assert "detailedText" not in messages.messages[-1][2] and widget.logic.session is None
     ui.bundlePathLineEdit.currentPath = str(reference_bundle)
+
+    # -- What is not an MRI is refused before any work, naming the volume: a photograph, a label map as FLAIR.
+    photo = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "holiday photo")
+    nodes.set_volume_array(photo, np.random.default_rng(0).integers(0, 255, (64, 64, 1)).astype(np.float32))
+    ui.t1nSelector.setCurrentNode(photo)
+    ui.segmentButton.click()
+    assert widget.job is None and messages.errors()[-1].startswith("Cannot segment: volume 'holiday photo' (t1n) is not a 3D MRI volume")
+    ui.t1nSelector.setCurrentNode(t1)
+    segmentation_as_image = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "labels")
+    nodes.set_volume_array(segmentation_as_image, read_seg_labels(case_dir))
+    ui.t2fSelector.setCurrentNode(segmentation_as_image)
+    ui.segmentButton.click()
+    assert widget.job is None and "looks like a label map, not an MRI sequence" in messages.errors()[-1]
+    ui.t2fSelector.setCurrentNode(flair)  # (label map nodes are not offered by the selectors at all)
+    for node in (photo, segmentation_as_image):
+        scene.RemoveNode(node)
 
     # -- Segment, with a double click, while the user scrolls and pans the Red view.
     segments_before = len(calls)
@@ -639,7 +662,8 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
     assert [e["latents"] for e in recipe["edits"]] == [list(edit.latents)]
     stamps = {k: p.stat().st_mtime_ns for k, p in files.items()}
     ui.exportButton.click()
-    assert "already exists" in messages.errors()[-1] and "detailedText" not in messages.messages[-1][2]
+    assert "already exists; choose another name or tick 'Overwrite existing files'" in messages.errors()[-1] and "--overwrite" not in messages.errors()[-1]
+    assert "detailedText" not in messages.messages[-1][2]
     assert {k: p.stat().st_mtime_ns for k, p in files.items()} == stamps
     ui.exportDirectoryButton.directory = str(tmp_path / "nowhere")
     ui.exportButton.click()

@@ -1,4 +1,5 @@
-"""Which MRI sequence a volume holds, from its node name, where the name says it clearly.
+"""Which MRI sequence a volume holds, from its node name, where the name says it clearly; and whether a volume can
+be an MRI sequence at all (:func:`not_an_mri`).
 
 ``Brats18_TCIA02_370_1_t1ce`` is T1 with contrast (``t1c``), ``BraTS-GLI-00001-000-t2f`` is FLAIR (``t2f``),
 ``sub-01_T2w`` is T2 (``t2w``). A name is split into words at ``_ - . space``; a word must name one sequence exactly
@@ -48,3 +49,30 @@ def assign_modalities(names: dict[str, str], taken: dict[str, str | None]) -> di
         if modality is not None and node_id not in used:
             by_modality[modality].append(node_id)
     return {m: ids[0] for m, ids in by_modality.items() if not taken.get(m) and len(ids) == 1}
+
+
+# An MRI volume has at least this many slices along every axis; fewer is a photograph, a screenshot or one slice.
+MIN_SLICES = 8
+
+
+def not_an_mri(array, is_label_map=False):
+    """Why a volume cannot be an MRI sequence to segment, in the panel's words, or None.
+
+    Refused: a label map node; fewer than :data:`MIN_SLICES` voxels along an axis (a photo, a single slice); integer
+    values of a dozen levels or fewer (a segmentation or label map loaded as a plain volume).
+    """
+    import numpy as np
+
+    if is_label_map:
+        return "is a label map, not an MRI sequence: choose the image itself"
+    shape = tuple(int(v) for v in array.shape[:3])
+    if len(array.shape) != 3 or min(shape) < MIN_SLICES:
+        return (f"is not a 3D MRI volume ({' x '.join(str(v) for v in array.shape)} voxels; at least {MIN_SLICES} along "
+                "every axis are needed)")  # fmt: skip
+    sample = np.asarray(array).reshape(-1)[:: max(1, array.size // 2_000_000)]
+    if np.issubdtype(sample.dtype, np.integer) or np.array_equal(sample, np.round(sample)):
+        levels = np.unique(sample)
+        if len(levels) <= 12:
+            return (f"holds only {len(levels)} distinct values ({', '.join(str(int(v)) for v in levels[:6])}"
+                    f"{', ...' if len(levels) > 6 else ''}): it looks like a label map, not an MRI sequence")  # fmt: skip
+    return None

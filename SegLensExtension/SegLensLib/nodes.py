@@ -74,6 +74,12 @@ def set_volume_array(volume_node, array_ijk: np.ndarray) -> None:
     slicer.util.updateVolumeFromArray(volume_node, array)
 
 
+def unique_name(scene, name: str) -> str:
+    """``name`` itself when no node has it, else the scene's next unique variant. (The scene's GenerateUniqueName
+    counts every name it ever gave: a node made again after its namesake was removed would be "name_1".)"""
+    return name if scene.GetFirstNodeByName(name) is None else scene.GenerateUniqueName(name)
+
+
 def add_volume_like(scene, reference, array_ijk: np.ndarray, name: str, class_name: str = "vtkMRMLScalarVolumeNode"):
     """A new volume node holding ``array_ijk`` on ``reference``'s grid (origin, spacing, directions copied).
 
@@ -86,9 +92,7 @@ def add_volume_like(scene, reference, array_ijk: np.ndarray, name: str, class_na
     """
     if tuple(array_ijk.shape) != volume_shape(reference):
         raise ValueError(f"array of shape {array_ijk.shape} does not match '{reference.GetName()}' {volume_shape(reference)}")
-    # GenerateUniqueName counts every name it ever gave: a node made again after its namesake left would be "_1".
-    unique = name if scene.GetFirstNodeByName(name) is None else scene.GenerateUniqueName(name)
-    node = scene.AddNewNodeByClass(class_name, unique)
+    node = scene.AddNewNodeByClass(class_name, unique_name(scene, name))
     node.CopyOrientation(reference)
     set_volume_array(node, array_ijk)
     node.CreateDefaultDisplayNodes()
@@ -184,7 +188,7 @@ def colour_table_node(scene, class_names: list[str], colours: list[tuple[int, in
     """
     if len(class_names) != len(colours):
         raise ValueError(f"{len(class_names)} class names but {len(colours)} colours")
-    table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", scene.GenerateUniqueName(name))
+    table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", unique_name(scene, name))
     table.SetTypeToUser()
     table.SetNumberOfColors(len(class_names))
     for index, (class_name, rgb) in enumerate(zip(class_names, colours)):
@@ -213,7 +217,7 @@ def segmentation_from_labels(scene, labels_ijk: np.ndarray, reference, colour_ta
     if labels.size and int(labels.max()) >= count:
         raise ValueError(f"label value {int(labels.max())} has no class in '{colour_table.GetName()}' ({count} colours)")
     ensure_segmentation_converters()
-    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", unique_name(scene, name))
     segmentation_node.CreateDefaultDisplayNodes()
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
     segmentation = segmentation_node.GetSegmentation()
