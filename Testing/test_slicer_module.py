@@ -303,7 +303,7 @@ def test_volumes_on_different_grids_are_resampled_with_a_note(SegLens, scene):
     from SegLensLib import nodes
     from SegLensLogic.errors import SegLensError
 
-    i, j, k = np.meshgrid(np.arange(12), np.arange(10), np.arange(8), indexing="ij")
+    i, j, k = np.meshgrid(np.arange(18), np.arange(16), np.arange(16), indexing="ij")  # b keeps >= 8 voxels an axis
     ramp = (i + 2.0 * j + 3.0 * k).astype(np.float32)  # linear: linear interpolation reproduces it exactly
     a = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "a")
     a.SetOrigin(-5.0, 3.0, 7.0)
@@ -316,9 +316,9 @@ def test_volumes_on_different_grids_are_resampled_with_a_note(SegLens, scene):
     case = logic.caseFromVolumes({"t1": a, "flair": b})
     assert logic.inputNotes == ["'b' (t2f) was on another grid: resampled onto the grid of 'a' (t1n) by linear interpolation."]
     resampled = case.images["t2f"]
-    assert resampled.shape == ramp.shape and np.allclose(resampled[:11, :9, :7], ramp[:11, :9, :7], atol=1e-4)
+    assert resampled.shape == ramp.shape and np.allclose(resampled[:17, :15, :15], ramp[:17, :15, :15], atol=1e-4)
     assert np.array_equal(case.images["t1n"], ramp) and np.allclose(case.affine, nodes.ijk_to_ras(a))
-    assert resampled[11, 0, 0] == 0.0  # outside b's voxels
+    assert resampled[17, 0, 0] == 0.0  # outside b's voxels
     with pytest.raises(SegLensError, match="select at least one input volume"):
         logic.caseFromVolumes({"t1": None})
     with pytest.raises(SegLensError, match="unknown modality 'pd'"):
