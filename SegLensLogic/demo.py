@@ -99,8 +99,8 @@ class DemoSettings:
         sae_k, sae_expansion, sae_steps, sae_batch: SAE sparsity, dictionary size over ``d_in``, the most training
             steps (the recipe's held-out stopping rule may end sooner) and batch; the learning rate is the recipe's
             (:func:`~SegLensLogic.sae.training.default_learning_rate`). Chosen by measurement on the demo's
-            activations (the README's diffing section): at most 10 % dead latents and explained variance above the
-            earlier 256-latent, k 8 setting.
+            activations (docs/measurements/model-diffing.md): at most 10 % dead latents and explained variance above
+            the earlier 256-latent, k 8 setting.
         resample_fraction: share of a cohort's activations its resampled replica SAE is trained on.
         top_k: examples per latent in interpretation; ``galleries``: gallery latents per SAE.
         alphas: the failure-recovery scale grid; ``adaptation_alphas``: the additive grid (multiplicative below).
@@ -1261,7 +1261,8 @@ def run_demo(
         threads: PyTorch CPU threads while the demo runs (default 1 without a GPU: models this small run faster on
             one thread than on two that contend with each other and with other processes; restored afterwards).
         hook: the U-Net hook point the SAEs read and steering edits (default ``down_2``); a decoder level
-            (``up_3``, ``up_2``) is behind the skip connections, so its edits reach the mask (the README's leverage).
+            (``up_3``, ``up_2``) is behind the skip connections, so its edits reach the mask
+            (docs/measurements/steering-repair.md).
     """
     out = Path(out)
     if data is not None and not isinstance(data, (list, tuple)):
