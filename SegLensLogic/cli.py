@@ -1,9 +1,13 @@
 """The ``seglens`` command: segment, evaluate, train, inspect hook points, run the demo.
 
 Commands of the later concepts (steering, interpretation, alignment, experiments, bundles) are defined in a
-``commands.py`` beside each concept and registered through :data:`COMMAND_MODULES`; they reuse the helpers here
+``commands.py`` beside each concept and listed in :data:`PACKAGE_COMMANDS`; they reuse the helpers here
 from :mod:`SegLensLogic.console` (:func:`log`, :func:`device_from_args`, :func:`case_from_args`,
 :func:`add_device_arguments`), as this module does.
+
+The command line starts fast: building the parser imports no package's work (no torch, transformers, MONAI or SciPy).
+Each command imports what it runs inside its function, and a concept's ``commands.py`` is imported only when one of
+its commands is chosen (to run it or to show its help).
 
 Every user error is printed as one line ``seglens: error: <file>: <problem>`` with exit status 2 (no traceback;
 ``--debug`` shows one). Outputs are never overwritten unless ``--overwrite`` is given.
@@ -22,10 +26,26 @@ from pathlib import Path
 from . import __version__
 from .console import add_device_arguments, case_from_args, device_from_args, log, progress_printer
 from .errors import SegLensError, refuse_existing
-from .storage import MAX_LATENTS
 
-# Modules that add their own subcommands (steering, interpretation, alignment, experiments, bundles, ...).
-COMMAND_MODULES: tuple[str, ...] = ("SegLensLogic.steering.commands", "SegLensLogic.bundle", "SegLensLogic.data.commands", "SegLensLogic.interpretation.commands", "SegLensLogic.alignment.commands", "SegLensLogic.experiments.commands", "SegLensLogic.reference.commands")
+# Commands that the concept packages add (each module's ``add_commands(subparsers)``): name -> (module, the help line
+# of ``seglens --help``). The parser lists them from here and imports a module only when one of its commands is
+# chosen, so that ``seglens --help`` and the commands of this module import no other package; a test checks this
+# table against what the modules add.
+PACKAGE_COMMANDS: dict[str, tuple[str, str]] = {
+    "steer": ("SegLensLogic.steering.commands", "steer SAE latents and write the corrected mask with its recipe"),
+    "bundle": ("SegLensLogic.bundle", "pack a model, its SAE, latent labels and alignments into one bundle folder"),
+    "phantoms": ("SegLensLogic.data.commands", "write a synthetic cohort (MNI152-based phantoms) of a population with planted shifts"),
+    "degrade": ("SegLensLogic.data.commands", "apply a population's acquisition shift (noise, bias field, thick slices) to real cases"),
+    "interpret": ("SegLensLogic.interpretation.commands", "label every SAE latent from its top-K slices over a labelled cohort"),
+    "align": ("SegLensLogic.alignment.commands", "align the latents of two SAEs (model diffing) and write alignment.json"),
+    "diff": ("SegLensLogic.alignment.commands", "align every pair of cohort SAEs: fraction-shared matrix (CSV, heatmap), universal latents"),
+    "diagnose": ("SegLensLogic.experiments.commands", "rank a cohort's cases by Dice; top latents of the worst and their usage z-scores"),
+    "experiment": ("SegLensLogic.experiments.commands", "the paper's experiments: failure-recovery, adaptation, population-steering"),
+    "build-reference": ("SegLensLogic.reference.commands", "rebuild the shipped reference bundle from real labelled cases (resumable: rerun to continue)"),
+}  # fmt: skip
+
+# Modules that add their own subcommands, in the order of ``seglens --help``.
+COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(module for module, _ in PACKAGE_COMMANDS.values()))
 
 
 def model_folder(given: str | None) -> Path:
@@ -187,7 +207,7 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     from .sae import ActivationStore, SAETrainingOptions, train_sae
     from .sae.model import SAE_CONFIG_NAME, SAE_WEIGHTS_NAME
     from .sae.training import save_training_report
-    from .storage import refuse_output_folder
+    from .storage import MAX_LATENTS, refuse_output_folder
 
     refuse_output_folder(args.out, args.overwrite, (SAE_CONFIG_NAME, SAE_WEIGHTS_NAME))
     _check_numbers(args, (("--k", "k", 1, 1 << 12), ("--expansion", "expansion", 1, 1 << 10), ("--batch-size", "batch_size", 1, 1 << 24),
@@ -316,8 +336,53 @@ def add_ray_arguments(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (PyTorch threads) per Ray worker (default 1)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .sae.training import SAETrainingOptions
+class _Commands(argparse._SubParsersAction):
+    """Subcommands, some of them deferred: a deferred command is listed (name and help line) without importing the
+    module that defines it; choosing it imports the module, whose ``add_commands`` then adds its commands for real
+    (in the same places of the list)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deferred: dict[str, str] = {}  # command name -> module
+
+    def add_deferred(self, name: str, module: str, help: str) -> None:
+        self.add_parser(name, help=help)
+        self.deferred[name] = module
+
+    def load(self, module: str) -> None:
+        """Import ``module`` and let it add its commands in place of their placeholders."""
+        names = {name for name, owner in self.deferred.items() if owner == module}
+        order = list(self._name_parser_map)
+        helps = list(self._choices_actions)
+        position = next((i for i, action in enumerate(helps) if action.dest in names), len(helps))
+        for name in names:
+            del self.deferred[name], self._name_parser_map[name]
+        self._choices_actions[:] = [action for action in helps if action.dest not in names]
+        importlib.import_module(module).add_commands(self)
+        added = self._choices_actions[len(helps) - len(names):]
+        kept = self._choices_actions[: len(helps) - len(names)]
+        self._choices_actions[:] = kept[:position] + added + kept[position:]
+        parsers = dict(self._name_parser_map)  # the same dict is the action's choices: reorder it in place
+        self._name_parser_map.clear()
+        self._name_parser_map.update({name: parsers.pop(name) for name in order if name in parsers})
+        self._name_parser_map.update(parsers)
+
+    def load_all(self) -> None:
+        for module in dict.fromkeys(self.deferred.values()):
+            self.load(module)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        module = self.deferred.get(values[0]) if values else None
+        if module is not None:
+            self.load(module)
+        super().__call__(parser, namespace, values, option_string)
+
+
+def build_parser(load_all: bool = False) -> argparse.ArgumentParser:
+    """The ``seglens`` parser. The commands of :data:`PACKAGE_COMMANDS` are built when chosen (their modules are
+    imported then); ``load_all`` builds every one now (imports every package)."""
+    from .networks.architectures import ARCHITECTURES
+    from .sae.options import SAETrainingOptions
 
     parser = argparse.ArgumentParser(
         prog="seglens",
@@ -325,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"seglens {__version__}")
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, action=_Commands)
 
     p = sub.add_parser("segment", help="segment one case and write its mask on the input's voxel grid")
     p.add_argument("--model", help="model folder (config.json + model.safetensors) or bundle folder (default: the shipped reference bundle)")
@@ -343,8 +408,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing CSV")
     add_device_arguments(p)
     p.set_defaults(func=cmd_evaluate)
-
-    from .networks import ARCHITECTURES
 
     p = sub.add_parser("train-segmenter", help="train a segmenter on a cohort, or fine-tune one (--init)")
     p.add_argument("--cohort", required=True, help="folder of labelled case folders, or a text file listing them")
@@ -440,8 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     # Commands of later concepts live beside them; each module defines ``add_commands(subparsers)``.
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_commands(sub)
+    for name, (module, help_line) in PACKAGE_COMMANDS.items():
+        sub.add_deferred(name, module, help_line)
+    if load_all:
+        sub.load_all()
     return parser
 
 

@@ -53,8 +53,12 @@ class VolumePrediction:
     slices_run: np.ndarray = field(repr=False)
 
 
-def prepare_for_model(model: Segmenter, case: Case | CaseImages | PreparedCase | str | Path) -> PreparedCase:
-    """Read and preprocess ``case`` (a folder, a :class:`Case`, or images already read) for ``model``."""
+def prepare_for_model(
+    model: Segmenter, case: Case | CaseImages | PreparedCase | str | Path, with_label: bool = True
+) -> PreparedCase:
+    """Read and preprocess ``case`` (a folder, a :class:`Case`, or images already read) for ``model``.
+
+    ``with_label=False`` leaves a case's label file unread (segmenting needs only the images the model takes)."""
     if isinstance(case, PreparedCase):
         if (
             case.modalities != tuple(model.config.modalities)
@@ -66,7 +70,8 @@ def prepare_for_model(model: Segmenter, case: Case | CaseImages | PreparedCase |
     if isinstance(case, str | Path):
         case = find_case(case)
     if isinstance(case, Case):
-        case = read_case(case, modalities=model.config.modalities, allow_missing=model.config.accepts_missing_modalities)
+        case = read_case(case, modalities=model.config.modalities, with_label=with_label,
+                         allow_missing=model.config.accepts_missing_modalities)  # fmt: skip
     return prepare_case(case, model.config.modalities, model.config.image_size, crop_to_brain=model.config.crop_to_brain)
 
 
@@ -152,9 +157,11 @@ def segment_case(
 ) -> VolumePrediction:
     """Segment a case and write the label map (2023 scheme) as NIfTI on the input's exact voxel grid.
 
-    The output's existence is checked before any work, so a refused overwrite costs nothing.
+    The output's existence is checked before any work, so a refused overwrite costs nothing. Only the images the
+    model takes are read (not the case's label file).
     """
     out_path = refuse_existing(out_path, overwrite)
-    prediction = predict_volume(model, case, batch_size=batch_size, progress=progress)
+    prepared = prepare_for_model(model, case, with_label=False)
+    prediction = predict_volume(model, prepared, batch_size=batch_size, progress=progress)
     write_image(prediction.labels, prediction.prepared.source.reference, out_path, overwrite=overwrite, dtype=np.uint8)
     return prediction

@@ -42,6 +42,7 @@ from .errors import InputFileError, SegLensError
 from .inference import predict_volume
 from .metrics import segmentation_scores
 from .networks import Segmenter, SegmenterConfig, build_segmenter, default_device, load_segmenter, weights_sha256
+from .networks.segmenter import segmenter_class
 from .storage import Measured, Schema, atomic_write_text, load_safetensors, one_line, read_document, refuse_output_folder
 
 
@@ -376,7 +377,7 @@ def train_segmenter(
     options = (options or TrainingOptions()).check()
     out_dir = Path(out_dir)
     if init is None:
-        multiple = getattr(Segmenter.registry.get(arch or "unet"), "size_multiple", 32)
+        multiple = getattr(segmenter_class(arch or "unet"), "size_multiple", 32)
         if type(image_size) is not int or not 32 <= image_size <= 2048 or image_size % multiple:
             raise SegLensError(f"image size (--image-size) must be a multiple of {multiple} from 32 to 2048 pixels for {arch or 'unet'}, got {image_size!r}")
     refuse_output_folder(out_dir, overwrite, ("model.safetensors",))  # before any work: a file there, or a model

@@ -400,7 +400,8 @@ PANEL_ENTRY_MODULES = ("SegLensLogic.steering", "SegLensLogic.steering.session",
 
 def module_level_imports(entries) -> set[str]:
     """Third-party packages imported at module level by ``entries`` and every SegLensLogic module they import at
-    module level (imports inside functions run only when called, and the panel's calls are the entries)."""
+    module level (imports inside functions run only when called, and the panel's calls are the entries). A lazy
+    package's module ``__getattr__`` (PEP 562) counts as module level: importing a name from the package runs it."""
     import importlib.util
 
     seen, found, todo = set(), set(), list(entries)
@@ -416,6 +417,8 @@ def module_level_imports(entries) -> set[str]:
         package = name if spec.origin.endswith("__init__.py") else name.rsplit(".", 1)[0]
         statements = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         statements += [n for t in tree.body if isinstance(t, (ast.If, ast.Try)) for n in ast.walk(t) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        statements += [n for t in tree.body if isinstance(t, ast.FunctionDef) and t.name == "__getattr__"
+                       for n in ast.walk(t) if isinstance(n, (ast.Import, ast.ImportFrom))]  # fmt: skip
         for node in statements:
             if isinstance(node, ast.ImportFrom) and node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]

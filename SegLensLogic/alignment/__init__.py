@@ -10,13 +10,32 @@
 - :mod:`.swapping`: feature swapping (section 5.3).
 - :mod:`.footprint`: scoring a diffing against a planted feature's voxel footprint (precision, recall, chance).
 - :mod:`.files`: the alignment JSON file and :func:`load_alignment`.
+
+The names below are imported on first use (PEP 562): reading an alignment file does not import torch or SciPy.
 """
 
-from .alignment import DEFAULT_TAU, TAU_GRID, LatentAlignment, align_saes, align_similarities, align_vectors, cosine_matrix, tau_sweep
-from .files import Alignment, alignment_document, load_alignment, sae_record, write_alignment
-from .footprint import FootprintFractions, footprint_scores, latent_footprint_fractions, score_against_footprint
-from .matching import Matching, greedy, hungarian, is_valid_matching, match, nearest, sinkhorn
-from .metrics import alignment_metrics, baselines_table, collision_rate, evaluate_methods, format_table
+
+def __getattr__(name: str):
+    if name in ("DEFAULT_TAU", "TAU_GRID", "LatentAlignment", "align_saes", "align_similarities", "align_vectors", "cosine_matrix", "tau_sweep"):
+        from . import alignment as module
+    elif name in ("Alignment", "alignment_document", "load_alignment", "sae_record", "write_alignment"):
+        from . import files as module
+    elif name in ("FootprintFractions", "footprint_scores", "latent_footprint_fractions", "score_against_footprint"):
+        from . import footprint as module
+    elif name in ("Matching", "greedy", "hungarian", "is_valid_matching", "match", "nearest", "sinkhorn"):
+        from . import matching as module
+    elif name in ("alignment_metrics", "baselines_table", "collision_rate", "evaluate_methods", "format_table"):
+        from . import metrics as module
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "DEFAULT_TAU", "TAU_GRID", "LatentAlignment", "align_saes", "align_similarities", "align_vectors", "cosine_matrix",

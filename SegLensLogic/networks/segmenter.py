@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import InputFileError
+from .architectures import ARCHITECTURE_MODULES
 from ..storage import (
     Schema,
     check_document,
@@ -282,11 +284,18 @@ class Segmenter(nn.Module):
         return model.to(device or default_device())
 
 
+def segmenter_class(arch: str) -> type[Segmenter] | None:
+    """The Segmenter subclass that builds ``arch`` (its module imported on first use), or None for an unknown name."""
+    if arch not in Segmenter.registry and arch in ARCHITECTURE_MODULES:
+        importlib.import_module(f"{__package__}.{ARCHITECTURE_MODULES[arch]}")
+    return Segmenter.registry.get(arch)
+
+
 def build_segmenter(config: SegmenterConfig) -> Segmenter:
     """A freshly initialised segmenter for ``config`` (no pretrained weights exist here: we train from scratch)."""
-    cls = Segmenter.registry.get(config.arch)
+    cls = segmenter_class(config.arch)
     if cls is None:
-        raise ValueError(f"unknown architecture '{config.arch}'; choose one of {', '.join(Segmenter.registry)}")
+        raise ValueError(f"unknown architecture '{config.arch}'; choose one of {', '.join(ARCHITECTURE_MODULES)}")
     return cls(config)
 
 
