@@ -1017,6 +1017,7 @@ def step_reference(demo: Demo, folder: Path) -> dict:
         "method": method, "mask": demo.rel(mask), "recipe": demo.rel(recipe_path), "replay_identical": identical,
         "dice_before": dice_before, "dice_after": dice_after, "voxels_changed": int((before != after).sum()), "slice": z,
         "panels": demo.rel(np_file), "repair": bundle.figures.get("repair", {}),
+        "hints": bundle.figures.get("hints", {}),
     }  # fmt: skip
     demo.sub(f"{case.case_id} (SSA-like x2): top latents " + ", ".join(f"{r['id']} {r['category']}" for r in top))
     demo.sub(f"suggested: {record['suggestion']}; {record['voxels_changed']} voxels changed"

@@ -462,7 +462,22 @@ def _section_reference(results: dict) -> str | None:
                 "<th>recovered</th><th>mean Dice change [95 % CI]</th></tr>"
                 + "".join(f"<tr><td>{_e(arm)}</td><td>{r['cases']}</td><td>{r['recovered']:.2f}</td><td>{_e(r['dice_mean'])}</td></tr>"
                           for arm, r in repair.items()) + "</table>")  # fmt: skip
-    return intro + "<h3>Most active latents</h3>" + top + f"<div class='gallery'>{''.join(figures)}</div>" + arms
+    return intro + "<h3>Most active latents</h3>" + top + f"<div class='gallery'>{''.join(figures)}</div>" + arms + _hints_table(real.get("hints") or {})
+
+
+def _hints_table(hints: dict) -> str:
+    """The bundle's hint benchmark (``figures["hints"]``): the latent fix at each click count against its controls."""
+    rows = sorted((int(key.split("_")[1]), row) for key, row in hints.items() if key.startswith("clicks_"))
+    if not rows:
+        return ""
+    return (f"<p>The bundle's measurement of fixing by pointing on {hints.get('cases', '?')} real failures (simulated clicks; "
+            "mean Dice change of the latent fix and its paired differences to the controls, 95 % CI):</p><table><tr><th>clicks</th>"
+            "<th>latent fix</th><th>vs random latents</th><th>vs logit bias</th><th>vs spheres</th><th>gaining &gt;= 0.05</th>"
+            "<th>far from clicks</th></tr>"
+            + "".join(f"<tr><td>{n}</td><td>{_e(r.get('dice_mean'))}</td><td>{_e(r.get('vs random latents'))}</td>"
+                      f"<td>{_e(r.get('vs logit bias'))}</td><td>{_e(r.get('vs spheres'))}</td>"
+                      f"<td>{float(r.get('gaining >= 0.05') or 0):.0%}</td><td>{float(r.get('far from clicks') or 0):.0%}</td></tr>"
+                      for n, r in rows) + "</table>")  # fmt: skip
 
 
 SECTIONS = (

@@ -136,3 +136,22 @@ def test_footprint_diffing_rows_and_floors_per_row():
     assert "Omitted: no diffing" not in page and "Omitted: no alignments" not in page
     with pytest.raises(ValueError, match="floors for a"):
         build_report_html({**results, "shared_matrix": {**results["shared_matrix"], "seed_noise_floor": [0.5]}})
+
+
+def test_reference_section_shows_the_bundles_hint_measurement():
+    """The demo report's reference section carries the bundle's hint benchmark (``figures["hints"]``) as a table."""
+    from SegLensLogic.reference.card import hints_figures
+    from SegLensLogic.report import _hints_table
+
+    def row(arm, mean):
+        return {"arm": arm, "dice_mean": mean, "dice_WT": "+0.010 [+0.000, +0.020]", "gaining >= 0.05": 0.25, "far from clicks": 0.7,
+                "seconds": 6.0, "vs random latents": "+0.020 [-0.001, +0.040]", "vs logit bias": "+0.030 [+0.010, +0.050]",
+                "vs spheres": "-0.004 [-0.020, +0.010]"}  # fmt: skip
+
+    results = {"failures": [{"failure": True}, {"failure": True}, {"failure": False}],
+               "summary": {"1": [row("latent fix", "+0.011 [-0.010, +0.030]")], "3": [row("latent fix", "+0.033 [+0.009, +0.056]")]},
+               "paper": {"dice_mean": "+0.010 [+0.003, +0.019]", "recovered (>= 0.05)": 0.06}}  # fmt: skip
+    html = _hints_table(hints_figures(results))
+    assert "2 real failures" in html and html.count("<tr>") == 3
+    assert "+0.033 [+0.009, +0.056]" in html and "+0.030 [+0.010, +0.050]" in html and "25%" in html
+    assert _hints_table({}) == ""
