@@ -741,3 +741,39 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
         storage.SetFileName(str(case_dir / f"{name}_{suffix}.nii.gz"))
         assert storage.ReadData(node)
     nodes.set_volume_array(ui.t2fSelector.currentNode(), flair_voxels)
+
+
+# -- the README's screenshot ------------------------------------------------------------------------------------------------
+SCREENSHOT = REPO / "docs" / "images" / "slicer-panel.png"
+
+
+def test_panel_screenshot_script_renders_a_real_case(reference_resources, brats2018_dir, tmp_path, fresh_module_imports):
+    """``panel_screenshot.py`` (what made ``docs/images/slicer-panel.png``) renders the real .ui with a real case
+    segmented in it, a latent selected and its preview on: a PNG of the panel alone, with content. Here with the tiny
+    model's bundle (the script's default is the shipped one)."""
+    from PySide6.QtGui import QImage
+
+    from pipelines import REAL_TEST_CASES
+    from SegLensLogic.reference import REFERENCE_BUNDLE_NAME
+
+    sys.path.insert(0, str(STAND_IN))
+    try:
+        screenshot = importlib.import_module("panel_screenshot")
+    finally:
+        sys.path.remove(str(STAND_IN))
+    out = tmp_path / "panel.png"
+    result = screenshot.render(out, brats2018_dir / REAL_TEST_CASES[0], reference_resources / REFERENCE_BUNDLE_NAME)
+    assert result["latents"] and result["slice"] is not None, result
+    assert result["status"].startswith(f"Preview of slice {result['slice']}: "), result["status"]
+    assert result["segmentation"].startswith(f"{REAL_TEST_CASES[0]}_t1 SegLens")
+    image = QImage(str(out))
+    assert not image.isNull() and (image.width(), image.height()) == (result["width"], result["height"])
+    assert image.width() >= screenshot.DEFAULT_WIDTH and image.height() > image.width()
+    pixels = [image.pixel(x, y) for x in range(0, image.width(), 3) for y in range(0, image.height(), 3)]
+    commonest = max(set(pixels), key=pixels.count)
+    assert len(set(pixels)) > 64 and pixels.count(commonest) < 0.9 * len(pixels), "the panel rendered blank"
+    assert result["bytes"] < 300_000
+    # The picture the README shows: made by the script, small enough for the repository.
+    assert SCREENSHOT.is_file() and SCREENSHOT.stat().st_size < 300_000
+    assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+

@@ -19,6 +19,8 @@ unchanged. The stand-in supplies:
   ``getParameterNode`` logic), ``slicer.parameterNodeWrapper`` (typed attributes stored in a
   ``vtkMRMLScriptedModuleNode`` exactly as Slicer's serializers store them, so scenes save and restore them), and
   message boxes that record what they would show (answers to confirmations are set by the test).
+- The Slicer/CTK widgets are drawn roughly as their originals (a collapsible button's header and frame, a slider
+  and spin box, a path's line edit and browse button, a folder button), so a screenshot of the panel shows them.
 
 Use :func:`installed` as a context manager: it patches ``sys.modules`` and ``slicer`` and restores both afterwards.
 """
@@ -403,16 +405,45 @@ class qMRMLColorTableComboBox(qMRMLNodeComboBox):
         self._addEnabled = self._removeEnabled = False
 
 
+# -- how the stand-ins look: as their Slicer/CTK originals do, closely enough for a screenshot of the panel -------------
+HEADER_HEIGHT = 24
+
+
 class ctkCollapsibleButton(QtWidgets.QWidget):
+    """Drawn as CTK draws it: a button-like header (arrow and title) above a framed area for the contents."""
+
     contentsCollapsed = Signal(bool)
     CPP_SIGNALS = {"contentsCollapsed(bool)": "contentsCollapsed"}
 
     def __init__(self, parent=None):
         super().__init__(parent)
         self._text, self._collapsed = "", False
+        self.setContentsMargins(2, HEADER_HEIGHT + 2, 2, 2)  # the .ui's layout fills the area below the header
 
-    text = _property(str, "_text")
+    def _setText(self, text):
+        self._text = str(text)
+        self.update()
+
+    text = _property(str, "_text", setter="_setText")
     collapsed = _property(bool, "_collapsed")
+
+    def paintEvent(self, event):
+        painter = QtWidgets.QStylePainter(self)
+        frame = QtWidgets.QStyleOptionFrame()
+        frame.initFrom(self)
+        frame.rect = self.rect().adjusted(0, HEADER_HEIGHT // 2, 0, 0)
+        frame.frameShape = QtWidgets.QFrame.StyledPanel
+        frame.lineWidth = 1
+        painter.drawPrimitive(QtWidgets.QStyle.PE_Frame, frame)
+        button = QtWidgets.QStyleOptionButton()
+        button.initFrom(self)
+        button.rect = QtCore.QRect(0, 0, self.width(), HEADER_HEIGHT)
+        painter.drawControl(QtWidgets.QStyle.CE_PushButtonBevel, button)
+        arrow = QtWidgets.QStyleOption()
+        arrow.initFrom(self)
+        arrow.rect = QtCore.QRect(6, (HEADER_HEIGHT - 10) // 2, 10, 10)
+        painter.drawPrimitive(QtWidgets.QStyle.PE_IndicatorArrowRight if self._collapsed else QtWidgets.QStyle.PE_IndicatorArrowDown, arrow)
+        painter.drawText(QtCore.QRect(22, 0, self.width() - 26, HEADER_HEIGHT), int(QtCore.Qt.AlignVCenter | QtCore.Qt.AlignLeft), self._text)
 
 
 class ctkSliderWidget(QtWidgets.QWidget):
@@ -426,28 +457,36 @@ class ctkSliderWidget(QtWidgets.QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         self._value, self._minimum, self._maximum, self._singleStep, self._decimals, self._tracking = 0.0, 0.0, 99.0, 1.0, 2, True
+        self._slider, self._spinBox = _value_display(self, 1)
 
     def _round(self, value):
         return round(min(max(float(value), self._minimum), self._maximum), self._decimals)
+
+    def _show(self):
+        _show_value(self._slider, self._spinBox, self._value, self._minimum, self._maximum, self._decimals)
 
     def setValue(self, value):
         value = self._round(value)
         if value != self._value:
             self._value = value
+            self._show()
             self.valueChanged.emit(value)
 
     def setMinimum(self, value):
         self._minimum = float(value)
         self._maximum = max(self._maximum, self._minimum)
+        self._show()
         self.setValue(self._value)
 
     def setMaximum(self, value):
         self._maximum = float(value)
         self._minimum = min(self._minimum, self._maximum)
+        self._show()
         self.setValue(self._value)
 
     def setDecimals(self, value):
         self._decimals = int(value)
+        self._show()
         self.setValue(self._value)
 
     value = _property(float, "_value", setter="setValue")
@@ -468,6 +507,14 @@ class ctkRangeWidget(QtWidgets.QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         self._minimum, self._maximum, self._low, self._high, self._singleStep, self._decimals = 0.0, 99.0, 0.0, 99.0, 1.0, 2
+        self._lowBox, self._bar, self._highBox = _range_display(self)
+        self._show()
+
+    def _show(self):
+        for box, value in ((self._lowBox, self._low), (self._highBox, self._high)):
+            _show_value(None, box, value, self._minimum, self._maximum, self._decimals)
+        self._bar.span = (self._minimum, self._maximum, self._low, self._high)
+        self._bar.update()
 
     def setValues(self, low, high):
         low, high = sorted((float(low), float(high)))
@@ -476,6 +523,7 @@ class ctkRangeWidget(QtWidgets.QWidget):
         changed = (low, high) != (self._low, self._high)
         lowChanged, highChanged = low != self._low, high != self._high
         self._low, self._high = low, high
+        self._show()
         if lowChanged:
             self.minimumValueChanged.emit(low)
         if highChanged:
@@ -485,6 +533,7 @@ class ctkRangeWidget(QtWidgets.QWidget):
 
     def setRange(self, minimum, maximum):
         self._minimum, self._maximum = float(minimum), max(float(minimum), float(maximum))
+        self._show()
         self.setValues(self._low, self._high)
 
     minimum = Property(float, lambda self: self._minimum, lambda self, v: self.setRange(v, max(v, self._maximum)))
@@ -492,7 +541,11 @@ class ctkRangeWidget(QtWidgets.QWidget):
     minimumValue = Property(float, lambda self: self._low, lambda self, v: self.setValues(v, max(v, self._high)))
     maximumValue = Property(float, lambda self: self._high, lambda self, v: self.setValues(min(self._low, v), v))
     singleStep = _property(float, "_singleStep")
-    decimals = _property(int, "_decimals")
+    decimals = _property(int, "_decimals", setter="_setDecimals")
+
+    def _setDecimals(self, value):
+        self._decimals = int(value)
+        self._show()
 
 
 class ctkPathLineEdit(QtWidgets.QWidget):
@@ -507,11 +560,21 @@ class ctkPathLineEdit(QtWidgets.QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         self._path, self._filters, self._nameFilters, self._settingKey = "", 0, [], ""
+        self._lineEdit = QtWidgets.QLineEdit(self)  # what the user sees; the path is set through the property
+        self._lineEdit.setReadOnly(True)
+        browse = QtWidgets.QToolButton(self)
+        browse.setText("...")
+        layout = QtWidgets.QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self._lineEdit)
+        layout.addWidget(browse)
 
     def setCurrentPath(self, path):
         path = str(path or "")
         if path != self._path:
             self._path = path
+            self._lineEdit.setText(path)
+            self._lineEdit.setCursorPosition(0)
             self.currentPathChanged.emit(path)
 
     currentPath = _property(str, "_path", setter="setCurrentPath")
@@ -528,14 +591,88 @@ class ctkDirectoryButton(QtWidgets.QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         self._directory = str(pathlib.Path.cwd())
+        self._button = QtWidgets.QPushButton(self)  # the folder, as CTK shows it
+        self._button.setIcon(self.style().standardIcon(QtWidgets.QStyle.SP_DirIcon))
+        self._button.setStyleSheet("text-align: left; padding: 3px")
+        layout = QtWidgets.QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self._button)
+        self._button.setText(self._directory)
 
     def setDirectory(self, directory):
         directory = str(directory or "")
         if directory != self._directory:
             self._directory = directory
+            self._button.setText(directory)
             self.directoryChanged.emit(directory)
 
     directory = _property(str, "_directory", setter="setDirectory")
+
+
+def _value_display(parent, stretch):
+    """A slider and a spin box in a row (what ``ctkSliderWidget`` shows); they show the value, nothing more."""
+    slider = QtWidgets.QSlider(QtCore.Qt.Horizontal, parent)
+    slider.setRange(0, 1000)
+    spinBox = QtWidgets.QDoubleSpinBox(parent)
+    spinBox.setReadOnly(True)
+    spinBox.setButtonSymbols(QtWidgets.QAbstractSpinBox.NoButtons)
+    layout = QtWidgets.QHBoxLayout(parent)
+    layout.setContentsMargins(0, 0, 0, 0)
+    layout.addWidget(slider, stretch)
+    layout.addWidget(spinBox)
+    return slider, spinBox
+
+
+def _show_value(slider, spinBox, value, minimum, maximum, decimals):
+    spinBox.blockSignals(True)
+    spinBox.setDecimals(int(decimals))
+    spinBox.setRange(float(minimum), float(maximum))
+    spinBox.setValue(float(value))
+    spinBox.blockSignals(False)
+    if slider is not None:
+        slider.blockSignals(True)
+        slider.setValue(int(round(1000.0 * (value - minimum) / (maximum - minimum))) if maximum > minimum else 0)
+        slider.blockSignals(False)
+
+
+class _RangeBar(QtWidgets.QWidget):
+    """The groove of ``ctkRangeWidget``'s double slider: the chosen span highlighted, a handle at each end."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.span = (0.0, 1.0, 0.0, 1.0)
+        self.setMinimumSize(60, 18)
+
+    def paintEvent(self, event):
+        minimum, maximum, low, high = self.span
+        width = max(self.width() - 12, 1)
+
+        def x(value):
+            return 6 + int(round(width * ((value - minimum) / (maximum - minimum) if maximum > minimum else 0.0)))
+
+        painter = QtGui.QPainter(self)
+        palette = self.palette()
+        middle = self.height() // 2
+        painter.fillRect(QtCore.QRect(6, middle - 2, width, 4), palette.mid())
+        painter.fillRect(QtCore.QRect(x(low), middle - 2, max(x(high) - x(low), 1), 4), palette.highlight())
+        for value in (low, high):
+            painter.fillRect(QtCore.QRect(x(value) - 4, middle - 7, 8, 14), palette.button())
+            painter.setPen(palette.dark().color())
+            painter.drawRect(QtCore.QRect(x(value) - 4, middle - 7, 8, 14))
+
+
+def _range_display(parent):
+    low, high = QtWidgets.QDoubleSpinBox(parent), QtWidgets.QDoubleSpinBox(parent)
+    for box in (low, high):
+        box.setReadOnly(True)
+        box.setButtonSymbols(QtWidgets.QAbstractSpinBox.NoButtons)
+    bar = _RangeBar(parent)
+    layout = QtWidgets.QHBoxLayout(parent)
+    layout.setContentsMargins(0, 0, 0, 0)
+    layout.addWidget(low)
+    layout.addWidget(bar, 1)
+    layout.addWidget(high)
+    return low, bar, high
 
 
 CUSTOM_WIDGETS = {cls.__name__: cls for cls in (qMRMLWidget, qSlicerWidget, qMRMLNodeComboBox, qMRMLColorTableComboBox,
