@@ -36,6 +36,16 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from SegLensLib import inputs, latenttable, nodes
+
+try:  # Slicer 5.3 and later: user-visible strings go through the application's translator (lupdate finds them)
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # slicer-core without the application, or an older Slicer: the English text
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
 from SegLensLib.dependencies import add_source_to_path
 from SegLensLib.worker import Job, Progress, Worker
 
@@ -45,25 +55,30 @@ from SegLensLib.worker import Job, Progress, Worker
 add_source_to_path()
 
 MINIMUM_SLICER_VERSION = (5, 10)
+# Who made the module (Slicer shows these in the module's help), and where its documentation is: the README's section
+# on the Slicer module, in the repository named by the extension's homepage (CMakeLists.txt).
+CONTRIBUTORS = ("SegLens team (Med-SegLens implementation)",)
+DOCUMENTATION_URL = "https://github.com/seglens/SegLens#the-3d-slicer-module"
 MINIMUM_PYTHON_VERSION = (3, 11)
 # Steering modes offered in the panel and the region choices, as the session names them.
 STEERING_MODES = ("scale", "add", "zero")
 REGIONS = ("current slice", "slice range", "whole volume")
 MODALITY_SELECTORS = {"t1n": "t1nSelector", "t1c": "t1cSelector", "t2w": "t2wSelector", "t2f": "t2fSelector"}
 SUGGESTION_METHODS = ("ground-truth-free", "calibrated")
-NO_POPULATION = "(no population)"
+NO_POPULATION = _("(no population)")
 # Heatmaps shown at once: the foreground layer plus the extra layers of Slicer 5.10+.
 MAX_HEATMAPS = 4
 EXPORT_FOLDER_SETTING = "SegLens/ExportFolder"
-SEGMENT_PHASES = ("Segmenting, step 1 of 2 (running the model over the slices)", "Segmenting, step 2 of 2 (encoding the latent codes)")
+SEGMENT_PHASES = (_("Segmenting, step 1 of 2 (running the model over the slices)"),
+                  _("Segmenting, step 2 of 2 (encoding the latent codes)"))  # fmt: skip
 JOB_TITLES = {
-    "segment": "Segmentation", "table": "Latent table", "heatmaps": "Heatmaps", "preview": "Preview",
-    "apply": "Steering", "suggest": "Suggested correction", "recipe": "Loading the recipe", "fix": "Fix",
+    "segment": _("Segmentation"), "table": _("Latent table"), "heatmaps": _("Heatmaps"), "preview": _("Preview"),
+    "apply": _("Steering"), "suggest": _("Suggested correction"), "recipe": _("Loading the recipe"), "fix": _("Fix"),
 }  # fmt: skip
 # The two markups point lists hints are placed in (by sign), and what + points say when no class is chosen.
 HINT_LISTS = {"+": "SegLens points: tumour (+)", "-": "SegLens points: not tumour (-)"}
 HINT_COLOURS = {"+": (0.1, 0.9, 0.2), "-": (0.95, 0.2, 0.8)}
-ANY_TUMOUR = "any tumour class"
+ANY_TUMOUR = _("any tumour class")
 # Jobs that follow the user's browsing (slice, selection): they do not take over the status line.
 QUIET_JOBS = ("table", "heatmaps")
 
@@ -75,10 +90,10 @@ def versionProblem(version=None, python=None):
     python = tuple(sys.version_info[:2]) if python is None else tuple(python)
     if tuple(version) >= MINIMUM_SLICER_VERSION and python >= MINIMUM_PYTHON_VERSION:
         return None
-    return (
-        "SegLens needs 3D Slicer 5.10 or later (Python 3.12); this is Slicer %d.%d with Python %d.%d. "
-        "Install a current Slicer from https://download.slicer.org, then add SegLens to it." % (version[0], version[1], python[0], python[1])
-    )
+    return _(
+        "SegLens needs 3D Slicer 5.10 or later (Python 3.12); this is Slicer {slicer} with Python {python}. "
+        "Install a current Slicer from https://download.slicer.org, then add SegLens to it."
+    ).format(slicer="%d.%d" % tuple(version[:2]), python="%d.%d" % tuple(python[:2]))
 
 
 def isCancellation(exc):
@@ -105,17 +120,17 @@ class SegLens(ScriptedLoadableModule):
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "SegLens"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("SegLens")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["SegLens developers"]
-        self.parent.helpText = (
+        self.parent.contributors = list(CONTRIBUTORS)
+        self.parent.helpText = _(
             "Segment a brain-tumour MRI with a SegLens bundle, inspect the sparse-autoencoder latents of the model "
             "as heatmap layers with their automatic labels, steer latents with a live preview of the current slice, "
             "take a suggested correction for the case's population, and export the corrected mask (.seg.nrrd, "
             ".nii.gz) with the steering recipe (Med-SegLens). Needs 3D Slicer 5.10 or later."
-        )
-        self.parent.acknowledgementText = (
+        ) + "\n\n" + _('See the <a href="{url}">SegLens documentation of this module</a>.').format(url=DOCUMENTATION_URL)
+        self.parent.acknowledgementText = _(
             "Implements Med-SegLens (sparse autoencoders for segmentation models). BraTS data: Menze et al., IEEE "
             "TMI 2015; Bakas et al., Sci. Data 2017; Baid et al., arXiv:2107.02314."
         )
@@ -208,16 +223,16 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
             except ValueError as exc:
                 raise self._error(str(exc)) from None
         if not given:
-            raise self._error("select at least one input volume (T1, T1 contrast, T2 or FLAIR)")
+            raise self._error(_("select at least one input volume (T1, T1 contrast, T2 or FLAIR)"))
         volumes = {}
         for modality in [m for m in MODALITIES if m in given]:
             node = given[modality]
             if node.GetImageData() is None:
-                raise self._error(f"volume '{node.GetName()}' ({modality}) has no voxels")
+                raise self._error(_("volume '{name}' ({modality}) has no voxels").format(name=node.GetName(), modality=modality))
             array = nodes.volume_array(node)
             problem = inputs.not_an_mri(array, node.IsA("vtkMRMLLabelMapVolumeNode"))
             if problem:
-                raise self._error(f"volume '{node.GetName()}' ({modality}) {problem}")
+                raise self._error(_("volume '{name}' ({modality}) {problem}").format(name=node.GetName(), modality=modality, problem=problem))
             volumes[modality] = (array, nodes.ijk_to_ras(node), node)
         return volumes
 
@@ -237,8 +252,9 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         for modality, (array, affine, node) in ordered:
             if tuple(array.shape) != shape or not np.allclose(affine, reference_affine, atol=nodes.GEOMETRY_TOLERANCE):
                 array = nodes.resample_to_grid(array, affine, shape, reference_affine)
-                notes.append(f"'{node.GetName()}' ({modality}) was on another grid: resampled onto the grid of "
-                             f"'{reference_node.GetName()}' ({reference_modality}) by linear interpolation.")  # fmt: skip
+                notes.append(_("'{name}' ({modality}) was on another grid: resampled onto the grid of '{reference}' "
+                               "({reference_modality}) by linear interpolation.").format(
+                    name=node.GetName(), modality=modality, reference=reference_node.GetName(), reference_modality=reference_modality))
             arrays[modality] = array
         return case_from_arrays(arrays, reference_affine, caseId or reference_node.GetName()), notes
 
@@ -275,8 +291,8 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
                 tolerated = bundle.manifest.get("preprocessing", {}).get("missing_modalities")
                 accepts = tolerated == "zero" if tolerated else bundle.load_model(device="cpu").config.accepts_missing_modalities
                 if not accepts:
-                    raise self._error(f"bundle '{bundle.name}' needs input volumes for {', '.join(missing)} (its model was "
-                                      "not trained to work without them)")  # fmt: skip
+                    raise self._error(_("bundle '{bundle}' needs input volumes for {missing} (its model was not trained to work "
+                                        "without them)").format(bundle=bundle.name, missing=", ".join(missing)))  # fmt: skip
             return SteeringSession.from_bundle(bundle, case, device=device), bundle
         session = SteeringSession.open(modelDir, saeDir, case, labels=labelsPath, alignments=list(alignmentPaths), device=device)
         return session, None
@@ -313,7 +329,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
 
     def _requireSession(self):
         if self.session is None:
-            raise self._error("no SegLens session: choose input volumes and a bundle, then press Segment")
+            raise self._error(_("no SegLens session: choose input volumes and a bundle, then press Segment"))
         return self.session
 
     def isSegmented(self):
@@ -412,7 +428,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
     def sliceIndexOfPoint(self, ras):
         """The model's axial slice index under a RAS point (mm). Never segments: raises before Segment."""
         if not self.isSegmented():
-            raise self._error("the case is not segmented yet: press Segment first")
+            raise self._error(_("the case is not segmented yet: press Segment first"))
         return int(self.session.slice_of_point(tuple(float(x) for x in ras)))
 
     def sliceIndexInView(self, sliceNode):
@@ -525,10 +541,10 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         from SegLensLogic.steering import LatentEdit, Region
 
         if not latents:
-            raise self._error("select one or more latents in the table to steer")
+            raise self._error(_("select one or more latents in the table to steer"))
         if region == "current slice":
             if sliceIndex is None:
-                raise self._error("no current slice: show the input in the Red view, inside the volume")
+                raise self._error(_("no current slice: show the input in the Red view, inside the volume"))
             where = Region.slice(int(sliceIndex))
         elif region == "slice range":
             first, last = (int(round(float(v))) for v in sliceRange)
@@ -536,7 +552,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         elif region == "whole volume":
             where = Region.volume()
         else:
-            raise self._error(f"unknown region '{region}'; choose one of {', '.join(REGIONS)}")
+            raise self._error(_("unknown region '{region}'; choose one of {regions}").format(region=region, regions=", ".join(REGIONS)))
         return LatentEdit(latents=tuple(int(j) for j in latents), mode=mode, alpha=float(alpha), region=where)
 
     def computePreview(self, edit, sliceIndex):
@@ -577,11 +593,11 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         session = self._requireSession()
         edits = list(edits) if isinstance(edits, (list, tuple)) else [edits]
         if not edits:
-            raise self._error("nothing to apply")
+            raise self._error(_("nothing to apply"))
         before = len(session.edits)
-        phase = "Steering: re-segmenting the slices the edit changes"
+        phase = _("Steering: re-segmenting the slices the edit changes")
         if len(edits) > 1:
-            phase = f"Steering: re-segmenting the slices the {len(edits)} edits change"
+            phase = _("Steering: re-segmenting the slices the {count} edits change").format(count=len(edits))
         try:  # one step: every edit's change computed together, each changed slice decoded once; one Undo
             return session.apply(edits, progress=self._phase(progress, phase))
         except BaseException:
@@ -592,7 +608,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
     def discardApply(self, count=1):
         """Undo ``count`` edits a cancelled Apply made after all (its result is not shown): the session is as it was."""
         if self.session is not None:
-            for _ in range(int(count)):
+            for _step in range(int(count)):
                 if self.session.edits:
                     self.session.undo()
 
@@ -627,7 +643,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         from SegLensLogic.steering import load_recipe
 
         if not path:
-            raise self._error("choose a recipe file (.recipe.json, written by Export or seglens steer)")
+            raise self._error(_("choose a recipe file (.recipe.json, written by Export)"))
         session = self._requireSession()
         return session.apply_recipe(load_recipe(path), source=path)
 
@@ -649,7 +665,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         """
         session = self._requireSession()
         if len(self.segmentationNodes) < 2:
-            raise self._error("nothing to undo")
+            raise self._error(_("nothing to undo"))
         node = self.segmentationNodes.pop()
         target = int(self.currentSegmentationNode.GetAttribute("SegLens.Edits") or 0)
         while len(session.edits) > target:
@@ -718,10 +734,10 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
                 try:
                     cls = class_index(said, self.classNames) if said else None
                 except Exception as exc:
-                    raise self._error(f"point '{label}' of '{node.GetName()}': {exc}") from None
+                    raise self._error(_("point '{label}' of '{list}': {problem}").format(label=label, list=node.GetName(), problem=exc)) from None
                 hints.append(Hint(tuple(position), sign, cls))
         if not hints:
-            raise self._error("place at least one point first: + on missed tumour, - on false tumour")
+            raise self._error(_("place at least one point first: + on missed tumour, - on false tumour"))
         return hints
 
     def computeFix(self, hints):
@@ -745,18 +761,19 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
 
     def fixDescription(self, fix):
         if not fix.latents:
-            return "No latent to edit where the points are (no latent fires there): the mask stays the model's own."
+            return _("No latent to edit where the points are (no latent fires there): the mask stays the model's own.")
         if not fix.edits:
-            return (f"The fit moved none of the {len(fix.latents)} latents firing at the points by 2 % or more: the model "
-                    "cannot be steered to agree with them here; the mask stays its own.")  # fmt: skip
-        latents = ", ".join(f"{e.latents[0]} x{e.alpha:.2f}" for e in fix.edits)
-        return f"Fix: {len(fix.edits)} latent(s) scaled ({latents}) in slices {self._regionText(fix.region)}, fitted in {fix.seconds:.1f} s."
+            return _("The fit moved none of the {count} latents firing at the points by 2 % or more: the model cannot be "
+                     "steered to agree with them here; the mask stays its own.").format(count=len(fix.latents))  # fmt: skip
+        latents = ", ".join("%d x%.2f" % (e.latents[0], e.alpha) for e in fix.edits)
+        return _("Fix: {count} latent(s) scaled ({latents}) in slices {region}, fitted in {seconds} s.").format(
+            count=len(fix.edits), latents=latents, region=self._regionText(fix.region), seconds="%.1f" % fix.seconds)
 
     @staticmethod
     def _regionText(region):
         if region.kind in ("slice", "slices"):
             return f"{region.start}-{region.stop - 1}"
-        return "around the points" if region.kind == "mask" else "of the whole volume"
+        return _("around the points") if region.kind == "mask" else _("of the whole volume")
 
     # -- export -------------------------------------------------------------------------------------------------------
     def export(self, basePath, overwrite=False):
@@ -775,7 +792,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         session = self._requireSession()
         node = self.currentSegmentationNode
         if node is None:
-            raise self._error("nothing to export: press Segment first")
+            raise self._error(_("nothing to export: press Segment first"))
         base = Path(str(basePath))
         for suffix in (".seg.nrrd", ".nii.gz", ".ctbl"):
             if base.name.endswith(suffix):
@@ -1119,9 +1136,9 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for modality, nodeID in chosen.items():
             getattr(self.ui, MODALITY_SELECTORS[modality]).setCurrentNodeID(nodeID)
         if chosen:
-            self.ui.statusLabel.text = "Sequences from the volume names: " + ", ".join(
-                f"{inputs.MODALITY_TITLES[m]} = '{scene.GetNodeByID(i).GetName()}'" for m, i in chosen.items()
-            ) + " (change them above if they are wrong)."
+            chosenText = ", ".join("%s = '%s'" % (inputs.MODALITY_TITLES[m], scene.GetNodeByID(i).GetName()) for m, i in chosen.items())
+            self.ui.statusLabel.text = _("Sequences from the volume names: {chosen} (change them above if they are wrong).").format(
+                chosen=chosenText)
 
     # -- jobs -----------------------------------------------------------------------------------------------------------
     def startJob(self, kind, function, *args, done=None, key=None, cancellable=True, reports=False, discard=None, phase=""):
@@ -1155,7 +1172,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif job.cancelled or isCancellation(exc):
                 self.onJobCancelled(job)
             else:
-                self.showError(f"{JOB_TITLES[job.kind]} failed", exc)
+                self.showError(_("{job} failed").format(job=JOB_TITLES[job.kind]), exc)
         else:
             if job.orphaned or job.cancelled:
                 self.dropResult(job, result)
@@ -1166,7 +1183,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 try:
                     job.done(result)
                 except Exception as exc:
-                    self.showError(f"{JOB_TITLES[job.kind]} failed", exc)
+                    self.showError(_("{job} failed").format(job=JOB_TITLES[job.kind]), exc)
         self.updateButtons()
         self.startPending()
 
@@ -1183,12 +1200,14 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onJobCancelled(self, job):
         if job.kind in ("segment", "apply"):
-            kept = "the previous segmentation and edits are kept" if self.logic.session is not None else "nothing was changed"
-            self.ui.statusLabel.text = f"{JOB_TITLES[job.kind]} cancelled; {kept}."
+            if self.logic.session is not None:
+                self.ui.statusLabel.text = _("{job} cancelled; the previous segmentation and edits are kept.").format(job=JOB_TITLES[job.kind])
+            else:
+                self.ui.statusLabel.text = _("{job} cancelled; nothing was changed.").format(job=JOB_TITLES[job.kind])
             return
         if job.kind == "preview":  # what is on screen would no longer match the controls
             self.clearPreview()
-        self.ui.statusLabel.text = f"{JOB_TITLES[job.kind]} cancelled."
+        self.ui.statusLabel.text = _("{job} cancelled.").format(job=JOB_TITLES[job.kind])
 
     def showJobProgress(self):
         job = self.job
@@ -1198,11 +1217,11 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job.kind in QUIET_JOBS:
             pass  # quick bookkeeping: the bar shows it, the status keeps the last result
         elif job.cancelled:
-            self.ui.statusLabel.text = f"Cancelling: {phase.lower()} ..."
+            self.ui.statusLabel.text = _("Cancelling: {phase} ...").format(phase=phase[:1].lower() + phase[1:])
         elif total:
-            self.ui.statusLabel.text = f"{phase}: {job.progress.percent} %"
+            self.ui.statusLabel.text = _("{phase}: {percent} %").format(phase=phase, percent=job.progress.percent)
         else:
-            self.ui.statusLabel.text = f"{phase} ..."
+            self.ui.statusLabel.text = _("{phase} ...").format(phase=phase)
         self.ui.progressBar.maximum = 100 if total else 0  # 0: busy, the size of this step is not known
         self.ui.progressBar.value = job.progress.percent
 
@@ -1241,19 +1260,19 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """PyTorch and the panel's packages (asks before installing); offers a restart when one is needed."""
         from SegLensLib import dependencies
 
-        confirm = lambda text: slicer.util.confirmOkCancelDisplay(text, "SegLens needs Python packages")  # noqa: E731
+        confirm = lambda text: slicer.util.confirmOkCancelDisplay(text, _("SegLens needs Python packages"))  # noqa: E731
         try:
             status = dependencies.ensure_dependencies(confirm)
         except dependencies.DependencyError as exc:
-            self.showError("SegLens cannot start", exc)
+            self.showError(_("SegLens cannot start"), exc)
             return False
         self.ui.deviceLabel.text = status.device
         if status.restart_needed:
-            text = ("Installed " + ", ".join(status.installed) + ". Slicer had already loaded "
-                    + ", ".join(status.restart_needed) + ": restart Slicer now to use the new version?")
-            if slicer.util.confirmYesNoDisplay(text, "SegLens: restart needed"):
+            text = _("Installed {installed}. Slicer had already loaded {loaded}: restart Slicer now to use the new version?").format(
+                installed=", ".join(status.installed), loaded=", ".join(status.restart_needed))
+            if slicer.util.confirmYesNoDisplay(text, _("SegLens: restart needed")):
                 slicer.util.restart()
-            self.ui.statusLabel.text = "Restart Slicer before segmenting (new package versions were installed)."
+            self.ui.statusLabel.text = _("Restart Slicer before segmenting (new package versions were installed).")
             return False
         return True
 
@@ -1265,14 +1284,14 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             bundlePath = self.ui.bundlePathLineEdit.currentPath
             if not bundlePath:
-                raise self.logic._error("choose a bundle folder (bundle.json, model/, sae/)")
+                raise self.logic._error(_("choose a bundle folder (bundle.json, model/, sae/)"))
             volumes = self.logic.readVolumes(self.inputNodes())  # main thread: copies the voxels out of MRML
         except Exception as exc:
-            self.showError("Cannot segment", exc)
+            self.showError(_("Cannot segment"), exc)
             return
         self.ui.inputNotesLabel.text = ""
         self.startJob("segment", self.logic.prepareAndSegment, volumes, bundlePath, done=self.onSegmented,
-                      reports=True, phase="Starting")
+                      reports=True, phase=_("Starting"))
 
     def onSegmented(self, result):
         self.logic.useSession(result.session, result.bundle, result.inputNodes, result.referenceNode)
@@ -1282,10 +1301,10 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         notes = list(result.notes)
         missing = self.logic.missingModalities()
         if missing:
-            notes.append("No " + ", ".join(f"{inputs.MODALITY_TITLES[m]} ({m})" for m in missing)
-                         + ": set to zero, as the model was trained to tolerate.")  # fmt: skip
+            notes.append(_("No {sequences}: set to zero, as the model was trained to tolerate.").format(
+                sequences=", ".join("%s (%s)" % (inputs.MODALITY_TITLES[m], m) for m in missing)))
         self.ui.inputNotesLabel.text = " ".join(notes)
-        self.ui.statusLabel.text = f"Created segmentation '{node.GetName()}'."
+        self.ui.statusLabel.text = _("Created segmentation '{name}'.").format(name=node.GetName())
         last = max(self.logic.numberOfSlices() - 1, 0)
         self.ui.sliceRangeWidget.maximum = last
         if self.ui.sliceRangeWidget.maximumValue <= 0 or self.ui.sliceRangeWidget.maximumValue > last:
@@ -1347,7 +1366,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         index = self.logic.sliceIndexInView(sliceNode)
         if index is None:
-            self.ui.currentSliceLabel.text = "(outside the volume)"
+            self.ui.currentSliceLabel.text = _("(outside the volume)")
             if self.currentSlice is not None:
                 self.currentSlice = None
                 self.clearPreview()
@@ -1546,18 +1565,19 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             edit = self.currentEdit()
         except Exception as exc:
             self.clearPreview()
-            self.ui.statusLabel.text = f"No preview: {exc}"
+            self.ui.statusLabel.text = _("No preview: {problem}").format(problem=exc)
             return
         # A preview is one slice: it cannot stop half-way, Cancel drops its result.
         self.startJob("preview", self.logic.computePreview, edit, self.currentSlice, done=self.onPreviewComputed,
-                      key=key, phase=f"Previewing slice {self.currentSlice}")
+                      key=key, phase=_("Previewing slice {slice}").format(slice=self.currentSlice))
 
     def onPreviewComputed(self, changes):
         self.logic.showPreview(changes)
         self._previewShown = self.previewKey()
         added, removed, relabelled = (int((changes == v).sum()) for v in (1, 2, 3))
-        self.ui.statusLabel.text = (f"Preview of slice {self.currentSlice}: {added} voxels added (green), {removed} removed "
-                                    f"(magenta), {relabelled} relabelled (yellow).")  # fmt: skip
+        self.ui.statusLabel.text = _("Preview of slice {slice}: {added} voxels added (green), {removed} removed (magenta), "
+                                     "{relabelled} relabelled (yellow).").format(
+            slice=self.currentSlice, added=added, removed=removed, relabelled=relabelled)
 
     def clearPreview(self):
         self._previewShown = None
@@ -1570,17 +1590,17 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             edit = self.currentEdit()
         except Exception as exc:
-            self.showError("Cannot steer", exc)
+            self.showError(_("Cannot steer"), exc)
             return
         self.pending.discard("preview")
         self.clearPreview()
         self.startJob("apply", self.logic.computeApply, [edit], done=self.onApplied, reports=True,
-                      discard=lambda labels: self.logic.discardApply(1), phase="Steering")
+                      discard=lambda labels: self.logic.discardApply(1), phase=_("Steering"))
 
     def onApplied(self, labels):
         node = self.logic.showCorrected(labels)
         self._previewShown = None
-        self.ui.statusLabel.text = f"Created '{node.GetName()}' (the previous segmentation is kept)."
+        self.ui.statusLabel.text = _("Created '{name}' (the previous segmentation is kept).").format(name=node.GetName())
         self.suggestion = None
         self.ui.suggestionLabel.text = ""
 
@@ -1590,10 +1610,10 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             node = self.logic.undo()
         except Exception as exc:
-            self.showError("Undo failed", exc)
+            self.showError(_("Undo failed"), exc)
             return
         self._previewShown = None
-        self.ui.statusLabel.text = f"Undone; current segmentation: '{node.GetName()}'."
+        self.ui.statusLabel.text = _("Undone; current segmentation: '{name}'.").format(name=node.GetName())
         self.updateButtons()
         self.requestPreview()
 
@@ -1616,10 +1636,10 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         plus = minus = 0
         if self._hintNodes:
             plus, minus = (node.GetNumberOfControlPoints() for node in self._hintNodes)
-        self.ui.hintCountLabel.text = f"{plus} +, {minus} -" if plus or minus else "none placed"
+        self.ui.hintCountLabel.text = "%d +, %d -" % (plus, minus) if plus or minus else _("none placed")
         if self.pendingFix is not None and caller is not None:
             self.pendingFix = None
-            self.ui.fixLabel.text = "The points changed: press Fix again."
+            self.ui.fixLabel.text = _("The points changed: press Fix again.")
         self.updateButtons()
 
     def onHintClassChanged(self, *args):
@@ -1641,8 +1661,10 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selection.SetActivePlaceNodeID(node.GetID())
             interaction.SetPlaceModePersistence(1)
             interaction.SetCurrentInteractionMode(interaction.Place)
-        self.ui.statusLabel.text = ("Click on tumour the mask missed" if sign == "+" else "Click on false tumour") + \
-            " in a slice view (Esc or the arrow tool stops placing)."
+        if sign == "+":
+            self.ui.statusLabel.text = _("Click on tumour the mask missed in a slice view (Esc or the arrow tool stops placing).")
+        else:
+            self.ui.statusLabel.text = _("Click on false tumour in a slice view (Esc or the arrow tool stops placing).")
 
     def onFix(self):
         if self.job is not None:
@@ -1650,31 +1672,32 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             hints = self.logic.readHints()
         except Exception as exc:
-            self.showError("Cannot fix", exc)
+            self.showError(_("Cannot fix"), exc)
             return
         self.pendingFix = None
         self.startJob("fix", self.logic.computeFix, hints, done=self.onFixed,
-                      phase=f"Fitting a latent edit to {len(hints)} point(s)")
+                      phase=_("Fitting a latent edit to {count} point(s)").format(count=len(hints)))
 
     def onFixed(self, fix):
         self.lastFix = fix
         self.pendingFix = fix if fix.edits else None
         self.ui.fixLabel.text = self.logic.fixDescription(fix)
         if not fix.edits:
-            self.ui.statusLabel.text = "No fix found for these points."
+            self.ui.statusLabel.text = _("No fix found for these points.")
             return
         self.pending.discard("preview")
-        self.ui.statusLabel.text = "Fix ready: the preview shows it on the current slice; Apply fix re-segments."
+        self.ui.statusLabel.text = _("Fix ready: the preview shows it on the current slice; Apply fix re-segments.")
         if self.currentSlice is not None:
             self.startJob("preview", self.logic.computePreview, list(fix.edits), self.currentSlice, done=self.onFixPreviewed,
-                          phase=f"Previewing the fix on slice {self.currentSlice}")
+                          phase=_("Previewing the fix on slice {slice}").format(slice=self.currentSlice))
 
     def onFixPreviewed(self, changes):
         self.logic.showPreview(changes)
         self._previewShown = None  # the steering controls' preview may replace it
         added, removed, relabelled = (int((changes == v).sum()) for v in (1, 2, 3))
-        self.ui.statusLabel.text = (f"Fix on slice {self.currentSlice}: {added} voxels added (green), {removed} removed "
-                                    f"(magenta), {relabelled} relabelled (yellow). Apply fix re-segments the volume.")  # fmt: skip
+        self.ui.statusLabel.text = _("Fix on slice {slice}: {added} voxels added (green), {removed} removed (magenta), "
+                                     "{relabelled} relabelled (yellow). Apply fix re-segments the volume.").format(
+            slice=self.currentSlice, added=added, removed=removed, relabelled=relabelled)
 
     def onApplyFix(self):
         if self.job is not None or self.pendingFix is None:
@@ -1683,14 +1706,15 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pending.discard("preview")
         self.clearPreview()
         self.startJob("apply", self.logic.computeApply, edits, done=self.onFixApplied, reports=True,
-                      discard=lambda labels: self.logic.discardApply(1), phase="Steering")
+                      discard=lambda labels: self.logic.discardApply(1), phase=_("Steering"))
 
     def onFixApplied(self, labels):
         node = self.logic.showCorrected(labels, "fixed")
         self._previewShown = None
         self.pendingFix = None
         self.ui.fixLabel.text = ""
-        self.ui.statusLabel.text = f"Created '{node.GetName()}' with the fix (the previous segmentation is kept; Undo goes back)."
+        self.ui.statusLabel.text = _("Created '{name}' with the fix (the previous segmentation is kept; Undo goes back).").format(
+            name=node.GetName())
 
     def onClearHints(self):
         self.logic.clearHints()
@@ -1707,7 +1731,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         method = self.ui.suggestionMethodComboBox.currentText or SUGGESTION_METHODS[0]
         # The session does not change while a suggestion is computed: Cancel drops the result.
         self.startJob("suggest", self.logic.computeSuggestion, population, method, done=self.onSuggested,
-                      phase=f"Finding a correction ({method})")
+                      phase=_("Finding a correction ({method})").format(method=method))
 
     def onSuggested(self, suggestion):
         """Put the suggestion into the steering controls: the live preview shows it, Apply applies it (and the
@@ -1715,10 +1739,10 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.suggestion = suggestion
         text = suggestion.describe()
         if len(suggestion.edits) > 1:
-            text += f" (the controls show the first of its {len(suggestion.edits)} edits)"
+            text += " " + _("(the controls show the first of its {count} edits)").format(count=len(suggestion.edits))
         self.ui.suggestionLabel.text = text
         if not suggestion.edits:
-            self.ui.statusLabel.text = "No correction suggested for this case."
+            self.ui.statusLabel.text = _("No correction suggested for this case.")
             return
         edit = suggestion.edits[0]
         self._updatingGUI = True
@@ -1734,7 +1758,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setSelectedLatents(list(edit.latents))
         self.fillTable()
         self.onSelectionChanged()
-        self.ui.statusLabel.text = "Suggested correction in the steering controls: check the preview, then Apply."
+        self.ui.statusLabel.text = _("Suggested correction in the steering controls: check the preview, then Apply.")
 
     # -- recipes ------------------------------------------------------------------------------------------------------
     def onRecipePathChanged(self, *args):
@@ -1747,13 +1771,13 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pending.discard("preview")
         self.clearPreview()
         self.startJob("recipe", self.logic.computeRecipe, path, done=lambda labels: self.onRecipeLoaded(labels, path),
-                      cancellable=False, phase=f"Replaying {Path(path).name}")
+                      cancellable=False, phase=_("Replaying {file}").format(file=Path(path).name))
 
     def onRecipeLoaded(self, labels, path):
         node = self.logic.showRecipe(labels, path)
         self._previewShown = None
-        self.ui.statusLabel.text = (f"Replayed {len(self.logic.session.edits)} edit(s) of {Path(path).name}: created "
-                                    f"'{node.GetName()}'.")  # fmt: skip
+        self.ui.statusLabel.text = _("Replayed {count} edit(s) of {file}: created '{name}'.").format(
+            count=len(self.logic.session.edits), file=Path(path).name, name=node.GetName())
 
     # -- export -------------------------------------------------------------------------------------------------------
     def onExportFolderChanged(self, folder):
@@ -1771,7 +1795,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         name = self.ui.exportNameLineEdit.text.strip() or f"{self.logic.referenceNode.GetName()}_seglens"
         try:
             if not folder or not os.path.isdir(folder):
-                raise self.logic._error(f"choose an existing export folder (now: '{folder}')")
+                raise self.logic._error(_("choose an existing export folder (now: '{folder}')").format(folder=folder))
             qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)  # (no event processing meanwhile: one click, one export)
             try:
                 paths = self.logic.export(os.path.join(folder, name), overwrite=self.ui.overwriteCheckBox.checked)
@@ -1779,11 +1803,11 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 qt.QApplication.restoreOverrideCursor()
         except Exception as exc:
             if type(exc).__name__ == "OutputExistsError":  # the panel's words, not the command line's (--overwrite)
-                exc = self.logic._error(f"{exc.path} already exists; choose another name or tick 'Overwrite existing files'")
-            self.showError("Export failed", exc)
+                exc = self.logic._error(_("{path} already exists; choose another name or tick 'Overwrite existing files'").format(path=exc.path))
+            self.showError(_("Export failed"), exc)
             return
         qt.QSettings().setValue(EXPORT_FOLDER_SETTING, folder)
-        self.ui.statusLabel.text = "Exported " + ", ".join(p.name for p in paths.values()) + f" to {folder}"
+        self.ui.statusLabel.text = _("Exported {files} to {folder}").format(files=", ".join(p.name for p in paths.values()), folder=folder)
 
     # -- state of the buttons, errors -------------------------------------------------------------------------------------
     def updateButtons(self):
@@ -1804,21 +1828,21 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyFixButton.enabled = ready and self.pendingFix is not None
         self.ui.clearHintsButton.enabled = not busy and hints > 0
         self.ui.loadRecipeButton.enabled = ready and bool(self.ui.recipePathLineEdit.currentPath)
-        text = ", ".join(str(j) for j in selected) or "(select latents in the table)"
+        text = ", ".join(str(j) for j in selected) or _("(select latents in the table)")
         if len(selected) > MAX_HEATMAPS:
-            text += f" (heatmaps of the first {MAX_HEATMAPS} are shown)"
+            text += " " + _("(heatmaps of the first {count} are shown)").format(count=MAX_HEATMAPS)
         self.ui.selectedLatentsLabel.text = text
 
     def showError(self, context, exc):
         """A clear message; a traceback only for what is not a problem with the user's input (and in the console)."""
-        message = f"{context}: {exc}"
+        message = "%s: %s" % (context, exc)
         self.ui.statusLabel.text = message
         if isUserError(exc):
-            slicer.util.errorDisplay(message, windowTitle="SegLens")
+            slicer.util.errorDisplay(message, windowTitle=_("SegLens"))
         else:
             details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             logging.error("%s\n%s", message, details)
-            slicer.util.errorDisplay(f"{context}: {type(exc).__name__}: {exc}", windowTitle="SegLens", detailedText=details)
+            slicer.util.errorDisplay("%s: %s: %s" % (context, type(exc).__name__, exc), windowTitle=_("SegLens"), detailedText=details)
 
 
 def referenceBundlePath():

@@ -704,3 +704,96 @@ def test_extension_cmake_lists_every_shipped_file():
                    "project(SegLens)"):
         assert needed in top
     assert not [p for p in EXTENSION.glob("*.py") if p.name != "SegLens.py"], "helpers must live in SegLensLib/"
+
+
+# -- Slicer's conventions: who made it, where its documentation is, translatable strings -------------------------------
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings (lower case, punctuation dropped, spaces to hyphens)."""
+    anchors = set()
+    for heading in re.findall(r"^#+\s+(.+?)\s*$", markdown, re.M):
+        anchors.add(re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", heading.strip().lower())))
+    return anchors
+
+
+def test_module_metadata_names_its_makers_and_links_its_documentation(SegLens, monkeypatch):
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(majorVersion=5, minorVersion=10), raising=False)
+    parent = types.SimpleNamespace(path=str(MODULE_FILE))
+    SegLens.SegLens(parent)
+    assert parent.title == "SegLens" and parent.categories == ["Segmentation"]
+    assert parent.contributors and not [c for c in parent.contributors if "developers" in c.lower()]
+    assert parent.contributors == list(SegLens.CONTRIBUTORS)
+    top = (REPO / "CMakeLists.txt").read_text()
+    assert f'set(EXTENSION_CONTRIBUTORS "{", ".join(SegLens.CONTRIBUTORS)}")' in top  # the same names in the extension
+    # The help links to the README's section on this module, in the repository the extension names as its homepage.
+    assert f'<a href="{SegLens.DOCUMENTATION_URL}">' in parent.helpText
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"#]+)', top).group(1)
+    url, anchor = SegLens.DOCUMENTATION_URL.split("#")
+    assert url == homepage and anchor in github_anchors((REPO / "README.md").read_text())
+    # The extension's description shows the panel's screenshot, from the same repository.
+    shots = re.search(r'set\(EXTENSION_SCREENSHOTURLS "([^"]*)"\)', top).group(1).split()
+    assert shots and all(s.startswith(homepage.replace("github.com", "raw.githubusercontent.com") + "/") for s in shots)
+    assert [s.split("/main/", 1)[1] for s in shots] == ["docs/images/slicer-panel.png"]
+
+
+# Calls and keywords whose string arguments the user reads, and attributes whose value the user reads.
+USER_TEXT_CALLS = {"_error", "showError", "errorDisplay", "warningDisplay", "infoDisplay", "confirmOkCancelDisplay",
+                   "confirmYesNoDisplay", "QLabel"}
+USER_TEXT_KEYWORDS = {"phase", "windowTitle"}
+USER_TEXT_ATTRIBUTES = {"text", "title", "helpText", "acknowledgementText"}
+
+
+def _has_words(text: str) -> bool:
+    return bool(re.search(r"[A-Za-z]{2,}", re.sub(r"%[-+ #0]*\d*(?:\.\d+)?[sdfrx]", "", text)))
+
+
+def _untranslated(expression) -> list[str]:
+    """String literals with words in ``expression`` that do not go through ``_()`` (or ``translate()``)."""
+    found = []
+
+    def visit(node, inside):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("_", "translate"):
+            inside = True
+        if isinstance(node, ast.JoinedStr) and not inside:
+            found.append(ast.unparse(node))
+            return
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and not inside and _has_words(node.value):
+            found.append(node.value)
+        for child in ast.iter_child_nodes(node):
+            visit(child, inside)
+
+    visit(expression, False)
+    return found
+
+
+def test_user_visible_strings_go_through_the_translator():
+    """Slicer 5.x convention: every string the panel shows is wrapped in ``_()`` (``slicer.i18n.tr``) with a literal
+    argument (placeholders filled by ``.format``), so that Qt's lupdate extracts it; category names use
+    ``translate()``. The module still loads without ``slicer.i18n`` (the ``slicer-core`` wheel has none)."""
+    tree = ast.parse(MODULE_FILE.read_text())
+    problems = []
+    for node in ast.walk(tree):
+        values = []
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in USER_TEXT_CALLS and node.args:
+                values.append(node.args[0])
+            if name in ("confirmOkCancelDisplay", "confirmYesNoDisplay") and len(node.args) > 1:
+                values.append(node.args[1])
+            values += [k.value for k in node.keywords if k.arg in USER_TEXT_KEYWORDS]
+            if name in ("_", "translate"):  # lupdate reads literals only
+                text = node.args[-1] if node.args else None
+                if not (isinstance(text, ast.Constant) and isinstance(text.value, str)):
+                    problems.append(f"line {node.lineno}: {name}() of a non-literal: {ast.unparse(node)}")
+        elif isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Attribute) and t.attr in USER_TEXT_ATTRIBUTES for t in targets):
+                values.append(node.value)
+            if any(isinstance(t, ast.Name) and t.id in ("NO_POPULATION", "ANY_TUMOUR", "JOB_TITLES", "SEGMENT_PHASES")
+                   for t in targets):  # fmt: skip
+                values += node.value.values if isinstance(node.value, ast.Dict) else [node.value]  # (keys are ids)
+        for value in values:
+            problems += [f"line {node.lineno}: {text!r}" for text in _untranslated(value)]
+    assert not problems, "user-visible strings not wrapped in _():\n" + "\n".join(problems)
+    source = MODULE_FILE.read_text()
+    assert "from slicer.i18n import tr as _" in source and "from slicer.i18n import translate" in source
+    assert "slicer.i18n" not in sys.modules or hasattr(sys.modules["slicer.i18n"], "tr")

@@ -385,6 +385,8 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
     segmentation = originals[0]
     session = widget.logic.session
     assert ui.statusLabel.text == f"Created segmentation '{segmentation.GetName()}'."
+    # The words went through Slicer's translator (slicer.i18n.tr, in the module file's context), placeholders unfilled.
+    assert ("SegLens", "Created segmentation '{name}'.") in messages.translated
     assert np.array_equal(nodes.labels_from_segmentation(segmentation, t1, widget.logic.colourTableNode), session.labels)
     notes = ui.inputNotesLabel.text
     assert f"'{name}_flair' (t2f) was on another grid: resampled onto the grid of '{name}_t1' (t1n)" in notes

@@ -18,7 +18,8 @@ unchanged. The stand-in supplies:
   Yellow / Green slice nodes, ``restart``), ``slicer.ScriptedLoadableModule`` (the four base classes, with the real
   ``getParameterNode`` logic), ``slicer.parameterNodeWrapper`` (typed attributes stored in a
   ``vtkMRMLScriptedModuleNode`` exactly as Slicer's serializers store them, so scenes save and restore them), and
-  message boxes that record what they would show (answers to confirmations are set by the test).
+  message boxes that record what they would show (answers to confirmations are set by the test), and
+  ``slicer.i18n`` (``tr``, ``translate``) recording each string sent for translation.
 - The Slicer/CTK widgets are drawn roughly as their originals (a collapsible button's header and frame, a slider
   and spin box, a path's line edit and browse button, a folder button), so a screenshot of the panel shows them.
 
@@ -1106,6 +1107,7 @@ class Recorder:
         self.messages: list[tuple[str, str, dict]] = []  # (level, text, keyword arguments)
         self.questions: list[str] = []
         self.answer = True
+        self.translated: list[tuple[str, str]] = []  # (context, source text) of every string sent to the translator
 
     def display(self, level):
         def show(text, windowTitle=None, parent=None, standardButtons=None, **kwargs):
@@ -1133,6 +1135,23 @@ def _qt_module():
     return qt
 
 
+def _i18n_module(recorder):
+    """``slicer.i18n`` (Slicer 5.3+): ``tr(text)`` translates in the calling file's context, ``translate(context,
+    text)`` in a given one. No translation is loaded here: the English text comes back, and the request is recorded."""
+    i18n = types.ModuleType("slicer.i18n")
+
+    def translate(context, text):
+        recorder.translated.append((context, text))
+        return text
+
+    def tr(text):
+        caller = sys._getframe(1).f_code.co_filename
+        return translate(os.path.splitext(os.path.basename(caller))[0], text)  # a module file without a package
+
+    i18n.translate, i18n.tr = translate, tr
+    return i18n
+
+
 def _ctk_module():
     ctk = types.ModuleType("ctk")
     for name, cls in CUSTOM_WIDGETS.items():
@@ -1158,7 +1177,7 @@ def installed(scene, module_file: str | os.PathLike, settings_folder: str | os.P
     recorder = Recorder()
     module_file = os.fspath(module_file)
     modules = {"qt": _qt_module(), "ctk": _ctk_module(), "slicer.ScriptedLoadableModule": _scripted_loadable_module(),
-               "slicer.parameterNodeWrapper": _parameter_node_wrapper_module()}  # fmt: skip
+               "slicer.parameterNodeWrapper": _parameter_node_wrapper_module(), "slicer.i18n": _i18n_module(recorder)}  # fmt: skip
     util_patches = {
         "errorDisplay": recorder.display("error"), "warningDisplay": recorder.display("warning"),
         "infoDisplay": recorder.display("info"), "confirmOkCancelDisplay": recorder.ask, "confirmYesNoDisplay": recorder.ask,
@@ -1166,7 +1185,7 @@ def installed(scene, module_file: str | os.PathLike, settings_folder: str | os.P
         "modulePath": lambda name: module_file,
     }  # fmt: skip
     slicer_patches = {"app": app, "mrmlScene": scene, "ScriptedLoadableModule": modules["slicer.ScriptedLoadableModule"],
-                      "parameterNodeWrapper": modules["slicer.parameterNodeWrapper"],
+                      "parameterNodeWrapper": modules["slicer.parameterNodeWrapper"], "i18n": modules["slicer.i18n"],
                       **{name: PythonQtClass(cls) for name, cls in CUSTOM_WIDGETS.items() if name.startswith("q")}}  # fmt: skip
     saved_modules = {name: sys.modules.get(name) for name in modules}
     missing = object()
