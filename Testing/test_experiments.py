@@ -191,7 +191,8 @@ def test_runs_of_cases_sharing_an_id_keep_their_own_cached_forward(phantom_pipel
     """A degraded copy keeps its case's name: its re-segmentations must still come from its own images."""
     from SegLensLogic.data import load_cohort
     from SegLensLogic.experiments.runs import Experiment
-    from SegLensLogic.steering import LatentEdit, resegment
+    from SegLensLogic.steering import LatentEdit
+    from SegLensLogic.steering.resegment import resegment
 
     case = phantom_pipeline.test.cases[0]
     degraded = load_cohort(_degraded([case], tmp_path / "degraded"))[0]

@@ -23,7 +23,8 @@ from SegLensLogic.inference import predict_volume
 from SegLensLogic.networks import SegmenterConfig, build_segmenter
 from SegLensLogic.sae import BatchTopKSAE, SAEConfig, estimate_threshold
 from SegLensLogic.sae.activations import feature_map_to_vectors
-from SegLensLogic.steering import LatentEdit, Region, SteeringSession, load_recipe, resegment, steer_activations
+from SegLensLogic.steering import LatentEdit, Region, SteeringSession, load_recipe, steer_activations
+from SegLensLogic.steering.resegment import resegment
 from SegLensLogic.steering.interventions import steering_delta
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

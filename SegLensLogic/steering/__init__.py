@@ -12,15 +12,43 @@ session (paper sections 5.3, 6 and 7).
 - :mod:`~SegLensLogic.steering.session` -- :class:`SteeringSession`, what the Slicer module drives.
 """
 
-from .guided import GuidedFix, GuidedOptions, guided_edits
-from .hints import Hint, parse_hint
-from .interventions import LABEL_RULES, MODES, LatentEdit, Region, apply_label_rule, check_latent_ids, steer_activations, steering_delta
-from .recipe import Recipe, load_recipe, recipe_path_for
-from .resegment import CachedForward, resegment
-from .session import SteeringSession
+# Names are imported on first use (PEP 562): `seglens steer --help` and the recipe format read no torch. The
+# function resegment is imported from its module (steering.resegment), whose name it shares.
+_EXPORTS = {
+    "GuidedFix": "guided",
+    "GuidedOptions": "guided",
+    "guided_edits": "guided",
+    "Hint": "hints",
+    "parse_hint": "hints",
+    "LABEL_RULES": "interventions",
+    "MODES": "interventions",
+    "LatentEdit": "interventions",
+    "Region": "interventions",
+    "apply_label_rule": "interventions",
+    "check_latent_ids": "interventions",
+    "steer_activations": "interventions",
+    "steering_delta": "interventions",
+    "Recipe": "recipe",
+    "load_recipe": "recipe",
+    "recipe_path_for": "recipe",
+    "CachedForward": "resegment",
+    "SteeringSession": "session",
+}
 
-__all__ = [
-    "MODES", "LABEL_RULES", "LatentEdit", "Region", "apply_label_rule", "check_latent_ids", "steer_activations", "steering_delta",
-    "Hint", "parse_hint", "GuidedFix", "GuidedOptions", "guided_edits",
-    "Recipe", "load_recipe", "recipe_path_for", "CachedForward", "resegment", "SteeringSession",
-]  # fmt: skip
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+__all__ = list(_EXPORTS)
