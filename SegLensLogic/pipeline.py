@@ -93,6 +93,10 @@ class Pipeline:
                 self.path.unlink()
             else:
                 check_document(previous, self.path, kind, PIPELINE_FORMAT_VERSION, RunState, f"{kind} state file", versioned="state file")
+                added = _added_options(previous.get("options") or {}, options)
+                if added:  # options introduced by a later version, at their defaults: the finished steps never read them
+                    log(f"Options added since this run started, taken at their defaults: {', '.join(added)}")
+                    previous["options"] = options
                 if previous.get("options") != options:
                     changed = sorted(k for k in set(options) | set(previous.get("options") or {})
                                      if options.get(k) != (previous.get("options") or {}).get(k))  # fmt: skip
@@ -144,3 +148,20 @@ class Pipeline:
         atomic_write_json(self.path, self.data, overwrite=True)
         self.log(f"    done in {seconds / 60:.1f} min")
         return outputs
+
+
+def _added_options(previous: dict, options: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the options in ``options`` that ``previous`` lacks, when every option ``previous`` has is
+    unchanged (a run resumed by a later version that introduced settings); else an empty list."""
+    added = []
+    for key, value in options.items():
+        if key not in previous:
+            added.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(previous[key], dict):
+            inner = _added_options(previous[key], value, f"{prefix}{key}.")
+            if not inner and previous[key] != value:
+                return []
+            added += inner
+        elif previous[key] != value:
+            return []
+    return added if not set(previous) - set(options) else []

@@ -1292,3 +1292,22 @@ def test_fuzz_safetensors_header(kit, tmp_path):
         BatchTopKSAE.load(folder)
 
     fuzz(load, header)
+
+
+def test_a_run_resumes_under_options_added_since_it_started_and_refuses_changed_ones(tmp_path):
+    """A long run (the reference build) started by an earlier version resumes when the only difference is options
+    that version lacked (taken at their defaults, said in the log); a changed option is still refused."""
+    from SegLensLogic.errors import SegLensError
+    from SegLensLogic.pipeline import Pipeline
+
+    steps = [("one", "the first step")]
+    first = Pipeline(tmp_path / "run", "demo-run", "run.json", {"settings": {"a": 1}, "data": "x"}, steps, log=lambda _m: None)
+    first.run("one", lambda folder: {"value": 1})
+    lines = []
+    resumed = Pipeline(tmp_path / "run", "demo-run", "run.json", {"settings": {"a": 1, "b": 2}, "data": "x"}, steps, log=lines.append)
+    assert resumed.done("one") is not None and resumed.data["options"]["settings"] == {"a": 1, "b": 2}
+    assert lines == ["Options added since this run started, taken at their defaults: settings.b"]
+    with pytest.raises(SegLensError, match=r"other options \(settings\)"):
+        Pipeline(tmp_path / "run", "demo-run", "run.json", {"settings": {"a": 3, "b": 2, "c": 0}, "data": "x"}, steps, log=lines.append)
+    with pytest.raises(SegLensError, match="other options"):
+        Pipeline(tmp_path / "run", "demo-run", "run.json", {"settings": {"b": 2}, "data": "x"}, steps, log=lines.append)
