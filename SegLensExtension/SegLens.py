@@ -81,6 +81,13 @@ HINT_COLOURS = {"+": (0.1, 0.9, 0.2), "-": (0.95, 0.2, 0.8)}
 ANY_TUMOUR = _("any tumour class")
 # Jobs that follow the user's browsing (slice, selection): they do not take over the status line.
 QUIET_JOBS = ("table", "heatmaps")
+# Jobs whose results go into the slice views: none starts while the module is hidden, and one that ends then is
+# dropped (redone when the module is shown again).
+VIEW_JOBS = ("table", "heatmaps", "preview")
+# Slice composite node layers (Slicer 5.10 numbers them all): the preview uses the label layer, heatmaps the
+# foreground and the extra layers after the label layer, with the input as background.
+BACKGROUND_LAYER, FOREGROUND_LAYER, LABEL_LAYER = 0, 1, 2
+HEATMAP_LAYERS = (FOREGROUND_LAYER,) + tuple(range(3, 3 + MAX_HEATMAPS - 1))
 
 
 def versionProblem(version=None, python=None):
@@ -159,7 +166,10 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
     """What the SegLens panel does, callable from Python without the panel.
 
     Nodes the user made are never modified or removed: Segment creates a new segmentation node, Apply another one
-    (the previous is kept), and only heatmap/preview nodes made by this logic are ever replaced.
+    (the previous is kept), and only heatmap/preview nodes made by this logic are ever replaced. The slice views'
+    layers are borrowed: what a view showed in a layer is remembered before SegLens first puts a heatmap or the
+    preview there, and put back when SegLens no longer needs the layer (the preview cleared, the heatmaps gone, or
+    :meth:`restoreViewLayers` when the module is left).
 
     Thread use: ``read*`` and ``show*`` methods and the one-call versions (``segment``, ``applyEdit``,
     ``previewEdit``, ``loadRecipe``, ``undo``, ``export``) touch MRML and run on the main thread; ``create*`` and
@@ -185,6 +195,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         self.classNames = []
         self.classColours = []
         self.fixOptions = None  # GuidedOptions for Fix (None: SegLens' defaults); settable from the Python console
+        self.userLayers = {}  # (composite node ID, layer) -> (volume node ID, opacity) the view had before SegLens
 
     def getParameterNode(self):
         """The module's parameter node (``SegLensLib.parameters.SegLensParameterNode``; needs Slicer's Qt)."""
@@ -502,7 +513,11 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
                 self.heatmapNodes[latent] = node
             shown.append(node)
         self.setHeatmapDisplay(threshold, opacity, colourNodeID or nodes.heatmap_colour_node_id(self.scene))
-        nodes.show_heatmap_layers(self.scene, self.referenceNode, shown, opacity)
+        if shown:
+            self.rememberViewLayers((BACKGROUND_LAYER,) + HEATMAP_LAYERS)
+            nodes.show_heatmap_layers(self.scene, self.referenceNode, shown, opacity)
+        else:  # no heatmap to show: the views get back what they showed in those layers
+            self.restoreViewLayers(HEATMAP_LAYERS)
         return shown
 
     def showHeatmap(self, latent, threshold=0.1, opacity=0.5, colourNodeID=None):
@@ -527,6 +542,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
     def clearHeatmaps(self):
         for latent in list(self.heatmapNodes):
             self.removeHeatmap(latent)
+        self.restoreViewLayers(HEATMAP_LAYERS)
 
     # -- steering -----------------------------------------------------------------------------------------------------
     def makeEdit(self, latents, mode="scale", alpha=1.0, region="whole volume", sliceIndex=None, sliceRange=None):
@@ -573,6 +589,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
             self.previewNode.GetDisplayNode().SetAndObserveColorNodeID(self.changeColourTableNode.GetID())
         else:
             nodes.set_volume_array(self.previewNode, changes.astype("uint8"))
+        self.rememberViewLayers((LABEL_LAYER,))  # the user's label map there comes back when the preview goes
         nodes.show_layers(self.scene, label=self.previewNode, label_opacity=opacity)
         return self.previewNode
 
@@ -581,6 +598,50 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         node, self.previewNode = self.previewNode, None
         if node is not None and self.scene.GetNodeByID(node.GetID()) is not None:
             self.scene.RemoveNode(node)
+        self.restoreViewLayers((LABEL_LAYER,))
+
+    # -- the slice views' layers --------------------------------------------------------------------------------------
+    def _compositeNodes(self):
+        return [self.scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+                for i in range(self.scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]  # fmt: skip
+
+    def rememberViewLayers(self, layers):
+        """Remember what every slice view shows in ``layers`` (composite node layer indices), before SegLens puts its
+        own volumes there; a layer already remembered keeps the first (the user's) record."""
+        for composite in self._compositeNodes():
+            for layer in layers:
+                key = (composite.GetID(), int(layer))
+                if key not in self.userLayers:
+                    self.userLayers[key] = (composite.GetNthLayerVolumeID(int(layer)), composite.GetNthLayerOpacity(int(layer)))
+
+    def shownBySegLens(self, volumeID):
+        """Whether a layer showing ``volumeID`` shows what SegLens put there: a heatmap, the preview, the input it set
+        as background, or nothing (a removed node)."""
+        node = self.scene.GetNodeByID(volumeID) if volumeID else None
+        if node is None:
+            return True
+        return (node.GetAttribute("SegLens.Latent") is not None or node.GetAttribute("SegLens.Role") == "preview"
+                or (self.referenceNode is not None and node.GetID() == self.referenceNode.GetID()))  # fmt: skip
+
+    def restoreViewLayers(self, layers=None):
+        """Put back what the slice views showed in ``layers`` (every remembered layer when None) before SegLens used
+        them, where a SegLens volume (or nothing) is shown now: a volume the user chose meanwhile stays. A view that
+        had no background keeps the input SegLens put there. Last layers first: emptying an extra layer removes it,
+        and the ones after it move down."""
+        for key in sorted((k for k in self.userLayers if layers is None or k[1] in layers), key=lambda k: -k[1]):
+            volumeID, opacity = self.userLayers.pop(key)
+            composite = self.scene.GetNodeByID(key[0])
+            if composite is None:
+                continue
+            current = composite.GetNthLayerVolumeID(key[1])
+            if current == volumeID or not self.shownBySegLens(current):
+                continue
+            if volumeID and self.scene.GetNodeByID(volumeID) is None:
+                volumeID = None  # the user's volume was removed meanwhile
+            if key[1] == BACKGROUND_LAYER and not volumeID:
+                continue
+            composite.SetNthLayerVolumeID(key[1], volumeID)
+            composite.SetNthLayerOpacity(key[1], opacity)
 
     def previewEdit(self, edit, sliceIndex):
         return self.showPreview(self.computePreview(edit, sliceIndex))
@@ -819,6 +880,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         self.originalSegmentationNode = None
         self.heatmapNodes = {}
         self.previewNode = None
+        self.userLayers = {}
 
 
 #
@@ -852,6 +914,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._previewShown = None
         self._knownVolumeIDs = set()
         self._sliceNode = None
+        self._shown = False  # between enter() and exit(): observers, timers and view jobs only then
 
     # -- set-up and tear-down -----------------------------------------------------------------------------------------
     def setup(self):
@@ -946,15 +1009,48 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneImported)
         self.initializeParameterNode()
-        self.observeRedSlice()
         self.updateButtons()
 
     def enter(self):
-        if self.logic is not None:
-            self.initializeParameterNode()
+        """The module is shown (Slicer's template): follow the scene's new volumes, the parameter node and the Red
+        view again; heatmap layers and the live preview come back; work put off while hidden starts."""
+        if self.logic is None:
+            return
+        self._shown = True
+        if not self.hasObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded):
+            self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
+        self.initializeParameterNode()  # (new volumes added meanwhile get their sequence from their names here)
+        self.observeRedSlice()
+        if self.logic.isSegmented():
+            self.updateHeatmaps()
+            self.onSliceSettled()
+            self.requestPreview()
+        self.startPending()
+        self.updateButtons()
+
+    def exit(self):
+        """Another module is shown (Slicer's template): no observer of the views, scene additions or parameter node and
+        no timer stays, no new table, heatmap or preview job starts, the preview goes and the slice views get back
+        the layers SegLens borrowed. A Segment, Apply, Suggest, Fix or recipe job in flight runs to its end (its
+        result is kept); a view job in flight is dropped and redone on enter()."""
+        if self.logic is None:
+            return
+        self._shown = False
+        for timer in (self._sliceTimer, self._assignTimer):
+            timer.stop()
+        self.pending.clear()
+        if self._sliceNode is not None:
+            self.removeObserver(self._sliceNode, vtk.vtkCommand.ModifiedEvent, self.onSliceModified)
+            self._sliceNode = None
+        if self.hasObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded):
+            self.removeObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
+        if self._parameterNode is not None and self.hasObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent,
+                                                                self.onParameterNodeModified):  # fmt: skip
+            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self.clearPreview()
+        self.logic.restoreViewLayers()
 
     def cleanup(self):
         self.removeObservers()
@@ -1009,7 +1105,8 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.assignModalities()
 
     def setParameterNode(self, parameterNode):
-        if self._parameterNode is not None:
+        if self._parameterNode is not None and self.hasObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent,
+                                                                self.onParameterNodeModified):  # fmt: skip
             self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = parameterNode
         if parameterNode is not None:
@@ -1176,8 +1273,8 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             if job.orphaned or job.cancelled:
                 self.dropResult(job, result)
-            elif job.key is not None and job.key != self.currentKey(job.kind):
-                self.droppedResults += 1  # stale: its inputs changed while it ran; the latest request runs next
+            elif job.key is not None and job.key != self.currentKey(job.kind) or job.kind in VIEW_JOBS and not self._shown:
+                self.droppedResults += 1  # stale (its inputs changed while it ran) or hidden: runs again when it can
                 self.pending.add(job.kind)
             else:
                 try:
@@ -1240,7 +1337,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.startPending()
 
     def startPending(self):
-        while self.job is None and self.pending:
+        while self.job is None and self.pending and self._shown:
             kind = next(k for k in ("table", "heatmaps", "preview") if k in self.pending)
             self.pending.discard(kind)
             {"table": self.startTableJob, "heatmaps": self.startHeatmapJob, "preview": self.startPreviewJob}[kind]()
@@ -1505,6 +1602,9 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                       key=self.currentKey("heatmaps"), cancellable=False)
 
     def showHeatmapLayers(self, computed):
+        if not self._shown:  # put into the views when the module is shown again
+            self.pending.add("heatmaps")
+            return
         colour = self.ui.heatmapColorSelector.currentNode()
         self.logic.showHeatmaps(self.heatmapLatents(), self.ui.heatmapThresholdSliderWidget.value,
                                 self.ui.heatmapOpacitySliderWidget.value, colour.GetID() if colour else None, computed)
@@ -1687,7 +1787,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.pending.discard("preview")
         self.ui.statusLabel.text = _("Fix ready: the preview shows it on the current slice; Apply fix re-segments.")
-        if self.currentSlice is not None:
+        if self.currentSlice is not None and self._shown:
             self.startJob("preview", self.logic.computePreview, list(fix.edits), self.currentSlice, done=self.onFixPreviewed,
                           phase=_("Previewing the fix on slice {slice}").format(slice=self.currentSlice))
 
