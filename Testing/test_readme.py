@@ -272,3 +272,14 @@ def test_readme_figures_are_the_model_cards():
     assert f"edema {ed}, necrotic core {nc}" in readme
     ev = re.search(r"explained variance (\d\.\d{3})", card)
     assert ev and f"explained variance **{ev.group(1)}**" in readme
+
+
+def test_the_hint_table_is_the_benchmarks_and_the_bundle_carries_it():
+    """The README's hint table is :func:`hints_headline` of the committed benchmark (``docs/measurements/hints``),
+    and the shipped bundle's ``figures["hints"]`` (what the panel shows beside *Fix*) is that benchmark's."""
+    from SegLensLogic.reference.card import hints_figures, hints_headline
+
+    results = json.loads((DOCS / "measurements" / "hints" / "results.json").read_text(encoding="utf-8"))
+    readme = README.read_text(encoding="utf-8")
+    assert "\n".join(hints_headline(results)) in readme
+    assert _bundle()["figures"]["hints"] == json.loads(json.dumps(hints_figures(results)))

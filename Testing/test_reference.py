@@ -108,7 +108,7 @@ def test_tiny_rebuild_writes_a_bundle_whose_card_is_the_builds_measurement(tiny_
     assert all("aim_gain" in row for row in summary)
     assert hook == max(summary, key=lambda r: (r["aim_gain"], r["moved"], r["oracle_gain_mean"]))["hook"]
     hints = state["steps"]["hints"]["outputs"]["results"]
-    assert "## Fixing by pointing (hints)" in card and bundle.figures["hints"]["summary_line"].startswith("Measured by the build on")
+    assert "## Fixing by pointing (hints)" in card and bundle.figures["hints"]["summary_line"].startswith("Measured on")
     assert bundle.figures["hints"]["cases"] == sum(f["failure"] for f in hints["failures"])
 
     # a second run finds every step done and redoes nothing

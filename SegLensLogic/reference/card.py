@@ -95,7 +95,7 @@ def hints_figures(results: dict) -> dict:
                                                                  "vs random latents", "vs logit bias", "vs spheres")}  # fmt: skip
     three = out.get("clicks_3", {})
     out["summary_line"] = (
-        f"Measured by the build on {out['cases']} real failures with 3 simulated clicks each: mean Dice change {three.get('dice_mean')} "
+        f"Measured on {out['cases']} real failures of this model, 3 simulated clicks each: mean Dice change {three.get('dice_mean')} "
         f"(against the same fit on random latents {three.get('vs random latents')}; against a fitted logit bias "
         f"{three.get('vs logit bias')}); {float(three.get('gaining >= 0.05') or 0):.0%} of the failures gain 0.05 or more."
     )
