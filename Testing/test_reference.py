@@ -79,6 +79,7 @@ def test_the_second_edition_split_holds_out_four_cases_of_three_groups_with_brat
     assert sorted(everything) == sorted(c.case_id for c in cohort) and len(set(everything)) == len(everything)
 
 
+@pytest.mark.extended
 def test_tiny_rebuild_writes_a_bundle_whose_card_is_the_builds_measurement(tiny_build):
     build, root, lines = tiny_build
     state = json.loads((root / "build" / "build.json").read_text())
@@ -121,6 +122,7 @@ def test_tiny_rebuild_writes_a_bundle_whose_card_is_the_builds_measurement(tiny_
         build_reference(build.data, root / "build", ReferenceSettings(), log=QUIET)
 
 
+@pytest.mark.extended
 def test_segment_and_steer_default_to_the_reference_bundle(tiny_build, brats2018_case, tmp_path, capsys, monkeypatch):
     _, root, _ = tiny_build
     monkeypatch.setenv("SEGLENS_RESOURCES", str(root))

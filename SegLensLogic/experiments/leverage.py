@@ -133,9 +133,11 @@ def leverage_report(
     log: Callable[[str], None] = print,
     aim_cases: Sequence = (),
     aim_clicks: int = 3,
+    aim_steps: int = 25,
 ) -> tuple[Report, str, list[dict]]:
     """Leverage of every hook (one SAE each) on labelled ``cases``, and, on ``aim_cases``, how well hint fixes
-    at each hook aim (the mean Dice gain after ``aim_clicks`` simulated clicks): the hook is chosen by aim.
+    at each hook aim (the mean Dice gain after ``aim_clicks`` simulated clicks, fits of ``aim_steps`` Adam steps): the
+    hook is chosen by aim.
 
     Returns:
         ``(report, chosen hook, summary rows)``.
@@ -158,9 +160,11 @@ def leverage_report(
         per_alpha += rows
         summary.append(summarise_hook(hook, sae, shapes[hook][1:], rows))
         if aim_cases:
+            from ..steering.guided import GuidedOptions
             from .hints import aim
 
-            summary[-1].update(aim_gain=aim(model, sae, aim_cases, aim_clicks, log=log)["aim_gain"])
+            aimed = aim(model, sae, aim_cases, aim_clicks, GuidedOptions(steps=aim_steps), log=log)
+            summary[-1].update(aim_gain=aimed["aim_gain"])
     chosen = choose_hook(summary, min_side)
     report = Report("leverage", "Leverage: how far latent edits at each hook point move the mask")
     report.table("leverage", "Per hook (moved: share of the predicted tumour changed, mean over the alpha grid; oracle gains: best over the grid per case, ground truth read)", summary)

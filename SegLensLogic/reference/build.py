@@ -95,8 +95,8 @@ class ReferenceSettings:
         pediatric_cases, phantom_shape: the synthetic pediatric cohort (no real pediatric case is available).
         repair_alphas, repair_strengths, repair_missing, repair_brats2013, fit_steps: the failure-repair
             experiment: alpha grid, SSA-like degradation strengths of the test cases, sequences left out of them,
-            BraTS 2013 cases used, gradient steps of the fitted correction; hint_clicks: simulated clicks per case of
-            the hint benchmark; repair_patients, leverage_hooks:
+            BraTS 2013 cases used, gradient steps of the fitted correction; hint_clicks, hint_steps: simulated clicks per case of
+            the hint benchmark and Adam steps of each hint fit (also in the leverage step's aim); repair_patients, leverage_hooks:
             fewer test patients and hook points (tiny builds only).
     """
 
@@ -129,6 +129,7 @@ class ReferenceSettings:
     aim_cases: int = 4
     fit_steps: int = 40
     hint_clicks: int = 5
+    hint_steps: int = 25
     sweep: tuple[tuple[int, int], ...] = ((8, 4), (16, 4), (16, 8), (32, 8), (32, 16))
     sae_expansion: int = 16
     sae_max_steps: int = 20000
@@ -152,7 +153,7 @@ class ReferenceSettings:
             arch="segformer-b0", extra_cases=False, test_cases=3, validation_cases=1, image_size=64, epochs=2, slices_per_epoch=64, batch_size=8, warmup_steps=0, precision="float32",
             arch_options=(("hidden_sizes", [16, 32, 64, 128]), ("decoder_hidden_size", 64), ("num_attention_heads", [1, 1, 2, 4])),
             train_cases=2, leverage_sae_steps=100, leverage_alphas=(0.0, 4.0), repair_alphas=(0.0, 1.0, 4.0), repair_strengths=(2.0,),
-            repair_missing=(), repair_brats2013=1, repair_patients=2, leverage_hooks=("stage1", "stage2"), aim_cases=1, hint_clicks=1, fit_steps=3, sweep=((4, 2), (8, 4)), sae_expansion=4,
+            repair_missing=(), repair_brats2013=1, repair_patients=2, leverage_hooks=("stage1", "stage2"), aim_cases=1, hint_clicks=1, hint_steps=6, fit_steps=3, sweep=((4, 2), (8, 4)), sae_expansion=4,
             sae_max_steps=300, interpret_top_k=4, finetune_epochs=1, finetune_slices=32, pediatric_cases=2,
             phantom_shape=(48, 56, 40),
         )  # fmt: skip
@@ -341,7 +342,8 @@ def step_leverage(build: ReferenceBuild, folder: Path) -> dict:
     aim_cases = [*validation_cases, load_cohort(degraded)[0]]
     aim_cases += [without_modalities(c, ["t2f"], "-no-t2f") for c in validation_cases[: s.aim_cases]]
     aim_cases = aim_cases[: max(1, s.aim_cases)] if s.aim_cases else []
-    report, chosen, summary = leverage_report(model, saes, cases, s.leverage_alphas, log=build.sub, aim_cases=aim_cases)
+    report, chosen, summary = leverage_report(model, saes, cases, s.leverage_alphas, log=build.sub, aim_cases=aim_cases,
+                                               aim_steps=s.hint_steps)  # fmt: skip
     report.write(folder / "report", overwrite=True)
     build.sub(f"chosen hook: {chosen}")
     return {"hook": chosen, "summary": summary, "cases": [c.case_id for c in cases[:1]] + [f"{cases[1].case_id} (SSA-degraded)", cases[2].case_id],
@@ -582,6 +584,7 @@ def step_repair(build: ReferenceBuild, folder: Path) -> dict:
 
 def step_hints(build: ReferenceBuild, folder: Path) -> dict:
     from ..experiments.hints import hint_failure_pool, run_hints
+    from ..steering.guided import GuidedOptions
     from ..sae import BatchTopKSAE
 
     s = build.settings
@@ -593,7 +596,8 @@ def step_hints(build: ReferenceBuild, folder: Path) -> dict:
     pool = hint_failure_pool(build.data, figures, folder / "cases", log=build.sub)
     if s.repair_patients is not None:  # tiny builds: fewer cases
         pool = pool[: 2 * s.repair_patients]
-    report, results = run_hints(model, sae, pool, max_clicks=s.hint_clicks, seed=s.seed, log=build.sub)
+    report, results = run_hints(model, sae, pool, max_clicks=s.hint_clicks, options=GuidedOptions(steps=s.hint_steps), seed=s.seed,
+                                log=build.sub)  # fmt: skip
     report.write(folder / "report", overwrite=True)
     return {"report": "hints/report/README.md", "results": results}
 
