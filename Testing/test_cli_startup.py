@@ -27,7 +27,6 @@ CORE_COMMANDS = ("segment", "evaluate", "train-segmenter", "hooks", "extract", "
 # Commands whose --help imports a package __init__ that still imports its whole package eagerly (torch, SciPy).
 # When that package becomes lazy, the xfail turns into a failure (strict): drop the command from this table.
 HEAVY_HELP = {
-    "steer": "SegLensLogic/steering/commands.py reads the edit modes from interventions.py (torch)",
     "phantoms": "add_commands reads the population presets from data/phantoms.py (SciPy)",
     "degrade": "add_commands reads the population presets from data/phantoms.py (SciPy)",
 }

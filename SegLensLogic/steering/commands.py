@@ -9,11 +9,13 @@ import time
 
 from ..console import add_device_arguments, case_from_args, device_from_args, log
 from ..errors import SegLensError, refuse_existing
-from .interventions import MODES, LatentEdit, Region
-from .recipe import load_recipe, recipe_path_for
+from .modes import MODES
 
 
-def _region(args: argparse.Namespace) -> Region:
+def _region(args: argparse.Namespace):
+    """The ``--slices`` option as a :class:`Region` (the whole volume without it)."""
+    from .interventions import Region
+
     if args.slices is None:
         return Region.volume()
     start, sep, stop = args.slices.partition(":")
@@ -39,7 +41,10 @@ def _check_edit_options(args: argparse.Namespace, session) -> None:
 
 
 def cmd_steer(args: argparse.Namespace) -> int:
+    # The command's work is imported when it runs, so that --help stays light.
     from ..sae import BatchTopKSAE
+    from .interventions import LatentEdit
+    from .recipe import load_recipe, recipe_path_for
     from .session import SteeringSession
 
     out = refuse_existing(args.out, args.overwrite)

@@ -35,11 +35,7 @@ from ..storage import MAX_AXIS, MAX_VOXELS
 from ..sae.activations import feature_map_to_vectors, vectors_to_feature_map
 from ..sae.model import SparseDictionary
 
-MODES = ("scale", "add", "zero", "clamp", "swap")
-# What the edited model's labels become (:func:`apply_label_rule`): extent and composition apart.
-LABEL_RULES = ("model", "grow", "shrink", "extent", "composition")
-WHERE = ("active", "everywhere")
-REGION_KINDS = ("volume", "slice", "slices", "mask")
+from .modes import LABEL_RULES, MODES, REGION_KINDS, WHERE  # noqa: F401 (re-exported: the edit vocabulary)
 
 
 @dataclass(frozen=True, eq=False)
