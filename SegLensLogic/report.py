@@ -493,8 +493,39 @@ SECTIONS = (
 )  # fmt: skip
 
 
+def _summary(results: dict) -> str:
+    """What the run built and what it shows, first (each line from the results; absent results give no line):
+    the models' Dice, the SAEs, the latents labelled, and a steered case before and after."""
+    lines = []
+    for model in (results.get("models") or [])[:6]:
+        dice = {c: d for c, d in (model.get("dice") or {}).items() if isinstance(d, (int, float))}
+        own = dice.get(model.get("cohort"), next(iter(dice.values()), None))
+        if own is not None:
+            lines.append(f"Model {model.get('name')} ({model.get('arch')}, trained on {model.get('cohort')}): mean Dice {own:.3f}"
+                         + (f" on {model.get('cohort')}" if model.get("cohort") in dice else "") + ".")  # fmt: skip
+    saes = [r for r in results.get("sae_quality") or [] if isinstance(r.get("explained_variance"), (int, float))]
+    if saes:
+        ev = [r["explained_variance"] for r in saes]
+        lines.append(f"{len(saes)} SAE(s): explained variance {min(ev):.3f} to {max(ev):.3f}.")
+    labelled = sum(len(latents or []) for g in results.get("latent_galleries") or [] for latents in (g.get("categories") or {}).values())
+    if labelled:
+        lines.append(f"{labelled} latents shown with their automatic labels in the galleries.")
+    for case in (results.get("steered_cases") or [])[:3]:
+        if isinstance(case.get("dice_before"), (int, float)) and isinstance(case.get("dice_after"), (int, float)):
+            lines.append(f"{case.get('case_id', 'a case')}: Dice {case['dice_before']:.3f} before steering, {case['dice_after']:.3f} after "
+                         "(side by side below).")  # fmt: skip
+    real = results.get("reference_case") or {}
+    if isinstance(real.get("dice_before"), (int, float)) and isinstance(real.get("dice_after"), (int, float)):
+        lines.append(f"The shipped reference model on a real case ({real.get('case_id')}): Dice {real['dice_before']:.3f} before, "
+                     f"{real['dice_after']:.3f} after its suggested correction.")  # fmt: skip
+    if not lines:
+        return ""
+    return "<section id='summary'><h2>What this run shows</h2><ul>" + "".join(f"<li>{_e(line)}</li>" for line in lines) + "</ul></section>"
+
+
 def build_report_html(results: dict) -> str:
-    """The report as one HTML string (every image inline). Absent inputs give a note, never an invented section."""
+    """The report as one HTML string (every image inline). Absent inputs give a note, never an invented section.
+    It opens with what the run built and shows; the caveats (``results["notes"]``) have a section of their own, last."""
     title = results.get("title", "SegLens audit report")
     body, nav = [], []
     for anchor, heading, render, missing in SECTIONS:
@@ -502,6 +533,9 @@ def build_report_html(results: dict) -> str:
         nav.append(f'<a href="#{anchor}">{_e(heading)}</a>')
         body.append(f'<section id="{anchor}"><h2>{_e(heading)}</h2>{content if content is not None else _note("Omitted: " + missing + ".")}</section>')
     notes = "".join(f"<li>{_e(n)}</li>" for n in results.get("notes", []))
+    if notes:
+        nav.append('<a href="#caveats">Caveats and goals</a>')
+        body.append(f"<section id='caveats'><h2>Caveats and goals</h2><ul>{notes}</ul></section>")
     stamp = results.get("generated", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
@@ -509,7 +543,7 @@ def build_report_html(results: dict) -> str:
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
         f"<h1>{_e(title)}</h1><p class='subtitle'>{_e(results.get('subtitle', ''))} Generated {_e(stamp)} by SegLens.</p>"
         f"<nav>{''.join(nav)}</nav>"
-        + (f"<ul>{notes}</ul>" if notes else "")
+        + _summary(results)
         + "".join(body)
         + "</body></html>\n"
     )

@@ -155,3 +155,17 @@ def test_reference_section_shows_the_bundles_hint_measurement():
     assert "2 real failures" in html and html.count("<tr>") == 3
     assert "+0.033 [+0.009, +0.056]" in html and "+0.030 [+0.010, +0.050]" in html and "25%" in html
     assert _hints_table({}) == ""
+
+
+def test_report_opens_with_what_the_run_shows_and_keeps_the_caveats_last(full_results):
+    """The first section after the navigation is what was built and what it shows (from the results); the caveats
+    (``notes``) have a section of their own at the end, every one kept."""
+    results = {**full_results, "notes": ["Goal A missed by 0.10: too few cases.", "Goal B met."]}
+    html = build_report_html(results)
+    summary, caveats = html.index("id='summary'"), html.index("id='caveats'")
+    assert html.index("</nav>") < summary < html.index('id="cohorts"') < html.index('id="reference"') < caveats
+    shown = html[summary:html.index("</section>", summary)]
+    assert "mean Dice 0.710 on adult" in shown and "explained variance 0.830 to 0.830" in shown
+    assert "2 latents shown" in shown and "Dice 0.500 before steering, 1.000 after" in shown and "0.610 before, 0.660 after" in shown
+    assert "Goal A missed by 0.10: too few cases." in html[caveats:] and "Goal B met." in html[caveats:]
+    assert "id='caveats'" not in build_report_html(full_results)  # no notes: no empty section
