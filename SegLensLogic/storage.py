@@ -121,7 +121,11 @@ def publish_folder(tmp: str | Path, out: str | Path, overwrite: bool = False) ->
         if old.exists():
             shutil.rmtree(old, ignore_errors=True)
         os.rename(out, old)
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except BaseException:  # the old folder goes back, so out is never missing (a failed rename, Ctrl-C)
+            os.rename(old, out)
+            raise
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
         else:

@@ -281,13 +281,6 @@ def test_publish_folder_over_a_symlink_replaces_the_link_not_its_target(tmp_path
     assert listing(tmp_path) == ["elsewhere", "result"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="publish_folder(overwrite=True) moves the old output aside before renaming the new one in and does not "
-    "move it back when that second rename fails (e.g. EXDEV for a staging folder on another file system, or Ctrl-C "
-    "between the renames): the output is then neither the old folder nor the new one, contrary to its docstring, "
-    "and the old one is left hidden as .<name>.old-<pid>",
-)
 def test_publish_folder_failing_at_the_second_rename_keeps_the_old_output(tmp_path, monkeypatch):
     out = tmp_path / "result"
     out.mkdir()
