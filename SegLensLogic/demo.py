@@ -887,7 +887,7 @@ def step_steering(demo: Demo, folder: Path) -> dict:
     from .bundle import load_bundle
     from .data.cases import read_case
     from .experiments import class_scores
-    from .experiments.hints import simulate_clicks
+    from .experiments.hint_benchmark import simulate_clicks
     from .steering import SteeringSession, load_recipe
 
     reference = demo.state.outputs("cohorts")["reference"]

@@ -188,7 +188,7 @@ def cmd_hints(args) -> int:
     from ..data.io import atomic_write_text
     from ..sae import BatchTopKSAE
     from ..steering.guided import GuidedOptions
-    from .hints import hint_failure_pool, run_hints
+    from .hint_benchmark import hint_failure_pool, run_hints
 
     out = _out_dir(args)
     if args.bundle is None:

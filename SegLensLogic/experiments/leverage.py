@@ -117,7 +117,7 @@ def summarise_hook(hook: str, sae: BatchTopKSAE, grid: tuple[int, int], rows: Se
 
 def choose_hook(summary: Sequence[dict], min_side: int = MIN_SIDE) -> str:
     """Among the hooks with at least ``min_side`` positions per side (any hook when none has): the one whose hint
-    fixes aim best (largest ``aim_gain``, when measured: :func:`~SegLensLogic.experiments.hints.aim`), then the
+    fixes aim best (largest ``aim_gain``, when measured: :func:`~SegLensLogic.experiments.hint_benchmark.aim`), then the
     one whose edits move the mask most (``moved``)."""
     eligible = [r for r in summary if min(int(v) for v in r["grid"].split("x")) >= min_side] or list(summary)
     return max(eligible, key=lambda r: (r.get("aim_gain", 0.0), r["moved"], r["oracle_gain_mean"]))["hook"]
@@ -161,7 +161,7 @@ def leverage_report(
         summary.append(summarise_hook(hook, sae, shapes[hook][1:], rows))
         if aim_cases:
             from ..steering.guided import GuidedOptions
-            from .hints import aim
+            from .hint_benchmark import aim
 
             aimed = aim(model, sae, aim_cases, aim_clicks, GuidedOptions(steps=aim_steps), log=log)
             summary[-1].update(aim_gain=aimed["aim_gain"])

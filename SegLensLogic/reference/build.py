@@ -24,7 +24,7 @@ rerunning the same command continues where it stopped; the segmenter's training 
 8. ``repair``: the failure cases among the test cases under SSA-like shifts and missing sequences and the BraTS 2013
    cases, every steering arm and baseline on them (:mod:`SegLensLogic.experiments.repair`), and the suggested
    corrections per population (:mod:`SegLensLogic.steering.suggestions`).
-9. ``hints``: the hint benchmark (:mod:`SegLensLogic.experiments.hints`) on the failures of the test cases (clean,
+9. ``hints``: the hint benchmark (:mod:`SegLensLogic.experiments.hint_benchmark`) on the failures of the test cases (clean,
    SSA-like, without FLAIR or T1c), the BraTS 2013 cases and the ``brats-extra`` cases not trained on.
 10. ``bundle``: model, SAE, labels, alignments, suggestions and the model card (:mod:`.card`) in one bundle.
 
@@ -583,7 +583,7 @@ def step_repair(build: ReferenceBuild, folder: Path) -> dict:
 
 
 def step_hints(build: ReferenceBuild, folder: Path) -> dict:
-    from ..experiments.hints import hint_failure_pool, run_hints
+    from ..experiments.hint_benchmark import hint_failure_pool, run_hints
     from ..steering.guided import GuidedOptions
     from ..sae import BatchTopKSAE
 
@@ -689,7 +689,7 @@ def build_reference(
 
 
 def record_hints(bundle_dir: str | Path, results: dict) -> Path:
-    """Write a hint benchmark's measurement (:func:`~SegLensLogic.experiments.hints.run_hints` results) into a
+    """Write a hint benchmark's measurement (:func:`~SegLensLogic.experiments.hint_benchmark.run_hints` results) into a
     published bundle: ``figures["hints"]`` in its manifest (what the Slicer panel shows beside *Fix*) and the card's
     section on fixing by pointing (replacing an earlier one), the card's hash updated; the folder is replaced
     atomically and loads (hashes verified) before and after."""

@@ -86,7 +86,7 @@ HINT_GOALS = {"gain": 0.05, "gaining": 0.5, "far": 0.5, "seconds": 10.0}
 
 
 def hints_figures(results: dict) -> dict:
-    """What the card's figures keep of a hint benchmark (:func:`~SegLensLogic.experiments.hints.run_hints`): the
+    """What the card's figures keep of a hint benchmark (:func:`~SegLensLogic.experiments.hint_benchmark.run_hints`): the
     latent fix's row at each click count, the paired differences, and a one-line summary the Slicer panel shows."""
     out: dict[str, Any] = {"cases": len([f for f in results["failures"] if f["failure"]])}
     for clicks, rows in results["summary"].items():
