@@ -79,6 +79,8 @@ JOB_TITLES = {
 HINT_LISTS = {"+": "SegLens points: tumour (+)", "-": "SegLens points: not tumour (-)"}
 HINT_COLOURS = {"+": (0.1, 0.9, 0.2), "-": (0.95, 0.2, 0.8)}
 ANY_TUMOUR = _("any tumour class")
+# What the panel says while the session no longer matches the chosen inputs (other nodes, other voxels, other bundle).
+STALE_NOTICE = _("The inputs changed after Segment: press Segment to work on them.")
 # Jobs that follow the user's browsing (slice, selection): they do not take over the status line.
 QUIET_JOBS = ("table", "heatmaps")
 # Jobs whose results go into the slice views: none starts while the module is hidden, and one that ends then is
@@ -196,6 +198,8 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         self.classColours = []
         self.fixOptions = None  # GuidedOptions for Fix (None: SegLens' defaults); settable from the Python console
         self.userLayers = {}  # (composite node ID, layer) -> (volume node ID, opacity) the view had before SegLens
+        self.sessionInputs = {}  # what the session was made from: modality -> (node ID, voxel modification time)
+        self.sessionBundlePath = None  # the bundle folder it was made with (None: not known, not compared)
 
     def getParameterNode(self):
         """The module's parameter node (``SegLensLib.parameters.SegLensParameterNode``; needs Slicer's Qt)."""
@@ -308,9 +312,10 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         session = SteeringSession.open(modelDir, saeDir, case, labels=labelsPath, alignments=list(alignmentPaths), device=device)
         return session, None
 
-    def useSession(self, session, bundle=None, inputNodes=None, referenceNode=None):
+    def useSession(self, session, bundle=None, inputNodes=None, referenceNode=None, signature=None, bundlePath=None):
         """Make ``session`` the current one (main thread): SegLens heatmaps and the preview of the previous session
-        are removed; its segmentation nodes stay in the scene."""
+        are removed; its segmentation nodes stay in the scene. The session is bound to its input nodes (see
+        :meth:`bindInputs`; ``signature``: :meth:`inputSignature` taken when the voxels were read)."""
         from SegLensLogic.bundle import class_colours
 
         self.clearHeatmaps()
@@ -330,7 +335,48 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         self.colourTableNode = None  # made again for the new classes when the segmentation is shown
         self.segmentationNodes = []
         self.originalSegmentationNode = None
+        self.bindInputs(self.inputNodes, bundlePath, signature)
         return session
+
+    # -- the session's inputs: a session is stale once they change ------------------------------------------------------
+    @staticmethod
+    def inputSignature(inputNodes):
+        """What a session is made from (main thread): ``{modality: (node ID, modification time of its voxels)}`` of
+        the chosen nodes (None left out). Replacing or modifying a node's image data changes its time."""
+        signature = {}
+        for modality, node in inputNodes.items():
+            if node is not None:
+                image = node.GetImageData()
+                signature[modality] = (node.GetID(), int(image.GetMTime()) if image is not None else 0)
+        return signature
+
+    def bindInputs(self, inputNodes, bundlePath=None, signature=None):
+        """Bind the current session to its input nodes (``signature``, else theirs now) and bundle folder."""
+        self.sessionInputs = dict(signature) if signature is not None else self.inputSignature(inputNodes or {})
+        self.sessionBundlePath = str(bundlePath) if bundlePath else None
+
+    def isStale(self, inputNodes=None, bundlePath=None):
+        """Whether the current session no longer matches its inputs (False without a segmented session).
+
+        Stale when the voxels of one of its input nodes were modified (or the node removed) after its voxels were
+        read, when ``inputNodes`` (the nodes chosen now, ``{modality: node or None}``) are not the very nodes it was
+        made from, or when ``bundlePath`` is another folder than its bundle's. Choosing back the same, unmodified
+        nodes makes it current again; modified voxels stay stale until a new session is made (Segment).
+        """
+        if not self.isSegmented() or not self.sessionInputs:
+            return False
+        for modality, (nodeID, mtime) in self.sessionInputs.items():
+            node = self.scene.GetNodeByID(nodeID)
+            if node is None or self.inputSignature({modality: node}) != {modality: (nodeID, mtime)}:
+                return True
+        if inputNodes is not None:
+            chosen = {m: n.GetID() for m, n in inputNodes.items() if n is not None}
+            if chosen != {m: v[0] for m, v in self.sessionInputs.items()}:
+                return True
+        if bundlePath is not None and self.sessionBundlePath is not None:
+            if os.path.normpath(str(bundlePath)) != os.path.normpath(self.sessionBundlePath):
+                return True
+        return False
 
     def openSession(self, case, bundlePath=None, modelDir=None, saeDir=None, labelsPath=None, alignmentPaths=(),
                     device=None):
@@ -881,6 +927,8 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         self.heatmapNodes = {}
         self.previewNode = None
         self.userLayers = {}
+        self.sessionInputs = {}
+        self.sessionBundlePath = None
 
 
 #
@@ -915,6 +963,9 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._knownVolumeIDs = set()
         self._sliceNode = None
         self._shown = False  # between enter() and exit(): observers, timers and view jobs only then
+        self._stale = False  # the session no longer matches the chosen inputs (see SegLensLogic.isStale)
+        self._inputNotes = ""  # what Segment said about the session's inputs
+        self._observedInputs = []  # the session's input nodes, watched for new voxels while the module is shown
 
     # -- set-up and tear-down -----------------------------------------------------------------------------------------
     def setup(self):
@@ -960,7 +1011,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         for name in MODALITY_SELECTORS.values():
             getattr(self.ui, name).connect("currentNodeChanged(vtkMRMLNode*)", self.onInputsChanged)
-        self.ui.bundlePathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
+        self.ui.bundlePathLineEdit.connect("currentPathChanged(QString)", self.onBundleChanged)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.followSliceCheckBox.connect("toggled(bool)", self.onFollowSliceToggled)
@@ -1023,6 +1074,8 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
         self.initializeParameterNode()  # (new volumes added meanwhile get their sequence from their names here)
         self.observeRedSlice()
+        self.observeSessionInputs()
+        self.updateStaleState()  # (voxels may have changed while hidden)
         if self.logic.isSegmented():
             self.updateHeatmaps()
             self.onSliceSettled()
@@ -1041,6 +1094,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for timer in (self._sliceTimer, self._assignTimer):
             timer.stop()
         self.pending.clear()
+        self.observeSessionInputs(False)
         if self._sliceNode is not None:
             self.removeObserver(self._sliceNode, vtk.vtkCommand.ModifiedEvent, self.onSliceModified)
             self._sliceNode = None
@@ -1069,7 +1123,9 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.job.cancel()
         self.pending.clear()
         self.setParameterNode(None)
+        self.observeSessionInputs(False)
         self.logic.clear()
+        self._stale, self._inputNotes = False, ""
         self._sessionNumber += 1
         self.allRows, self.rows, self.currentSlice, self.suggestion, self._previewShown = [], [], None, None, None
         self.pendingFix = None
@@ -1148,6 +1204,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.selectTableRows(self.selectedLatents())
         finally:
             self._updatingGUI = False
+        self.updateStaleState()
         self.updateButtons()
 
     def updateParameterNodeFromGUI(self, *args):
@@ -1202,6 +1259,60 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateParameterNodeFromGUI()
         if not self._updatingGUI:
             self.ui.inputNotesLabel.text = ""
+            self.updateStaleState()
+
+    def onBundleChanged(self, *args):
+        self.updateParameterNodeFromGUI()
+        if not self._updatingGUI:
+            self.updateStaleState()
+
+    def observeSessionInputs(self, observe=True):
+        """Watch the session's input nodes (only while the module is shown): new voxels make the session stale."""
+        events = (vtk.vtkCommand.ModifiedEvent, slicer.vtkMRMLVolumeNode.ImageDataModifiedEvent)
+        for node in self._observedInputs:
+            for event in events:
+                self.removeObserver(node, event, self.onSessionInputModified)
+        self._observedInputs = []
+        if observe and self._shown and self.logic.isSegmented():
+            self._observedInputs = [node for node in self.logic.inputNodes.values() if node is not None]
+        for node in self._observedInputs:
+            for event in events:
+                self.addObserver(node, event, self.onSessionInputModified)
+
+    def onSessionInputModified(self, caller=None, event=None):
+        self.updateStaleState()
+
+    def updateStaleState(self):
+        """Whether the session is stale (its inputs changed after Segment: other nodes or bundle chosen, or an input's
+        voxels modified). Becoming stale stops what works on the old case (Apply, preview, Fix, Suggest, Load recipe,
+        Export), removes the preview and says to press Segment; the very same unmodified nodes chosen back make the
+        session current again."""
+        if self.logic is None:
+            return False
+        stale = self.logic.isStale(self.inputNodes(), self.ui.bundlePathLineEdit.currentPath)
+        changed, self._stale = stale != self._stale, stale
+        if stale:
+            self.ui.inputNotesLabel.text = STALE_NOTICE
+        elif self.logic.isSegmented() and (changed or not self.ui.inputNotesLabel.text):
+            self.ui.inputNotesLabel.text = self._inputNotes
+        if not changed:
+            return stale
+        if stale:
+            self.pending.discard("preview")
+            self.clearPreview()
+            self.ui.statusLabel.text = STALE_NOTICE
+        else:
+            self.ui.statusLabel.text = _("The inputs are the segmented ones again.")
+            self.requestPreview()
+        self.updateButtons()
+        return stale
+
+    def refuseStale(self):
+        """True, with the notice in the status line, when the session is stale (a script's call does nothing)."""
+        if not self.updateStaleState():
+            return False
+        self.ui.statusLabel.text = STALE_NOTICE
+        return True
 
     def onNodeAdded(self, caller=None, event=None):
         if not slicer.mrmlScene.IsImporting():  # a loaded scene brings its own choices in the parameter node
@@ -1266,6 +1377,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except BaseException as exc:  # the worker's exception, reported here on the main thread
             if job.orphaned:
                 self.droppedResults += 1
+                self.onJobOrphaned(job)
             elif job.cancelled or isCancellation(exc):
                 self.onJobCancelled(job)
             else:
@@ -1292,11 +1404,19 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 job.discard(result)
             except Exception:
                 logging.exception("SegLens: could not undo a cancelled %s", job.kind)
-        if job.cancelled and not job.orphaned:
+        if job.orphaned:
+            self.onJobOrphaned(job)
+        elif job.cancelled:
             self.onJobCancelled(job)
+
+    def onJobOrphaned(self, job):
+        """A job of a scene that was closed has ended: the status line says so (it said "Cancelling: ..." meanwhile)."""
+        if job.kind not in QUIET_JOBS:
+            self.ui.statusLabel.text = _("{job} stopped: the scene was closed.").format(job=JOB_TITLES[job.kind])
 
     def onJobCancelled(self, job):
         if job.kind in ("segment", "apply"):
+            self.updateStaleState()  # (Segment cleared the notes of the inputs: the kept session's come back)
             if self.logic.session is not None:
                 self.ui.statusLabel.text = _("{job} cancelled; the previous segmentation and edits are kept.").format(job=JOB_TITLES[job.kind])
             else:
@@ -1387,11 +1507,14 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showError(_("Cannot segment"), exc)
             return
         self.ui.inputNotesLabel.text = ""
-        self.startJob("segment", self.logic.prepareAndSegment, volumes, bundlePath, done=self.onSegmented,
-                      reports=True, phase=_("Starting"))
+        signature = self.logic.inputSignature(self.inputNodes())  # the voxels as read: changed later, it is stale
+        self.startJob("segment", self.logic.prepareAndSegment, volumes, bundlePath,
+                      done=lambda result: self.onSegmented(result, signature, bundlePath), reports=True, phase=_("Starting"))
 
-    def onSegmented(self, result):
-        self.logic.useSession(result.session, result.bundle, result.inputNodes, result.referenceNode)
+    def onSegmented(self, result, signature=None, bundlePath=None):
+        self.logic.useSession(result.session, result.bundle, result.inputNodes, result.referenceNode, signature, bundlePath)
+        self._stale = False
+        self.observeSessionInputs()
         self._sessionNumber += 1
         self.allRows, self.rows, self.currentSlice, self.suggestion, self._previewShown = [], [], None, None, None
         node = self.logic.showSegmentation(result.labels)
@@ -1400,7 +1523,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if missing:
             notes.append(_("No {sequences}: set to zero, as the model was trained to tolerate.").format(
                 sequences=", ".join("%s (%s)" % (inputs.MODALITY_TITLES[m], m) for m in missing)))
-        self.ui.inputNotesLabel.text = " ".join(notes)
+        self._inputNotes = self.ui.inputNotesLabel.text = " ".join(notes)
         self.ui.statusLabel.text = _("Created segmentation '{name}'.").format(name=node.GetName())
         last = max(self.logic.numberOfSlices() - 1, 0)
         self.ui.sliceRangeWidget.maximum = last
@@ -1417,6 +1540,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._updatingGUI = False
         self.observeHintNodes()
+        self.updateStaleState()  # the inputs changed while it ran: stale at once
         population = self._parameterNode.population if self._parameterNode is not None else ""
         self._updatingGUI = True
         try:
@@ -1635,7 +1759,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def previewKey(self):
         """Everything a preview depends on (None: nothing to preview)."""
-        if not self.logic.isSegmented() or self.currentSlice is None or not self.selectedLatents():
+        if not self.logic.isSegmented() or self.currentSlice is None or not self.selectedLatents() or self._stale:
             return None
         if not self.ui.livePreviewCheckBox.checked:
             return None
@@ -1685,7 +1809,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.clearPreview()
 
     def onApply(self):
-        if self.job is not None:  # one job at a time: a double click applies once
+        if self.job is not None or self.refuseStale():  # one job at a time: a double click applies once
             return
         try:
             edit = self.currentEdit()
@@ -1767,7 +1891,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Click on false tumour in a slice view (Esc or the arrow tool stops placing).")
 
     def onFix(self):
-        if self.job is not None:
+        if self.job is not None or self.refuseStale():
             return
         try:
             hints = self.logic.readHints()
@@ -1800,7 +1924,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slice=self.currentSlice, added=added, removed=removed, relabelled=relabelled)
 
     def onApplyFix(self):
-        if self.job is not None or self.pendingFix is None:
+        if self.job is not None or self.pendingFix is None or self.refuseStale():
             return
         edits = list(self.pendingFix.edits)
         self.pending.discard("preview")
@@ -1824,7 +1948,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- suggested corrections ------------------------------------------------------------------------------------------
     def onSuggest(self):
-        if self.job is not None:
+        if self.job is not None or self.refuseStale():
             return
         population = self.ui.populationComboBox.currentText
         population = None if population in ("", NO_POPULATION) else population
@@ -1865,7 +1989,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateParameterNodeFromGUI()
 
     def onLoadRecipe(self):
-        if self.job is not None:
+        if self.job is not None or self.refuseStale():
             return
         path = self.ui.recipePathLineEdit.currentPath
         self.pending.discard("preview")
@@ -1889,7 +2013,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onExport(self):
         import qt
 
-        if self.job is not None:
+        if self.job is not None or self.refuseStale():
             return
         folder = self.ui.exportDirectoryButton.directory
         name = self.ui.exportNameLineEdit.text.strip() or f"{self.logic.referenceNode.GetName()}_seglens"
@@ -1914,7 +2038,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic is None:
             return
         busy = self.job is not None
-        ready = not busy and self.logic.isSegmented() and self.logic.currentSegmentationNode is not None
+        ready = not busy and not self._stale and self.logic.isSegmented() and self.logic.currentSegmentationNode is not None
         selected = self.selectedLatents()
         self.ui.segmentButton.enabled = not busy
         self.ui.cancelButton.enabled = busy and self.job.cancellable and not self.job.cancelled

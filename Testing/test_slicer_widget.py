@@ -762,6 +762,68 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
     settle(widget, app)
     assert [c for c, _ in calls].count("segment") == segment_calls
 
+    # -- Fault 5: the inputs change after Segment. The session is bound to its input nodes: another node chosen, another
+    #    bundle, or new voxels in an input make it stale; Apply, preview, Fix, Suggest, Load recipe, Undo and Export
+    #    stop, the preview goes, and a one-line notice says to press Segment. The very same unmodified node chosen back
+    #    makes it current again; modified voxels stay stale until Segment is pressed again.
+    stale_buttons = ("applyButton", "exportButton", "suggestButton", "loadRecipeButton", "fixButton", "applyFixButton",
+                     "undoButton", "placePlusButton")
+    assert widget.logic.previewNode is not None and ui.applyButton.enabled and ui.exportButton.enabled
+    assert not widget.logic.isStale(widget.inputNodes(), ui.bundlePathLineEdit.currentPath)
+    segmented_notes = ui.inputNotesLabel.text
+    scan = scene.GetFirstNodeByName("scan")  # the T1 of the same case loaded again: another node
+    ui.t1nSelector.setCurrentNode(scan)
+    assert widget.logic.isStale(widget.inputNodes(), ui.bundlePathLineEdit.currentPath)
+    assert ui.inputNotesLabel.text == SegLens.STALE_NOTICE == ui.statusLabel.text
+    assert SegLens.STALE_NOTICE == "The inputs changed after Segment: press Segment to work on them."
+    assert widget.logic.previewNode is None and scene.GetFirstNodeByName("SegLens preview") is None
+    assert not any(getattr(ui, b).enabled for b in stale_buttons) and ui.segmentButton.enabled
+    # No preview of the old case any more, whatever the user moves; a script's call does nothing either.
+    previews = [c for c, _ in calls].count("preview")
+    ui.alphaSliderWidget.value = 1.5
+    move_slice(red, offset=tumour_z)
+    settle(widget, app)
+    assert [c for c, _ in calls].count("preview") == previews and widget.logic.previewNode is None
+    nodes_before, edits_before = {n.GetID() for n in segment_nodes(scene)}, list(session.edits)
+    for handler in (widget.onApply, widget.onSuggest, widget.onLoadRecipe, widget.onFix, widget.onExport):
+        handler()
+        assert widget.job is None and ui.statusLabel.text == SegLens.STALE_NOTICE
+    assert session.edits == edits_before and {n.GetID() for n in segment_nodes(scene)} == nodes_before
+    # The very node it was made from, chosen back: current again, the preview and the notes come back.
+    ui.t1nSelector.setCurrentNode(t1)
+    settle(widget, app)
+    assert not widget._stale and ui.applyButton.enabled and ui.exportButton.enabled
+    assert ui.inputNotesLabel.text == segmented_notes and widget.logic.previewNode is not None
+    # Another bundle folder: stale; the same folder again: current.
+    ui.bundlePathLineEdit.currentPath = str(tmp_path)
+    assert widget._stale and not ui.applyButton.enabled and widget.logic.previewNode is None
+    ui.bundlePathLineEdit.currentPath = str(reference_bundle)
+    settle(widget, app)
+    assert not widget._stale and ui.applyButton.enabled
+    # New voxels in an input (edited in place, as arrayFromVolume users do; or replaced): stale, and choosing the
+    # node again does not help.
+    voxels = slicer.util.arrayFromVolume(t1c)
+    voxels[voxels.shape[0] // 2] = 0
+    slicer.util.arrayFromVolumeModified(t1c)
+    assert widget._stale and ui.inputNotesLabel.text == SegLens.STALE_NOTICE and not ui.exportButton.enabled
+    ui.t1cSelector.setCurrentNode(scan)
+    ui.t1cSelector.setCurrentNode(t1c)
+    settle(widget, app)
+    assert widget._stale and widget.logic.previewNode is None and not ui.applyButton.enabled
+    # Segment again: a session on the inputs as they are now; the notice goes and the panel works on it.
+    ui.segmentButton.click()
+    wait_idle(widget, app)
+    assert widget.logic.session is not session and not widget._stale and ui.applyButton.enabled and ui.exportButton.enabled
+    assert ui.inputNotesLabel.text != SegLens.STALE_NOTICE and ui.statusLabel.text != SegLens.STALE_NOTICE
+    assert widget.logic.sessionInputs["t1c"] == (t1c.GetID(), t1c.GetImageData().GetMTime())
+    session = widget.logic.session
+    nodes.set_volume_array(t1c, nodes.volume_array(t1c) + 1.0)  # voxels replaced through Slicer's helper
+    assert widget._stale and not ui.applyButton.enabled
+    ui.segmentButton.click()
+    wait_idle(widget, app)
+    assert widget.logic.session is not session and not widget._stale and ui.applyButton.enabled
+    session = widget.logic.session
+
     # -- Save the scene, then close it while a job runs, then load it back: the parameter node restores the panel.
     ui.modeComboBox.currentIndex = ui.modeComboBox.findText("add")
     ui.regionComboBox.currentIndex = ui.regionComboBox.findText("slice range")
@@ -777,6 +839,8 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
     scene.Clear(0)
     wait_idle(widget, app)
     assert widget.droppedResults == dropped + 1 and widget.logic.session is None and segment_nodes(scene) == []
+    # Fault 3: the status line ends in the real state, never on "Cancelling: ..." after the job has ended.
+    assert ui.statusLabel.text == "Segmentation stopped: the scene was closed.", ui.statusLabel.text
     assert ui.latentTableWidget.rowCount == 0 and not ui.applyButton.enabled and ui.segmentButton.enabled
     assert ui.alphaSliderWidget.value == 1.0 and ui.modeComboBox.currentText == "scale"
     assert ui.bundlePathLineEdit.currentPath == str(reference_bundle)  # preselected again
