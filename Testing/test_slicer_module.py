@@ -435,7 +435,7 @@ def module_level_imports(entries) -> set[str]:
     return found
 
 
-def test_requirements_file_is_what_the_panel_imports():
+def test_requirements_file_is_what_the_panel_imports(SegLens):  # SegLens: SegLensLib on the path, as Slicer puts it
     """The panel installs only what its code path imports (not what training, reports or the demo need), with the
     versions of pyproject.toml; torch comes from SlicerPyTorch."""
     import tomllib
@@ -600,8 +600,11 @@ def test_ui_loads_in_qt_and_has_every_widget_the_module_uses():
             cls = customs[cls]
         return cls
 
-    for name in customs:  # placeholders with the Qt base class the .ui says they extend
-        loader.registerCustomWidget(type(name, (getattr(QtWidgets, qt_base(name)),), {}))
+    # Placeholders with the Qt base class the .ui says they extend, kept referenced here: the loader does not keep
+    # the Python types alive, and a type collected before load() crashed the interpreter (a segfault in QUiLoader).
+    placeholders = [type(name, (getattr(QtWidgets, qt_base(name)),), {}) for name in customs]
+    for placeholder in placeholders:
+        loader.registerCustomWidget(placeholder)
     handle = QFile(str(UI_FILE))
     assert handle.open(QFile.ReadOnly)
     root = loader.load(handle)
