@@ -1,6 +1,6 @@
 """Training a BatchTopK SAE from an activation store (Bussmann et al. 2024; paper section 3.4, appendix B).
 
-Recipe (choices made explicit, see ``docs/sae-libraries.md`` and the sweep in the README):
+Recipe (choices made explicit; the settings sweep that chose the shipped SAE is in ``docs/reference-model.md``):
 
 - one dataset-level normalisation scalar ``s`` so that ``E||s x|| = sqrt(d_in)``, folded into the weights at save;
 - ``b_dec`` initialised at the geometric median of a sample (Weiszfeld iterations);
