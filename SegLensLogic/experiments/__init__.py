@@ -2,6 +2,8 @@
 calibrated results, output-level baselines, population steering and cross-population adaptation."""
 
 # Names are imported on first use (PEP 562): the experiments' command-line help reads no torch or SciPy.
+from ..lazy import lazy_exports
+
 _EXPORTS = {
     "connected_component_filter": "baselines",
     "normalised_entropy": "baselines",
@@ -19,19 +21,5 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from importlib import import_module
-
-    value = getattr(import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
-
-
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 __all__ = list(_EXPORTS)

@@ -14,6 +14,8 @@ session (paper sections 5.3, 6 and 7).
 
 # Names are imported on first use (PEP 562): `seglens steer --help` and the recipe format read no torch. The
 # function resegment is imported from its module (steering.resegment), whose name it shares.
+from ..lazy import lazy_exports
+
 _EXPORTS = {
     "GuidedFix": "guided",
     "GuidedOptions": "guided",
@@ -36,19 +38,5 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from importlib import import_module
-
-    value = getattr(import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
-
-
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 __all__ = list(_EXPORTS)

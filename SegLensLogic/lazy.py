@@ -1,0 +1,24 @@
+"""Package names imported on first use (PEP 562), so that the command line's help imports no torch or SciPy."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Callable
+
+
+def lazy_exports(package: str, namespace: dict, exports: dict[str, str]) -> tuple[Callable, Callable]:
+    """``(__getattr__, __dir__)`` for ``package`` whose ``exports`` maps each public name to its submodule; a name
+    is imported from its submodule on first access and kept in the package's ``namespace``."""
+
+    def __getattr__(name: str):
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(import_module(f".{module}", package), name)
+        namespace[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*namespace, *exports})
+
+    return __getattr__, __dir__
