@@ -308,7 +308,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
                 if not accepts:
                     raise self._error(_("bundle '{bundle}' needs input volumes for {missing} (its model was not trained to work "
                                         "without them)").format(bundle=bundle.name, missing=", ".join(missing)))  # fmt: skip
-            return SteeringSession.from_bundle(bundle, case, device=device), bundle
+            return bundle.open_session(case, device=device), bundle
         session = SteeringSession.open(modelDir, saeDir, case, labels=labelsPath, alignments=list(alignmentPaths), device=device)
         return session, None
 
@@ -433,7 +433,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
             progress(0, 0, "Reading the input volumes")
         case, notes = self.caseFromArrays(volumes)
         if progress is not None and progress(0, 0, "Loading the model") is False:
-            from SegLensLogic.inference import PredictionCancelled
+            from SegLensLogic.segmentation.inference import PredictionCancelled
 
             raise PredictionCancelled("segmentation cancelled")
         session, bundle = self.createSession(case, bundlePath)
@@ -2072,7 +2072,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 def referenceBundlePath():
     """The shipped reference bundle's folder (``Resources/adult-glioma-segformer``), or None."""
     try:
-        from SegLensLogic.reference import reference_bundle_path
+        from SegLensLogic.resources import reference_bundle_path
     except ImportError:  # SegLensLogic not found beside the module: the user picks a bundle
         return None
     return reference_bundle_path(required=False)

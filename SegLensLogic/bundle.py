@@ -117,10 +117,16 @@ class Bundle:
     Attributes:
         root: the bundle folder.
         manifest: the parsed ``bundle.json``.
+        verified: whether every file's SHA-256 was checked on loading (then the weights' hashes are not computed
+            again when the model and SAE are loaded).
+        parts: the latent labels, alignments and suggestions as :func:`load_bundle` read and checked them (they are
+            handed on, never parsed twice).
     """
 
     root: Path
     manifest: dict = field(repr=False)
+    verified: bool = False
+    parts: dict = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -165,9 +171,11 @@ class Bundle:
         """The suggested corrections (``SegLensLogic.steering.suggestions.Suggestions``), or None."""
         if self.suggestions_path is None:
             return None
-        from .steering.suggestions import load_suggestions
+        if "suggestions" not in self.parts:
+            from .steering.suggestions import load_suggestions
 
-        return load_suggestions(self.suggestions_path)
+            self.parts["suggestions"] = load_suggestions(self.suggestions_path)
+        return self.parts["suggestions"]
 
     @property
     def figures(self) -> dict:
@@ -204,29 +212,51 @@ class Bundle:
         """The segmenter (:class:`SegLensLogic.networks.Segmenter`), in eval mode on ``device`` (default: GPU if any)."""
         from .networks import load_segmenter
 
-        return load_segmenter(self.model_dir, device=device)
+        return load_segmenter(self.model_dir, device=device, sha256=self.manifest["model"]["sha256"] if self.verified else None)
 
     def load_sae(self, device=None):
         """The sparse autoencoder (:class:`SegLensLogic.sae.BatchTopKSAE`) on ``device`` (default CPU)."""
         from .sae import BatchTopKSAE
 
-        return BatchTopKSAE.load(self.sae_dir, device=device)
+        return BatchTopKSAE.load(self.sae_dir, device=device, sha256=self.manifest["sae"]["sha256"] if self.verified else None)
 
     def load_labels(self):
         """The latent labels (``SegLensLogic.interpretation.LatentLabels``), or None when the bundle has none."""
         if self.labels_path is None:
             return None
-        from .interpretation import load_latent_labels
+        if "labels" not in self.parts:
+            from .interpretation import load_latent_labels
 
-        return load_latent_labels(self.labels_path)
+            self.parts["labels"] = load_latent_labels(self.labels_path)
+        return self.parts["labels"]
 
     def load_alignments(self) -> list:
         """The alignments (``SegLensLogic.alignment.Alignment``) against other cohorts' SAEs."""
         if not self.alignment_paths:
             return []
-        from .alignment import load_alignment
+        if "alignments" not in self.parts:
+            from .alignment import load_alignment
 
-        return [load_alignment(path) for path in self.alignment_paths]
+            self.parts["alignments"] = [load_alignment(path) for path in self.alignment_paths]
+        return list(self.parts["alignments"])
+
+    def open_session(self, case, device=None, batch_size: int | None = None, cache_mb: float | None = None):
+        """A :class:`~SegLensLogic.steering.SteeringSession` on ``case`` (a folder, a ``Case`` or images read from
+        volume nodes) with this bundle's model, SAE, labels, alignments and suggestions, as loaded and checked once.
+
+        Args:
+            device: where the model runs (default: GPU if any); batch_size: slices per forward pass;
+            cache_mb: the most the case's kept encoder outputs may hold (default: the session's).
+        """
+        from .steering.session import DEFAULT_CACHE_MB, SteeringSession
+
+        if case is None:
+            raise SegLensError("opening a session needs a case (a folder, a Case or images read from volume nodes)")
+        model = self.load_model(device=device)
+        sae = self.load_sae(device=next(model.parameters()).device)
+        return SteeringSession(model, sae, case, labels=self.load_labels(), alignments=self.load_alignments(),
+                               suggestions=self.load_suggestions(), batch_size=batch_size,
+                               cache_mb=DEFAULT_CACHE_MB if cache_mb is None else cache_mb)  # fmt: skip
 
     def summary(self) -> str:
         """A few lines describing the bundle, for the command line."""
@@ -301,7 +331,7 @@ class BundleManifest(Schema):
     seglens_version: str | None = None
 
 
-def _check_parts(root: Path, manifest: dict, path: Path) -> None:
+def _check_parts(root: Path, manifest: dict, path: Path) -> dict:
     """The bundle's parts belong together, each read with its own loader (bounded, checked) before anything is
     built from it: the configs describe what the manifest says, the SAE was trained on this model, and the labels,
     alignments and suggestions were made for this SAE (its weights hash and its size)."""
@@ -309,6 +339,7 @@ def _check_parts(root: Path, manifest: dict, path: Path) -> None:
     from .sae.model import SAEConfig
 
     model, sae = manifest["model"], manifest["sae"]
+    parts: dict = {}
     model_config_path = root / model["path"] / CONFIG_NAME
     model_config = SegmenterConfig.from_dict(read_json(model_config_path), model_config_path)
     sae_config_path = root / sae["path"] / SAE_FILES[0]
@@ -326,21 +357,24 @@ def _check_parts(root: Path, manifest: dict, path: Path) -> None:
     if sae_config.model_sha256 and sae_config.model_sha256 != model["sha256"]:
         raise InputFileError(sae_config_path, "SAE was trained on another model (model_sha256 differs from the bundle's model)")
     if manifest.get("labels"):
-        from .interpretation.labels import load_latent_labels
+        from .interpretation.latent_labels import load_latent_labels
 
         labels = load_latent_labels(root / manifest["labels"])
         if labels.sae_sha256 and labels.sae_sha256 != sae["sha256"]:
             raise InputFileError(labels.path, "latent labels were made for another SAE (sae.sha256 differs)")
         labels.check_sae(sae_config.d_sae)
+        parts["labels"] = labels
     if manifest.get("alignments"):
         from .alignment.files import load_alignment
 
-        for relative in manifest["alignments"]:
-            load_alignment(root / relative).check_sae(sae["sha256"], sae_config.d_sae, sae_config.d_in, whose="the bundle's SAE")
+        parts["alignments"] = [load_alignment(root / relative) for relative in manifest["alignments"]]
+        for alignment in parts["alignments"]:
+            alignment.check_sae(sae["sha256"], sae_config.d_sae, sae_config.d_in, whose="the bundle's SAE")
     if manifest.get("suggestions"):
         from .steering.suggestions import load_suggestions
 
-        load_suggestions(root / manifest["suggestions"]).check_sae(sae_config.d_sae)
+        parts["suggestions"] = load_suggestions(root / manifest["suggestions"]).check_sae(sae_config.d_sae)
+    return parts
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
@@ -396,8 +430,20 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise InputFileError(manifest_path, "model.sha256 disagrees with the hash listed for the model weights")
     if normalised[str(PurePosixPath(f"{sae['path']}/{SAE_FILES[1]}"))] != sae["sha256"]:
         raise InputFileError(manifest_path, "sae.sha256 disagrees with the hash listed for the SAE weights")
-    _check_parts(root, manifest, manifest_path)
-    return Bundle(root=root, manifest=manifest)
+    parts = _check_parts(root, manifest, manifest_path)
+    return Bundle(root=root, manifest=manifest, verified=verify, parts=parts)
+
+
+def open_session(case, bundle: "str | Path | Bundle | None" = None, device=None, batch_size: int | None = None,
+                 cache_mb: float | None = None):  # fmt: skip
+    """A steering session on ``case`` in one call: ``bundle`` is a folder or a loaded :class:`Bundle` (default: the
+    shipped reference bundle, :func:`~SegLensLogic.resources.reference_bundle_path`); the rest as for
+    :meth:`Bundle.open_session`."""
+    if not isinstance(bundle, Bundle):
+        from .resources import reference_bundle_path
+
+        bundle = load_bundle(bundle if bundle is not None else reference_bundle_path())
+    return bundle.open_session(case, device=device, batch_size=batch_size, cache_mb=cache_mb)
 
 
 def _copy_files(source: Path, names: tuple[str, ...], target: Path) -> None:
@@ -477,7 +523,7 @@ def build_bundle(
     # Every part is read with its own loader and checked against this SAE before anything is copied, so that an
     # error names the user's file (not its copy in the staging folder).
     if labels is not None:
-        from .interpretation.labels import load_latent_labels
+        from .interpretation.latent_labels import load_latent_labels
 
         load_latent_labels(labels).check_sae(sae.d_sae, sae_sha)
     if suggestions is not None:
@@ -557,34 +603,3 @@ def _version() -> str:
     from . import __version__
 
     return __version__
-
-
-# -- command line ----------------------------------------------------------------------------------------------------
-def cmd_bundle(args) -> int:
-    from .console import log
-
-    if args.check:
-        log(load_bundle(args.check).summary())
-        return 0
-    missing = [flag for flag, value in (("--model", args.model), ("--sae", args.sae), ("--out", args.out), ("--name", args.name)) if not value]
-    if missing:
-        raise SegLensError(f"seglens bundle needs {', '.join(missing)} (or --check BUNDLE to validate one)")
-    bundle = build_bundle(args.model, args.sae, args.out, args.name, labels=args.labels, alignments=args.alignment or [],
-                          cohort=args.cohort, overwrite=args.overwrite)  # fmt: skip
-    log(f"Wrote {bundle.root}")
-    log(bundle.summary())
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("bundle", help="pack a model, its SAE, latent labels and alignments into one bundle folder")
-    p.add_argument("--model", help="segmenter folder")
-    p.add_argument("--sae", help="SAE folder trained on the model")
-    p.add_argument("--labels", help="latent labels JSON (seglens interpret)")
-    p.add_argument("--alignment", action="append", metavar="FILE", help="alignment JSON involving this SAE (repeat)")
-    p.add_argument("--name", help="bundle name, e.g. the population")
-    p.add_argument("--cohort", help="training cohort name (default: recorded in the model)")
-    p.add_argument("--out", help="bundle folder to create")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
-    p.add_argument("--check", metavar="BUNDLE", help="validate an existing bundle and print its summary instead")
-    p.set_defaults(func=cmd_bundle)

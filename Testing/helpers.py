@@ -185,7 +185,7 @@ def nifti_to_mgz(src: str | Path, dst: str | Path) -> Path:
 
 def seglens(capsys, *args) -> tuple[int, str, str]:
     """Run ``seglens ARGS`` in-process; returns (exit code, stdout, stderr)."""
-    from SegLensLogic import cli
+    from SegLensLogic.app import cli
 
     capsys.readouterr()
     try:

@@ -18,7 +18,7 @@ from SegLensLogic.data import Cohort, load_cohort
 from SegLensLogic.data.phantoms import write_phantom_cohort
 from SegLensLogic.networks import Segmenter, load_segmenter
 from SegLensLogic.sae import BatchTopKSAE, ExtractionOptions, SAETrainingOptions, extract_activations, train_sae
-from SegLensLogic.training import TrainingOptions, train_segmenter
+from SegLensLogic.segmentation.training import TrainingOptions, train_segmenter
 
 QUIET = lambda message: None  # noqa: E731
 

@@ -1,7 +1,7 @@
-"""The package's layering: no package imports the command line, and no two modules import each other in a circle.
+"""The package's layering: each part imports only the parts below it, and no two modules import each other in a circle.
 
 Every ``import`` and ``from ... import`` in ``SegLensLogic`` counts, also those inside functions (a lazy import
-still ties the modules together), except those under ``if TYPE_CHECKING:``.
+still ties the modules together), except those under ``if TYPE_CHECKING:`` (type hints may name any layer).
 """
 
 from __future__ import annotations
@@ -86,9 +86,72 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+# The allowed order, bottom first: a part may import its own modules and those of every part before it. The ground
+# floor (errors, storage, lazy exports, console output, where the shipped resources live) is one layer; the orchestration (the command line and every
+# command, the demo, the reference build, the report, the resumable pipeline) is the top one, ``app``.
+LAYERS = (
+    ("errors", "storage", "lazy", "console", "resources"),
+    ("data",),
+    ("networks",),
+    ("segmentation",),
+    ("sae",),
+    ("interpretation",),
+    ("alignment",),
+    ("steering",),
+    ("bundle",),
+    ("experiments",),
+    ("reference",),
+    ("app",),
+)
+
+
+def part_of(module: str) -> str:
+    """The part a module belongs to: its subpackage, or its own name for a module at the package root (the root
+    ``__init__`` counts as the ground floor)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "errors"
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """``importer -> imported`` for every import of a higher layer (or of a part that no layer names)."""
+    level = {part: index for index, layer in enumerate(LAYERS) for part in layer}
+    found = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            a, b = part_of(module), part_of(target)
+            if a not in level or b not in level or level[b] > level[a]:
+                found.append(f"{module} -> {target}")
+    return found
+
+
+def test_each_layer_imports_only_layers_below_it():
+    found = upward_imports(import_graph())
+    assert found == [], "imports against the layer order (Testing/test_architecture.py LAYERS):\n" + "\n".join(found)
+
+
+def test_every_part_of_the_package_has_a_layer():
+    parts = {part_of(module) for module in import_graph()}
+    named = {part for layer in LAYERS for part in layer}
+    assert parts <= named, f"parts with no layer in LAYERS: {sorted(parts - named)}"
+
+
+def test_the_layer_check_sees_an_upward_import():
+    graph = {"SegLensLogic.sae.model": {"SegLensLogic.steering.session"}, "SegLensLogic.steering.session": {"SegLensLogic.sae.model"}}
+    assert upward_imports(graph) == ["SegLensLogic.sae.model -> SegLensLogic.steering.session"]
+
+
+def test_no_two_modules_share_a_name():
+    """A search for a file name finds one file (``__init__`` aside)."""
+    seen: dict[str, list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "__init__.py":
+            seen.setdefault(path.stem, []).append(str(path.relative_to(PACKAGE)))
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}
+
+
 def test_no_package_imports_the_command_line():
     graph = import_graph()
-    importers = sorted(name for name, targets in graph.items() if "SegLensLogic.cli" in targets)
+    importers = sorted(name for name, targets in graph.items() if "SegLensLogic.app.cli" in targets)
     assert importers == [], f"modules importing the CLI: {importers}"
 
 

@@ -220,7 +220,7 @@ def test_bundle_command_builds_and_checks(capsys, parts, tmp_path):
 
 def test_bundle_of_the_real_pipeline(real_pipeline, tmp_path):
     """A bundle of the model and SAE trained on real BraTS cases computes what its source folders compute."""
-    from SegLensLogic.inference import prepare_for_model
+    from SegLensLogic.segmentation.inference import prepare_for_model
 
     bundle = build_bundle(real_pipeline.model_dir, real_pipeline.sae_dir, tmp_path / "real", "adult")
     assert bundle.cohort == real_pipeline.model.config.training.get("cohort")

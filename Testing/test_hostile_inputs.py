@@ -972,7 +972,7 @@ def test_signal_while_writing_leaves_nothing(kit, tmp_path, capsys, monkeypatch,
 
 def test_signal_while_training_leaves_nothing(kit, tmp_path, capsys, monkeypatch):
     """SIGTERM in the middle of SAE training: exit 143, no SAE folder."""
-    import SegLensLogic.sae.training as sae_training
+    import SegLensLogic.sae.trainer as sae_training
 
     def terminated(*args, **kwargs):
         signal.raise_signal(signal.SIGTERM)
@@ -1134,7 +1134,7 @@ def test_fuzz_bundle_manifest(kit, tmp_path):
 
 
 def test_fuzz_latent_labels(kit, tmp_path):
-    from SegLensLogic.interpretation.labels import load_latent_labels
+    from SegLensLogic.interpretation.latent_labels import load_latent_labels
 
     def load(document):
         labels = load_latent_labels(write_json(tmp_path / "latents.json", document))
@@ -1193,7 +1193,7 @@ def test_fuzz_suggestions(tmp_path):
 
 
 def test_fuzz_demo_state(tmp_path):
-    from SegLensLogic.demo import STATE_FORMAT_VERSION, STATE_KIND, DemoState
+    from SegLensLogic.app.demo import STATE_FORMAT_VERSION, STATE_KIND, DemoState
 
     out = tmp_path / "demo"
     (out / "01-cohorts").mkdir(parents=True)
@@ -1212,7 +1212,7 @@ def test_fuzz_demo_state(tmp_path):
 
 
 def test_fuzz_pipeline_state(tmp_path):
-    from SegLensLogic.pipeline import PIPELINE_FORMAT_VERSION, Pipeline
+    from SegLensLogic.app.pipeline import PIPELINE_FORMAT_VERSION, Pipeline
 
     out = tmp_path / "run"
     (out / "split").mkdir(parents=True)
@@ -1232,7 +1232,7 @@ def test_fuzz_pipeline_state(tmp_path):
 def test_fuzz_training_checkpoint(tmp_path):
     from safetensors.torch import save_file
 
-    from SegLensLogic.training import _CHECKPOINT_STATE, _CHECKPOINT_TENSORS, _load_checkpoint
+    from SegLensLogic.segmentation.training import _CHECKPOINT_STATE, _CHECKPOINT_TENSORS, _load_checkpoint
 
     folder = tmp_path / "checkpoint"
     folder.mkdir()
@@ -1298,7 +1298,7 @@ def test_a_run_resumes_under_options_added_since_it_started_and_refuses_changed_
     """A long run (the reference build) started by an earlier version resumes when the only difference is options
     that version lacked (taken at their defaults, said in the log); a changed option is still refused."""
     from SegLensLogic.errors import SegLensError
-    from SegLensLogic.pipeline import Pipeline
+    from SegLensLogic.app.pipeline import Pipeline
 
     steps = [("one", "the first step")]
     first = Pipeline(tmp_path / "run", "demo-run", "run.json", {"settings": {"a": 1}, "data": "x"}, steps, log=lambda _m: None)

@@ -16,9 +16,9 @@ import torch
 from SegLensLogic.bundle import load_bundle
 from SegLensLogic.data.cases import find_case, read_case
 from SegLensLogic.data.labels import TUMOUR_CLASSES
-from SegLensLogic.metrics import segmentation_scores
-from SegLensLogic.reference import reference_bundle_path
-from SegLensLogic.sae.training import evaluate_reconstruction
+from SegLensLogic.segmentation.scores import segmentation_scores
+from SegLensLogic.resources import reference_bundle_path
+from SegLensLogic.sae.trainer import evaluate_reconstruction
 from SegLensLogic.steering import LatentEdit
 from SegLensLogic.steering.encoded import encode_case
 

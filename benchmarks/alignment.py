@@ -54,7 +54,7 @@ from common import environment, load_average, print_environment, write_json  # n
 
 from SegLensLogic.alignment import align_vectors, baselines_table, format_table, tau_sweep  # noqa: E402
 from SegLensLogic.alignment.matching import match  # noqa: E402
-from SegLensLogic.alignment.metrics import METHODS, TABLE_METHODS, bootstrap_draws, collision_rate  # noqa: E402
+from SegLensLogic.alignment.quality import METHODS, TABLE_METHODS, bootstrap_draws, collision_rate  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -39,8 +39,7 @@ from safetensors.torch import load_file  # noqa: E402
 from common import environment, load_average, print_environment, write_json  # noqa: E402
 
 from SegLensLogic.bundle import load_bundle  # noqa: E402
-from SegLensLogic.reference import reference_bundle_path  # noqa: E402
-from SegLensLogic.steering import SteeringSession  # noqa: E402
+from SegLensLogic.resources import reference_bundle_path  # noqa: E402
 
 DEFAULT_CASE = REPO_ROOT.parent / "shared" / "data" / "brats2018" / "Brats18_CBICA_ALU_1"
 
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         parts: dict[str, list[float]] = {"open": [], "segment": [], "heatmap": []}
         for run in range(args.repeats + 1):
             t0 = time.perf_counter()
-            session = SteeringSession.from_bundle(bundle, case=args.case, device=device)
+            session = bundle.open_session(args.case, device=device)
             t1 = time.perf_counter()
             session.segment()
             t2 = time.perf_counter()

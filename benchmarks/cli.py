@@ -44,7 +44,7 @@ from common import load_average, write_json  # noqa: E402
 
 DEFAULT_CASE = REPO_ROOT.parent / "shared" / "data" / "brats2018" / "Brats18_CBICA_ABM_1"
 # What the ``seglens`` entry point runs, with the source tree chosen by the working directory.
-ENTRY = "import sys; from SegLensLogic.cli import main; sys.exit(main(sys.argv[1:]))"
+ENTRY = "import sys; from SegLensLogic.app.cli import main; sys.exit(main(sys.argv[1:]))"
 SEGMENT_LINE = re.compile(r"Wrote .* \((\d+) slices in ([0-9.]+) s on (\w+)\)")
 
 

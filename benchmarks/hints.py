@@ -56,7 +56,7 @@ def main() -> int:
     from SegLensLogic.data.cohort import load_cohort
     from SegLensLogic.data.phantoms import degrade_case
     from SegLensLogic.experiments.clicks import click_hint, next_click
-    from SegLensLogic.reference import reference_bundle_path
+    from SegLensLogic.resources import reference_bundle_path
     from SegLensLogic.steering import LatentEdit, SteeringSession
     from SegLensLogic.steering.guided import _ras_spacing
 

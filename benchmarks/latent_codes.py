@@ -24,7 +24,7 @@ point goes through the SAE with its inference threshold, and only the active lat
 Model and SAE: a randomly initialised U-Net (MONAI ``BasicUNet``, default features) at ``--image-size`` (256:
 hook ``down_3`` is 128 channels x 32 x 32), and a randomly initialised BatchTopK SAE with ``d_in`` 128,
 expansion 16 (2048 latents), k 32, whose inference threshold is estimated with
-:func:`SegLensLogic.sae.training.estimate_threshold` on the case's own activations (``--threshold-vectors``
+:func:`SegLensLogic.sae.trainer.estimate_threshold` on the case's own activations (``--threshold-vectors``
 positions drawn at random from the vectors ``encode_volume`` will encode; 0 = all of them), so the mean L0 of
 the codes is about k. A trained SAE gives a different L0 distribution over positions but the same mean, and the
 memory depends on the mean only.
@@ -57,7 +57,7 @@ import torch  # noqa: E402
 
 from common import environment, load_average, print_environment, sync, write_json  # noqa: E402
 
-from SegLensLogic.inference import prepare_for_model  # noqa: E402
+from SegLensLogic.segmentation.inference import prepare_for_model  # noqa: E402
 from SegLensLogic.networks import SegmenterConfig, build_segmenter, default_device  # noqa: E402
 from SegLensLogic.sae import BatchTopKSAE, SAEConfig, estimate_threshold, feature_map_to_vectors  # noqa: E402
 from SegLensLogic.sae.codes import encode_volume  # noqa: E402

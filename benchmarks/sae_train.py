@@ -16,7 +16,7 @@ process, on the same batches, on the same device:
       W_dec.grad -= <W_dec.grad, W_dec>_row * W_dec        # drop the gradient parallel to each decoder row
       adam.step(); W_dec <- W_dec / ||W_dec||_row          # unit-norm decoder rows
 
-* **SegLens** -- the inner loop of :func:`SegLensLogic.sae.training.train_sae`, step for step::
+* **SegLens** -- the inner loop of :func:`SegLensLogic.sae.trainer.train_sae`, step for step::
 
       x_hat, latents = train_forward(sae, x)  # codes as a CSR matrix: sparse-dense products forward and backward
       loss  = mean((x_hat - x)^2); loss.backward()         # sparse encoder backward (_SparseEncode)

@@ -3,7 +3,7 @@
 
 What it measures
 ----------------
-The wall time of :func:`SegLensLogic.inference.predict_volume` on one already-preprocessed case (a real
+The wall time of :func:`SegLensLogic.segmentation.inference.predict_volume` on one already-preprocessed case (a real
 BraTS 2018 volume by default, 240 x 240 x 155), for each architecture, in one process:
 
 * **baseline** -- the plain per-slice loop: every axial slice of the volume, one slice per forward pass
@@ -54,7 +54,7 @@ from common import environment, load_average, print_environment, sync, write_jso
 
 from SegLensLogic.data.cases import MODALITIES as CASE_MODALITIES, find_case, read_case  # noqa: E402
 from SegLensLogic.data.preprocessing import prepare_case  # noqa: E402
-from SegLensLogic.inference import default_batch_size, predict_volume  # noqa: E402
+from SegLensLogic.segmentation.inference import default_batch_size, predict_volume  # noqa: E402
 from SegLensLogic.networks import SegmenterConfig, build_segmenter, default_device, load_segmenter  # noqa: E402
 
 DEFAULT_CASE = REPO_ROOT.parent / "shared" / "data" / "brats2018" / "Brats18_CBICA_ABM_1"

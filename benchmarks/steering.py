@@ -56,7 +56,7 @@ import torch  # noqa: E402
 from common import environment, load_average, print_environment, sync, write_json  # noqa: E402
 
 from SegLensLogic.data.cases import find_case, read_case  # noqa: E402
-from SegLensLogic.inference import predict_volume, prepare_for_model  # noqa: E402
+from SegLensLogic.segmentation.inference import predict_volume, prepare_for_model  # noqa: E402
 from SegLensLogic.networks import SegmenterConfig, build_segmenter, default_device, load_segmenter  # noqa: E402
 from SegLensLogic.sae import BatchTopKSAE, SAEConfig, estimate_threshold  # noqa: E402
 from SegLensLogic.sae.activations import feature_map_to_vectors  # noqa: E402

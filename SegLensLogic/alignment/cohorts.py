@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .alignment import DEFAULT_TAU, LatentAlignment, align_saes
+from .latent_alignment import DEFAULT_TAU, LatentAlignment, align_saes
 
 
 @dataclass

@@ -82,7 +82,7 @@ def alignment_document(
     seed_noise_floor: dict | None = None,
     matcher: str = "hungarian",
 ) -> dict:
-    """The JSON document of a :class:`~SegLensLogic.alignment.alignment.LatentAlignment`."""
+    """The JSON document of a :class:`~SegLensLogic.alignment.latent_alignment.LatentAlignment`."""
     shared_a, shared_b = alignment.shared_pairs()
     shared_set_a, shared_set_b = set(shared_a.tolist()), set(shared_b.tolist())
     return _clean({

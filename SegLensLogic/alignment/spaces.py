@@ -31,7 +31,7 @@ from scipy.linalg import orthogonal_procrustes
 from ..storage import read_json
 from ..errors import InputFileError
 from ..sae.model import DEFAULT_MIN_BRAIN_FRACTION
-from .alignment import LatentAlignment, align_similarities, align_vectors, dictionary_vectors
+from .latent_alignment import LatentAlignment, align_similarities, align_vectors, dictionary_vectors
 
 SHARED_RELATIONS = ("same-model", "shared-init")
 
@@ -111,7 +111,7 @@ def paired_activations(
     Yields:
         ``(h_a, h_b)``: ``(n, d_a)`` and ``(n, d_b)`` float32 on the CPU, row ``i`` of both the same position.
     """
-    from ..inference import default_batch_size, prepare_for_model
+    from ..segmentation.inference import default_batch_size, prepare_for_model
     from ..sae.activations import brain_fraction_on_grid, feature_map_to_vectors
 
     hook_a, hook_b = model_a._hook(hook_a), model_b._hook(hook_b)
@@ -226,7 +226,7 @@ def shared_image_correlations(
     Raises:
         ValueError: the models differ in inputs or in the grid at their SAEs' hooks; a pair names an unknown member.
     """
-    from ..inference import default_batch_size, prepare_for_model
+    from ..segmentation.inference import default_batch_size, prepare_for_model
     from ..sae.activations import brain_fraction_on_grid, feature_map_to_vectors
 
     for key, (a, b, _) in pairs.items():

@@ -22,7 +22,7 @@ Populations (:data:`POPULATIONS`) are presets that change named *factors* relati
   cystic component of pediatric pilocytic astrocytomas) or a band of stripes across the brain (an acquisition
   artefact of a faulty scanner). The feature is the only difference from ``adult``, so a model diffing that finds
   what one population has and the other lacks must find it, and its footprint says where it is
-  (:func:`read_feature_mask`; scored by :func:`SegLensLogic.alignment.footprint.footprint_scores`). For one seed, a
+  (:func:`read_feature_mask`; scored by :func:`SegLensLogic.experiments.footprint.footprint_scores`). For one seed, a
   planted case is the ``adult`` case of that seed plus the feature (the feature draws from its own random stream).
 
 A cohort folder holds one folder per case in BraTS 2023 naming and ``cohort.json`` (:data:`COHORT_MANIFEST`): the

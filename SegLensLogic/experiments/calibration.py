@@ -9,7 +9,7 @@ scores of every setting (:class:`CaseSweep`).
   unchanged to a separate test split. With ``folds`` > 1 the cases are cross-fitted: every fold is a test split
   once, its setting chosen on the other folds only. :func:`choose_setting` is given calibration sweeps and
   nothing else, and :func:`calibrated` reads a test case's scores at its chosen setting only, after the choice
-  (``Testing/test_experiments.py`` checks both with sentinels).
+  (``Testing/experiments/test_experiments.py`` checks both with sentinels).
 """
 
 from __future__ import annotations

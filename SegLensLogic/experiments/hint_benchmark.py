@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.cases import read_case
-from ..metrics import segmentation_scores
+from ..segmentation.scores import segmentation_scores
 from ..steering.encoded import encode_case
 from ..steering.guided import GuidedOptions, _ras_spacing, _targets
 from ..steering.hints import HintVoxel, resolve_hints
@@ -42,7 +42,7 @@ from ..steering.interventions import LatentEdit, Region, apply_label_rule
 from ..steering.session import SteeringSession
 from .baselines import logit_bias_fix, paint_spheres
 from .clicks import Click, click_hint, next_click
-from .repair import CLASSES, RECOVERY_GAIN, ShiftedCase, bootstrap_interval, is_failure
+from .repair import RECOVERY_GAIN, ShiftedCase, bootstrap_interval, is_failure
 from .tables import Report, plot_curves
 
 CLICK_COUNTS = (1, 3, 5)

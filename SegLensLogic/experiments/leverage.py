@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..data.cases import read_case
-from ..metrics import segmentation_scores
+from ..segmentation.scores import segmentation_scores
 from ..networks.segmenter import Segmenter
 from ..sae.model import BatchTopKSAE
 from ..steering.encoded import encode_case

@@ -32,7 +32,6 @@ intervals over cases, voxels changed, and the paired bootstrap interval of the d
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,12 +40,14 @@ import numpy as np
 import torch
 
 from ..data.cases import Case, read_case
-from ..metrics import segmentation_scores
+from ..segmentation.scores import segmentation_scores
 from ..networks.segmenter import Segmenter
 from ..sae.activations import feature_map_to_vectors
 from ..sae.model import BatchTopKSAE
 from ..steering.encoded import EncodedCase, encode_case
 from ..steering.interventions import LatentEdit
+from ..steering.plausibility import ReferenceStatistics, plausibility
+from ..steering.selection import latent_sets
 from .baselines import CCF_SETTINGS, UF_THRESHOLDS, apply_ccf, uncertainty_filter
 from .calibration import CaseSweep, choose_setting
 from .tables import Report
@@ -90,43 +91,6 @@ def without_modalities(case: Case, removed: Sequence[str], suffix: str) -> Case:
 
 
 @dataclass
-class ReferenceStatistics:
-    """What the reference cohort's ground truth says a tumour looks like (for the label-free criterion).
-
-    Attributes:
-        proportions: mean share of necrotic core, edema, enhancing tumour in the whole tumour.
-        log_size: mean and standard deviation of log(whole-tumour voxels / brain voxels).
-    """
-
-    proportions: np.ndarray
-    log_size: tuple[float, float]
-
-    @classmethod
-    def from_labels(cls, labels: Sequence[tuple[np.ndarray, np.ndarray]]) -> "ReferenceStatistics":
-        """From ``[(label map, brain mask)]`` of the reference cohort (its own ground truth, never a test case's)."""
-        shares, sizes = [], []
-        for label, brain in labels:
-            tumour = max(int((label > 0).sum()), 1)
-            shares.append([(label == c).sum() / tumour for c in (1, 2, 3)])
-            sizes.append(math.log(tumour / max(int(brain.sum()), 1)))
-        return cls(np.mean(shares, axis=0), (float(np.mean(sizes)), float(np.std(sizes) + 0.25)))
-
-    def to_dict(self) -> dict:
-        return {"proportions": [float(v) for v in self.proportions], "log_size": list(self.log_size)}
-
-
-def plausibility(labels: np.ndarray, brain: np.ndarray, reference: ReferenceStatistics) -> float:
-    """Label-free distance of a predicted tumour from the reference cohort's (lower is more plausible): the L1
-    distance of its class proportions plus the z-score of its log relative size. An empty prediction is maximal."""
-    tumour = int((labels > 0).sum())
-    if tumour == 0:
-        return float("inf")
-    shares = np.array([(labels == c).sum() / tumour for c in (1, 2, 3)])
-    size = math.log(tumour / max(int(brain.sum()), 1))
-    return float(np.abs(shares - reference.proportions).sum() + abs(size - reference.log_size[0]) / reference.log_size[1])
-
-
-@dataclass
 class CaseSweeps:
     """Every setting's scores on one failure case: per latent set, alpha -> scores (+ plausibility, voxels)."""
 
@@ -135,23 +99,6 @@ class CaseSweeps:
     sets: dict[str, tuple[int, ...]]
     scores: dict[str, dict[float, dict]] = field(default_factory=dict)
     baselines: dict[str, dict] = field(default_factory=dict)
-
-
-def latent_sets(encoded: EncodedCase, n: int, specific: Sequence[int] | None, seed: int) -> dict[str, tuple[int, ...]]:
-    """The ``top``, ``specific`` and ``random`` sets of one case (module docstring); no label is read."""
-    predicted = encoded.labels > 0
-    region = predicted if predicted.any() else None
-    top = tuple(j for j, _ in encoded.codes.top_latents(n, region=region))
-    if specific:
-        ranked = encoded.codes.top_latents(encoded.codes.d_sae, region=region)
-        allowed = set(int(j) for j in specific)
-        chosen = tuple(j for j, _ in ranked if j in allowed)[:n]
-    else:
-        chosen = top
-    firing = np.flatnonzero(np.bincount(encoded.codes.latents, minlength=encoded.codes.d_sae) > 0)
-    rng = np.random.default_rng(seed)
-    random = tuple(int(j) for j in rng.choice(firing, size=min(n, len(firing)), replace=False)) if len(firing) else ()
-    return {"top": top, "specific": chosen or top, "random": random}
 
 
 def sweep_case(

@@ -16,7 +16,7 @@ from ..data.cases import Case, read_case
 from ..data.cohort import Cohort
 from ..data.preprocessing import PreparedCase
 from ..errors import SegLensError
-from ..metrics import confusion_matrix, overlap_scores
+from ..segmentation.scores import confusion_matrix, overlap_scores
 from ..networks.segmenter import Segmenter
 from ..sae.codes import VolumeCodes
 from ..sae.model import BatchTopKSAE

@@ -21,7 +21,7 @@ from ..storage import atomic_write_bytes
 from ..data.labels import TUMOUR_COLOURS
 from ..data.preprocessing import prepare_case
 from ..errors import refuse_existing
-from .cohort import upsample
+from .top_slices import upsample
 from .labeller import GENERIC_CATEGORIES
 
 DISPLAY_PREFERENCE = ("t2f", "t1c", "t2w", "t1n")

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.cohort import Cohort
-from .cohort import CohortInterpretation, Log, interpret_cohort
+from .top_slices import CohortInterpretation, Log, interpret_cohort
 from .labeller import LabellingRules, LatentLabel
-from .labels import build_labels_document
-from .metrics import MetricOptions
+from .latent_labels import build_labels_document
+from .heatmap_metrics import MetricOptions
 from .stability import Stability, split_half_stability
 
 

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .metrics import metric_names
+from .heatmap_metrics import metric_names
 
 TUMOUR_CATEGORIES = ("necrotic core", "edema", "enhancing tumour")
 GENERIC_CATEGORIES = ("tumour boundary", "healthy tissue", "brain edge", "background", "diffuse", "dead")

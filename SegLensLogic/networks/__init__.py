@@ -4,33 +4,28 @@ The names below are imported on first use (PEP 562), so that ``from SegLensLogic
 imports no torch and loading a SegFormer does not import MONAI.
 """
 
+from ..lazy import lazy_exports
 from .architectures import ARCHITECTURE_MODULES, ARCHITECTURES
 
 
-def load_segmenter(folder, device=None):
-    """Load a segmenter folder (``config.json`` + ``model.safetensors``) in one call."""
+def load_segmenter(folder, device=None, sha256: str | None = None):
+    """Load a segmenter folder (``config.json`` + ``model.safetensors``) in one call (``sha256``: the weights' hash
+    when already verified, e.g. by a bundle)."""
     from .segmenter import Segmenter
 
-    return Segmenter.from_pretrained(folder, device=device)
+    return Segmenter.from_pretrained(folder, device=device, sha256=sha256)
 
 
-def __getattr__(name: str):
-    if name in ("Segmenter", "SegmenterConfig", "build_segmenter", "default_device", "weights_sha256"):
-        from . import segmenter as module
-    elif name == "SegFormerSegmenter":
-        from . import segformer as module
-    elif name == "UNetSegmenter":
-        from . import unet as module
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(module, name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
-
+_EXPORTS = {
+    "Segmenter": "segmenter",
+    "SegmenterConfig": "segmenter",
+    "build_segmenter": "segmenter",
+    "default_device": "segmenter",
+    "weights_sha256": "segmenter",
+    "SegFormerSegmenter": "segformer",
+    "UNetSegmenter": "unet",
+}
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 __all__ = [
     "ARCHITECTURES", "Segmenter", "SegmenterConfig", "SegFormerSegmenter", "UNetSegmenter",

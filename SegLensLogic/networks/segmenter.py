@@ -248,8 +248,10 @@ class Segmenter(nn.Module):
         )  # fmt: skip
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None) -> "Segmenter":
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None, sha256: str | None = None) -> "Segmenter":
         """Load a segmenter folder written by :meth:`save_pretrained`, on ``device`` (default: GPU if any).
+
+        ``sha256``: the weights' hash when the caller has just verified it (a bundle), so it is not computed again.
 
         Raises:
             InputFileError: the folder, its config or its weights are missing, malformed or do not match.
@@ -280,7 +282,7 @@ class Segmenter(nn.Module):
             raise InputFileError(weights_path, f"weights do not match {config_path.name} ({detail})") from None
         model.eval()
         # Recipes, labels files and alignments name a model by this hash.
-        model.weights_sha256 = weights_sha256(folder)
+        model.weights_sha256 = sha256 or weights_sha256(folder)
         return model.to(device or default_device())
 
 

@@ -1,5 +1,4 @@
-"""The reference bundle that ships with SegLens: where it lives, and how it is rebuilt (:mod:`.build`)."""
+"""The shipped reference bundle's model card (:mod:`.card`): its measured figures, written from the build's results.
 
-from .location import REFERENCE_BUNDLE_NAME, reference_bundle_path
-
-__all__ = ["REFERENCE_BUNDLE_NAME", "reference_bundle_path"]
+Where the bundle lives: :mod:`SegLensLogic.resources`; how it is rebuilt: :mod:`SegLensLogic.app.build_reference`.
+"""

@@ -1,31 +1,27 @@
 """Sparse autoencoders on segmentation activations: stores, BatchTopK training, volume codes and heatmaps.
 
-The names below are imported on first use (PEP 562), so that reading :class:`SAETrainingOptions` (the command
-line's defaults) imports no torch.
+Reading :class:`SAETrainingOptions` (the command line's defaults) imports no torch.
 """
 
+# Names are imported on first use (PEP 562).
+from ..lazy import lazy_exports
 
-def __getattr__(name: str):
-    if name in ("ActivationStore", "ExtractionOptions", "extract_activations", "feature_map_to_vectors", "vectors_to_feature_map"):
-        from . import activations as module
-    elif name in ("BatchTopKSAE", "SAEConfig", "SparseDictionary", "sae_sha256"):
-        from . import model as module
-    elif name == "SAETrainingOptions":
-        from . import options as module
-    elif name in ("estimate_threshold", "evaluate_reconstruction", "train_sae"):
-        from . import training as module
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(module, name)
-    globals()[name] = value
-    return value
+_EXPORTS = {
+    "ActivationStore": "activations",
+    "ExtractionOptions": "activations",
+    "extract_activations": "activations",
+    "feature_map_to_vectors": "activations",
+    "vectors_to_feature_map": "activations",
+    "BatchTopKSAE": "model",
+    "SAEConfig": "model",
+    "SparseDictionary": "model",
+    "sae_sha256": "model",
+    "SAETrainingOptions": "options",
+    "estimate_threshold": "trainer",
+    "evaluate_reconstruction": "trainer",
+    "train_sae": "trainer",
+}
 
 
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
-
-
-__all__ = [
-    "ActivationStore", "ExtractionOptions", "extract_activations", "feature_map_to_vectors", "vectors_to_feature_map",
-    "BatchTopKSAE", "SAEConfig", "SparseDictionary", "sae_sha256", "SAETrainingOptions", "estimate_threshold", "evaluate_reconstruction", "train_sae",
-]  # fmt: skip
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
+__all__ = list(_EXPORTS)

@@ -44,7 +44,7 @@ from .. import storage
 from ..data.cohort import Cohort
 from ..errors import InputFileError, SegLensError, refuse_existing
 from ..storage import MAX_CHANNELS, Schema, atomic_write_json, read_document
-from ..inference import default_batch_size, prepare_for_model
+from ..segmentation.inference import default_batch_size, prepare_for_model
 from ..networks.segmenter import Segmenter, weights_sha256
 from .model import DEFAULT_MIN_BRAIN_FRACTION
 

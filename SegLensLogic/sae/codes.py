@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.preprocessing import PreparedCase
-from ..inference import default_batch_size, prepare_for_model
+from ..segmentation.inference import default_batch_size, prepare_for_model
 from ..networks.segmenter import Segmenter
 from .activations import brain_fraction_on_grid, feature_map_to_vectors, mask_fraction_on_grid
 from .model import BatchTopKSAE

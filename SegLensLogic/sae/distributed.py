@@ -64,7 +64,7 @@ from .activations import (
 )
 from .batch_topk import train_forward
 from .model import BatchTopKSAE
-from .training import SAETrainingOptions, TrainingWorld, _train, save_training_report
+from .trainer import SAETrainingOptions, TrainingWorld, _train, save_training_report
 
 RAY_EXTRA = 'pip install -e ".[ray]"'
 CASE_RECORD = "case.json"
@@ -171,7 +171,7 @@ class _CaseExtractor:
 
     def count(self, case) -> dict:
         """The case's brain slices (what its subsampling draws depend on)."""
-        from ..inference import prepare_for_model
+        from ..segmentation.inference import prepare_for_model
 
         try:
             return {"slices": len(prepare_for_model(self.model, case).brain_slices())}

@@ -352,8 +352,9 @@ class BatchTopKSAE(nn.Module):
         return Path(folder)
 
     @classmethod
-    def load(cls, folder: str | Path, device: str | torch.device | None = None) -> "BatchTopKSAE":
-        """Load an SAE folder written by :meth:`save` (no unpickling).
+    def load(cls, folder: str | Path, device: str | torch.device | None = None, sha256: str | None = None) -> "BatchTopKSAE":
+        """Load an SAE folder written by :meth:`save` (no unpickling); ``sha256``: the weights' hash when the caller
+        has just verified it (a bundle), so it is not computed again.
 
         Raises:
             InputFileError: missing or malformed config or weights, or weights that do not fit the config.
@@ -375,7 +376,7 @@ class BatchTopKSAE(nn.Module):
             raise InputFileError(weights_path, f"holds threshold {float(sae.threshold)} but {SAE_CONFIG_NAME} has none (null)")
         sae.source = folder
         # Recipes, labels files and alignments name an SAE by this hash.
-        sae.weights_sha256 = sae_sha256(folder)
+        sae.weights_sha256 = sha256 or sae_sha256(folder)
         return sae.to(device or "cpu").eval()
 
 

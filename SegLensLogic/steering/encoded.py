@@ -4,7 +4,7 @@
 (:class:`~SegLensLogic.steering.resegment.CachedForward`), encodes the cached hook activations with the SAE
 (sparse codes, :class:`~SegLensLogic.sae.codes.VolumeCodes`) and decodes every slice once for the unedited labels
 (and softmax probabilities when asked). The :class:`EncodedCase` it returns is passed on: nothing encodes the same
-case twice. Its labels are bit for bit those of :func:`~SegLensLogic.inference.predict_volume`.
+case twice. Its labels are bit for bit those of :func:`~SegLensLogic.segmentation.inference.predict_volume`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..sae.activations import feature_map_to_vectors
 from ..sae.codes import SparseEncoder, VolumeCodes
 from ..sae.model import SparseDictionary
 from .interventions import LatentEdit
-from ..inference import PredictionCancelled
+from ..segmentation.inference import PredictionCancelled
 from .resegment import DEFAULT_CACHE_MB, CachedForward
 
 # Slices encoded per SAE call (bounds the dense pre-activations: 64 x h x w x d_sae floats).

@@ -8,7 +8,7 @@ slices whose activations the edit changes: the change
 ``W_dec^T (z' - z)`` is computed for every cached slice first (a few small products), and slices where it is
 exactly zero keep the labels they had.
 
-Labels are produced exactly as :func:`~SegLensLogic.inference.predict_volume` produces them, in the same
+Labels are produced exactly as :func:`~SegLensLogic.segmentation.inference.predict_volume` produces them, in the same
 batches, so with no edit (or an identity edit) the mask is the unmodified model's, bit for bit.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import SegLensError
-from ..inference import PredictionCancelled, default_batch_size, labels_from_logits, prepare_for_model
+from ..segmentation.inference import PredictionCancelled, default_batch_size, labels_from_logits, prepare_for_model
 from ..networks.segmenter import Segmenter
 from ..sae.activations import brain_fraction_on_grid, mask_fraction_on_grid
 from ..sae.model import SparseDictionary
@@ -39,7 +39,7 @@ class CachedForward:
     """One case's encoder outputs at a hook point, kept for re-running only the rest of the network.
 
     Args:
-        model, case: the segmenter and the case (anything :func:`~SegLensLogic.inference.prepare_for_model` takes).
+        model, case: the segmenter and the case (anything :func:`~SegLensLogic.segmentation.inference.prepare_for_model` takes).
         hook: the hook point (default: the model's).
         batch_size: slices per forward pass (default: the model's on this device).
         progress: ``progress(done, total)`` while encoding; returning False cancels.
@@ -196,7 +196,7 @@ class CachedForward:
             positions: indices into :attr:`slices`.
             deltas: ``{position: (D, h, w)}`` activation changes (absent: unchanged).
             exact_batches: decode every slice inside its fixed batch (position ``// batch_size``), the batch it
-                has in :func:`~SegLensLogic.inference.predict_volume`, so that its labels are the same bits
+                has in :func:`~SegLensLogic.segmentation.inference.predict_volume`, so that its labels are the same bits
                 whatever else is being re-run; other slices of those batches are returned too. False decodes just
                 ``positions`` (a live preview of one slice).
             probabilities: when given, filled with ``{position: float16 (X, Y, K)}`` softmax of the same logits.

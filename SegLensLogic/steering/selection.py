@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import SegLensError
 from ..sae.codes import VolumeCodes
+
+if TYPE_CHECKING:
+    from .encoded import EncodedCase
 
 STATUSES = ("universal", "shared", "specific")
 
@@ -119,3 +123,20 @@ def select_latents(
         candidates = chosen if candidates is None else candidates & chosen
     ranked = top_latents(codes, codes.d_sae if top is None else top, region, slice_range, among=None if candidates is None else sorted(candidates))
     return ranked
+
+
+def latent_sets(encoded: "EncodedCase", n: int, specific: Sequence[int] | None, seed: int) -> dict[str, tuple[int, ...]]:
+    """The ``top``, ``specific`` and ``random`` sets of one case (the repair experiment's latent sets: :mod:`SegLensLogic.experiments.repair`); no label is read."""
+    predicted = encoded.labels > 0
+    region = predicted if predicted.any() else None
+    top = tuple(j for j, _ in encoded.codes.top_latents(n, region=region))
+    if specific:
+        ranked = encoded.codes.top_latents(encoded.codes.d_sae, region=region)
+        allowed = set(int(j) for j in specific)
+        chosen = tuple(j for j, _ in ranked if j in allowed)[:n]
+    else:
+        chosen = top
+    firing = np.flatnonzero(np.bincount(encoded.codes.latents, minlength=encoded.codes.d_sae) > 0)
+    rng = np.random.default_rng(seed)
+    random = tuple(int(j) for j in rng.choice(firing, size=min(n, len(firing)), replace=False)) if len(firing) else ()
+    return {"top": top, "specific": chosen or top, "random": random}

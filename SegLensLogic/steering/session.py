@@ -22,6 +22,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,6 +41,11 @@ from .recipe import Recipe, edit_from_json, edit_to_json, recipe_path_for
 from .encoded import encode_case
 from .resegment import DEFAULT_CACHE_MB, CachedForward
 from . import selection
+
+if TYPE_CHECKING:
+    from ..alignment.files import Alignment
+    from ..interpretation.latent_labels import LatentLabels
+    from .suggestions import Suggestions
 
 
 @dataclass
@@ -63,10 +69,13 @@ class SteeringSession:
         sae: the SAE trained at the model's hook point.
         case: a case folder, :class:`~SegLensLogic.data.Case`, :class:`~SegLensLogic.data.CaseImages` (e.g. from
             Slicer volume nodes) or :class:`~SegLensLogic.data.PreparedCase`.
-        labels: a latent labels file (``seglens interpret``) or loaded labels, for names and categories.
-        alignments: alignment files (``seglens align``) naming which latents are shared or population-specific.
+        labels: latent labels (``seglens interpret``; loaded, or its file), for names and categories.
+        alignments: alignments (``seglens align``; loaded, or their files) naming which latents are shared or
+            population-specific.
         batch_size: slices per forward pass (default: the model's on this device).
-        suggestions: suggested corrections (a bundle's ``suggestions.json``), for :meth:`suggest`.
+        suggestions: loaded suggested corrections (a bundle's ``suggestions.json``), for :meth:`suggest`.
+
+    A bundle opens a session with everything it loaded and checked: :meth:`SegLensLogic.bundle.Bundle.open_session`.
         cache_mb: the most the case's kept encoder outputs may hold, in MB (None: no limit); beyond it the finest
             ones are recomputed when slices are re-run (same labels, slower: see ``benchmarks/steering.py``).
 
@@ -79,10 +88,10 @@ class SteeringSession:
         model: Segmenter,
         sae: SparseDictionary,
         case,
-        labels=None,
-        alignments: Sequence = (),
+        labels: "LatentLabels | str | Path | None" = None,
+        alignments: "Sequence[Alignment | str | Path]" = (),
         batch_size: int | None = None,
-        suggestions=None,
+        suggestions: "Suggestions | None" = None,
         cache_mb: float | None = DEFAULT_CACHE_MB,
     ):
         hook = sae.check_fits(model)
@@ -99,18 +108,12 @@ class SteeringSession:
         # Labels and alignments must be of this SAE (its size, and its weights hash when both know it): a file that
         # names the SAE's hash but another size is refused here, naming the file, not met later as an index error.
         sha = getattr(sae, "weights_sha256", None)
-        if hasattr(self.latent_labels, "check_sae"):
+        if self.latent_labels is not None:
             self.latent_labels.check_sae(sae.d_sae, sha)
-        for alignment in self.alignments:
-            if sha is not None and hasattr(alignment, "check_sae"):
+        if sha is not None:
+            for alignment in self.alignments:
                 alignment.check_sae(sha, sae.d_sae, sae.config.d_in)
-        if suggestions is not None and not hasattr(suggestions, "populations"):
-            from .suggestions import load_suggestions
-
-            suggestions = load_suggestions(suggestions)
-        if hasattr(suggestions, "check_sae"):
-            suggestions.check_sae(sae.d_sae)
-        self.suggestions = suggestions
+        self.suggestions = None if suggestions is None else suggestions.check_sae(sae.d_sae)
         self.forward: CachedForward | None = None
         self.codes: VolumeCodes | None = None
         self._history: list[_State] = []
@@ -131,23 +134,6 @@ class SteeringSession:
         model = load_segmenter(model_dir, device=device)
         sae = BatchTopKSAE.load(sae_dir, device=next(model.parameters()).device)
         return cls(model, sae, case, labels=labels, alignments=alignments, batch_size=batch_size, cache_mb=cache_mb)
-
-    @classmethod
-    def from_bundle(cls, bundle=None, case=None, device: str | torch.device | None = None, batch_size: int | None = None,
-                    cache_mb: float | None = DEFAULT_CACHE_MB) -> "SteeringSession":  # fmt: skip
-        """Open a session from a model bundle (a folder or a loaded :class:`~SegLensLogic.bundle.Bundle`; default:
-        the shipped reference bundle, :func:`~SegLensLogic.reference.reference_bundle_path`)."""
-        from ..bundle import Bundle, load_bundle
-        from ..reference import reference_bundle_path
-
-        if case is None:
-            raise SegLensError("from_bundle needs a case (a folder, a Case or images read from volume nodes)")
-        bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle if bundle is not None else reference_bundle_path())
-        session = cls.open(bundle.model_dir, bundle.sae_dir, case, labels=bundle.labels_path, alignments=bundle.alignment_paths,
-                           device=device, batch_size=batch_size, cache_mb=cache_mb)  # fmt: skip
-        suggestions = bundle.load_suggestions()
-        session.suggestions = suggestions.check_sae(session.d_sae) if suggestions is not None else None
-        return session
 
     @classmethod
     def of_encoded(cls, model: Segmenter, sae: SparseDictionary, encoded, **kwargs) -> "SteeringSession":

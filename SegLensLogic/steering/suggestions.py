@@ -129,7 +129,7 @@ class Suggestions:
 
     @property
     def reference(self):
-        from ..experiments.repair import ReferenceStatistics
+        from .plausibility import ReferenceStatistics
 
         return ReferenceStatistics(self.proportions, self.log_size)
 
@@ -170,7 +170,8 @@ def suggest(encoded, sae, suggestions: Suggestions, population: str | None = Non
         population: the case's population (a key of the suggestions; None: no population-specific latents).
         method: ``ground-truth-free`` or ``calibrated`` (module docstring).
     """
-    from ..experiments.repair import latent_sets, plausibility
+    from .plausibility import plausibility
+    from .selection import latent_sets
 
     if method not in METHODS:
         raise SegLensError(f"unknown suggestion method '{method}'; choose {' or '.join(METHODS)}")

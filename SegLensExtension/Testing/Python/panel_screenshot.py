@@ -1,6 +1,6 @@
 """A screenshot of the SegLens panel with a real case in it, for the README.
 
-The panel is built exactly as ``Testing/test_slicer_widget.py`` builds it: the module's real ``.ui`` loaded by
+The panel is built exactly as ``Testing/slicer/test_slicer_widget.py`` builds it: the module's real ``.ui`` loaded by
 PySide6 (offscreen), real MRML nodes and scenes from ``slicer-core``, and ``slicer_stand_in.py`` for what only the
 Slicer application provides. A real BraTS 2018 case (by default ``Brats18_TCIA02_370_1``, one of the shipped
 bundle's test cases, never trained on) is read with Slicer's volume reader; Segment runs with the shipped bundle

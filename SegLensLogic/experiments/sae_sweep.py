@@ -1,0 +1,121 @@
+"""Which SAE settings give dictionaries that are alive and identifiable on a hook's activations.
+
+For every setting of a grid (k, expansion, learning rate, initialisation, ...) two SAEs are trained from two seeds
+on the same store; each is measured on held-out vectors (explained variance, L0, dead fraction) and the two are
+aligned by the diffing rule (:func:`~SegLensLogic.alignment.latent_alignment.align_saes`, tau 0.8). ``seed_shared`` is
+the share of the first seed's live latents that have a shared partner among the second's live latents: a latent
+another seed does not find again is not a feature of the data, and cohort comparisons need this floor to be high.
+
+:func:`choose_setting` picks a setting by stated rules (its docstring), so that the choice is reproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..sae.activations import ActivationStore
+from ..sae.model import BatchTopKSAE
+from ..sae.trainer import SAETrainingOptions, train_sae
+
+# Quality bars (issue goals): held-out explained variance, dead fraction, seed agreement of live latents.
+EV_MIN, DEAD_MAX, AGREEMENT_MIN = 0.85, 0.10, 0.5
+
+
+@torch.no_grad()
+def live_latents(sae: BatchTopKSAE, vectors: torch.Tensor, chunk: int = 4096) -> np.ndarray:
+    """Boolean ``(d_sae,)``: latents that fire (inference threshold) on at least one of ``vectors``."""
+    fired, device = torch.zeros(sae.d_sae, dtype=torch.bool), next(sae.parameters()).device
+    for start in range(0, len(vectors), chunk):
+        fired |= (sae.encode(vectors[start : start + chunk].to(device)) > 0).any(dim=0).cpu()
+    return fired.numpy()
+
+
+def seed_agreement(sae_a: BatchTopKSAE, sae_b: BatchTopKSAE, vectors: torch.Tensor, tau: float = 0.8) -> dict:
+    """Share of ``sae_a``'s live latents whose diffing partner in ``sae_b`` is live and shared at ``tau``."""
+    from ..alignment.latent_alignment import align_saes
+
+    live_a, live_b = live_latents(sae_a, vectors), live_latents(sae_b, vectors)
+    alignment = align_saes(sae_a, sae_b, tau=tau)
+    return {
+        "seed_shared": alignment.live_shared_fraction(live_a, live_b) or 0.0,
+        "seed_shared_all": float(alignment.shared_mask(tau).mean()),
+        "live": int(live_a.sum()),
+    }
+
+
+def sae_sweep(
+    store: ActivationStore,
+    grid: Sequence[dict],
+    base: SAETrainingOptions | None = None,
+    seeds: tuple[int, int] = (0, 1),
+    device: str | torch.device | None = None,
+    keep: bool = False,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict], dict]:
+    """Train two seeds per setting of ``grid`` (dicts of :class:`SAETrainingOptions` fields over ``base``).
+
+    Returns:
+        ``(rows, saes)``: one row per setting (its fields, held-out metrics of the first seed, both seeds' dead
+        fractions, ``seed_shared``, steps and seconds), and when ``keep`` the trained SAEs
+        ``{(row index, seed): (sae, report)}`` (else empty).
+    """
+    base = base or SAETrainingOptions()
+    _, holdout_idx = store.split(base.holdout_fraction, seed=12345)
+    vectors = store.vectors(holdout_idx[:32768])
+    rows, kept = [], {}
+    for index, setting in enumerate(grid):
+        trained = []
+        for seed in seeds:
+            options = dataclasses.replace(base, **setting, seed=seed)
+            sae, report = train_sae(store, options, device=device, log=lambda m: None)
+            trained.append((sae, report))
+            if keep:
+                kept[(index, seed)] = (sae, report)
+        agreement = seed_agreement(trained[0][0], trained[1][0], vectors)
+        first = trained[0][1]
+        row = {
+            **setting,
+            "explained_variance": first["holdout"]["explained_variance"],
+            "l0": first["holdout"]["l0"],
+            "dead_fraction": float(np.mean([r["holdout"]["dead_fraction"] for _, r in trained])),
+            **agreement,
+            "steps": int(np.mean([r["steps"] for _, r in trained])),
+            "seconds": round(sum(r["seconds"] for _, r in trained), 1),
+        }
+        rows.append(row)
+        log("  " + ", ".join(f"{k} {v}" for k, v in setting.items())
+            + f": EV {row['explained_variance']:.3f}, dead {row['dead_fraction']:.3f}, L0 {row['l0']:.1f}, "
+            f"seeds share {row['seed_shared']:.2f} of {row['live']} live latents ({row['steps']} steps, {row['seconds']:.0f} s)")  # fmt: skip
+    return rows, kept
+
+
+def choose_setting(rows: Sequence[dict], prefer: dict | None = None) -> tuple[int, str]:
+    """The row to use, and why.
+
+    Rules, in order: keep settings with explained variance >= 0.85 and dead fraction <= 0.10 (else all); among
+    those, keep those whose seeds share >= 0.5 of live latents (else all kept so far); take ``prefer`` (e.g. the
+    paper's k 32, expansion 16) if it is still there, else the highest seed agreement.
+    """
+    candidates = list(range(len(rows)))
+    why = []
+    good = [i for i in candidates if rows[i]["explained_variance"] >= EV_MIN and rows[i]["dead_fraction"] <= DEAD_MAX]
+    if good:
+        candidates = good
+    else:
+        why.append(f"no setting reaches EV {EV_MIN} with at most {DEAD_MAX:.0%} dead latents")
+    identifiable = [i for i in candidates if rows[i]["seed_shared"] >= AGREEMENT_MIN]
+    if identifiable:
+        candidates = identifiable
+    else:
+        why.append(f"no remaining setting has seeds sharing {AGREEMENT_MIN:.0%} of live latents")
+    if prefer and (match := [i for i in candidates if all(rows[i].get(k) == v for k, v in prefer.items())]):
+        chosen = match[0]
+        why.append("the paper's setting meets every bar that any setting meets")
+    else:
+        chosen = max(candidates, key=lambda i: (rows[i]["seed_shared"], rows[i]["explained_variance"]))
+        why.append("highest seed agreement among the settings that meet the most bars")
+    return chosen, "; ".join(why)
