@@ -240,12 +240,8 @@ def split_cases(cohort: Cohort, seed: int, test_cases: int = 3, validation_cases
     return {"train": train, "validation": validation, "test": test}
 
 
-def _case_folder(case) -> Path:
-    return Path(next(iter(case.images.values()))).parent.resolve()
-
-
 def _write_list(path: Path, cases) -> None:
-    atomic_write_text(path, "".join(f"{_case_folder(c)}\n" for c in cases), overwrite=True)
+    atomic_write_text(path, "".join(f"{c.folder.resolve()}\n" for c in cases), overwrite=True)
 
 
 def _reference_cohort(build: ReferenceBuild) -> Cohort:
@@ -330,7 +326,7 @@ def step_leverage(build: ReferenceBuild, folder: Path) -> dict:
     train = build.cohort("train")
     validation = build.cohort("validation")[0]
     # Cases to measure on: the validation case, an SSA-like degraded copy of it (a failure to move), a training case.
-    degraded = degrade_case(_case_folder(validation), folder / "degraded", preset="ssa", seed=s.seed)
+    degraded = degrade_case(validation.folder.resolve(), folder / "degraded", preset="ssa", seed=s.seed)
     cases = [validation, load_cohort(degraded)[0], train[0]]
     hooks = [h for h in model.hook_names if s.leverage_hooks is None or h in s.leverage_hooks]
     saes = quick_saes(model, build.model_dir, train, hooks, folder / "stores", steps=s.leverage_sae_steps,
@@ -413,8 +409,8 @@ def _population_cohort(build: ReferenceBuild, name: str, folder: Path) -> Cohort
     if name == "ssa":
         out = folder / "cases"
         for case in build.cohort("train+validation"):
-            if not (out / _case_folder(case).name).exists():
-                degrade_case(_case_folder(case), out, preset="ssa", seed=s.seed)
+            if not (out / case.folder.resolve().name).exists():
+                degrade_case(case.folder.resolve(), out, preset="ssa", seed=s.seed)
         return load_cohort(out, name="ssa")
     out = folder / "cases"
     if not (out / "cohort.json").exists():
@@ -561,9 +557,9 @@ def step_repair(build: ReferenceBuild, folder: Path) -> dict:
         clean = segmentation_scores(predict_volume(model, images).labels, images.label, model.config.class_names)["dice_mean"]
         for strength in s.repair_strengths:
             target = folder / "cases" / f"ssa-x{strength:g}"
-            degraded = target / _case_folder(case).name
+            degraded = target / case.folder.resolve().name
             if not degraded.exists():
-                degrade_case(_case_folder(case), target, preset="ssa", seed=s.seed, strength=strength)
+                degrade_case(case.folder.resolve(), target, preset="ssa", seed=s.seed, strength=strength)
             pool.append(ShiftedCase(load_cohort(degraded)[0], "ssa", case.case_id, clean, name=f"{case.case_id} (SSA x{strength:g})"))
         for missing in s.repair_missing:
             pool.append(ShiftedCase(without_modalities(case, [missing], f"-no-{missing}"), f"missing-{missing}", case.case_id, clean,

@@ -64,6 +64,12 @@ class Case:
     def modalities(self) -> tuple[str, ...]:
         return tuple(m for m in MODALITIES if m in self.images)
 
+    @property
+    def folder(self) -> Path | None:
+        """The folder of the case's files (its first image's), or None for a case with no image."""
+        first = next(iter(self.images.values()), None)
+        return None if first is None else Path(first).parent
+
 
 @dataclass
 class CaseImages:

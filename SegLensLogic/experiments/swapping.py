@@ -14,8 +14,9 @@ and ``h~`` runs through the rest of the network. Reported per group of latents (
 - ``dice_original`` / ``dice_swapped`` / ``dice_change``: mean class Dice against the ground truth without and
   with the swap, and ``mask_agreement``: Dice overlap of the tumour voxels of the two predictions.
 
-The swap goes through the steering package (``LatentEdit(mode="swap")`` and ``steer_activations``), so feature
-swapping and interactive steering edit activations in exactly the same way.
+The swap is a steering edit (``LatentEdit(mode="swap")``) on the case encoded once
+(:func:`~SegLensLogic.steering.encoded.encode_case`), so feature swapping and interactive steering edit activations
+in exactly the same way, and each group re-runs only the layers after the hook.
 """
 
 from __future__ import annotations
@@ -30,22 +31,15 @@ from ..segmentation.scores import segmentation_scores
 from ..sae.activations import feature_map_to_vectors
 
 
-def swap_edit(sae_a, sae_b, latents: np.ndarray, partners: np.ndarray, record: list | None = None):
-    """An ``activation_edit`` for :func:`~SegLensLogic.segmentation.inference.predict_volume` that swaps ``latents`` of A
-    for ``partners`` of B (same order), through the steering package's ``LatentEdit(mode="swap")``; appends
-    ``(z^A_I, z^B_pi(I))`` per batch to ``record`` when given."""
-    from ..steering.interventions import LatentEdit, steer_activations
-
-    latents, partners = tuple(int(j) for j in latents), tuple(int(j) for j in partners)
-    edit = LatentEdit(latents=latents, mode="swap", swap_sae=sae_b, partners=partners).check(sae_a)
-
-    def activation_edit(activations: torch.Tensor, _slices: np.ndarray) -> torch.Tensor:
-        if record is not None:
-            vectors = feature_map_to_vectors(activations.float())
-            record.append((sae_a.latent_codes(vectors, latents).cpu(), sae_b.latent_codes(vectors, partners).cpu()))
-        return steer_activations(sae_a, activations, [edit])
-
-    return activation_edit
+def swap_codes(encoded, sae_a, sae_b, latents: tuple[int, ...], partners: tuple[int, ...], chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z^A_I, z^B_pi(I))`` at every position of an encoded case's cached hook activations, ``(P, |I|)`` each."""
+    activations = encoded.forward.activations
+    z_a, z_b = [], []
+    for start in range(0, len(activations), chunk):
+        vectors = feature_map_to_vectors(activations[start : start + chunk].float())
+        z_a.append(sae_a.latent_codes(vectors, latents).cpu())
+        z_b.append(sae_b.latent_codes(vectors, partners).cpu())
+    return torch.cat(z_a), torch.cat(z_b)
 
 
 def _spatial_correlations(record: list) -> np.ndarray:
@@ -92,35 +86,37 @@ def feature_swap(model, sae_a, sae_b, alignment, cases: Iterable, n_latents: int
         ``[{"group", "latents", "spatial_correlation", "latents_active", "dice_original", "dice_swapped",
         "dice_change", "mask_agreement", "cases"}]``.
     """
-    from ..segmentation.inference import predict_volume
+    from ..steering.encoded import encode_case
+    from ..steering.interventions import LatentEdit
 
     device = next(model.parameters()).device
     sae_a, sae_b = sae_a.to(device), sae_b.to(device)
     groups = swap_groups(alignment, n_latents, seed)
-    cases = list(cases)
-    originals = []
+    # Each case runs through the encoder once; every group's swap re-runs only the layers after the hook.
+    encoded_cases = []
     for case in cases:
         images = case if isinstance(case, CaseImages) else read_case(case, modalities=model.config.modalities)
-        plain = predict_volume(model, images)
-        originals.append((images, plain))
+        encoded_cases.append((images, encode_case(model, sae_a, images)))
     rows = []
     for name, (latents, partners) in groups.items():
         if len(latents) == 0:
             rows.append({"group": name, "latents": 0, "spatial_correlation": float("nan"), "latents_active": 0,
                          "dice_original": float("nan"), "dice_swapped": float("nan"), "dice_change": float("nan"),
-                         "mask_agreement": float("nan"), "cases": len(originals)})  # fmt: skip
+                         "mask_agreement": float("nan"), "cases": len(encoded_cases)})  # fmt: skip
             continue
+        latents, partners = tuple(int(j) for j in latents), tuple(int(j) for j in partners)
+        edit = LatentEdit(latents=latents, mode="swap", swap_sae=sae_b, partners=partners).check(sae_a)
         record: list = []
-        edit = swap_edit(sae_a, sae_b, latents, partners, record)
         dice_before, dice_after, agreement = [], [], []
-        for images, plain in originals:
-            swapped = predict_volume(model, plain.prepared, activation_edit=edit)
-            fg_a, fg_b = plain.labels > 0, swapped.labels > 0
+        for images, encoded in encoded_cases:
+            record.append(swap_codes(encoded, sae_a, sae_b, latents, partners))
+            plain, swapped = encoded.labels, encoded.steer(sae_a, [edit])
+            fg_a, fg_b = plain > 0, swapped > 0
             total = fg_a.sum() + fg_b.sum()
             agreement.append(1.0 if total == 0 else float(2 * (fg_a & fg_b).sum() / total))
             if images.label is not None:
-                dice_before.append(segmentation_scores(plain.labels, images.label, model.config.class_names)["dice_mean"])
-                dice_after.append(segmentation_scores(swapped.labels, images.label, model.config.class_names)["dice_mean"])
+                dice_before.append(segmentation_scores(plain, images.label, model.config.class_names)["dice_mean"])
+                dice_after.append(segmentation_scores(swapped, images.label, model.config.class_names)["dice_mean"])
         correlations = _spatial_correlations(record)
         active = np.isfinite(correlations)
         before = float(np.mean(dice_before)) if dice_before else float("nan")
@@ -130,6 +126,6 @@ def feature_swap(model, sae_a, sae_b, alignment, cases: Iterable, n_latents: int
             "spatial_correlation": float(np.mean(correlations[active])) if active.any() else float("nan"),
             "latents_active": int(active.sum()),
             "dice_original": before, "dice_swapped": after, "dice_change": after - before,
-            "mask_agreement": float(np.mean(agreement)), "cases": len(originals),
+            "mask_agreement": float(np.mean(agreement)), "cases": len(encoded_cases),
         })  # fmt: skip
     return rows

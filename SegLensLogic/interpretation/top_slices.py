@@ -164,11 +164,6 @@ def upsample(grid_maps: np.ndarray, geometry) -> np.ndarray:
     return geometry.from_model(maps)[:, 0].numpy()
 
 
-def _case_folder(case) -> str:
-    first = next(iter(case.images.values()), None)
-    return str(first.parent) if first is not None else case.case_id
-
-
 SCORES = ("sum", "max")
 
 
@@ -227,7 +222,7 @@ def interpret_cohort(
     grid = tuple(hooks[hook][1:])
     for case in cohort:  # before any work: an unlabelled case would stop the pass half-way
         if case.label is None:
-            raise InputFileError(_case_folder(case), f"case '{case.case_id}' has no label map; interpretation needs labelled cases")
+            raise InputFileError(str(case.folder or case.case_id), f"case '{case.case_id}' has no label map; interpretation needs labelled cases")
     split_cases = split_halves(len(cohort), splits, seed) if len(cohort) >= 2 else []
     class_names: tuple[str, ...] | None = None
     full = halves = None
@@ -240,7 +235,7 @@ def interpret_cohort(
         prepared = prepare_for_model(model, case)
         scheme = prepared.source.label_scheme
         if prepared.label is None or scheme is None:
-            raise InputFileError(_case_folder(case), f"case '{case.case_id}' has no label map; interpretation needs labelled cases")
+            raise InputFileError(str(case.folder or case.case_id), f"case '{case.case_id}' has no label map; interpretation needs labelled cases")
         if class_names is None:
             class_names = tuple(scheme.class_names)
             num_metrics = len(metric_names(class_names))
@@ -249,7 +244,7 @@ def interpret_cohort(
             class_voxels = np.zeros(len(class_names))
         elif tuple(scheme.class_names) != class_names:
             raise InputFileError(
-                _case_folder(case),
+                str(case.folder or case.case_id),
                 f"case '{case.case_id}' has {scheme.name} labels ({', '.join(scheme.class_names)}) but the cohort's first "
                 f"case has ({', '.join(class_names)}); interpret one kind of cohort at a time",
             )
@@ -290,7 +285,7 @@ def interpret_cohort(
     return CohortInterpretation(
         class_names=class_names,
         case_ids=[case.case_id for case in cohort],
-        case_folders=[_case_folder(case) for case in cohort],
+        case_folders=[str(case.folder or case.case_id) for case in cohort],
         full=full,
         halves=halves,
         split_cases=split_cases,

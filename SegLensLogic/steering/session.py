@@ -332,8 +332,18 @@ class SteeringSession:
         rule = step_rule(new)
         current = self._history[-1]
         edits = (*current.edits, *new)
-        deltas = forward.deltas(self.sae, edits)
-        changed = [p for p in set(deltas) | set(current.deltas) if p not in deltas or p not in current.deltas or not torch.equal(deltas[p], current.deltas[p])]
+        touched = {j for e in new for j in e.latents}
+        if any(touched & set(e.latents) for e in current.edits):
+            # The new edits read codes that earlier edits changed: compute the whole history's change together.
+            deltas = forward.deltas(self.sae, edits)
+            changed = [p for p in set(deltas) | set(current.deltas)
+                       if p not in deltas or p not in current.deltas or not torch.equal(deltas[p], current.deltas[p])]  # fmt: skip
+        else:  # only the new edits' change is computed (W_dec^T is linear: changes of disjoint latents add up)
+            added = forward.deltas(self.sae, new)
+            deltas = dict(current.deltas)
+            for p, delta in added.items():
+                deltas[p] = deltas[p] + delta if p in deltas else delta
+            changed = list(added)
         labels = forward.relabel(current.labels_ras, changed, deltas, progress=progress)
         if rule != "model":  # the step's rule reads the labels before it, on the slices it changed
             slices = forward.slices[np.asarray(sorted(changed), dtype=np.int64)] if changed else np.zeros(0, dtype=np.int64)

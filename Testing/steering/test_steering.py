@@ -209,6 +209,28 @@ def test_undo_restores_the_previous_mask(real_session):
     assert real_session.edits == []
 
 
+def test_apply_computes_only_the_new_edits_change(real_session, monkeypatch):
+    """An Apply on latents no earlier edit touched computes only its own change; one on a latent an earlier edit
+    changed computes the history together (the new edit reads the codes the earlier one left). Both give the labels
+    of a session that applied the same steps."""
+    top = [j for j, _ in real_session.top_latents(2)]
+    seen = []
+    original = real_session._ready().deltas
+    monkeypatch.setattr(real_session.forward, "deltas", lambda sae, edits, *a, **k: seen.append(len(edits)) or original(sae, edits, *a, **k))
+    real_session.apply(LatentEdit((top[0],), "scale", 3.0))
+    real_session.apply(LatentEdit((top[1],), "scale", 0.5))
+    assert seen == [1, 1]
+    disjoint = real_session.labels
+    real_session.apply(LatentEdit((top[0],), "zero"))
+    assert seen == [1, 1, 3]
+    steps = real_session.undo()
+    assert np.array_equal(steps, disjoint)
+    # the same two steps from a fresh history give the same bits
+    real_session.reset()
+    real_session.apply(LatentEdit((top[0],), "scale", 3.0))
+    assert np.array_equal(real_session.apply(LatentEdit((top[1],), "scale", 0.5)), disjoint)
+
+
 # -- choosing latents ---------------------------------------------------------------------------------------
 
 
