@@ -152,13 +152,14 @@ class SegLens(ScriptedLoadableModule):
 class SegmentResult:
     """What a Segment job hands back to the main thread."""
 
-    def __init__(self, session, bundle, labels, notes, inputNodes, referenceNode):
+    def __init__(self, session, bundle, labels, notes, inputNodes, referenceNode, device=""):
         self.session = session
         self.bundle = bundle
         self.labels = labels
         self.notes = notes
         self.inputNodes = inputNodes
         self.referenceNode = referenceNode
+        self.device = device  # where the model ran, in words
 
 
 #
@@ -200,6 +201,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         self.userLayers = {}  # (composite node ID, layer) -> (volume node ID, opacity) the view had before SegLens
         self.sessionInputs = {}  # what the session was made from: modality -> (node ID, voxel modification time)
         self.sessionBundlePath = None  # the bundle folder it was made with (None: not known, not compared)
+        self._beforeRecipe = None  # the session's edits before a replay (put back when the replay is cancelled)
 
     def getParameterNode(self):
         """The module's parameter node (``SegLensLib.parameters.SegLensParameterNode``; needs Slicer's Qt)."""
@@ -224,8 +226,8 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
             inputNodes: ``{modality or alias: vtkMRMLScalarVolumeNode or None}``; None leaves a sequence out.
 
         Returns:
-            ``{modality: (array (I, J, K), ijk_to_ras (4, 4), node)}`` in t1n, t1c, t2w, t2f order; the first is
-            the reference grid.
+            ``{modality: (array (I, J, K), ijk_to_ras (4, 4), node, node name)}`` in t1n, t1c, t2w, t2f order; the
+            first is the reference grid. The worker uses the arrays and names, never the nodes.
         """
         from SegLensLogic.data.cases import MODALITIES, canonical_modality
 
@@ -248,7 +250,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
             problem = inputs.not_an_mri(array, node.IsA("vtkMRMLLabelMapVolumeNode"))
             if problem:
                 raise self._error(_("volume '{name}' ({modality}) {problem}").format(name=node.GetName(), modality=modality, problem=problem))
-            volumes[modality] = (array, nodes.ijk_to_ras(node), node)
+            volumes[modality] = (array, nodes.ijk_to_ras(node), node, node.GetName())
         return volumes
 
     def caseFromArrays(self, volumes, caseId=None):
@@ -261,17 +263,17 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         from SegLensLogic.data.cases import case_from_arrays
 
         ordered = list(volumes.items())
-        reference_modality, (reference_array, reference_affine, reference_node) = ordered[0]
+        reference_modality, (reference_array, reference_affine, _node, reference_name) = ordered[0]
         shape = tuple(reference_array.shape)
         arrays, notes = {}, []
-        for modality, (array, affine, node) in ordered:
+        for modality, (array, affine, _node, name) in ordered:
             if tuple(array.shape) != shape or not np.allclose(affine, reference_affine, atol=nodes.GEOMETRY_TOLERANCE):
                 array = nodes.resample_to_grid(array, affine, shape, reference_affine)
                 notes.append(_("'{name}' ({modality}) was on another grid: resampled onto the grid of '{reference}' "
                                "({reference_modality}) by linear interpolation.").format(
-                    name=node.GetName(), modality=modality, reference=reference_node.GetName(), reference_modality=reference_modality))
+                    name=name, modality=modality, reference=reference_name, reference_modality=reference_modality))
             arrays[modality] = array
-        return case_from_arrays(arrays, reference_affine, caseId or reference_node.GetName()), notes
+        return case_from_arrays(arrays, reference_affine, caseId or reference_name), notes
 
     def caseFromVolumes(self, inputNodes, caseId=None):
         """A ``CaseImages`` from volume nodes ``{modality: vtkMRMLScalarVolumeNode}`` (arrays copied, no disk).
@@ -303,9 +305,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
             bundle = load_bundle(bundlePath)
             missing = [m for m in bundle.modalities if m not in case.images]
             if missing:
-                tolerated = bundle.manifest.get("preprocessing", {}).get("missing_modalities")
-                accepts = tolerated == "zero" if tolerated else bundle.load_model(device="cpu").config.accepts_missing_modalities
-                if not accepts:
+                if not bundle.accepts_missing_modalities:
                     raise self._error(_("bundle '{bundle}' needs input volumes for {missing} (its model was not trained to work "
                                         "without them)").format(bundle=bundle.name, missing=", ".join(missing)))  # fmt: skip
             return bundle.open_session(case, device=device), bundle
@@ -430,16 +430,20 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         """One Segment job (worker thread): case from :meth:`readVolumes` output, a new session from the bundle, the
         model's labels. Nothing current changes: the main thread adopts the result (:meth:`useSession`)."""
         if progress is not None:
-            progress(0, 0, "Reading the input volumes")
+            progress(0, 0, _("Reading the input volumes"))
         case, notes = self.caseFromArrays(volumes)
-        if progress is not None and progress(0, 0, "Loading the model") is False:
+        # The first Segment imports PyTorch (seconds): here, on the worker, never on the main thread.
+        if progress is not None and progress(0, 0, _("Loading PyTorch and the model")) is False:
             from SegLensLogic.segmentation.inference import PredictionCancelled
 
             raise PredictionCancelled("segmentation cancelled")
+        from SegLensLib.dependencies import device_description
+
+        device = device_description()
         session, bundle = self.createSession(case, bundlePath)
         labels = self.segmentSession(session, progress)
         inputNodes = {m: v[2] for m, v in volumes.items()}
-        return SegmentResult(session, bundle, labels, notes, inputNodes, next(iter(inputNodes.values())))
+        return SegmentResult(session, bundle, labels, notes, inputNodes, next(iter(inputNodes.values())), device)
 
     def showSegmentation(self, labels, name=None):
         """A new segmentation node (named, coloured class segments) from ``labels``; the original result."""
@@ -522,11 +526,16 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         return ""
 
     def computeHeatmaps(self, latents):
-        """``{latent: (activation volume float32 (I, J, K), label)}`` for latents without a heatmap node yet (worker)."""
+        """``{latent: (activation volume float32 (I, J, K) in VTK order, label, maximum)}`` for latents without a
+        heatmap node yet (worker: everything but the copy into the node is done here)."""
         session = self._requireSession()
         wanted = [int(j) for j in latents if int(j) not in self.heatmapNodes]
         rows = session.latent_table() if wanted else []
-        return {j: (session.heatmap(j).astype("float32"), self.latentLabel(j, rows)) for j in wanted}
+        computed = {}
+        for j in wanted:
+            heat = session.heatmap(j).astype("float32")
+            computed[j] = (nodes.VtkOrder(heat), self.latentLabel(j, rows), float(heat.max()) if heat.size else 0.0)
+        return computed
 
     def showHeatmaps(self, latents, threshold=0.1, opacity=0.5, colourNodeID=None, computed=None):
         """Heatmap volumes for exactly ``latents`` (other SegLens heatmaps are removed), shown as layers: the first
@@ -551,11 +560,11 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
             if node is None or self.scene.GetNodeByID(node.GetID()) is None:
                 if latent not in computed:
                     computed.update(self.computeHeatmaps([latent]))
-                heat, label = computed[latent]
+                heat, label, maximum = computed[latent]
                 name = f"SegLens latent {latent}" + (f": {label}" if label else "")
                 node = nodes.add_volume_like(self.scene, self.referenceNode, heat, name)
                 node.SetAttribute("SegLens.Latent", str(latent))
-                node.SetAttribute("SegLens.Maximum", repr(float(heat.max()) if heat.size else 0.0))
+                node.SetAttribute("SegLens.Maximum", repr(maximum))
                 self.heatmapNodes[latent] = node
             shown.append(node)
         self.setHeatmapDisplay(threshold, opacity, colourNodeID or nodes.heatmap_colour_node_id(self.scene))
@@ -736,13 +745,16 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
     def applyEdit(self, edit):
         return self.showCorrected(self.computeApply(edit))
 
-    def computeSuggestion(self, population=None, method="ground-truth-free"):
+    def computeSuggestion(self, population=None, method="ground-truth-free", progress=None):
         """A suggested correction for the case (worker thread; the session does not change): a ``Suggestion``
-        whose ``edits`` are applied like any other edit (and so recorded in the recipe)."""
-        return self._requireSession().suggest(population or None, method)
+        whose ``edits`` are applied like any other edit (and so recorded in the recipe). ``progress`` returning
+        False cancels within a batch of slices."""
+        phase = _("Finding a correction ({method}): trying each strength").format(method=method)
+        return self._requireSession().suggest(population or None, method, progress=self._phase(progress, phase))
 
-    def computeRecipe(self, path):
+    def computeRecipe(self, path, progress=None):
         """Replay a recipe file on the case from the model's own mask (worker thread): the recipe's labels.
+        ``progress`` returning False cancels; cancelled or failed, the session keeps the edits it had.
 
         Raises:
             InputFileError: not a recipe, or one made with another model, SAE or voxel grid (the session is kept).
@@ -752,7 +764,15 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         if not path:
             raise self._error(_("choose a recipe file (.recipe.json, written by Export)"))
         session = self._requireSession()
-        return session.apply_recipe(load_recipe(path), source=path)
+        self._beforeRecipe = session.checkpoint()
+        phase = _("Replaying {file}").format(file=Path(path).name)
+        return session.apply_recipe(load_recipe(path), source=path, progress=self._phase(progress, phase))
+
+    def discardRecipe(self):
+        """Put back the edits from before a replay whose result comes after Cancel (it is not shown)."""
+        if self.session is not None and self._beforeRecipe is not None:
+            self.session.restore(self._beforeRecipe)
+        self._beforeRecipe = None
 
     def showRecipe(self, labels, path):
         """A new segmentation node for a replayed recipe. A recipe replays from the model's own mask, so the earlier
@@ -1483,7 +1503,6 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except dependencies.DependencyError as exc:
             self.showError(_("SegLens cannot start"), exc)
             return False
-        self.ui.deviceLabel.text = status.device
         if status.restart_needed:
             text = _("Installed {installed}. Slicer had already loaded {loaded}: restart Slicer now to use the new version?").format(
                 installed=", ".join(status.installed), loaded=", ".join(status.restart_needed))
@@ -1512,6 +1531,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                       done=lambda result: self.onSegmented(result, signature, bundlePath), reports=True, phase=_("Starting"))
 
     def onSegmented(self, result, signature=None, bundlePath=None):
+        self.ui.deviceLabel.text = result.device
         self.logic.useSession(result.session, result.bundle, result.inputNodes, result.referenceNode, signature, bundlePath)
         self._stale = False
         self.observeSessionInputs()
@@ -1954,7 +1974,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         population = None if population in ("", NO_POPULATION) else population
         method = self.ui.suggestionMethodComboBox.currentText or SUGGESTION_METHODS[0]
         # The session does not change while a suggestion is computed: Cancel drops the result.
-        self.startJob("suggest", self.logic.computeSuggestion, population, method, done=self.onSuggested,
+        self.startJob("suggest", self.logic.computeSuggestion, population, method, done=self.onSuggested, reports=True,
                       phase=_("Finding a correction ({method})").format(method=method))
 
     def onSuggested(self, suggestion):
@@ -1994,8 +2014,10 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = self.ui.recipePathLineEdit.currentPath
         self.pending.discard("preview")
         self.clearPreview()
-        self.startJob("recipe", self.logic.computeRecipe, path, done=lambda labels: self.onRecipeLoaded(labels, path),
-                      cancellable=False, phase=_("Replaying {file}").format(file=Path(path).name))
+        # Cancelled, the session keeps its edits (the replay puts them back); a result that comes after Cancel is
+        # dropped the same way.
+        self.startJob("recipe", self.logic.computeRecipe, path, done=lambda labels: self.onRecipeLoaded(labels, path), reports=True,
+                      discard=lambda _labels: self.logic.discardRecipe(), phase=_("Replaying {file}").format(file=Path(path).name))
 
     def onRecipeLoaded(self, labels, path):
         node = self.logic.showRecipe(labels, path)
@@ -2119,7 +2141,11 @@ class SegLensTest(ScriptedLoadableModuleTest):
         from SegLensLib.dependencies import ensure_dependencies
 
         self.delayDisplay("Checking dependencies")
-        ensure_dependencies(lambda text: True)
+        # Installing is the user's decision: asked as the panel asks, and refused when no one is there to answer
+        # (Slicer run with --testing), so that a self-test never installs packages on its own.
+        app = getattr(slicer, "app", None)  # (none: Slicer's MRML libraries without the application)
+        unattended = app is None or app.testingEnabled()
+        ensure_dependencies(lambda text: False if unattended else slicer.util.confirmOkCancelDisplay(text, _("SegLens needs Python packages")))
         work = Path(tempfile.mkdtemp(prefix="SegLensTest-"))
         try:
             self._runWorkflow(work)

@@ -204,6 +204,20 @@ class Bundle:
         return int(self.manifest["preprocessing"]["image_size"])
 
     @property
+    def accepts_missing_modalities(self) -> bool:
+        """Whether the model works with sequences left out (their channels set to zero), from the manifest or, for
+        a manifest that does not say, the model's config (the weights are not loaded)."""
+        tolerated = self.manifest["preprocessing"].get("missing_modalities")
+        if tolerated:
+            return tolerated == "zero"
+        if "model_config" not in self.parts:
+            from .networks.segmenter import CONFIG_NAME, SegmenterConfig
+
+            path = self.model_dir / CONFIG_NAME
+            self.parts["model_config"] = SegmenterConfig.from_dict(read_json(path), path)
+        return bool(self.parts["model_config"].accepts_missing_modalities)
+
+    @property
     def files(self) -> dict[str, str]:
         """Relative path -> SHA-256 of every file the manifest lists."""
         return dict(self.manifest["files"])
@@ -342,6 +356,7 @@ def _check_parts(root: Path, manifest: dict, path: Path) -> dict:
     parts: dict = {}
     model_config_path = root / model["path"] / CONFIG_NAME
     model_config = SegmenterConfig.from_dict(read_json(model_config_path), model_config_path)
+    parts["model_config"] = model_config
     sae_config_path = root / sae["path"] / SAE_FILES[0]
     sae_config = SAEConfig.from_dict(read_json(sae_config_path), sae_config_path)
     preprocessing, classes = manifest["preprocessing"], manifest["classes"]

@@ -38,14 +38,15 @@ class DependencyError(Exception):
 class DependencyStatus:
     """What :func:`ensure_dependencies` found or did.
 
+    Where models run (:func:`device_description`) needs PyTorch imported, which takes seconds: the Segment job
+    asks for it on the worker thread, never here.
+
     Attributes:
-        device: where models run, in words (:func:`device_description`).
         installed: requirement strings installed just now.
         restart_needed: installed requirements whose package was already imported in this Slicer session: the new
             version is used only after a restart.
     """
 
-    device: str
     installed: list[str] = field(default_factory=list)
     restart_needed: list[str] = field(default_factory=list)
 
@@ -129,8 +130,9 @@ def torch_installed() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def ensure_torch(confirm: Callable[[str], bool]):
-    """Import PyTorch, installing it with SlicerPyTorch's installer first if the user agrees.
+def ensure_torch(confirm: Callable[[str], bool]) -> bool:
+    """PyTorch is installed (not imported: importing it takes seconds, and the worker does it), installing it with
+    SlicerPyTorch's installer first if the user agrees. Returns True when it was installed just now.
 
     Args:
         confirm: asks the user (``slicer.util.confirmOkCancelDisplay``); False cancels.
@@ -139,7 +141,7 @@ def ensure_torch(confirm: Callable[[str], bool]):
         DependencyError: the PyTorch extension is missing, the user declined, or the installer failed.
     """
     if torch_installed():
-        return importlib.import_module("torch")
+        return False
     try:
         import PyTorchUtils
     except ImportError:
@@ -159,7 +161,7 @@ def ensure_torch(confirm: Callable[[str], bool]):
         raise DependencyError(hand_install_message(what, f"{type(exc).__name__}: {exc}")) from None
     if torch is None:
         raise DependencyError(hand_install_message(what, "the PyTorch installer did not finish (see the Python console)"))
-    return torch
+    return True
 
 
 def ensure_requirements(
@@ -218,7 +220,7 @@ def ensure_dependencies(confirm: Callable[[str], bool], install: Callable[[list[
     """PyTorch, then the panel's requirements; see :class:`DependencyStatus`."""
     ensure_torch(confirm)
     installed, restart = ensure_requirements(confirm, install, requirements)
-    return DependencyStatus(device_description(), installed, restart)
+    return DependencyStatus(installed, restart)
 
 
 def device_description() -> str:

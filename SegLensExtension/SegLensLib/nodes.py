@@ -66,11 +66,25 @@ def volume_array(volume_node, dtype=None) -> np.ndarray:
     return np.array(array, dtype=dtype or array.dtype, copy=True)
 
 
-def set_volume_array(volume_node, array_ijk: np.ndarray) -> None:
-    """Replace the node's voxels with ``array_ijk`` (shape ``(I, J, K)``, indexed ``[i, j, k]``)."""
+def to_vtk_order(array_ijk: np.ndarray) -> np.ndarray:
+    """``array_ijk`` ``(I, J, K)`` as VTK stores voxels: C-contiguous ``(K, J, I)``. The strided copy is the slow part
+    of putting an array into a node, so a worker thread makes it (:func:`add_volume_like` takes it as it is)."""
     array = np.ascontiguousarray(np.asarray(array_ijk).transpose(2, 1, 0))
-    if array.dtype == np.int64:  # VTK rejects "long long" scalars on some platforms
-        array = array.astype(np.int32)
+    return array.astype(np.int32) if array.dtype == np.int64 else array  # VTK rejects "long long" on some platforms
+
+
+class VtkOrder:
+    """An array already in VTK order (:func:`to_vtk_order`): ``add_volume_like`` and ``set_volume_array`` copy it
+    into the node without reordering it on the main thread."""
+
+    def __init__(self, array_ijk: np.ndarray):
+        self.shape = tuple(np.asarray(array_ijk).shape)
+        self.kji = to_vtk_order(array_ijk)
+
+
+def set_volume_array(volume_node, array_ijk) -> None:
+    """Replace the node's voxels with ``array_ijk`` (shape ``(I, J, K)``, indexed ``[i, j, k]``, or a :class:`VtkOrder`)."""
+    array = array_ijk.kji if isinstance(array_ijk, VtkOrder) else to_vtk_order(array_ijk)
     slicer.util.updateVolumeFromArray(volume_node, array)
 
 
@@ -80,13 +94,13 @@ def unique_name(scene, name: str) -> str:
     return name if scene.GetFirstNodeByName(name) is None else scene.GenerateUniqueName(name)
 
 
-def add_volume_like(scene, reference, array_ijk: np.ndarray, name: str, class_name: str = "vtkMRMLScalarVolumeNode"):
+def add_volume_like(scene, reference, array_ijk, name: str, class_name: str = "vtkMRMLScalarVolumeNode"):
     """A new volume node holding ``array_ijk`` on ``reference``'s grid (origin, spacing, directions copied).
 
     Args:
         scene: the MRML scene.
         reference: the input volume node whose geometry the new node takes.
-        array_ijk: ``(I, J, K)`` array, the shape of ``reference``.
+        array_ijk: ``(I, J, K)`` array, the shape of ``reference`` (or a :class:`VtkOrder` of one, made on a worker).
         name: node name (made unique in the scene when a node already has it).
         class_name: ``vtkMRMLScalarVolumeNode`` for maps, ``vtkMRMLLabelMapVolumeNode`` for labels.
     """

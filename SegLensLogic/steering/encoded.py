@@ -63,12 +63,13 @@ class EncodedCase:
         keep = self.forward.encoded(sae).flatten() > 0
         return feature_map_to_vectors(self.forward.activations)[keep.to(self.forward.activations.device)].float().cpu()
 
-    def steer_ras(self, sae: SparseDictionary, edits: Sequence[LatentEdit], base_ras: np.ndarray | None = None) -> np.ndarray:
+    def steer_ras(self, sae: SparseDictionary, edits: Sequence[LatentEdit], base_ras: np.ndarray | None = None,
+                  progress: Callable[[int, int], bool | None] | None = None) -> np.ndarray:  # fmt: skip
         """RAS labels with ``edits`` applied (from ``base_ras``, default the unedited labels): only the slices
-        whose activations change are decoded again."""
+        whose activations change are decoded again (``progress(batches_done, batches_total)``; False cancels)."""
         deltas = self.forward.deltas(sae, list(edits))
         base = self.labels_ras if base_ras is None else base_ras
-        return self.forward.relabel(base, list(deltas), deltas)
+        return self.forward.relabel(base, list(deltas), deltas, progress=progress)
 
     def steer(self, sae: SparseDictionary, edits: Sequence[LatentEdit]) -> np.ndarray:
         """Labels with ``edits`` applied, on the input's voxel grid."""

@@ -371,13 +371,16 @@ class SteeringSession:
         return guided_edits(forward, self.sae, resolved, current.labels_ras, current.deltas, options or GuidedOptions(), candidates,
                             random_seed, codes=self.codes)  # fmt: skip
 
-    def suggest(self, population: str | None = None, method: str = "ground-truth-free"):
+    def suggest(self, population: str | None = None, method: str = "ground-truth-free",
+                progress: Callable[[int, int], bool | None] | None = None):  # fmt: skip
         """A suggested correction for this case (no label of it is read), computed from the unedited mask; apply
         its ``edits`` with :meth:`apply` (or preview them) like any other edit.
 
         Args:
             population: the case's population (see :attr:`populations`); None: no population-specific latents.
             method: ``ground-truth-free`` (alpha by plausibility on this case) or ``calibrated`` (the build's alpha).
+            progress: ``progress(done, total)`` while the alphas are tried; returning False cancels
+                (``PredictionCancelled``); the session does not change either way.
 
         Returns:
             A :class:`~SegLensLogic.steering.suggestions.Suggestion`.
@@ -389,7 +392,7 @@ class SteeringSession:
             raise SegLensError("this session has no suggestions (open it from a bundle that has suggestions.json)")
         forward = self._ready()
         encoded = EncodedCase(forward, self.codes, self._history[0].labels_ras)
-        return suggest(encoded, self.sae, self.suggestions, population, method)
+        return suggest(encoded, self.sae, self.suggestions, population, method, progress=progress)
 
     @property
     def populations(self) -> list[str]:
@@ -402,6 +405,19 @@ class SteeringSession:
         if len(self._history) < 2:
             raise SegLensError("there is no edit to undo")
         self._history.pop()
+        return self.labels
+
+    def checkpoint(self) -> tuple:
+        """The edit history as it stands, for :meth:`restore` (a caller that may drop what comes next)."""
+        self._ready()
+        return tuple(self._history)
+
+    def restore(self, checkpoint: tuple) -> np.ndarray:
+        """Go back to a :meth:`checkpoint` of this session; returns its labels."""
+        self._ready()
+        if not checkpoint or checkpoint[0] is not self._history[0]:
+            raise SegLensError("this checkpoint belongs to another session or segmentation")
+        self._history = list(checkpoint)
         return self.labels
 
     def reset(self) -> np.ndarray:
@@ -431,8 +447,12 @@ class SteeringSession:
             edits=[edit_to_json(e, getattr(e.swap_sae, "weights_sha256", None), step) for e, step in zip(self.edits, step_of)],
         )
 
-    def apply_recipe(self, recipe: Recipe, swap_saes: Sequence[SparseDictionary] = (), source: str | Path = "<recipe>") -> np.ndarray:
+    def apply_recipe(self, recipe: Recipe, swap_saes: Sequence[SparseDictionary] = (), source: str | Path = "<recipe>",
+                     progress: Callable[[int, int], bool | None] | None = None) -> np.ndarray:  # fmt: skip
         """Replay a recipe's edits from the unmodified mask; the result is the recipe's mask, bit for bit.
+
+        ``progress(done, total)`` counts the recipe's steps (each by its decoded batches); returning False cancels
+        (``PredictionCancelled``) and leaves the session as it was before the replay.
 
         Raises:
             InputFileError: the recipe names another model, SAE or voxel grid; an edit is malformed.
@@ -448,18 +468,24 @@ class SteeringSession:
                 self._check([edit])
             except SegLensError as exc:
                 raise InputFileError(source, f"edits[{i}]: {one_line(exc)}") from None
-        self.reset()
         steps = [data.get("step") for data in recipe.edits]
         if edits and all(step is None for step in steps):  # a recipe without steps: one step, each slice decoded once
-            self.apply(edits)
+            groups = [edits]
         else:  # the Apply steps as they were made (a step's label rule reads the labels before it)
-            groups: list[list[LatentEdit]] = []
+            groups = []
             for i, edit in enumerate(edits):
                 if i == 0 or steps[i] is None or steps[i] != steps[i - 1]:
                     groups.append([])
                 groups[-1].append(edit)
-            for group in groups:
-                self.apply(group)
+        kept = self.checkpoint()
+        self.reset()
+        try:
+            for number, group in enumerate(groups):
+                step = None if progress is None else (lambda done, total, n=number: progress(n * total + done, len(groups) * total))
+                self.apply(group, progress=step)
+        except BaseException:  # cancelled or failed: the edits the user had are back
+            self.restore(kept)
+            raise
         return self.labels
 
     def export(self, path: str | Path, overwrite: bool = False) -> tuple[Path, Path]:

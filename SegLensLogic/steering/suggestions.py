@@ -21,6 +21,8 @@ replayed by a recipe like any other edit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,12 +165,15 @@ class Suggestion:
         return text + (f"; {self.evidence}" if self.evidence else "")
 
 
-def suggest(encoded, sae, suggestions: Suggestions, population: str | None = None, method: str = "ground-truth-free") -> Suggestion:
+def suggest(encoded, sae, suggestions: Suggestions, population: str | None = None, method: str = "ground-truth-free",
+            progress: Callable[[int, int], bool | None] | None = None) -> Suggestion:  # fmt: skip
     """A correction for an encoded case (:class:`~SegLensLogic.steering.encoded.EncodedCase`), no label read.
 
     Args:
         population: the case's population (a key of the suggestions; None: no population-specific latents).
         method: ``ground-truth-free`` or ``calibrated`` (module docstring).
+        progress: ``progress(done, total)`` over the alphas tried (each counted by its decoded batches); returning
+            False cancels (``PredictionCancelled``).
     """
     from .plausibility import plausibility
     from .selection import latent_sets
@@ -185,10 +190,17 @@ def suggest(encoded, sae, suggestions: Suggestions, population: str | None = Non
         return Suggestion(method, population, latents, alpha, [LatentEdit(latents, "scale", alpha)] if latents and alpha != 1.0 else [],
                           evidence=suggestions.evidence(method))
     latents = sets["specific"]
-    brain = encoded.prepared.to_input_grid(encoded.prepared.brain_mask)
+    # Counted on the RAS arrays: the input grid is the same voxels reoriented, so the counts (and scores) are equal.
+    brain = encoded.prepared.brain_mask
+    steered = [a for a in suggestions.alphas if a != 1.0] if latents else []
     scores = {}
     for alpha in suggestions.alphas:
-        labels = encoded.labels if alpha == 1.0 or not latents else encoded.steer(sae, [LatentEdit(latents, "scale", alpha)])
+        if alpha in steered:
+            number = steered.index(alpha)
+            step = None if progress is None else (lambda done, total, n=number: progress(n * total + done, len(steered) * total))
+            labels = encoded.steer_ras(sae, [LatentEdit(latents, "scale", alpha)], progress=step)
+        else:
+            labels = encoded.labels_ras
         scores[alpha] = plausibility(labels, brain, suggestions.reference)
     alpha = min(scores, key=lambda a: (scores[a], a != 1.0))
     edits = [LatentEdit(latents, "scale", alpha)] if latents and alpha != 1.0 else []

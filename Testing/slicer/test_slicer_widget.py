@@ -400,7 +400,7 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
     assert "No T2 (t2w): set to zero" in notes
     # Progress: each phase counted on its own (never "slice 37 of 40" on a 24-slice volume), the bar within 0-100.
     phases = [phase for kind, phase, done, total, *_ in seen if kind == "segment"]
-    assert "Loading the model" in phases and all(0 <= done <= total for kind, _, done, total, *_ in seen if total)
+    assert "Loading PyTorch and the model" in phases and all(0 <= done <= total for kind, _, done, total, *_ in seen if total)
     assert all(0 <= bar <= 100 for *_, bar in seen)
     steps = [p for p in phases if p.startswith("Segmenting")]
     assert steps and all(p in SegLens.SEGMENT_PHASES for p in steps)
@@ -688,10 +688,16 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
     assert messages.errors()[-1] == "Suggested correction failed: RuntimeError: something inside broke"
     assert "Traceback" in messages.messages[-1][2]["detailedText"] and widget.suggestion is None
 
-    # -- Suggest a correction for the case's population: into the controls, previewed, then applied.
+    # -- Suggest a correction for the case's population: cancellable (fault 1), then into the controls, previewed,
+    #    then applied.
     populations = [ui.populationComboBox.itemText(i) for i in range(ui.populationComboBox.count)]
     assert populations == [SegLens.NO_POPULATION, "ssa"]
     ui.populationComboBox.currentIndex = 1
+    ui.suggestButton.click()
+    assert widget.job.kind == "suggest" and ui.cancelButton.enabled
+    ui.cancelButton.click()
+    wait_idle(widget, app)
+    assert widget.suggestion is None and ui.statusLabel.text == "Suggested correction cancelled." and session.edits == []
     ui.suggestButton.click()
     wait_idle(widget, app)
     suggestion = widget.suggestion
@@ -738,6 +744,12 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
     assert session.edits == []
     ui.recipePathLineEdit.currentPath = str(files[".recipe.json"])
     assert parameters.recipePath == str(files[".recipe.json"])
+    shown = widget.logic.currentSegmentationNode
+    ui.loadRecipeButton.click()  # Load recipe is cancellable (fault 1): nothing changes
+    assert widget.job.kind == "recipe" and ui.cancelButton.enabled
+    ui.cancelButton.click()
+    wait_idle(widget, app)
+    assert session.edits == [] and widget.logic.currentSegmentationNode is shown and ui.statusLabel.text == "Loading the recipe cancelled."
     ui.loadRecipeButton.click()
     wait_idle(widget, app)
     assert session.edits == [edit]
