@@ -445,12 +445,16 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         inputNodes = {m: v[2] for m, v in volumes.items()}
         return SegmentResult(session, bundle, labels, notes, inputNodes, next(iter(inputNodes.values())), device)
 
-    def showSegmentation(self, labels, name=None):
-        """A new segmentation node (named, coloured class segments) from ``labels``; the original result."""
+    def showSegmentation(self, labels, name=None, outputNode=None):
+        """The original result from ``labels`` as a segmentation node (named, coloured class segments): a new node,
+        or ``outputNode`` (a segmentation node the user chose as the output; its segments are replaced)."""
         if self.colourTableNode is None or self.scene.GetNodeByID(self.colourTableNode.GetID()) is None:
             self.colourTableNode = self._sameColourTable() or nodes.colour_table_node(self.scene, self.classNames, self.classColours, "SegLens classes")
+        if outputNode is not None and self.scene.GetNodeByID(outputNode.GetID()) is None:
+            outputNode = None  # removed meanwhile: a new node, as for no choice
         node = nodes.segmentation_from_labels(
-            self.scene, labels, self.referenceNode, self.colourTableNode, name or f"{self.referenceNode.GetName()} SegLens"
+            self.scene, labels, self.referenceNode, self.colourTableNode, name or f"{self.referenceNode.GetName()} SegLens",
+            node=outputNode,
         )
         node.SetAttribute("SegLens.Role", "original")
         node.SetAttribute("SegLens.Edits", "0")
@@ -1525,26 +1529,39 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:
             self.showError(_("Cannot segment"), exc)
             return
+        output = self.ui.outputSegmentationSelector.currentNode()
+        if output is not None and output.GetSegmentation().GetNumberOfSegments() > 0:
+            if not slicer.util.confirmOkCancelDisplay(
+                    _("Segment will replace the {count} segment(s) of '{name}' with the model's segmentation. Go on?").format(
+                        count=output.GetSegmentation().GetNumberOfSegments(), name=output.GetName()),
+                    _("SegLens: replace a segmentation?")):  # fmt: skip
+                self.ui.statusLabel.text = _("Nothing was segmented: '{name}' is kept as it is.").format(name=output.GetName())
+                return
         self.ui.inputNotesLabel.text = ""
         signature = self.logic.inputSignature(self.inputNodes())  # the voxels as read: changed later, it is stale
+        outputID = output.GetID() if output is not None else None
         self.startJob("segment", self.logic.prepareAndSegment, volumes, bundlePath,
-                      done=lambda result: self.onSegmented(result, signature, bundlePath), reports=True, phase=_("Starting"))
+                      done=lambda result: self.onSegmented(result, signature, bundlePath, outputID), reports=True, phase=_("Starting"))
 
-    def onSegmented(self, result, signature=None, bundlePath=None):
+    def onSegmented(self, result, signature=None, bundlePath=None, outputID=None):
         self.ui.deviceLabel.text = result.device
         self.logic.useSession(result.session, result.bundle, result.inputNodes, result.referenceNode, signature, bundlePath)
         self._stale = False
         self.observeSessionInputs()
         self._sessionNumber += 1
         self.allRows, self.rows, self.currentSlice, self.suggestion, self._previewShown = [], [], None, None, None
-        node = self.logic.showSegmentation(result.labels)
+        output = self.logic.scene.GetNodeByID(outputID) if outputID else None
+        node = self.logic.showSegmentation(result.labels, outputNode=output)
         notes = list(result.notes)
         missing = self.logic.missingModalities()
         if missing:
             notes.append(_("No {sequences}: set to zero, as the model was trained to tolerate.").format(
                 sequences=", ".join("%s (%s)" % (inputs.MODALITY_TITLES[m], m) for m in missing)))
         self._inputNotes = self.ui.inputNotesLabel.text = " ".join(notes)
-        self.ui.statusLabel.text = _("Created segmentation '{name}'.").format(name=node.GetName())
+        if output is not None:
+            self.ui.statusLabel.text = _("Wrote the segmentation into '{name}'.").format(name=node.GetName())
+        else:
+            self.ui.statusLabel.text = _("Created segmentation '{name}'.").format(name=node.GetName())
         last = max(self.logic.numberOfSlices() - 1, 0)
         self.ui.sliceRangeWidget.maximum = last
         if self.ui.sliceRangeWidget.maximumValue <= 0 or self.ui.sliceRangeWidget.maximumValue > last:

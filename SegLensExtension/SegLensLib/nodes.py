@@ -244,8 +244,9 @@ def segment_id(class_index: int) -> str:
     return f"{SEGMENT_ID_PREFIX}{class_index}"
 
 
-def segmentation_from_labels(scene, labels_ijk: np.ndarray, reference, colour_table, name: str):
-    """A new segmentation node with one named, coloured segment per class of ``colour_table``.
+def segmentation_from_labels(scene, labels_ijk: np.ndarray, reference, colour_table, name: str, node=None):
+    """A new segmentation node (or ``node``, its segments replaced) with one named, coloured segment per class of
+    ``colour_table``.
 
     Every class (but background) gets a segment, empty or not, with ID ``SegLens_class_<value>``, the class name
     and colour, and for the tumour classes their standard terminology (:func:`terminology_entry`); label value ``v``
@@ -259,7 +260,11 @@ def segmentation_from_labels(scene, labels_ijk: np.ndarray, reference, colour_ta
     if labels.size and int(labels.max()) >= count:
         raise ValueError(f"label value {int(labels.max())} has no class in '{colour_table.GetName()}' ({count} colours)")
     ensure_segmentation_converters()
-    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", unique_name(scene, name))
+    if node is None:
+        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", unique_name(scene, name))
+    else:  # the user chose this node as the output (and confirmed replacing what it held)
+        segmentation_node = node
+        segmentation_node.GetSegmentation().RemoveAllSegments()
     segmentation_node.CreateDefaultDisplayNodes()
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
     segmentation = segmentation_node.GetSegmentation()

@@ -836,6 +836,28 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
     assert widget.logic.session is not session and not widget._stale and ui.applyButton.enabled
     session = widget.logic.session
 
+    # -- The output segmentation selector: a node the user chose is filled only after they confirm replacing its
+    #    segments; declined, nothing runs and the node keeps what it had. ("Create new" is the default: every Segment
+    #    above made a new node.)
+    mine = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "My segmentation")
+    mine.GetSegmentation().AddEmptySegment("mine", "my own segment")
+    ui.outputSegmentationSelector.setCurrentNode(mine)
+    asked = len(messages.questions)
+    messages.answer = False
+    ui.segmentButton.click()
+    assert widget.job is None and len(messages.questions) == asked + 1 and "replace the 1 segment(s) of 'My segmentation'" in messages.questions[-1]
+    assert ui.statusLabel.text == "Nothing was segmented: 'My segmentation' is kept as it is."
+    assert mine.GetSegmentation().GetNumberOfSegments() == 1 and widget.logic.session is session
+    messages.answer = True
+    before_nodes = {n.GetID() for n in segment_nodes(scene)}
+    ui.segmentButton.click()
+    wait_idle(widget, app)
+    assert {n.GetID() for n in segment_nodes(scene)} == before_nodes  # written into the chosen node, none added
+    assert widget.logic.currentSegmentationNode is mine and mine.GetSegmentation().GetSegment("mine") is None
+    assert np.array_equal(nodes.labels_from_segmentation(mine, t1, widget.logic.colourTableNode), widget.logic.session.labels)
+    session = widget.logic.session  # a new session: what follows works on it
+    ui.outputSegmentationSelector.setCurrentNode(None)
+
     # -- Save the scene, then close it while a job runs, then load it back: the parameter node restores the panel.
     ui.modeComboBox.currentIndex = ui.modeComboBox.findText("add")
     ui.regionComboBox.currentIndex = ui.regionComboBox.findText("slice range")
