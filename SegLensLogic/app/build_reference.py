@@ -90,7 +90,9 @@ class ReferenceSettings:
             leverage alone).
         sweep, sae_max_steps: the SAE settings ``(k, expansion)`` tried at the chosen hook (two seeds each), and
             the step budget of each; sae_expansion: the quick SAEs' expansion in the leverage step.
-        interpret_top_k: examples per latent when labelling latents.
+        interpret_top_k: examples per latent when labelling latents; sweep_readability: label every swept setting's
+            two seeds on the training cases and choose the setting by its tumour latents and how repeatable their
+            labels are (:func:`~SegLensLogic.experiments.sae_sweep.readability`), not by the paper's setting.
         finetune_epochs, finetune_slices, finetune_learning_rate: population models fine-tuned from the base.
         pediatric_cases, phantom_shape: the synthetic pediatric cohort (no real pediatric case is available).
         repair_alphas, repair_strengths, repair_missing, repair_brats2013, fit_steps: the failure-repair
@@ -134,6 +136,7 @@ class ReferenceSettings:
     sae_expansion: int = 16
     sae_max_steps: int = 20000
     interpret_top_k: int = 16
+    sweep_readability: bool = True
     finetune_epochs: int = 6
     finetune_slices: int = 512
     finetune_learning_rate: float = 3e-4
@@ -361,6 +364,13 @@ def step_sae(build: ReferenceBuild, folder: Path) -> dict:
     build.sub(f"{len(store)} vectors of {channels} channels at {hook}; sweep over (k, expansion) "
               f"{[(g['k'], g['expansion']) for g in grid]} (seeds 0 and 1)")  # fmt: skip
     rows, kept = sae_sweep(store, grid, base=_sae_options(build), keep=True, log=build.sub)
+    if s.sweep_readability:  # what a clinician reads: tumour latents, and whether another seed labels them alike
+        from ..experiments.sae_sweep import readability
+
+        build.sub("labelling both seeds of every setting on the training cases")
+        pairs = [(kept[(i, 0)][0], kept[(i, 1)][0]) for i in range(len(rows))]
+        for row, measured in zip(rows, readability(model, pairs, train, top_k=s.interpret_top_k, log=build.sub)):
+            row.update(measured)
     chosen, why = choose_setting(rows, prefer={"k": 32, "expansion": 16})
     build.sub(f"chosen: k {rows[chosen]['k']}, expansion {rows[chosen]['expansion']} ({why})")
     for seed, name in ((0, "sae"), (1, "sae-seed1")):
