@@ -407,7 +407,14 @@ def step_interpret(build: ReferenceBuild, folder: Path) -> dict:
         counts[entry["category"]] = counts.get(entry["category"], 0) + 1
     build.sub("latents per category: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
     stability = result.document.get("stability") or {}
-    return {"labels": "interpret/latents.json", "categories": counts, "stability": stability.get("agreement")}
+    # Whether the labels hold on new cases: the test cases' whole-volume heatmaps, as the panel shows them.
+    from ..interpretation import label_mass, load_latent_labels
+
+    measured = label_mass(model, sae, load_latent_labels(folder / "latents.json"), build.cohort("test"))
+    if measured["mean_in_class"] is not None:
+        build.sub(f"on the {measured['cases']} test cases, tumour-labelled latents put {measured['mean_in_class']:.0%} of their "
+                  f"mass inside their class ({measured['holding']} of {measured['fired']} at >= {measured['holds_at']:.0%})")  # fmt: skip
+    return {"labels": "interpret/latents.json", "categories": counts, "stability": stability.get("agreement"), "label_mass": measured}
 
 
 def _population_cohort(build: ReferenceBuild, name: str, folder: Path) -> Cohort:

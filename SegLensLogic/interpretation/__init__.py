@@ -2,7 +2,8 @@
 
 For every latent: its top-K activating slices over a cohort (:mod:`.top_slices`), geometry and mask metrics of
 its heatmaps (:mod:`.heatmap_metrics`), a category and description from deterministic rules (:mod:`.labeller`),
-split-half stability (:mod:`.stability`), the labels file (:mod:`.latent_labels`) and figures (:mod:`.figures`).
+split-half stability (:mod:`.stability`), the labels file (:mod:`.latent_labels`), figures (:mod:`.figures`), and
+whether the labels hold on new cases (:mod:`.label_mass`).
 
 Importing the package (as ``seglens interpret --help`` does) imports neither SciPy nor torch; only
 :func:`interpret_sae` pulls in torch and the networks.
@@ -27,6 +28,7 @@ _EXPORTS = {
     "slice_context": "heatmap_metrics",
     "slice_metrics": "heatmap_metrics",
     "interpret_sae": "interpret",
+    "label_mass": "label_mass",
 }
 
 

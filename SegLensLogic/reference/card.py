@@ -236,6 +236,7 @@ def model_card(build) -> tuple[str, dict]:
         "- Latent labels (`latents.json`, automatic interpretation over the training cases): "
         + ", ".join(f"{k} {v}" for k, v in sorted(labels["categories"].items(), key=lambda kv: -kv[1]))
         + (f"; split-half stability {labels['stability']:.2f}." if labels.get("stability") is not None else "."),
+        *_label_mass_lines(labels.get("label_mass")),
         "",
         "## Hook point: leverage",
         "Scaling each case's five most active tumour latents by alpha at each hook (quick SAE per hook; 'moved': share of the "
@@ -276,3 +277,18 @@ def model_card(build) -> tuple[str, dict]:
         "",
     ]
     return "\n".join(lines), figures
+
+
+def _label_mass_lines(measured: dict | None) -> list[str]:
+    """Whether the tumour labels hold on the test cases (:func:`~SegLensLogic.interpretation.label_mass.label_mass`)."""
+    if not measured or not measured.get("latents"):
+        return []
+    by_category = "; ".join(f"{c} {v['in_class']:.0%} over {v['latents']} latent(s) (chance {measured['chance'].get(c, 0.0):.1%})"
+                            for c, v in measured["by_category"].items())  # fmt: skip
+    return [
+        f"- Do the labels hold on the {measured['cases']} test cases? Share of a tumour-labelled latent's whole-volume heatmap "
+        f"(what the panel shows) inside its class: mean {measured['mean_in_class']:.0%} (goal >= {measured['holds_at']:.0%}; "
+        f"{measured['holding']} of {measured['fired']} latents reach it), inside any tumour {measured['mean_in_tumour']:.0%}; "
+        f"{by_category}. Where the labeller's top-slice share and this measure disagree, trust this one: it is what a "
+        "heatmap layer shows on a new case.",
+    ]

@@ -278,6 +278,35 @@ def test_interpret_real_cases(real_pipeline, interpreted):
     assert {x["case_id"] for e in doc["latents"] for x in e["top_examples"]} == set(REAL_TRAIN_CASES[:3])
 
 
+def test_label_mass_on_held_out_cases(real_pipeline, interpreted):
+    """How much of a tumour-labelled latent's whole-volume heatmap falls inside its class on cases the labeller
+    never saw: shares in [0, 1], at most the tumour share, checked for one latent against its heatmaps directly."""
+    from SegLensLogic.interpretation import label_mass
+    from SegLensLogic.sae.codes import encode_volume
+    from SegLensLogic.segmentation.inference import prepare_for_model
+
+    out, code, _ = interpreted
+    assert code == 0
+    labels = load_latent_labels(out / "latents.json")
+    held_out = list(real_pipeline.test)[:2]
+    measured = label_mass(real_pipeline.model, real_pipeline.sae, labels, held_out)
+    assert measured["cases"] == 2 and measured["tumour_latents"] == sum(len(labels.latents_in_category(c)) for c in TUMOUR_CLASSES[1:])
+    assert measured["fired"] == len(measured["latents"]) > 0 and set(measured["chance"]) == set(TUMOUR_CLASSES[1:])
+    for row in measured["latents"]:
+        assert 0.0 <= row["in_class"] <= row["in_tumour"] <= 1.0 and labels.category(row["id"]) == row["category"]
+        assert row["top_slices"] == labels.entry(row["id"])["metrics"][f"p_{row['category']}"]
+    assert measured["holding"] == sum(r["in_class"] >= measured["holds_at"] for r in measured["latents"])
+    first = measured["latents"][0]
+    inside = total = 0.0
+    for case in held_out:
+        prepared = prepare_for_model(real_pipeline.model, case)
+        heat = encode_volume(real_pipeline.model, real_pipeline.sae, prepared).heatmap(first["id"])
+        truth = prepared.to_input_grid(prepared.label)
+        inside += heat[truth == TUMOUR_CLASSES.index(first["category"])].sum()
+        total += heat.sum()
+    assert first["in_class"] == pytest.approx(inside / total, rel=1e-5)
+
+
 def test_interpret_figures(interpreted):
     out, code, _ = interpreted
     assert code == 0

@@ -1,0 +1,104 @@
+"""Do latent labels hold on cases the labeller never saw? The share of a labelled latent's activation mass inside
+the class its label names, over whole volumes.
+
+The labeller (:mod:`.labeller`) names a latent from its top-K slices over the labelling cohort. A clinician sees
+something else: the latent's heatmap over the whole volume of a new case (the panel's layer). For every latent
+labelled with a tumour class, on each case of a held-out cohort:
+
+- ``in_class``: the share of its heatmap's mass (:meth:`~SegLensLogic.sae.codes.VolumeCodes.heatmap`, input grid)
+  on voxels of that class in the case's ground truth;
+- ``in_tumour``: the share on any tumour voxel.
+
+Shares pool every case (mass over mass). ``chance`` is the share of the brain each class takes in the same cases:
+what a latent firing evenly over the brain would score. Where the top-K rule and this measure disagree, the whole
+volume is what the panel shows, so it is what a user should trust; the top-K share is kept beside it
+(``top_slices``: the labeller's own ``p_<class>``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from ..errors import SegLensError
+from ..sae.codes import encode_volume
+from ..segmentation.inference import prepare_for_model
+from .labeller import TUMOUR_CATEGORIES
+
+# The issue's goal: a tumour-labelled latent puts at least this share of its mass inside its class.
+HOLDS_AT = 0.40
+
+
+def label_mass(model, sae, labels, cohort: Iterable, batch_size: int | None = None,
+               log: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+    """Whole-volume activation mass of every tumour-labelled latent inside its class, on labelled cases.
+
+    Args:
+        model, sae: the segmenter and the SAE the labels were made for.
+        labels: the latent labels (:class:`~SegLensLogic.interpretation.latent_labels.LatentLabels`).
+        cohort: labelled cases never used for labelling (a :class:`~SegLensLogic.data.Cohort` works).
+
+    Returns:
+        ``{"cases", "chance": {class: share of brain}, "latents": [{"id", "category", "in_class", "in_tumour",
+        "top_slices"}], "by_category": {category: {"latents", "in_class", "in_tumour"}}, "mean_in_class",
+        "mean_in_tumour", "holding": latents with in_class >= HOLDS_AT, "holds_at"}`` (means over latents that
+        fired on the cases).
+    """
+    tumour = {j: labels.category(j) for j in range(sae.d_sae) if labels.category(j) in TUMOUR_CATEGORIES}
+    inside, in_tumour, total = (np.zeros(sae.d_sae) for _ in range(3))
+    class_voxels, brain_voxels, cases, class_names = None, 0, 0, None
+    for case in cohort:
+        prepared = prepare_for_model(model, case)
+        if prepared.label is None or prepared.source.label_scheme is None:
+            raise SegLensError(f"case '{prepared.source.case_id}' has no label map; measuring labels needs labelled cases")
+        names = tuple(prepared.source.label_scheme.class_names)
+        if class_names is None:
+            class_names, class_voxels = names, np.zeros(len(names))
+        if not tumour:
+            break
+        codes = encode_volume(model, sae, prepared, batch_size=batch_size)
+        truth = prepared.to_input_grid(prepared.label)
+        brain = prepared.to_input_grid(prepared.brain_mask)
+        class_voxels += np.bincount(truth[brain].astype(np.int64), minlength=len(names))[: len(names)]
+        brain_voxels += int(brain.sum())
+        for j, category in tumour.items():
+            if category not in names:
+                continue
+            heat = codes.heatmap(j)
+            mass = float(heat.sum())
+            if mass <= 0:
+                continue
+            total[j] += mass
+            inside[j] += float(heat[truth == names.index(category)].sum())
+            in_tumour[j] += float(heat[truth > 0].sum())
+        cases += 1
+        if log:
+            log(f"  {prepared.source.case_id}: {sum(total[j] > 0 for j in tumour)} of {len(tumour)} tumour latents fired so far")
+    rows = []
+    for j, category in sorted(tumour.items()):
+        if total[j] <= 0:
+            continue
+        metrics = (labels.entry(j) or {}).get("metrics") or {}
+        rows.append({"id": int(j), "category": category, "in_class": inside[j] / total[j], "in_tumour": in_tumour[j] / total[j],
+                     "top_slices": metrics.get(f"p_{category}")})  # fmt: skip
+    by_category = {}
+    for category in sorted({r["category"] for r in rows}):
+        members = [r for r in rows if r["category"] == category]
+        by_category[category] = {"latents": len(members), "in_class": float(np.mean([r["in_class"] for r in members])),
+                                 "in_tumour": float(np.mean([r["in_tumour"] for r in members]))}  # fmt: skip
+    chance = {}
+    if class_names is not None and brain_voxels:
+        chance = {name: float(class_voxels[c] / brain_voxels) for c, name in enumerate(class_names) if name in TUMOUR_CATEGORIES}
+    return {
+        "cases": cases,
+        "tumour_latents": len(tumour),
+        "fired": len(rows),
+        "chance": chance,
+        "latents": rows,
+        "by_category": by_category,
+        "mean_in_class": float(np.mean([r["in_class"] for r in rows])) if rows else None,
+        "mean_in_tumour": float(np.mean([r["in_tumour"] for r in rows])) if rows else None,
+        "holding": sum(r["in_class"] >= HOLDS_AT for r in rows),
+        "holds_at": HOLDS_AT,
+    }
