@@ -79,6 +79,7 @@ JOB_TITLES = {
 HINT_LISTS = {"+": "SegLens points: tumour (+)", "-": "SegLens points: not tumour (-)"}
 HINT_COLOURS = {"+": (0.1, 0.9, 0.2), "-": (0.95, 0.2, 0.8)}
 ANY_TUMOUR = _("any tumour class")
+OTHER_BUNDLE = _("Other: the bundle folder below")
 # What the panel says while the session no longer matches the chosen inputs (other nodes, other voxels, other bundle).
 STALE_NOTICE = _("The inputs changed after Segment: press Segment to work on them.")
 # Jobs that follow the user's browsing (slice, selection): they do not take over the status line.
@@ -1019,6 +1020,9 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.populationComboBox.addItems([NO_POPULATION])
         self.ui.hintClassComboBox.clear()
         self.ui.hintClassComboBox.addItems([ANY_TUMOUR])
+        self.shippedModels = shippedModels()
+        self.ui.modelComboBox.clear()
+        self.ui.modelComboBox.addItems([title for title, _path in self.shippedModels] + [OTHER_BUNDLE])
         for combo in (self.ui.categoryFilterComboBox, self.ui.statusFilterComboBox):
             combo.clear()
             combo.addItems([latenttable.ALL])
@@ -1036,6 +1040,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for name in MODALITY_SELECTORS.values():
             getattr(self.ui, name).connect("currentNodeChanged(vtkMRMLNode*)", self.onInputsChanged)
         self.ui.bundlePathLineEdit.connect("currentPathChanged(QString)", self.onBundleChanged)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChosen)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.followSliceCheckBox.connect("toggled(bool)", self.onFollowSliceToggled)
@@ -1206,6 +1211,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for modality, name in MODALITY_SELECTORS.items():
                 getattr(self.ui, name).setCurrentNode(getattr(parameters, modality))
             self.ui.bundlePathLineEdit.currentPath = parameters.bundlePath
+            self.showChosenModel()
             for combo, value in ((self.ui.modeComboBox, parameters.mode), (self.ui.regionComboBox, parameters.region),
                                  (self.ui.categoryFilterComboBox, parameters.category),
                                  (self.ui.statusFilterComboBox, parameters.status),
@@ -1285,7 +1291,25 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.inputNotesLabel.text = ""
             self.updateStaleState()
 
+    def onModelChosen(self, index):
+        """A shipped model chosen: its bundle folder goes into the bundle path (which the session is bound to)."""
+        if self._updatingGUI or not 0 <= index < len(self.shippedModels):
+            return
+        self.ui.bundlePathLineEdit.currentPath = str(self.shippedModels[index][1])
+
+    def showChosenModel(self):
+        """The model chooser shows the shipped model whose folder the bundle path names, else 'other folder'."""
+        current = self.ui.bundlePathLineEdit.currentPath
+        index = next((i for i, (_title, path) in enumerate(self.shippedModels) if current and Path(current).resolve() == path),
+                     len(self.shippedModels))  # fmt: skip
+        updating, self._updatingGUI = self._updatingGUI, True
+        try:
+            self.ui.modelComboBox.currentIndex = index
+        finally:
+            self._updatingGUI = updating
+
     def onBundleChanged(self, *args):
+        self.showChosenModel()
         self.updateParameterNodeFromGUI()
         if not self._updatingGUI:
             self.updateStaleState()
@@ -2106,6 +2130,26 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             logging.error("%s\n%s", message, details)
             slicer.util.errorDisplay("%s: %s: %s" % (context, type(exc).__name__, exc), windowTitle=_("SegLens"), detailedText=details)
+
+
+def shippedModels():
+    """``[(title, bundle folder)]`` of the bundles shipped in ``Resources/`` (the reference first), titled from their
+    manifests: name, architecture and hook point. Empty when SegLensLogic or the resources are not there."""
+    try:
+        from SegLensLogic.resources import shipped_bundles
+        from SegLensLogic.storage import read_json
+    except ImportError:
+        return []
+    models = []
+    for folder in shipped_bundles():
+        try:
+            manifest = read_json(folder / "bundle.json")
+            model = manifest.get("model") or {}
+            title = "%s (%s, %s)" % (manifest.get("name", folder.name), model.get("arch", "?"), model.get("hook_point", "?"))
+        except Exception:  # an unreadable manifest: listed by its folder; loading it will say what is wrong
+            title = folder.name
+        models.append((title, folder.resolve()))
+    return models
 
 
 def referenceBundlePath():

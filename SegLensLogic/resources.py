@@ -35,3 +35,13 @@ def reference_bundle_path(required: bool = True) -> Path | None:
             "to the folder that holds it"
         )
     return None
+
+
+def shipped_bundles() -> list[Path]:
+    """Every bundle folder in the resources folder (the reference first, then by name): what a user can choose from
+    without looking for a folder (e.g. the reference SegFormer and U-Net)."""
+    folder = resources_folder()
+    if not folder.is_dir():
+        return []
+    found = sorted(p for p in folder.iterdir() if (p / "bundle.json").is_file())
+    return sorted(found, key=lambda p: p.name != REFERENCE_BUNDLE_NAME)

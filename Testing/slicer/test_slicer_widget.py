@@ -283,6 +283,15 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
 
     # -- Getting started: the reference bundle is preselected, the export folder remembered, nothing to do yet.
     assert ui.bundlePathLineEdit.currentPath == str(reference_bundle) == parameters.bundlePath
+    # The model chooser lists the shipped bundles (the reference first) and follows the bundle folder.
+    models = [ui.modelComboBox.itemText(i) for i in range(ui.modelComboBox.count)]
+    assert len(models) == 2 and models[0].startswith("adult (") and models[1] == SegLens.OTHER_BUNDLE
+    assert ui.modelComboBox.currentIndex == 0
+    ui.bundlePathLineEdit.currentPath = str(tmp_path)
+    assert ui.modelComboBox.currentIndex == 1 and parameters.bundlePath == str(tmp_path)
+    ui.modelComboBox.currentIndex = 0
+    assert Path(ui.bundlePathLineEdit.currentPath).resolve() == reference_bundle.resolve() and ui.modelComboBox.currentIndex == 0
+    ui.bundlePathLineEdit.currentPath = str(reference_bundle)
     assert ui.exportDirectoryButton.directory == str(remembered)
     assert ui.segmentButton.enabled and not ui.applyButton.enabled and not ui.undoButton.enabled
     assert not ui.exportButton.enabled and not ui.suggestButton.enabled and not ui.cancelButton.enabled
