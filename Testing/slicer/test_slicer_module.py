@@ -299,6 +299,39 @@ def test_module_self_test_runs_without_the_application(SegLens, scene):
     SegLens.SegLensTest().runTest()
 
 
+def test_the_worker_reads_no_mrml(SegLens, scene):
+    """Fault 9: what the Segment job runs on the worker (``caseFromArrays``) uses the arrays and names read on the
+    main thread, never the nodes: here nodes that raise on any use, and grids that differ (the resampling note)."""
+    from SegLensLib import nodes
+
+    a = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "a")
+    nodes.set_volume_array(a, np.random.default_rng(0).normal(size=(20, 20, 16)).astype(np.float32) + 5.0)
+    b = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "b")
+    b.SetSpacing(2.0, 2.0, 2.0)
+    nodes.set_volume_array(b, np.random.default_rng(1).normal(size=(10, 10, 8)).astype(np.float32) + 5.0)
+    logic = SegLens.SegLensLogic()
+    volumes = logic.readVolumes({"t1": a, "flair": b})
+
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"the worker used the node ({name})")
+
+    detached = {m: (array, affine, Untouchable(), name) for m, (array, affine, _node, name) in volumes.items()}
+    case, notes = logic.caseFromArrays(detached)
+    assert case.case_id == "a" and case.images["t2f"].shape == (20, 20, 16)
+    assert notes == ["'b' (t2f) was on another grid: resampled onto the grid of 'a' (t1n) by linear interpolation."]
+
+
+def test_the_self_test_installs_nothing_unattended(SegLens, scene, monkeypatch):
+    """Fault 9: the self-test asks before installing, as the panel does; with no one to answer (no application, or
+    Slicer run with --testing) it installs nothing and says what is missing."""
+    from SegLensLib import dependencies as deps
+
+    monkeypatch.setattr(deps, "missing_requirements", lambda requirements: ["seglens-not-a-real-package>=1"])
+    with pytest.raises(deps.DependencyError, match="seglens-not-a-real-package>=1; installation was cancelled"):
+        SegLens.SegLensTest().test_SegLensWorkflow()  # (answering yes would have run pip and failed otherwise)
+
+
 def test_volumes_on_different_grids_are_resampled_with_a_note(SegLens, scene):
     from SegLensLib import nodes
     from SegLensLogic.errors import SegLensError
