@@ -349,7 +349,7 @@ class SteeringSession:
             slices = forward.slices[np.asarray(sorted(changed), dtype=np.int64)] if changed else np.zeros(0, dtype=np.int64)
             labels[:, :, slices] = apply_label_rule(rule, current.labels_ras[:, :, slices], labels[:, :, slices])
         self._history.append(_State(edits, labels, deltas, steps=(*current.steps, len(new))))
-        return self.prepared.to_input_grid(labels)
+        return self.labels  # reoriented once, and kept for this state
 
     def fix(self, hints: Sequence[Hint], options: GuidedOptions | None = None, candidates: Sequence[int] | None = None,
             random_seed: int | None = None) -> GuidedFix:  # fmt: skip
