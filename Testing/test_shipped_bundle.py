@@ -132,3 +132,22 @@ def test_the_card_records_steering_against_a_random_control(bundle):
     for method, arm in (("ground-truth-free", "ground-truth-free (specific latents)"), ("calibrated", "calibrated (top latents)")):
         evidence = suggestions.evidence(method)
         assert evidence is not None and repair[arm]["dice_mean"] in evidence and "against random latents" in evidence
+
+
+def test_evaluating_a_case_without_some_sequences_matches_the_card(bundle, brats2013_dir):
+    """``seglens evaluate`` on a BraTS 2013 case (T1c and FLAIR only) with the shipped model, which was trained to
+    accept missing sequences: the case is evaluated (not refused), and its Dice is the card's row for it."""
+    from SegLensLogic.data.cohort import Cohort
+    from SegLensLogic.segmentation.evaluation import evaluate_cohort
+
+    folder = brats2013_dir / "brats_2013_pat0002_1"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is not in ../shared/data")
+    torch.set_num_threads(2)
+    model = bundle.load_model(device="cpu")
+    assert model.config.accepts_missing_modalities
+    rows = evaluate_cohort(model, Cohort(name="brats2013", cases=[find_case(folder)]))
+    row, card = rows[0], card_row(bundle, folder.name)
+    assert row["case"] == folder.name
+    for key, value in card.items():
+        assert row[key] == pytest.approx(value, abs=0.05), (key, row[key], value)

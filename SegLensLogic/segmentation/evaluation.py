@@ -33,7 +33,7 @@ def evaluate_cohort(
             if log:
                 log(f"  {case.case_id}: no label map, skipped")
             continue
-        images = read_case(case, modalities=model.config.modalities)
+        images = read_case(case, modalities=model.config.modalities, allow_missing=model.config.accepts_missing_modalities)
         prediction = predict_volume(model, images, batch_size=batch_size)
         scores = segmentation_scores(prediction.labels, images.label, model.config.class_names)
         rows.append({"case": case.case_id, **scores})
