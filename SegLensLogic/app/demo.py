@@ -948,7 +948,7 @@ def _real_case(demo: Demo, bundle) -> Path | None:
 
     roots = [demo.data[0]] if demo.data else []
     if not roots:
-        default = Path(os.environ["SEGLENS_DATA"]) if os.environ.get("SEGLENS_DATA") else Path(__file__).resolve().parents[2] / "shared" / "data"
+        default = Path(os.environ["SEGLENS_DATA"]) if os.environ.get("SEGLENS_DATA") else Path(__file__).resolve().parents[3] / "shared" / "data"
         roots = [default / "brats2018", default]
     for root in roots:
         if not root.is_dir():

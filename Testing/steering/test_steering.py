@@ -229,6 +229,7 @@ def test_apply_computes_only_the_new_edits_change(real_session, monkeypatch):
     real_session.reset()
     real_session.apply(LatentEdit((top[0],), "scale", 3.0))
     assert np.array_equal(real_session.apply(LatentEdit((top[1],), "scale", 0.5)), disjoint)
+    real_session.reset()  # the session is shared by the tests of this file
 
 
 # -- choosing latents ---------------------------------------------------------------------------------------
