@@ -80,7 +80,7 @@ def label_mass(model, sae, labels, cohort: Iterable, batch_size: int | None = No
         if total[j] <= 0:
             continue
         metrics = (labels.entry(j) or {}).get("metrics") or {}
-        rows.append({"id": int(j), "category": category, "in_class": inside[j] / total[j], "in_tumour": in_tumour[j] / total[j],
+        rows.append({"id": int(j), "category": category, "in_class": float(inside[j] / total[j]), "in_tumour": float(in_tumour[j] / total[j]),
                      "top_slices": metrics.get(f"p_{category}")})  # fmt: skip
     by_category = {}
     for category in sorted({r["category"] for r in rows}):
@@ -99,6 +99,6 @@ def label_mass(model, sae, labels, cohort: Iterable, batch_size: int | None = No
         "by_category": by_category,
         "mean_in_class": float(np.mean([r["in_class"] for r in rows])) if rows else None,
         "mean_in_tumour": float(np.mean([r["in_tumour"] for r in rows])) if rows else None,
-        "holding": sum(r["in_class"] >= HOLDS_AT for r in rows),
+        "holding": int(sum(r["in_class"] >= HOLDS_AT for r in rows)),
         "holds_at": HOLDS_AT,
     }

@@ -290,6 +290,7 @@ def test_label_mass_on_held_out_cases(real_pipeline, interpreted):
     labels = load_latent_labels(out / "latents.json")
     held_out = list(real_pipeline.test)[:2]
     measured = label_mass(real_pipeline.model, real_pipeline.sae, labels, held_out)
+    assert json.loads(json.dumps(measured)) == measured  # a build step records it as JSON
     assert measured["cases"] == 2 and measured["tumour_latents"] == sum(len(labels.latents_in_category(c)) for c in TUMOUR_CLASSES[1:])
     assert measured["fired"] == len(measured["latents"]) > 0 and set(measured["chance"]) == set(TUMOUR_CLASSES[1:])
     for row in measured["latents"]:
