@@ -633,22 +633,31 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
 
     def computePreview(self, edit, sliceIndex):
         """What ``edit`` (or a list of edits: a fix) changes on slice ``sliceIndex``, on top of the current edits
-        (worker thread): a ``uint8``
-        map of the volume (``nodes.CHANGE_CLASSES``: 1 added, 2 removed, 3 relabelled; 0 elsewhere)."""
+        (worker thread): a ``uint8`` map of the volume (``nodes.CHANGE_CLASSES``: 1 added, 2 removed, 3 relabelled;
+        0 elsewhere), already in VTK's voxel order (``nodes.VtkOrder``), with its ``counts`` of each change."""
+        import numpy as np
+
         session = self._requireSession()
-        return nodes.change_map(session.labels, session.preview(edit, int(sliceIndex)))
+        changes = nodes.change_map(session.labels, session.preview(edit, int(sliceIndex))).astype("uint8")
+        # Reordered for VTK and counted here, on the worker: the main thread only copies it into the node.
+        ordered = nodes.VtkOrder(changes)
+        ordered.counts = tuple(int(n) for n in np.bincount(changes.ravel(), minlength=4)[1:4])  # added, removed, relabelled
+        return ordered
 
     def showPreview(self, changes, opacity=0.8):
-        """Show a change map in the slice views' label layer (one labelmap node, reused)."""
+        """Show a change map (``(I, J, K)`` array or ``nodes.VtkOrder``) in the slice views' label layer (one
+        labelmap node, reused)."""
+        if not isinstance(changes, nodes.VtkOrder):
+            changes = nodes.VtkOrder(changes.astype("uint8"))
         if self.changeColourTableNode is None or self.scene.GetNodeByID(self.changeColourTableNode.GetID()) is None:
             self.changeColourTableNode = nodes.change_colour_table(self.scene)
         if self.previewNode is None or self.scene.GetNodeByID(self.previewNode.GetID()) is None:
-            self.previewNode = nodes.add_volume_like(self.scene, self.referenceNode, changes.astype("uint8"),
-                                                     "SegLens preview", "vtkMRMLLabelMapVolumeNode")
+            self.previewNode = nodes.add_volume_like(self.scene, self.referenceNode, changes, "SegLens preview",
+                                                     "vtkMRMLLabelMapVolumeNode")
             self.previewNode.SetAttribute("SegLens.Role", "preview")
             self.previewNode.GetDisplayNode().SetAndObserveColorNodeID(self.changeColourTableNode.GetID())
         else:
-            nodes.set_volume_array(self.previewNode, changes.astype("uint8"))
+            nodes.set_volume_array(self.previewNode, changes)
         self.rememberViewLayers((LABEL_LAYER,))  # the user's label map there comes back when the preview goes
         nodes.show_layers(self.scene, label=self.previewNode, label_opacity=opacity)
         return self.previewNode
@@ -1079,7 +1088,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._sliceTimer.connect("timeout()", self.onSliceSettled)
         # The job in flight is polled from the main thread (never waited for in a nested event loop).
         self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(30)
+        self._pollTimer.setInterval(10)  # a preview takes tens of ms: its result is shown within 10 ms of it
         self._pollTimer.connect("timeout()", self.onPoll)
         # New volumes get their sequence from their name once the scene settles (names are set after adding).
         self._assignTimer = qt.QTimer()
@@ -1859,7 +1868,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPreviewComputed(self, changes):
         self.logic.showPreview(changes)
         self._previewShown = self.previewKey()
-        added, removed, relabelled = (int((changes == v).sum()) for v in (1, 2, 3))
+        added, removed, relabelled = changes.counts
         self.ui.statusLabel.text = _("Preview of slice {slice}: {added} voxels added (green), {removed} removed (magenta), "
                                      "{relabelled} relabelled (yellow).").format(
             slice=self.currentSlice, added=added, removed=removed, relabelled=relabelled)
@@ -1979,7 +1988,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFixPreviewed(self, changes):
         self.logic.showPreview(changes)
         self._previewShown = None  # the steering controls' preview may replace it
-        added, removed, relabelled = (int((changes == v).sum()) for v in (1, 2, 3))
+        added, removed, relabelled = changes.counts
         self.ui.statusLabel.text = _("Fix on slice {slice}: {added} voxels added (green), {removed} removed (magenta), "
                                      "{relabelled} relabelled (yellow). Apply fix re-segments the volume.").format(
             slice=self.currentSlice, added=added, removed=removed, relabelled=relabelled)
