@@ -150,6 +150,16 @@ class SegLens(ScriptedLoadableModule):
             self.parent.helpText = problem + "\n\n" + self.parent.helpText
 
 
+class SlicePreview:
+    """What an edit changes on one axial slice: ``changes`` ``(X, Y)`` in RAS order (``nodes.CHANGE_CLASSES``), and
+    ``counts`` (added, removed, relabelled voxels)."""
+
+    def __init__(self, sliceIndex, changes, counts):
+        self.sliceIndex = sliceIndex
+        self.changes = changes
+        self.counts = counts
+
+
 class SegmentResult:
     """What a Segment job hands back to the main thread."""
 
@@ -203,6 +213,7 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         self.sessionInputs = {}  # what the session was made from: modality -> (node ID, voxel modification time)
         self.sessionBundlePath = None  # the bundle folder it was made with (None: not known, not compared)
         self._beforeRecipe = None  # the session's edits before a replay (put back when the replay is cancelled)
+        self._previewSlice = None  # the RAS slice the preview node shows
 
     def getParameterNode(self):
         """The module's parameter node (``SegLensLib.parameters.SegLensParameterNode``; needs Slicer's Qt)."""
@@ -633,31 +644,35 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
 
     def computePreview(self, edit, sliceIndex):
         """What ``edit`` (or a list of edits: a fix) changes on slice ``sliceIndex``, on top of the current edits
-        (worker thread): a ``uint8`` map of the volume (``nodes.CHANGE_CLASSES``: 1 added, 2 removed, 3 relabelled;
-        0 elsewhere), already in VTK's voxel order (``nodes.VtkOrder``), with its ``counts`` of each change."""
+        (worker thread): a :class:`SlicePreview` of that slice alone (``nodes.CHANGE_CLASSES``: 1 added,
+        2 removed, 3 relabelled; 0 elsewhere), with the count of each change."""
         import numpy as np
 
-        session = self._requireSession()
-        changes = nodes.change_map(session.labels, session.preview(edit, int(sliceIndex))).astype("uint8")
-        # Reordered for VTK and counted here, on the worker: the main thread only copies it into the node.
-        ordered = nodes.VtkOrder(changes)
-        ordered.counts = tuple(int(n) for n in np.bincount(changes.ravel(), minlength=4)[1:4])  # added, removed, relabelled
-        return ordered
+        before, after = self._requireSession().preview_slice(edit, int(sliceIndex))
+        changes = nodes.change_map(before, after)
+        counts = tuple(int(n) for n in np.bincount(changes.ravel(), minlength=4)[1:4])
+        return SlicePreview(int(sliceIndex), changes, counts)
 
-    def showPreview(self, changes, opacity=0.8):
-        """Show a change map (``(I, J, K)`` array or ``nodes.VtkOrder``) in the slice views' label layer (one
-        labelmap node, reused)."""
-        if not isinstance(changes, nodes.VtkOrder):
-            changes = nodes.VtkOrder(changes.astype("uint8"))
+    def showPreview(self, preview, opacity=0.8):
+        """Show a :class:`SlicePreview` in the slice views' label layer: one labelmap node, reused, into which only
+        the previewed slice is written (the slice shown before is cleared)."""
+        import numpy as np
+
         if self.changeColourTableNode is None or self.scene.GetNodeByID(self.changeColourTableNode.GetID()) is None:
             self.changeColourTableNode = nodes.change_colour_table(self.scene)
         if self.previewNode is None or self.scene.GetNodeByID(self.previewNode.GetID()) is None:
-            self.previewNode = nodes.add_volume_like(self.scene, self.referenceNode, changes, "SegLens preview",
-                                                     "vtkMRMLLabelMapVolumeNode")
+            empty = nodes.VtkOrder(np.zeros(nodes.volume_shape(self.referenceNode), dtype=np.uint8))
+            self.previewNode = nodes.add_volume_like(self.scene, self.referenceNode, empty, "SegLens preview", "vtkMRMLLabelMapVolumeNode")
             self.previewNode.SetAttribute("SegLens.Role", "preview")
             self.previewNode.GetDisplayNode().SetAndObserveColorNodeID(self.changeColourTableNode.GetID())
-        else:
-            nodes.set_volume_array(self.previewNode, changes)
+            self._previewSlice = None
+        voxels = slicer.util.arrayFromVolume(self.previewNode)  # VTK's memory, (K, J, I): written in place
+        ras = self._requireSession().prepared.orientation.ras_view(voxels.transpose(2, 1, 0))
+        if self._previewSlice is not None and self._previewSlice != preview.sliceIndex:
+            ras[:, :, self._previewSlice] = 0
+        ras[:, :, preview.sliceIndex] = preview.changes
+        self._previewSlice = preview.sliceIndex
+        slicer.util.arrayFromVolumeModified(self.previewNode)
         self.rememberViewLayers((LABEL_LAYER,))  # the user's label map there comes back when the preview goes
         nodes.show_layers(self.scene, label=self.previewNode, label_opacity=opacity)
         return self.previewNode

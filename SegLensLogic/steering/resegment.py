@@ -254,6 +254,12 @@ class CachedForward:
                 z = self.slices[position]
                 out_ras[:, :, z] = labels * self.prepared.brain_mask[:, :, z]
 
+    def slice_labels(self, position: int, deltas: dict[int, torch.Tensor]) -> np.ndarray:
+        """Labels ``(X, Y)`` of the cached slice at ``position`` under ``deltas``, decoded alone (a preview);
+        background outside the brain."""
+        labels = self.decode_labels(np.array([position], dtype=np.int64), deltas, exact_batches=False)[position]
+        return labels * self.prepared.brain_mask[:, :, self.slices[position]]
+
     def base_labels_ras(self, progress=None) -> np.ndarray:
         """The unmodified model's labels, RAS order ``(X, Y, Z)`` ``uint8``; background outside the brain."""
         empty = np.zeros(self.prepared.brain_mask.shape, dtype=np.uint8)

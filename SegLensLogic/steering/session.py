@@ -288,29 +288,35 @@ class SteeringSession:
             edit.check(self.sae)
             edit.region.check(prepared.num_slices, prepared.source.shape)
 
-    def preview(self, edit: LatentEdit | Sequence[LatentEdit], slice_index: int) -> np.ndarray:
-        """The labels the current edits plus ``edit`` (or several edits) give, recomputed on one axial slice only
-        (RAS index).
-
-        Fast enough to follow a slider: one slice through the layers after the hook. Other slices keep the
-        current labels. Returns the whole volume on the input grid; nothing is recorded.
-        """
+    def preview_slice(self, edit: LatentEdit | Sequence[LatentEdit], slice_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The current labels of one axial slice (RAS index) and those the current edits plus ``edit`` (or several
+        edits) give there, both ``(X, Y)`` in RAS order: one slice through the layers after the hook, fast enough to
+        follow a slider; nothing is recorded. (What a viewer needs to draw the change on that slice alone.)"""
         forward = self._ready()
         Region.slice(slice_index).check(self.num_slices, self.prepared.source.shape)
         new = [edit] if isinstance(edit, LatentEdit) else list(edit)
         self._check(new)
         current = self._history[-1]
-        position = forward.slice_position.get(int(slice_index))
-        out = self._current_on_input_grid().copy()
+        z = int(slice_index)
+        before = current.labels_ras[:, :, z]
+        position = forward.slice_position.get(z)
         if position is None or not new:  # no brain in this slice (or no edit): nothing to recompute
-            return out
+            return before.copy(), before.copy()
         deltas = forward.deltas(self.sae, (*current.edits, *new), positions=np.array([position]))
-        view = self.prepared.orientation.ras_view(out)
-        forward.write_slices(view, [position], deltas, exact_batches=False)
+        after = forward.slice_labels(position, deltas).astype(before.dtype, copy=False)
         rule = step_rule(new)
         if rule != "model":
-            z = int(slice_index)
-            view[:, :, z] = apply_label_rule(rule, current.labels_ras[:, :, z], view[:, :, z])
+            after = apply_label_rule(rule, before, after)
+        return before.copy(), after
+
+    def preview(self, edit: LatentEdit | Sequence[LatentEdit], slice_index: int) -> np.ndarray:
+        """The labels the current edits plus ``edit`` (or several edits) give, recomputed on one axial slice only
+        (RAS index), as the whole volume on the input grid (:meth:`preview_slice` gives the slice alone). Other
+        slices keep the current labels; nothing is recorded.
+        """
+        _before, after = self.preview_slice(edit, slice_index)
+        out = self._current_on_input_grid().copy()
+        self.prepared.orientation.ras_view(out)[:, :, int(slice_index)] = after
         return out
 
     def apply(self, edit: LatentEdit | Sequence[LatentEdit], progress: Callable[[int, int], bool | None] | None = None) -> np.ndarray:

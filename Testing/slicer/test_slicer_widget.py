@@ -208,7 +208,7 @@ def test_panel_driven_like_a_user(reference_resources, real_pipeline, brats2018_
 
     # Every model call of the session is recorded with the thread it ran on: none may run on the main thread.
     calls: list[tuple[str, str]] = []
-    for name in ("segment", "latent_table", "heatmap", "preview", "apply", "suggest", "apply_recipe", "fix"):
+    for name in ("segment", "latent_table", "heatmap", "preview_slice", "apply", "suggest", "apply_recipe", "fix"):
         original = getattr(SteeringSession, name)
 
         def recorded(self, *args, _original=original, _name=name, **kwargs):
@@ -506,13 +506,13 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
     # -- Move the alpha slider fast: previews are coalesced, the stale one is dropped, the last value is shown.
     ui.regionComboBox.currentIndex = ui.regionComboBox.findText("current slice")
     wait_idle(widget, app)
-    previews_before, dropped_before = [c for c, _ in calls].count("preview"), widget.droppedResults
+    previews_before, dropped_before = [c for c, _ in calls].count("preview_slice"), widget.droppedResults
     values = [round(float(v), 2) for v in np.linspace(1.5, 4.0, 11)]
     for value in values:
         ui.alphaSliderWidget.value = value
     assert widget.job.kind == "preview" and not ui.applyButton.enabled  # one job at a time
     wait_idle(widget, app)
-    assert [c for c, _ in calls].count("preview") - previews_before == 2  # the first value's, then the last one's
+    assert [c for c, _ in calls].count("preview_slice") - previews_before == 2  # the first value's, then the last one's
     assert widget.droppedResults == dropped_before + 1 and parameters.alpha == 4.0
     edit = widget.logic.makeEdit(widget.selectedLatents(), "scale", 4.0, "current slice", tumour_slice)
     expected_changes = widget.worker.run(lambda: nodes.change_map(session.labels, session.preview(edit, tumour_slice)))
@@ -800,11 +800,11 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
     assert widget.logic.previewNode is None and scene.GetFirstNodeByName("SegLens preview") is None
     assert not any(getattr(ui, b).enabled for b in stale_buttons) and ui.segmentButton.enabled
     # No preview of the old case any more, whatever the user moves; a script's call does nothing either.
-    previews = [c for c, _ in calls].count("preview")
+    previews = [c for c, _ in calls].count("preview_slice")
     ui.alphaSliderWidget.value = 1.5
     move_slice(red, offset=tumour_z)
     settle(widget, app)
-    assert [c for c, _ in calls].count("preview") == previews and widget.logic.previewNode is None
+    assert [c for c, _ in calls].count("preview_slice") == previews and widget.logic.previewNode is None
     nodes_before, edits_before = {n.GetID() for n in segment_nodes(scene)}, list(session.edits)
     for handler in (widget.onApply, widget.onSuggest, widget.onLoadRecipe, widget.onFix, widget.onExport):
         handler()
