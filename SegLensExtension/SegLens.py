@@ -74,6 +74,7 @@ SEGMENT_PHASES = (_("Segmenting, step 1 of 2 (running the model over the slices)
 JOB_TITLES = {
     "segment": _("Segmentation"), "table": _("Latent table"), "heatmaps": _("Heatmaps"), "preview": _("Preview"),
     "apply": _("Steering"), "suggest": _("Suggested correction"), "recipe": _("Loading the recipe"), "fix": _("Fix"),
+    "export": _("Export"),
 }  # fmt: skip
 # The two markups point lists hints are placed in (by sign), and what + points say when no class is chosen.
 HINT_LISTS = {"+": "SegLens points: tumour (+)", "-": "SegLens points: not tumour (-)"}
@@ -934,7 +935,8 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
     # -- export -------------------------------------------------------------------------------------------------------
     def export(self, basePath, overwrite=False):
         """Write the current segmentation as ``<base>.seg.nrrd`` and ``<base>.nii.gz`` (+ its recipe JSON from
-        the session, and ``<base>.ctbl``, Slicer's colour table of the label values).
+        the session, and ``<base>.ctbl``, Slicer's colour table of the label values), in one call (the panel runs
+        :meth:`computeExport` on its worker between :meth:`exportTargets` and :meth:`finishExport`).
 
         Label values are the class indices (0 background, then the colour table's order) in every file. Nothing is
         written when any of the files exists (unless ``overwrite``).
@@ -942,10 +944,20 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         Returns:
             ``{"seg_nrrd", "nifti", "recipe", "colour_table"}`` -> Path.
         """
+        targets = self.exportTargets(basePath, overwrite)
+        return self.finishExport(targets, self.computeExport(targets, overwrite), overwrite)
+
+    def exportTargets(self, basePath, overwrite=False):
+        """The files an export writes, checked before anything is written (main thread): ``{"seg_nrrd", "nifti",
+        "colour_table", "node"}`` (the segmentation node to write).
+
+        Raises:
+            OutputExistsError: one of the files exists and ``overwrite`` is not set.
+        """
         from SegLensLogic.errors import refuse_existing
         from SegLensLogic.steering import recipe_path_for
 
-        session = self._requireSession()
+        self._requireSession()
         node = self.currentSegmentationNode
         if node is None:
             raise self._error(_("nothing to export: press Segment first"))
@@ -953,15 +965,22 @@ class SegLensLogic(ScriptedLoadableModuleLogic):
         for suffix in (".seg.nrrd", ".nii.gz", ".ctbl"):
             if base.name.endswith(suffix):
                 base = base.with_name(base.name[: -len(suffix)])
-        targets = {"seg_nrrd": base.with_name(base.name + ".seg.nrrd"), "colour_table": base.with_name(base.name + ".ctbl")}
-        nifti_path = base.with_name(base.name + ".nii.gz")
-        for path in (*targets.values(), nifti_path, recipe_path_for(nifti_path)):
+        targets = {"seg_nrrd": base.with_name(base.name + ".seg.nrrd"), "nifti": base.with_name(base.name + ".nii.gz"),
+                   "colour_table": base.with_name(base.name + ".ctbl")}  # fmt: skip
+        for path in (*targets.values(), recipe_path_for(targets["nifti"])):
             refuse_existing(path, overwrite)
-        nifti, recipe = session.export(nifti_path, overwrite=overwrite)
-        nodes.write_segmentation(node, targets["seg_nrrd"], overwrite=overwrite)
+        return {**targets, "node": node}
+
+    def computeExport(self, targets, overwrite=False):
+        """The NIfTI labels and their recipe, from the session (worker thread: no MRML): ``(nifti, recipe)`` paths."""
+        nifti, recipe = self._requireSession().export(targets["nifti"], overwrite=overwrite)
+        return Path(nifti), Path(recipe)
+
+    def finishExport(self, targets, written, overwrite=False):
+        """The ``.seg.nrrd`` and the colour table, through Slicer's writers (main thread); returns every path."""
+        nodes.write_segmentation(targets["node"], targets["seg_nrrd"], overwrite=overwrite)
         nodes.write_colour_table(self.colourTableNode, targets["colour_table"], overwrite=overwrite)
-        return {"seg_nrrd": targets["seg_nrrd"], "nifti": Path(nifti), "recipe": Path(recipe),
-                "colour_table": targets["colour_table"]}
+        return {"seg_nrrd": targets["seg_nrrd"], "nifti": written[0], "recipe": written[1], "colour_table": targets["colour_table"]}
 
     def clear(self):
         """Forget the session (the scene is closing: its nodes go with it)."""
@@ -2098,27 +2117,37 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             qt.QSettings().setValue(EXPORT_FOLDER_SETTING, folder)
 
     def onExport(self):
-        import qt
-
         if self.job is not None or self.refuseStale():
             return
         folder = self.ui.exportDirectoryButton.directory
         name = self.ui.exportNameLineEdit.text.strip() or f"{self.logic.referenceNode.GetName()}_seglens"
-        try:
+        overwrite = self.ui.overwriteCheckBox.checked
+        try:  # what would be overwritten is refused before any work
             if not folder or not os.path.isdir(folder):
                 raise self.logic._error(_("choose an existing export folder (now: '{folder}')").format(folder=folder))
-            qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)  # (no event processing meanwhile: one click, one export)
-            try:
-                paths = self.logic.export(os.path.join(folder, name), overwrite=self.ui.overwriteCheckBox.checked)
-            finally:
-                qt.QApplication.restoreOverrideCursor()
+            targets = self.logic.exportTargets(os.path.join(folder, name), overwrite=overwrite)
         except Exception as exc:
-            if type(exc).__name__ == "OutputExistsError":  # the panel's words, not the command line's (--overwrite)
-                exc = self.logic._error(_("{path} already exists; choose another name or tick 'Overwrite existing files'").format(path=exc.path))
-            self.showError(_("Export failed"), exc)
+            self.showExportError(exc)
+            return
+        # The NIfTI labels and the recipe are written on the worker; Slicer's writers then run here.
+        self.startJob("export", self.logic.computeExport, targets, overwrite, done=lambda written: self.onExported(targets, written, folder, overwrite),
+                      cancellable=False, phase=_("Exporting to {folder}").format(folder=folder))  # fmt: skip
+
+    def onExported(self, targets, written, folder, overwrite):
+        import qt
+
+        try:
+            paths = self.logic.finishExport(targets, written, overwrite)
+        except Exception as exc:
+            self.showExportError(exc)
             return
         qt.QSettings().setValue(EXPORT_FOLDER_SETTING, folder)
         self.ui.statusLabel.text = _("Exported {files} to {folder}").format(files=", ".join(p.name for p in paths.values()), folder=folder)
+
+    def showExportError(self, exc):
+        if type(exc).__name__ == "OutputExistsError":  # the panel's words, not the command line's (--overwrite)
+            exc = self.logic._error(_("{path} already exists; choose another name or tick 'Overwrite existing files'").format(path=exc.path))
+        self.showError(_("Export failed"), exc)
 
     # -- state of the buttons, errors -------------------------------------------------------------------------------------
     def updateButtons(self):

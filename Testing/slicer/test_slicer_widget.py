@@ -726,6 +726,8 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
     ui.exportDirectoryButton.directory = str(out)
     ui.exportNameLineEdit.text = "case"
     ui.exportButton.click()
+    assert widget.job.kind == "export"  # written on the worker
+    wait_idle(widget, app)
     files = {suffix: out / f"case{suffix}" for suffix in (".seg.nrrd", ".nii.gz", ".recipe.json", ".ctbl")}
     assert all(path.is_file() for path in files.values()), ui.statusLabel.text
     assert qt.QSettings().value("SegLens/ExportFolder") == str(out) and parameters.exportName == "case"
