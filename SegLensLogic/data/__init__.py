@@ -7,10 +7,10 @@ Reading a case's files does not import torch (only preprocessing does).
 from ..lazy import lazy_exports
 
 _EXPORTS = {
-    "MODALITIES": "cases",
+    "MODALITIES": "modalities",
     "Case": "cases",
     "CaseImages": "cases",
-    "canonical_modality": "cases",
+    "canonical_modality": "modalities",
     "case_from_arrays": "cases",
     "case_from_mapping": "cases",
     "find_case": "cases",

@@ -43,14 +43,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from pydantic import Field
-from scipy import ndimage
 
 from ..errors import InputFileError, OutputExistsError, SegLensError
 from ..storage import Schema, read_document
-from .cases import MODALITIES
+from .modalities import MODALITIES
 
 COHORT_MANIFEST = "cohort.json"
 COHORT_KIND = "seglens-phantom-cohort"
@@ -253,6 +251,8 @@ class Template:
 @functools.lru_cache(maxsize=4)
 def load_template(shape: tuple[int, int, int]) -> Template:
     """The MNI152 tissue maps resampled onto a ``shape`` grid spanning the brain (with a margin), cached per shape."""
+    import nibabel as nib
+    from scipy import ndimage
     folder = template_folder()
     images = {name: nib.load(str(folder / file)) for name, file in TEMPLATE_FILES.items()}
     affine = images["t1"].affine  # 1 mm, RAS, axis-aligned
@@ -306,6 +306,7 @@ def _deformed_coordinates(rng: np.random.Generator, template: Template, populati
 
 
 def _warp(volume: np.ndarray, coords: np.ndarray, order: int = 1) -> np.ndarray:
+    from scipy import ndimage
     return ndimage.map_coordinates(volume, coords, order=order, mode="constant").astype(volume.dtype)
 
 
@@ -427,6 +428,7 @@ def add_acquisition(
 
 def _acquire_slices(image: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray | None]:
     """Slabs ``factor`` grid slices thick (box profile), ``factor`` apart: ``(acquired slices, their Z centres)``."""
+    from scipy import ndimage
     if factor <= 1.05:
         return image.astype(np.float32, copy=True), None
     depth = image.shape[2]
@@ -480,6 +482,7 @@ def make_phantom(
         ``(images, labels)`` or ``(images, labels, info)``: modality -> ``float32`` volume in scanner-like units
         (white matter ~850), and BraTS 2023 labels ``uint8`` (all 0 without a tumour).
     """
+    from scipy import ndimage
     population = get_population(population) if isinstance(population, str) else population
     if noise is not None or bias is not None:
         population = replace(population, noise=population.noise if noise is None else noise, bias=population.bias if bias is None else bias)
@@ -657,6 +660,7 @@ def read_feature_mask(case) -> np.ndarray | None:
 
 
 def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    import nibabel as nib
     image = nib.Nifti1Image(array, affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
@@ -752,6 +756,7 @@ DEGRADATION_RECORD = "degradation.json"
 
 def slice_axis(affine: np.ndarray) -> int:
     """The array axis closest to the world's superior-inferior axis (the axial slice axis of the file)."""
+    import nibabel as nib
     codes = nib.aff2axcodes(affine)
     return next(axis for axis, code in enumerate(codes) if code in ("S", "I"))
 

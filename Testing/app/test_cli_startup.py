@@ -26,10 +26,7 @@ HEAVY = ("torch", "transformers", "monai", "scipy", "matplotlib")
 CORE_COMMANDS = ("segment", "evaluate", "train-segmenter", "hooks", "extract", "train-sae", "evaluate-sae", "latents", "demo")
 # Commands whose --help imports a package __init__ that still imports its whole package eagerly (torch, SciPy).
 # When that package becomes lazy, the xfail turns into a failure (strict): drop the command from this table.
-HEAVY_HELP = {
-    "phantoms": "add_commands reads the population presets from data/phantoms.py (SciPy)",
-    "degrade": "add_commands reads the population presets from data/phantoms.py (SciPy)",
-}
+HEAVY_HELP: dict[str, str] = {}  # (none left: phantoms and degrade read their presets without SciPy or nibabel)
 
 
 def heavy_modules_after(code: str, env: dict | None = None) -> list[str]:
