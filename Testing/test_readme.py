@@ -283,3 +283,35 @@ def test_the_hint_table_is_the_benchmarks_and_the_bundle_carries_it():
     readme = README.read_text(encoding="utf-8")
     assert "\n".join(hints_headline(results)) in readme
     assert _bundle()["figures"]["hints"] == json.loads(json.dumps(hints_figures(results)))
+
+
+def documented_imports(text: str) -> list[tuple[str, str]]:
+    """``(module, name)`` of every ``from SegLensLogic... import ...`` line in a document's code."""
+    found = []
+    for match in re.finditer(r"^\s*from (SegLensLogic[\w.]*) import ([\w, ]+)", text, re.M):
+        found += [(match.group(1), name.strip()) for name in match.group(2).split(",") if name.strip()]
+    return found
+
+
+def importable(module: str, name: str) -> bool:
+    import importlib
+
+    try:
+        return hasattr(importlib.import_module(module), name) or importlib.util.find_spec(f"{module}.{name}") is not None
+    except ImportError:
+        return False
+
+
+@pytest.mark.parametrize("page", markdown_files(), ids=_name)
+def test_every_documented_import_exists(page):
+    """The API examples of the README and docs/ name modules and functions that exist (moving code keeps them true)."""
+    missing = [f"from {module} import {name}" for module, name in documented_imports(page.read_text(encoding="utf-8"))
+               if not importable(module, name)]  # fmt: skip
+    assert missing == [], missing
+
+
+def test_the_import_checker_sees_a_missing_name():
+    assert documented_imports("x\n    from SegLensLogic.bundle import open_session, no_such_thing\n") == [
+        ("SegLensLogic.bundle", "open_session"), ("SegLensLogic.bundle", "no_such_thing")]
+    assert importable("SegLensLogic.bundle", "open_session") and not importable("SegLensLogic.bundle", "no_such_thing")
+    assert not importable("SegLensLogic.no_such_module", "x")
