@@ -72,7 +72,7 @@ def run(case_dir: Path, bundle: Path, repeats: int, population: str) -> dict:
     scene = slicer.vtkMRMLScene()
     colours = slicer.vtkMRMLColorLogic()
     colours.SetMRMLScene(scene)
-    views = stand_in.add_slice_views(scene)
+    stand_in.add_slice_views(scene)  # the Red view the panel follows
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="seglens-bench-") as settings, \
             stand_in.installed(scene, panel.MODULE_FILE, settings) as (app, messages):  # fmt: skip

@@ -5,7 +5,7 @@ imports no torch and loading a SegFormer does not import MONAI.
 """
 
 from ..lazy import lazy_exports
-from .architectures import ARCHITECTURE_MODULES, ARCHITECTURES
+from .architectures import ARCHITECTURES
 
 
 def load_segmenter(folder, device=None, sha256: str | None = None):
