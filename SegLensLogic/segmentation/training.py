@@ -343,6 +343,103 @@ def init_with_new_head(base_dir: str | Path, class_names: list[str], label_schem
     return Path(out)
 
 
+def _check_request(cohort: Cohort, out_dir: Path, arch: str | None, init, image_size, options: TrainingOptions, overwrite: bool) -> None:
+    """Refuse a training that cannot run, before any work: an image size the architecture cannot take, a model
+    folder already there, no stopping rule, an unknown precision or keep rule, an empty cohort."""
+    if init is None:
+        multiple = getattr(segmenter_class(arch or "unet"), "size_multiple", 32)
+        if type(image_size) is not int or not 32 <= image_size <= 2048 or image_size % multiple:
+            raise SegLensError(f"image size (--image-size) must be a multiple of {multiple} from 32 to 2048 pixels for {arch or 'unet'}, got {image_size!r}")
+    refuse_output_folder(out_dir, overwrite, ("model.safetensors",))
+    if options.epochs is None and options.minutes is None:
+        raise ValueError("give a number of epochs, a time budget in minutes, or both")
+    if options.precision not in ("float32", "bfloat16"):
+        raise SegLensError(f"precision must be float32 or bfloat16, not '{options.precision}'")
+    if options.keep not in ("best", "last"):
+        raise SegLensError(f"keep must be 'best' or 'last', not '{options.keep}'")
+    if len(cohort) == 0:
+        raise SegLensError(f"cohort '{cohort.name}' has no cases")
+
+
+def _balanced_sampler(dataset: SliceDataset, options: TrainingOptions) -> tuple[WeightedRandomSampler, torch.Generator]:
+    """``slices_per_epoch`` slices an epoch, drawn with replacement so that a ``foreground_fraction`` of them show
+    tumour (half, when every slice or none does); and the seeded generator that draws them (and augments)."""
+    fg = np.asarray(dataset.foreground)
+    share = options.foreground_fraction if fg.any() and (~fg).any() else 0.5
+    weights = np.where(fg, share / max(fg.sum(), 1), (1 - share) / max((~fg).sum(), 1))
+    generator = torch.Generator().manual_seed(options.seed)
+    sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), options.slices_per_epoch or len(dataset),
+                                    replacement=True, generator=generator)  # fmt: skip
+    return sampler, generator
+
+
+def _train_epoch(model, dataset: SliceDataset, sampler, generator: torch.Generator, optimizer, scheduler, loss_fn,
+                 options: TrainingOptions, device: torch.device, epoch: int, deadline: float) -> list[float]:  # fmt: skip
+    """One epoch of augmented, foreground-balanced batches (stops early at ``deadline``); the batches' losses."""
+    model.train()
+    losses = []
+    order = torch.tensor(list(sampler), dtype=torch.long)
+    bar = tqdm(order.split(options.batch_size), desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty(), unit="batch")
+    for items in bar:
+        images, labels = augment(
+            *dataset.batch(items, device), generator,
+            spatial=options.spatial_augmentation, modality_dropout=options.modality_dropout,
+        )  # fmt: skip
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.precision == "bfloat16"):
+            logits = model(images)
+        loss = loss_fn(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if time.monotonic() > deadline:
+            break
+    return losses
+
+
+def _write_checkpoint(folder: Path, model, best_state: dict[str, torch.Tensor], optimizer, scheduler,
+                      generator: torch.Generator, state: dict) -> None:  # fmt: skip
+    """Everything a resumed run needs: weights (current and best), optimiser, scheduler, random generators, and
+    ``state`` (the run's key, epoch, history, best epoch and scores, seconds)."""
+    opt_tensors, opt_plain = _optimizer_tensors(optimizer)
+    tensors = {
+        **{f"model.{k}": v for k, v in model.state_dict().items()},
+        **{f"best.{k}": v for k, v in best_state.items()},
+        **opt_tensors,
+        "rng.generator": generator.get_state(),
+        "rng.torch": torch.get_rng_state(),
+    }
+    _save_checkpoint(folder, tensors, {"kind": "seglens-training-checkpoint", **state, "optimizer": opt_plain,
+                                       "scheduler": scheduler.state_dict() if scheduler is not None else None})  # fmt: skip
+
+
+def _resume(checkpoint, folder: Path, run_key: dict, model, optimizer, scheduler, generator: torch.Generator):
+    """Put a checkpoint's weights, optimiser, scheduler and random generators back; ``(best weights, saved state)``.
+
+    Raises:
+        SegLensError: the checkpoint is of another run (cohort, model or options).
+        InputFileError: it cannot be loaded into this run.
+    """
+    tensors, saved = checkpoint
+    if saved["run"] != json.loads(json.dumps(run_key)):
+        raise SegLensError(f"{folder} was written by a run with another cohort, model or options; "
+                           "delete it or pass the same options to resume")  # fmt: skip
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        optimizer.load_state_dict(_optimizer_state(tensors, saved["optimizer"]))
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        generator.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        raise InputFileError(folder, f"training checkpoint cannot be resumed ({one_line(exc)}); delete it to start afresh") from None
+    return best_state, saved
+
+
 def train_segmenter(
     cohort: Cohort,
     out_dir: str | Path,
@@ -376,19 +473,7 @@ def train_segmenter(
     """
     options = (options or TrainingOptions()).check()
     out_dir = Path(out_dir)
-    if init is None:
-        multiple = getattr(segmenter_class(arch or "unet"), "size_multiple", 32)
-        if type(image_size) is not int or not 32 <= image_size <= 2048 or image_size % multiple:
-            raise SegLensError(f"image size (--image-size) must be a multiple of {multiple} from 32 to 2048 pixels for {arch or 'unet'}, got {image_size!r}")
-    refuse_output_folder(out_dir, overwrite, ("model.safetensors",))  # before any work: a file there, or a model
-    if options.epochs is None and options.minutes is None:
-        raise ValueError("give a number of epochs, a time budget in minutes, or both")
-    if options.precision not in ("float32", "bfloat16"):
-        raise SegLensError(f"precision must be float32 or bfloat16, not '{options.precision}'")
-    if options.keep not in ("best", "last"):
-        raise SegLensError(f"keep must be 'best' or 'last', not '{options.keep}'")
-    if len(cohort) == 0:
-        raise SegLensError(f"cohort '{cohort.name}' has no cases")
+    _check_request(cohort, out_dir, arch, init, image_size, options, overwrite)  # before any work
     checkpoint_dir = out_dir / CHECKPOINT_FOLDER
     checkpoint = _load_checkpoint(checkpoint_dir) if resumable else None
     torch.manual_seed(options.seed)
@@ -435,13 +520,8 @@ def train_segmenter(
     dataset = SliceDataset(train_cases)
     if len(dataset) == 0:
         raise SegLensError(f"the training cases of cohort '{cohort.name}' hold no brain slices")
-    fg = np.asarray(dataset.foreground)
-    share = options.foreground_fraction if fg.any() and (~fg).any() else 0.5
-    weights = np.where(fg, share / max(fg.sum(), 1), (1 - share) / max((~fg).sum(), 1))
-    per_epoch = options.slices_per_epoch or len(dataset)
-    generator = torch.Generator().manual_seed(options.seed)
-    sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), per_epoch, replacement=True, generator=generator)
-    steps_per_epoch = math.ceil(per_epoch / options.batch_size)
+    sampler, generator = _balanced_sampler(dataset, options)
+    steps_per_epoch = math.ceil(sampler.num_samples / options.batch_size)
 
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
@@ -460,55 +540,21 @@ def train_segmenter(
     run_key = {"cohort": [c.case_id for c in cohort], "options": {k: v for k, v in asdict(options).items() if k != "keep"},
                "config": config.to_dict(), **init_info}  # fmt: skip
     if checkpoint is not None:
-        tensors, saved = checkpoint
-        if saved["run"] != json.loads(json.dumps(run_key)):
-            raise SegLensError(f"{checkpoint_dir} was written by a run with another cohort, model or options; "
-                               "delete it or pass the same options to resume")  # fmt: skip
-        try:
-            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-            best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-            optimizer.load_state_dict(_optimizer_state(tensors, saved["optimizer"]))
-            if scheduler is not None:
-                scheduler.load_state_dict(saved["scheduler"])
-            generator.set_state(tensors["rng.generator"])
-            torch.set_rng_state(tensors["rng.torch"])
-        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
-            raise InputFileError(checkpoint_dir, f"training checkpoint cannot be resumed ({one_line(exc)}); delete it to start afresh") from None
+        best_state, saved = _resume(checkpoint, checkpoint_dir, run_key, model, optimizer, scheduler, generator)
         history, epoch = saved["history"], saved["epoch"]
         best_epoch, best_metric, best_scores = saved["best_epoch"], saved["best_metric"], saved["best_scores"]
         elapsed_before = saved["seconds"]
         log(f"Resuming from {checkpoint_dir} after epoch {epoch} (best so far: epoch {best_epoch})")
 
     log(
-        f"Training {config.arch} on {len(train_cases)} case(s) ({len(dataset)} brain slices, {int(fg.sum())} with labels), "
+        f"Training {config.arch} on {len(train_cases)} case(s) ({len(dataset)} brain slices, {int(np.sum(dataset.foreground))} with labels), "
         f"validating on {len(val_cases)}; device {device.type}, {options.precision}"
     )
     start = time.monotonic() - elapsed_before
     deadline = start + 60 * options.minutes if options.minutes is not None else math.inf
-    autocast = options.precision == "bfloat16"
     while (options.epochs is None or epoch < options.epochs) and time.monotonic() < deadline:
         epoch += 1
-        model.train()
-        losses = []
-        order = torch.tensor(list(sampler), dtype=torch.long)
-        bar = tqdm(order.split(options.batch_size), desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty(), unit="batch")
-        for items in bar:
-            images, labels = augment(
-                *dataset.batch(items, device), generator,
-                spatial=options.spatial_augmentation, modality_dropout=options.modality_dropout,
-            )  # fmt: skip
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = model(images)
-            loss = loss_fn(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if time.monotonic() > deadline:
-                break
+        losses = _train_epoch(model, dataset, sampler, generator, optimizer, scheduler, loss_fn, options, device, epoch, deadline)
         record = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.monotonic() - start, 1)}
         if val_cases:
             scores = _validate(model, val_cases, options.batch_size)
@@ -531,19 +577,9 @@ def train_segmenter(
         log(f"epoch {epoch:3d}  loss {record['loss']:.4f}  val Dice: {dice_text}{'  (best)' if improved else ''}  [{record['seconds'] / 60:.1f} min{remaining}]")
         if resumable:
             assert best_state is not None
-            opt_tensors, opt_plain = _optimizer_tensors(optimizer)
-            tensors = {
-                **{f"model.{k}": v for k, v in model.state_dict().items()},
-                **{f"best.{k}": v for k, v in best_state.items()},
-                **opt_tensors,
-                "rng.generator": generator.get_state(),
-                "rng.torch": torch.get_rng_state(),
-            }
-            _save_checkpoint(checkpoint_dir, tensors, {
-                "kind": "seglens-training-checkpoint", "run": run_key, "epoch": epoch, "history": history,
-                "best_epoch": best_epoch, "best_metric": best_metric, "best_scores": best_scores,
-                "seconds": record["seconds"], "optimizer": opt_plain,
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            _write_checkpoint(checkpoint_dir, model, best_state, optimizer, scheduler, generator, {
+                "run": run_key, "epoch": epoch, "history": history, "best_epoch": best_epoch, "best_metric": best_metric,
+                "best_scores": best_scores, "seconds": record["seconds"],
             })  # fmt: skip
 
     assert best_state is not None
