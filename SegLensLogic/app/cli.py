@@ -382,9 +382,6 @@ class _Commands(argparse._SubParsersAction):
 def build_parser(load_all: bool = False) -> argparse.ArgumentParser:
     """The ``seglens`` parser. The commands of :data:`PACKAGE_COMMANDS` are built when chosen (their modules are
     imported then); ``load_all`` builds every one now (imports every package)."""
-    from ..networks.architectures import ARCHITECTURES
-    from ..sae.options import SAETrainingOptions
-
     parser = argparse.ArgumentParser(
         prog="seglens",
         description="SegLens: open up brain-tumour segmentation models (Med-SegLens).",
@@ -392,6 +389,22 @@ def build_parser(load_all: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"seglens {__version__}")
     parser.add_argument("--debug", action="store_true", help="show a traceback on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, action=_Commands)
+
+    _add_segmentation_commands(sub)
+    _add_sae_commands(sub)
+    _add_demo_command(sub)
+
+    # Commands of later concepts live beside them; each module defines ``add_commands(subparsers)``.
+    for name, (module, help_line) in PACKAGE_COMMANDS.items():
+        sub.add_deferred(name, module, help_line)
+    if load_all:
+        sub.load_all()
+    return parser
+
+
+def _add_segmentation_commands(sub) -> None:
+    """``segment``, ``evaluate``, ``train-segmenter``, ``hooks``."""
+    from ..networks.architectures import ARCHITECTURES
 
     p = sub.add_parser("segment", help="segment one case and write its mask on the input's voxel grid")
     p.add_argument("--model", help="model folder (config.json + model.safetensors) or bundle folder (default: the shipped reference bundle)")
@@ -439,6 +452,11 @@ def build_parser(load_all: bool = False) -> argparse.ArgumentParser:
     p = sub.add_parser("hooks", help="list a model's hook points and their feature-map shapes")
     p.add_argument("--model", required=True, help="model folder")
     p.set_defaults(func=cmd_hooks)
+
+
+def _add_sae_commands(sub) -> None:
+    """``extract``, ``train-sae``, ``evaluate-sae``, ``latents``."""
+    from ..sae.options import SAETrainingOptions
 
     p = sub.add_parser("extract", help="store a hook point's activation vectors over a cohort (for SAE training)")
     p.add_argument("--model", required=True, help="model folder")
@@ -493,6 +511,8 @@ def build_parser(load_all: bool = False) -> argparse.ArgumentParser:
     add_device_arguments(p)
     p.set_defaults(func=cmd_latents)
 
+
+def _add_demo_command(sub) -> None:
     p = sub.add_parser("demo", help="the whole method in one resumable run: cohorts, models, SAEs, labels, diffing, steering, bundles, report")
     p.add_argument("--out", default="seglens-demo", help="output folder (default seglens-demo); rerun to continue an interrupted run")
     p.add_argument("--data", nargs="+", metavar="DIR", help="labelled cohort folders to use instead of synthetic phantoms (the first is the reference)")
@@ -502,13 +522,6 @@ def build_parser(load_all: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--hook", help="the U-Net hook point SAEs read and steering edits (default down_2; a decoder level such as up_3 "
                    "is behind the skip connections, so edits there reach the mask)")
     p.set_defaults(func=cmd_demo)
-
-    # Commands of later concepts live beside them; each module defines ``add_commands(subparsers)``.
-    for name, (module, help_line) in PACKAGE_COMMANDS.items():
-        sub.add_deferred(name, module, help_line)
-    if load_all:
-        sub.load_all()
-    return parser
 
 
 class Terminated(KeyboardInterrupt):
