@@ -9,8 +9,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import numpy as np
+
 # Quality goals of the reference bundle (held-out cases).
-GOALS = {"dice_WT": 0.85, "dice_TC": 0.70, "dice_ET": 0.60, "explained_variance": 0.85, "dead_fraction": 0.10, "dice_recovered": 0.95}
+# The second edition's goals (issue 25); a card records the goals it was measured against in its figures.
+GOALS = {"dice_WT": 0.87, "dice_TC": 0.78, "dice_ET": 0.70, "explained_variance": 0.90, "dead_fraction": 0.10, "dice_recovered": 0.97}
 
 CITATIONS = """\
 - BraTS: Menze et al., "The Multimodal Brain Tumor Image Segmentation Benchmark (BRATS)", IEEE TMI 34(10), 2015;
@@ -52,6 +55,19 @@ def _goal(name: str, value: float) -> str:
     goal = GOALS[name]
     met = value <= goal if name == "dead_fraction" else value >= goal
     return f"{value:.3f} ({'meets' if met else 'below'} the goal {'<=' if name == 'dead_fraction' else '>='} {goal})"
+
+
+def _intervals(cases: list[dict], keys: tuple[str, ...] = ("dice_WT", "dice_TC", "dice_ET")) -> str:
+    """The means of ``keys`` over ``cases`` with 95 % bootstrap intervals (resampling cases), and how many cases:
+    a mean over three or four cases is a rough estimate, and the card says so next to it."""
+    from ..experiments.repair import bootstrap_interval
+
+    parts = []
+    for key in keys:
+        values = np.array([float(case[key]) for case in cases])
+        low, high = bootstrap_interval(values)
+        parts.append(f"{key[5:]} {values.mean():.3f} [{low:.3f}, {high:.3f}]")
+    return f"Means over n = {len(cases)} cases with 95 % bootstrap intervals over the cases: " + ", ".join(parts) + "."
 
 
 def _interval(text: str) -> tuple[float, float, float]:
@@ -214,6 +230,7 @@ def model_card(build) -> tuple[str, dict]:
         "",
         f"- Whole tumour {_goal('dice_WT', mean['dice_WT'])}; tumour core {_goal('dice_TC', mean['dice_TC'])}; "
         f"enhancing tumour {_goal('dice_ET', mean['dice_ET'])}.",
+        f"- {_intervals(test['cases'])}",
         *([f"- What would reach the missed goals: more training cases ({len(split['train'])} here; adult BraTS models that reach "
            "about 0.90 / 0.80 / 0.75 train on hundreds), and a GPU for a larger model at full resolution (SegFormer-B1 at "
            "256 px), which two CPU cores cannot train in hours."]
@@ -222,6 +239,8 @@ def model_card(build) -> tuple[str, dict]:
         "",
         _table(shifted["cases"] + [{"case": "**mean**", **shifted["mean"]}], ["case", "dice_NC", "dice_ED", "dice_ET", "dice_WT", "dice_TC"],
                ["case", "NC", "ED", "ET", "WT", "TC"]),
+        "",
+        f"- {_intervals(shifted['cases'])}",
         "",
         "## Sparse autoencoder",
         f"- BatchTopK, k {chosen['k']}, expansion {chosen['expansion']} ({chosen['k']} active latents on average of {chosen['expansion']} x d), trained on "

@@ -95,6 +95,15 @@ def test_tiny_rebuild_writes_a_bundle_whose_card_is_the_builds_measurement(tiny_
     card = bundle.card_path.read_text()
     assert f"{evaluation['segmentation']['test']['mean']['dice_WT']:.3f}" in card
     assert "research only, not clinical use" in card
+    # every mean of held-out cases comes with its number of cases and a bootstrap interval
+    n_test = len(evaluation["segmentation"]["test"]["cases"])
+    assert f"Means over n = {n_test} cases with 95 % bootstrap intervals over the cases: WT " in card
+    # the labels' hold on the test cases was measured, and is on the card when a tumour-labelled latent fired there
+    measured = state["steps"]["interpret"]["outputs"]["label_mass"]
+    assert measured["cases"] == n_test
+    assert ("Do the labels hold on the" in card) == bool(measured["latents"])
+    # the SAE setting was chosen with every setting's readability measured
+    assert all("tumour_latents" in row and "label_agreement" in row for row in state["steps"]["sae"]["outputs"]["sweep"])
     for case_id in state["steps"]["split"]["outputs"]["test"]:
         assert case_id in card
     # the hook the leverage step chose is the bundle's, in its model's config too
