@@ -79,16 +79,7 @@ def run(case_dir: Path, bundle: Path, repeats: int, population: str) -> dict:
         SegLens = importlib.import_module("SegLens")
         widget = stand_in.module_panel(SegLens.SegLensWidget)
         ui = widget.ui
-        def idle(timeout: float = 600.0) -> None:
-            """The event loop until the panel has no job running or pending (1 ms steps: the benchmark's own wait
-            must not count)."""
-            end = time.monotonic() + timeout
-            while widget.job is not None or widget.pending:
-                if time.monotonic() > end:
-                    raise TimeoutError(f"the panel is still busy with {widget.job and widget.job.kind}")
-                app.processEvents()
-                time.sleep(0.001)
-            app.processEvents()
+        idle = lambda: panel.wait_idle(widget, app, step=0.001)  # noqa: E731  (1 ms steps: the wait must not count)
 
         try:
             panel.load_case(scene, case_dir)
