@@ -350,8 +350,8 @@ def step_leverage(build: ReferenceBuild, folder: Path) -> dict:
 
 
 def step_sae(build: ReferenceBuild, folder: Path) -> dict:
-    from ..sae import train_sae
     from ..experiments.sae_sweep import choose_setting, sae_sweep
+    from ..sae.trainer import train_sae_once
     from ..sae.trainer import save_training_report
 
     s = build.settings
@@ -363,7 +363,7 @@ def step_sae(build: ReferenceBuild, folder: Path) -> dict:
     grid = [{"k": k, "expansion": e} for k, e in s.sweep if k <= channels // 2] or [{"k": max(1, channels // 4), "expansion": 4}]
     build.sub(f"{len(store)} vectors of {channels} channels at {hook}; sweep over (k, expansion) "
               f"{[(g['k'], g['expansion']) for g in grid]} (seeds 0 and 1)")  # fmt: skip
-    rows, kept = sae_sweep(store, grid, base=_sae_options(build), keep=True, log=build.sub)
+    rows, kept = sae_sweep(store, grid, base=_sae_options(build), keep=True, log=build.sub, cache=folder / "sweep")
     if s.sweep_readability:  # what a clinician reads: tumour latents, and whether another seed labels them alike
         from ..experiments.sae_sweep import readability
 
@@ -379,8 +379,11 @@ def step_sae(build: ReferenceBuild, folder: Path) -> dict:
         sae.save(folder / name, overwrite=True)
         save_training_report(report, folder / name)
     # The resampling floor: the chosen setting, seed 0, on a random 80 % of the positions.
-    resampled = _extract(build, model, build.model_dir, train, hook, folder / "store-resampled", subsample=0.8, seed=s.seed + 1)
-    sae, report = train_sae(resampled, _sae_options(build, k=rows[chosen]["k"], expansion=rows[chosen]["expansion"], seed=0), log=lambda m: None)
+    def resampled():
+        return _extract(build, model, build.model_dir, train, hook, folder / "store-resampled", subsample=0.8, seed=s.seed + 1)
+
+    options = _sae_options(build, k=rows[chosen]["k"], expansion=rows[chosen]["expansion"], seed=0)
+    sae, report = train_sae_once(resampled, options, folder / "sae-resampled", log=lambda m: None)
     sae.config.training["cohort"] = "brats2018 (80 % resample)"
     sae.save(folder / "sae-resampled", overwrite=True)
     save_training_report(report, folder / "sae-resampled")

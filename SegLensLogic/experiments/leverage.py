@@ -51,7 +51,8 @@ def quick_saes(
     import shutil
     from pathlib import Path
 
-    from ..sae import ExtractionOptions, SAETrainingOptions, extract_activations, train_sae
+    from ..sae import ExtractionOptions, SAETrainingOptions, extract_activations
+    from ..sae.trainer import train_sae_once
 
     folder = Path(folder)
     shapes = model.hook_points()
@@ -60,12 +61,17 @@ def quick_saes(
         channels, height, width = shapes[hook]
         per_case = height * width * 100  # ~100 brain slices a case
         subsample = min(1.0, vectors_per_hook / max(per_case * len(cohort), 1))
-        store = extract_activations(model, cohort, folder / hook, ExtractionOptions(hook=hook, subsample=subsample, seed=seed),
-                                    model_dir=model_dir, overwrite=True, log=lambda m: None)  # fmt: skip
         k = max(4, min(32, channels // 4))
         options = SAETrainingOptions(k=k, expansion=expansion, max_steps=steps, patience=None, log_every=10**9, seed=seed)
-        sae, report = train_sae(store, options, log=lambda m: None)
-        log(f"{hook}: {channels} channels x {height}x{width}, quick SAE k {k} x {sae.d_sae} latents on {len(store)} vectors: "
+
+        def store(hook=hook, subsample=subsample):
+            return extract_activations(model, cohort, folder / hook, ExtractionOptions(hook=hook, subsample=subsample, seed=seed),
+                                       model_dir=model_dir, overwrite=True, log=lambda m: None)  # fmt: skip
+
+        # Kept beside the stores' folder: a build cut off after some hooks resumes at the next one.
+        sae, report = train_sae_once(store, options, folder / "saes" / hook, log=lambda m: None)
+        log(f"{hook}: {channels} channels x {height}x{width}, quick SAE k {k} x {sae.d_sae} latents on "
+            f"{report.get('vectors', '?')} vectors: "
             f"EV {report['holdout']['explained_variance']:.3f}, dead {report['holdout']['dead_fraction']:.3f}")  # fmt: skip
         saes[hook] = sae
         shutil.rmtree(folder / hook, ignore_errors=True)

@@ -132,10 +132,10 @@ def sweep_case(
                                        "plausibility": plausibility(labels, brain, reference),
                                        "voxels_changed": int((labels != encoded.labels).sum())}  # fmt: skip
         result.scores[name] = per_alpha
-    result.baselines["CCF"] = {s: {**segmentation_scores(l := apply_ccf(encoded.labels, s, names), truth, names),
-                                   "voxels_changed": int((l != encoded.labels).sum())} for s in CCF_SETTINGS}  # fmt: skip
-    result.baselines["UF"] = {t: {**segmentation_scores(l := uncertainty_filter(encoded.labels, encoded.probabilities, t), truth, names),
-                                  "voxels_changed": int((l != encoded.labels).sum())} for t in UF_THRESHOLDS}  # fmt: skip
+    result.baselines["CCF"] = {s: {**segmentation_scores(filtered := apply_ccf(encoded.labels, s, names), truth, names),
+                                   "voxels_changed": int((filtered != encoded.labels).sum())} for s in CCF_SETTINGS}  # fmt: skip
+    result.baselines["UF"] = {t: {**segmentation_scores(filtered := uncertainty_filter(encoded.labels, encoded.probabilities, t), truth, names),
+                                  "voxels_changed": int((filtered != encoded.labels).sum())} for t in UF_THRESHOLDS}  # fmt: skip
     return result, encoded, truth
 
 

@@ -180,7 +180,7 @@ class Experiment:
         if run.forward is None:
             run.forward = CachedForward(self.model, run.prepared, hook=self.sae.config.hook_point)
         forward = run.forward
-        latent_edits = [LatentEdit(tuple(int(j) for j in l), mode=m, alpha=float(a), where=w).check(self.sae) for l, m, a, w in edits]
+        latent_edits = [LatentEdit(tuple(int(j) for j in latents), mode=m, alpha=float(a), where=w).check(self.sae) for latents, m, a, w in edits]
         deltas = forward.deltas(self.sae, latent_edits)
         base = run.prepared.orientation.apply(run.labels)
         return run.prepared.to_input_grid(forward.relabel(base, list(deltas), deltas))

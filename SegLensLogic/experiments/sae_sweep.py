@@ -12,6 +12,7 @@ another seed does not find again is not a feature of the data, and cohort compar
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 
 from ..sae.activations import ActivationStore
 from ..sae.model import BatchTopKSAE
-from ..sae.trainer import SAETrainingOptions, train_sae
+from ..sae.trainer import SAETrainingOptions, train_sae, train_sae_once
 
 # Quality bars (issue goals): held-out explained variance, dead fraction, seed agreement of live latents.
 EV_MIN, DEAD_MAX, AGREEMENT_MIN = 0.85, 0.10, 0.5
@@ -58,8 +59,12 @@ def sae_sweep(
     device: str | torch.device | None = None,
     keep: bool = False,
     log: Callable[[str], None] = print,
+    cache: str | Path | None = None,
 ) -> tuple[list[dict], dict]:
     """Train two seeds per setting of ``grid`` (dicts of :class:`SAETrainingOptions` fields over ``base``).
+
+    ``cache``: a folder keeping every trained SAE (one folder per setting and seed, e.g. ``k32-expansion16-seed0``), so that a sweep cut off
+    part way trains only what it had not finished when run again.
 
     Returns:
         ``(rows, saes)``: one row per setting (its fields, held-out metrics of the first seed, both seeds' dead
@@ -74,7 +79,11 @@ def sae_sweep(
         trained = []
         for seed in seeds:
             options = dataclasses.replace(base, **setting, seed=seed)
-            sae, report = train_sae(store, options, device=device, log=lambda m: None)
+            if cache is None:
+                sae, report = train_sae(store, options, device=device, log=lambda m: None)
+            else:
+                name = "-".join(f"{key}{value}" for key, value in setting.items()) + f"-seed{seed}"
+                sae, report = train_sae_once(store, options, Path(cache) / name, device=device, log=lambda m: None)
             trained.append((sae, report))
             if keep:
                 kept[(index, seed)] = (sae, report)

@@ -20,6 +20,7 @@ _EXPORTS = {
     "estimate_threshold": "trainer",
     "evaluate_reconstruction": "trainer",
     "train_sae": "trainer",
+    "train_sae_once": "trainer",
 }
 
 

@@ -452,6 +452,7 @@ def _train(
         "options": asdict(options),
         "learning_rate": learning_rate,
         "store": str(store.folder),
+        "vectors": len(store),
         "cohort": store.manifest.get("cohort"),
         "norm_scale": scale,
         "steps": step,
@@ -477,3 +478,39 @@ def save_training_report(report: dict, folder: str | Path) -> Path:
     from ..storage import atomic_write_text
 
     return atomic_write_text(Path(folder) / "training_report.json", json.dumps(report, indent=2) + "\n", overwrite=True)
+
+
+def load_trained(folder: str | Path, options: SAETrainingOptions) -> tuple[BatchTopKSAE, dict] | None:
+    """The SAE and report that :func:`train_sae_once` left in ``folder`` when trained with exactly ``options``;
+    ``None`` when there is none, it is incomplete (the report is written last) or its options differ."""
+    import json
+
+    from ..storage import read_json
+
+    report_path = Path(folder) / "training_report.json"
+    if not report_path.is_file():
+        return None
+    report = read_json(report_path)
+    if report.get("options") != json.loads(json.dumps(asdict(options))):
+        return None
+    return BatchTopKSAE.load(folder), report
+
+
+def train_sae_once(
+    store: ActivationStore | Callable[[], ActivationStore],
+    options: SAETrainingOptions,
+    folder: str | Path,
+    device: str | torch.device | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[BatchTopKSAE, dict]:
+    """:func:`train_sae`, kept in ``folder`` (SAE + ``training_report.json``): a sweep or build cut off part way
+    finds the SAEs it had finished and trains only the rest. ``store`` may be a function that makes the store,
+    called only when training is needed (extraction can cost as much as a short training)."""
+    cached = load_trained(folder, options)
+    if cached is not None:
+        log(f"{folder}: trained earlier with the same options, loaded")
+        return cached
+    sae, report = train_sae(store() if callable(store) else store, options, device=device, log=log)
+    sae.save(folder, overwrite=True)
+    save_training_report(report, folder)
+    return sae, report

@@ -16,6 +16,7 @@ the plumbing and the SAE, not the segmenter's accuracy.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -528,6 +529,41 @@ def test_store_reads_across_shards_in_requested_order(tmp_path):
     seen = np.concatenate([b.numpy() for b in store.batches(train, 128, seed=1)])
     assert seen.shape == (900, 8)
     assert sorted(map(tuple, seen.tolist())) == sorted(map(tuple, vectors[train].tolist()))
+
+
+def test_train_sae_once_resumes_a_sweep_at_what_it_had_not_finished(tmp_path, monkeypatch):
+    """A build cut off part way loads the SAEs it had finished (same options) and trains the others; a folder
+    without its report (cut off while saving) or trained with other options is trained again."""
+    import SegLensLogic.sae.trainer as trainer
+    from SegLensLogic.experiments.sae_sweep import sae_sweep
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((2000, 8)).astype(np.float32)
+    index = np.stack([np.zeros(2000, int), np.arange(2000) // 16, np.arange(2000) % 4, np.arange(2000) % 4], axis=1)
+    store = ActivationStore(write_store(tmp_path / "s", vectors, index, dtype="float32", cases=[{"case_id": "a"}]))
+    base = SAETrainingOptions(max_steps=30, batch_size=256, eval_every=10, log_every=10**9)
+    grid = [{"k": 2, "expansion": 2}, {"k": 4, "expansion": 2}]
+    rows, kept = sae_sweep(store, grid, base=base, keep=True, log=lambda m: None, cache=tmp_path / "sweep")
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [
+        "k2-expansion2-seed0", "k2-expansion2-seed1", "k4-expansion2-seed0", "k4-expansion2-seed1"]  # fmt: skip
+
+    trained = []
+    real_train = trainer.train_sae
+    monkeypatch.setattr(trainer, "train_sae", lambda store, options, **kw: trained.append(options) or real_train(store, options, **kw))
+    (tmp_path / "sweep" / "k4-expansion2-seed1" / "training_report.json").unlink()  # cut off while saving
+    again, kept_again = sae_sweep(store, grid, base=base, keep=True, log=lambda m: None, cache=tmp_path / "sweep")
+    assert [(o.k, o.seed) for o in trained] == [(4, 1)]
+    assert again[0] == rows[0]
+    for key in [(0, 0), (0, 1), (1, 0)]:
+        assert torch.equal(kept_again[key][0].W_dec, kept[key][0].W_dec)
+
+    other = dataclasses.replace(base, k=2, expansion=2, seed=0, max_steps=40)
+    trainer.train_sae_once(store, other, tmp_path / "sweep" / "k2-expansion2-seed0", log=lambda m: None)
+    assert [(o.k, o.max_steps) for o in trained[1:]] == [(2, 40)]
+    # The store is made only when training is needed.
+    made = []
+    trainer.train_sae_once(lambda: made.append(1) or store, other, tmp_path / "sweep" / "k2-expansion2-seed0", log=lambda m: None)
+    assert made == [] and len(trained) == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
