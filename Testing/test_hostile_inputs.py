@@ -1193,7 +1193,7 @@ def test_fuzz_suggestions(tmp_path):
 
 
 def test_fuzz_demo_state(tmp_path):
-    from SegLensLogic.app.demo import STATE_FORMAT_VERSION, STATE_KIND, DemoState
+    from SegLensLogic.app.demo import STATE_FORMAT_VERSION, STATE_KIND, open_state
 
     out = tmp_path / "demo"
     (out / "01-cohorts").mkdir(parents=True)
@@ -1203,7 +1203,7 @@ def test_fuzz_demo_state(tmp_path):
 
     def load(document):
         write_json(out / "demo.json", document)
-        state = DemoState.open(out, options, overwrite=False, log=lambda message: None)
+        state = open_state(out, options, overwrite=False, log=lambda message: None)
         record = state.done("cohorts")
         if record is not None:
             state.outputs("cohorts"), state.folder("cohorts"), float(record["seconds"])
@@ -1296,18 +1296,59 @@ def test_fuzz_safetensors_header(kit, tmp_path):
 
 def test_a_run_resumes_under_options_added_since_it_started_and_refuses_changed_ones(tmp_path):
     """A long run (the reference build) started by an earlier version resumes when the only difference is options
-    that version lacked (taken at their defaults, said in the log); a changed option is still refused."""
+    that version lacked, at their defaults (said in the log); a changed option, an added one away from its default,
+    or any added option of a run that gives no defaults (the demo) is still refused."""
     from SegLensLogic.errors import SegLensError
     from SegLensLogic.app.pipeline import Pipeline
 
     steps = [("one", "the first step")]
+    defaults = {"settings": {"a": 0, "b": 2, "c": 0}, "data": "x"}
     first = Pipeline(tmp_path / "run", "demo-run", "run.json", {"settings": {"a": 1}, "data": "x"}, steps, log=lambda _m: None)
     first.run("one", lambda folder: {"value": 1})
     lines = []
-    resumed = Pipeline(tmp_path / "run", "demo-run", "run.json", {"settings": {"a": 1, "b": 2}, "data": "x"}, steps, log=lines.append)
+    with pytest.raises(SegLensError, match="other options"):  # no defaults: exact options only
+        Pipeline(tmp_path / "run", "demo-run", "run.json", {"settings": {"a": 1, "b": 2}, "data": "x"}, steps, log=lines.append)
+    with pytest.raises(SegLensError, match="other options"):  # added, but not at its default
+        Pipeline(tmp_path / "run", "demo-run", "run.json", {"settings": {"a": 1, "b": 5}, "data": "x"}, steps, log=lines.append,
+                 defaults=defaults)  # fmt: skip
+    resumed = Pipeline(tmp_path / "run", "demo-run", "run.json", {"settings": {"a": 1, "b": 2}, "data": "x"}, steps, log=lines.append,
+                       defaults=defaults)  # fmt: skip
     assert resumed.done("one") is not None and resumed.data["options"]["settings"] == {"a": 1, "b": 2}
     assert lines == ["Options added since this run started, taken at their defaults: settings.b"]
     with pytest.raises(SegLensError, match=r"other options \(settings\)"):
-        Pipeline(tmp_path / "run", "demo-run", "run.json", {"settings": {"a": 3, "b": 2, "c": 0}, "data": "x"}, steps, log=lines.append)
+        Pipeline(tmp_path / "run", "demo-run", "run.json", {"settings": {"a": 3, "b": 2, "c": 0}, "data": "x"}, steps, log=lines.append,
+                 defaults=defaults)  # fmt: skip
     with pytest.raises(SegLensError, match="other options"):
-        Pipeline(tmp_path / "run", "demo-run", "run.json", {"settings": {"b": 2}, "data": "x"}, steps, log=lines.append)
+        Pipeline(tmp_path / "run", "demo-run", "run.json", {"settings": {"b": 2}, "data": "x"}, steps, log=lines.append, defaults=defaults)
+
+
+def test_a_staged_numbered_run_never_records_a_half_written_step(tmp_path):
+    """The demo's runner: numbered step folders, each written into a hidden ``.NN-name.tmp`` renamed into place
+    when the step returns (paths in its outputs recorded under the final name); a step that fails leaves no
+    record and no visible folder, and the rerun redoes only it."""
+    from SegLensLogic.app.pipeline import Pipeline
+
+    steps = [("one", "first"), ("two", "second")]
+
+    def open_run(log):
+        return Pipeline(tmp_path / "run", "staged-run", "run.json", {}, steps, log=log, numbered=True, staged=True)
+
+    def one(folder):
+        (folder / "a.txt").write_text("a")
+        return {"file": str(folder / "a.txt")}
+
+    def broken(folder):
+        (folder / "half.txt").write_text("half")
+        raise RuntimeError("cut off")
+
+    run = open_run(lambda m: None)
+    assert run.run("one", one) == {"file": str(tmp_path / "run" / "01-one" / "a.txt")}
+    with pytest.raises(RuntimeError):
+        run.run("two", broken)
+    assert not (tmp_path / "run" / "02-two").exists() and "two" not in run.data["steps"]
+    lines = []
+    again = open_run(lines.append)
+    again.run("one", one)
+    again.run("two", lambda folder: {"n": len(list(folder.iterdir()))})
+    assert again.outputs("two") == {"n": 0} and not (tmp_path / "run" / ".02-two.tmp").exists()
+    assert lines[0] == "[1/2] first: already done in an earlier run (0.0 s), skipped" and lines[1] == "[2/2] second"

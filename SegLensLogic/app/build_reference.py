@@ -675,7 +675,8 @@ def build_reference(
             raise InputFileError(data / sub, "not found: the reference build reads BraTS 2018 and BraTS 2013 cases from DATA")
     torch.manual_seed(settings.seed)
     pipeline = Pipeline(out, STATE_KIND, STATE_NAME, {"settings": asdict(settings), "data": str(data.resolve())},
-                        STEPS, overwrite=overwrite, log=log)  # fmt: skip
+                        STEPS, overwrite=overwrite, log=log, label="SegLens reference build",
+                        defaults={"settings": asdict(ReferenceSettings()), "data": str(data.resolve())})  # fmt: skip
     log_path = pipeline.out / "build.log"
 
     def logged(message: str) -> None:

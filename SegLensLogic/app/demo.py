@@ -56,7 +56,6 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -65,8 +64,8 @@ import numpy as np
 import torch
 
 from ..errors import InputFileError, SegLensError
-from .pipeline import RunState
-from ..storage import Schema, atomic_write_bytes, atomic_write_text, check_document, publish_folder, read_json
+from .pipeline import Pipeline, RunState
+from ..storage import Schema, atomic_write_bytes, atomic_write_text
 
 STATE_NAME = "demo.json"
 STATE_KIND = "seglens-demo"
@@ -149,72 +148,6 @@ class DemoSettings:
 
 
 # -- state and steps ------------------------------------------------------------------------------------------------
-class DemoState:
-    """``OUT/demo.json``: the run's options and every finished step with its folder, seconds and outputs."""
-
-    def __init__(self, out: Path, options: dict):
-        self.out = out
-        self.path = out / STATE_NAME
-        self.data: dict = {"format_version": STATE_FORMAT_VERSION, "kind": STATE_KIND, "options": options, "steps": {},
-                           "started": _now()}  # fmt: skip
-
-    @classmethod
-    def open(cls, out: Path, options: dict, overwrite: bool, log: Callable[[str], None]) -> "DemoState":
-        """Continue the demo in ``out``, start over (``overwrite``), or refuse a folder that holds something else."""
-        state = cls(out, options)
-        if not out.exists():
-            out.mkdir(parents=True)
-            return state
-        if not out.is_dir():
-            raise InputFileError(out, "exists and is not a folder")
-        if not state.path.is_file():
-            if any(out.iterdir()):
-                raise InputFileError(out, f"exists and is not a SegLens demo folder (no {STATE_NAME}); choose another --out")
-            return state
-        previous = read_json(state.path)
-        if not isinstance(previous, dict) or previous.get("kind") != STATE_KIND:
-            raise InputFileError(state.path, "is not a SegLens demo state file; choose another --out")
-        if overwrite:
-            log(f"--overwrite: starting over in {out}")
-            for name in [previous_folder for previous_folder in _step_folders(out)] + [STATE_NAME, "report.html"]:
-                path = out / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
-            return state
-        if previous.get("format_version") != STATE_FORMAT_VERSION:
-            raise InputFileError(state.path, f"demo state format_version {previous.get('format_version')!r} is not supported; use --overwrite")
-        check_document(previous, state.path, STATE_KIND, STATE_FORMAT_VERSION, DemoStateDocument, "SegLens demo state file")
-        if previous.get("options") != options:
-            raise SegLensError(
-                f"{out} holds a demo run with other options ({_options_text(previous.get('options'))}); rerun with those, "
-                f"or add --overwrite to start over with {_options_text(options)}"
-            )
-        state.data = previous
-        return state
-
-    def done(self, name: str) -> dict | None:
-        record = self.data["steps"].get(name)
-        if record is None or not (self.out / record["folder"]).exists():
-            return None
-        return record
-
-    def finish(self, name: str, folder: str, seconds: float, outputs: dict) -> None:
-        self.data["steps"][name] = {"folder": folder, "seconds": round(seconds, 1), "finished": _now(), "outputs": outputs}
-        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n", overwrite=True)
-
-    def outputs(self, name: str) -> dict:
-        return self.data["steps"][name]["outputs"]
-
-    def folder(self, name: str) -> Path:
-        return self.out / self.data["steps"][name]["folder"]
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _options_text(options: Any) -> str:
     if not isinstance(options, dict):
         return "unknown options"
@@ -233,15 +166,18 @@ class DemoOptions(Schema):
     hook: str | None = None
 
 
+def open_state(out: Path, options: dict, overwrite: bool = False, log: Callable[[str], None] = print) -> Pipeline:
+    """The demo's resumable state in ``out`` (:class:`~SegLensLogic.app.pipeline.Pipeline`): continued, started
+    over (``overwrite``), or refused when ``out`` holds something else or a run with other options."""
+    return Pipeline(out, STATE_KIND, STATE_NAME, options, [(name, title) for name, title, _ in STEPS], overwrite, log,
+                    label="SegLens demo", format_version=STATE_FORMAT_VERSION, document=DemoStateDocument,
+                    numbered=True, staged=True, describe_options=_options_text)  # fmt: skip
+
+
 class DemoStateDocument(RunState):
     """``demo.json`` (module docstring): a run state whose options are the demo's."""
 
     options: DemoOptions
-
-
-def _step_folders(out: Path) -> list[str]:
-    names = [f"{i:02d}-{name}" for i, (name, _title, _fn) in enumerate(STEPS, start=1)]
-    return names + [f".{name}.tmp" for name in names]
 
 
 @dataclass
@@ -251,7 +187,7 @@ class Demo:
     out: Path
     settings: DemoSettings
     data: list[Path] | None
-    state: DemoState
+    pipeline: Pipeline
     log: Callable[[str], None]
     device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -265,30 +201,6 @@ class Demo:
         self.log(f"        {message}")
 
 
-def run_step(demo: Demo, index: int, name: str, title: str, function: Callable[[Demo, Path], dict]) -> dict:
-    """Run one step into a temporary folder, rename it into place, record it; or skip it when already finished."""
-    total = len(STEPS)
-    folder = f"{index:02d}-{name}"
-    record = demo.state.done(name)
-    if record is not None:
-        demo.log(f"[{index:2d}/{total}] {title}: already done ({record['seconds']:.1f} s in an earlier run), skipped")
-        return record["outputs"]
-    demo.log(f"[{index:2d}/{total}] {title}")
-    final, tmp = demo.out / folder, demo.out / f".{folder}.tmp"
-    for leftover in (final, tmp):  # an interrupted run may have left a partial folder
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    tmp.mkdir()
-    start = time.monotonic()
-    outputs = function(demo, tmp)
-    publish_folder(tmp, final)
-    outputs = json.loads(json.dumps(outputs).replace(f".{folder}.tmp", folder))  # paths recorded inside the step
-    seconds = time.monotonic() - start
-    demo.state.finish(name, folder, seconds, outputs)
-    demo.log(f"        done in {seconds:.1f} s")
-    return outputs
-
-
 # -- helpers --------------------------------------------------------------------------------------------------------
 def _quiet(_message: str) -> None:
     pass
@@ -298,13 +210,13 @@ def _load_cohorts(demo: Demo, split: str):
     """``{name: Cohort}`` of the ``train`` or ``test`` split of every cohort."""
     from ..data.cohort import load_cohort
 
-    cohorts = demo.state.outputs("cohorts")["cohorts"]
+    cohorts = demo.pipeline.outputs("cohorts")["cohorts"]
     return {c["name"]: load_cohort(demo.path(c[split]) if not Path(c[split]).is_absolute() else Path(c[split]), name=f"{c['name']}-{split}")
             for c in cohorts}  # fmt: skip
 
 
 def _cohort_records(demo: Demo) -> list[dict]:
-    return demo.state.outputs("cohorts")["cohorts"]
+    return demo.pipeline.outputs("cohorts")["cohorts"]
 
 
 def _link_cases(cases, folder: Path, within: Path | None = None) -> Path:
@@ -415,7 +327,7 @@ def step_base(demo: Demo, folder: Path) -> dict:
     from ..segmentation.training import train_segmenter
 
     s = demo.settings
-    reference = demo.state.outputs("cohorts")["reference"]
+    reference = demo.pipeline.outputs("cohorts")["reference"]
     cohort = _load_cohorts(demo, "train")[reference]
     modalities = _modalities(demo)
     demo.sub(f"U-Net {list(s.unet_features)} at {s.image_size} px on '{reference}' ({len(cohort)} cases, {', '.join(modalities)}), "
@@ -436,7 +348,7 @@ def step_models(demo: Demo, folder: Path) -> dict:
     from ..segmentation.training import init_with_new_head, train_segmenter
 
     s = demo.settings
-    base = demo.path(demo.state.outputs("base")["model"])
+    base = demo.path(demo.pipeline.outputs("base")["model"])
     cohorts = _load_cohorts(demo, "train")
     models = {}
     for index, record in enumerate(_cohort_records(demo)):
@@ -462,7 +374,7 @@ def step_models(demo: Demo, folder: Path) -> dict:
 def _load_model(demo: Demo, name: str):
     from ..networks import load_segmenter
 
-    return load_segmenter(demo.path(demo.state.outputs("models")["models"][name]["model"]), device=demo.device)
+    return load_segmenter(demo.path(demo.pipeline.outputs("models")["models"][name]["model"]), device=demo.device)
 
 
 # -- 4. evaluation --------------------------------------------------------------------------------------------------
@@ -472,7 +384,7 @@ def step_evaluation(demo: Demo, folder: Path) -> dict:
     tests = _load_cohorts(demo, "test")
     records = {r["name"]: r for r in _cohort_records(demo)}
     dice: dict[str, dict[str, float]] = {}
-    for name in demo.state.outputs("models")["models"]:
+    for name in demo.pipeline.outputs("models")["models"]:
         model = _load_model(demo, name)
         dice[name] = {}
         for cohort_name, cohort in tests.items():
@@ -502,7 +414,7 @@ def step_saes(demo: Demo, folder: Path) -> dict:
 
     s = demo.settings
     trains, tests = _load_cohorts(demo, "train"), _load_cohorts(demo, "test")
-    reference = demo.state.outputs("cohorts")["reference"]
+    reference = demo.pipeline.outputs("cohorts")["reference"]
     names = list(trains)
     saes, replicas = {}, {}
     jobs = []
@@ -515,7 +427,7 @@ def step_saes(demo: Demo, folder: Path) -> dict:
     for model_name, sae_name, fraction, seed in jobs:
         start = time.monotonic()
         model = _load_model(demo, model_name)
-        model_dir = demo.path(demo.state.outputs("models")["models"][model_name]["model"])
+        model_dir = demo.path(demo.pipeline.outputs("models")["models"][model_name]["model"])
         key = (model_name, fraction)
         if key not in stores:
             suffix = "" if fraction == 1.0 else f"-{round(100 * fraction)}pct"
@@ -551,7 +463,7 @@ def step_saes(demo: Demo, folder: Path) -> dict:
 
 
 def _sae_dir(demo: Demo, name: str) -> Path:
-    return demo.path(demo.state.outputs("saes")["saes"][name]["sae"])
+    return demo.path(demo.pipeline.outputs("saes")["saes"][name]["sae"])
 
 
 def _population_names(demo: Demo) -> list[str]:
@@ -571,7 +483,7 @@ def step_interpretation(demo: Demo, folder: Path) -> dict:
     for name in _population_names(demo):
         start = time.monotonic()
         model, sae_dir = _load_model(demo, name), _sae_dir(demo, name)
-        model_dir = demo.path(demo.state.outputs("models")["models"][name]["model"])
+        model_dir = demo.path(demo.pipeline.outputs("models")["models"][name]["model"])
         sae = BatchTopKSAE.load(sae_dir)
         result = interpret_sae(model, sae, trains[name], top_k=s.top_k, splits=2, model_dir=model_dir, sae_dir=sae_dir)
         labels_path = write_latent_labels(result.document, folder / name / "latents.json")
@@ -616,7 +528,7 @@ def _thumbnails(result, latents: list[int], model, folder: Path) -> dict[int, Pa
 # -- 7. alignment ---------------------------------------------------------------------------------------------------
 def _live_latents(demo: Demo, name: str) -> np.ndarray:
     """``(d_sae,)`` bool: latents of an SAE (a population's or a replica's) that fire on its cohort's activation vectors."""
-    record = demo.state.outputs("saes")["saes"][name]
+    record = demo.pipeline.outputs("saes")["saes"][name]
     live = np.zeros(record["d_sae"], dtype=bool)
     live[record["live_latents"]] = True
     return live
@@ -640,7 +552,7 @@ def step_alignment(demo: Demo, folder: Path) -> dict:
     from ..sae import BatchTopKSAE
 
     names = _population_names(demo)
-    outputs = demo.state.outputs("saes")
+    outputs = demo.pipeline.outputs("saes")
     reference = outputs["reference"]
     replicas = outputs["replicas"]
     saes = {n: BatchTopKSAE.load(_sae_dir(demo, n)) for name in names for n in (name, *replicas[name].values())}
@@ -727,7 +639,7 @@ def step_diffing(demo: Demo, folder: Path) -> dict:
     from ..sae import BatchTopKSAE
 
     s = demo.settings
-    alignment = demo.state.outputs("alignment")
+    alignment = demo.pipeline.outputs("alignment")
     reference = alignment["reference"]
     records = {r["name"]: r for r in _cohort_records(demo)}
     trains = _load_cohorts(demo, "train")
@@ -783,12 +695,12 @@ def step_experiments(demo: Demo, folder: Path) -> dict:
     from ..sae import BatchTopKSAE
 
     s = demo.settings
-    reference = demo.state.outputs("cohorts")["reference"]
+    reference = demo.pipeline.outputs("cohorts")["reference"]
     records = {r["name"]: r for r in _cohort_records(demo)}
     tests = _load_cohorts(demo, "test")
     model = _load_model(demo, reference)
     sae = BatchTopKSAE.load(_sae_dir(demo, reference))
-    labels = load_latent_labels(demo.path(demo.state.outputs("interpretation")["labels"][reference]["labels"]))
+    labels = load_latent_labels(demo.path(demo.pipeline.outputs("interpretation")["labels"][reference]["labels"]))
     experiment = Experiment(model, sae)
     runs_by_population = {}
     for name, cohort in tests.items():
@@ -864,14 +776,14 @@ def _method(table: list[dict], prefix: str) -> float:
 def step_bundles(demo: Demo, folder: Path) -> dict:
     from ..bundle import build_bundle
 
-    alignment = demo.state.outputs("alignment")
+    alignment = demo.pipeline.outputs("alignment")
     reference = alignment["reference"]
-    labels = demo.state.outputs("interpretation")["labels"]
+    labels = demo.pipeline.outputs("interpretation")["labels"]
     bundles = {}
     for name in _population_names(demo):
         files = list(alignment["files"].values()) if name == reference else [alignment["files"][name]]
         bundle = build_bundle(
-            demo.path(demo.state.outputs("models")["models"][name]["model"]), _sae_dir(demo, name), folder / name, name=name,
+            demo.path(demo.pipeline.outputs("models")["models"][name]["model"]), _sae_dir(demo, name), folder / name, name=name,
             labels=demo.path(labels[name]["labels"]), alignments=[demo.path(f) for f in files], cohort=name,
         )  # fmt: skip
         bundles[name] = demo.rel(bundle.root)
@@ -890,9 +802,9 @@ def step_steering(demo: Demo, folder: Path) -> dict:
     from ..experiments.hint_benchmark import simulate_clicks
     from ..steering import load_recipe
 
-    reference = demo.state.outputs("cohorts")["reference"]
-    bundle = load_bundle(demo.path(demo.state.outputs("bundles")["bundles"][reference]))
-    failures = demo.state.outputs("experiments")["failure_recovery"]
+    reference = demo.pipeline.outputs("cohorts")["reference"]
+    bundle = load_bundle(demo.path(demo.pipeline.outputs("bundles")["bundles"][reference]))
+    failures = demo.pipeline.outputs("experiments")["failure_recovery"]
     tests = _load_cohorts(demo, "test")
     cases = {c.case_id: c for cohort in tests.values() for c in cohort}
     chosen = sorted(failures, key=lambda f: f["dice_before"])[:2]  # the worst failures
@@ -1040,7 +952,7 @@ def report_results(demo: Demo) -> dict:
     from ..bundle import load_bundle
 
     s = demo.settings
-    state = demo.state
+    state = demo.pipeline
     cohorts = _cohort_records(demo)
     dice = state.outputs("evaluation")["dice"]
     saes = state.outputs("saes")["saes"]
@@ -1138,7 +1050,7 @@ def _headlines(demo: Demo, dice: dict, alignment: dict) -> list[str]:
     if own:
         lines.append(f"Results: the {reference} model's mean Dice is {own.get(reference, float('nan')):.3f} on its own test cases and "
                      + ", ".join(f"{score:.3f} on {name}" for name, score in own.items() if name != reference) + ".")  # fmt: skip
-    rows = [r for r in demo.state.outputs("diffing")["rows"] if r["used"]]
+    rows = [r for r in demo.pipeline.outputs("diffing")["rows"] if r["used"]]
     for row in rows:
         if not row["n_feature"]:
             lines.append(
@@ -1154,7 +1066,7 @@ def _headlines(demo: Demo, dice: dict, alignment: dict) -> list[str]:
             f"{row['shared_on_feature']} of {row['n_shared']} shared latents fire on it. Keeping only specific latents another seed "
             f"finds again: {row['reproducible_n_specific']}, precision {_num(row['reproducible_precision'])}, recall "
             f"{_num(row['reproducible_recall'])}.")  # fmt: skip
-    saes = demo.state.outputs("saes")
+    saes = demo.pipeline.outputs("saes")
     dims = saes.get("effective_dimensions", {})
     why = (f"the hook's activations are nearly {dims[reference]}-dimensional (95% of their variance in {dims[reference]} principal "
            f"components): many dictionaries reconstruct them equally well, so training does not pin the latents down"
@@ -1215,7 +1127,7 @@ def _findings(demo: Demo, dice: dict, saes: dict) -> list[str]:
             notes.append(f"The {name} model segments FreeSurfer structures that span only tens of voxels at this resolution: its Dice "
                          f"({own:.3f}) stays near 0, and latents rarely concentrate on one structure. Its encoder, fine-tuned from the base, "
                          "still gives an SAE to diff against.")  # fmt: skip
-    cases = demo.state.outputs("steering")["cases"]
+    cases = demo.pipeline.outputs("steering")["cases"]
     changed = [c["voxels_changed"] for c in cases]
     recovered = [r.get("dice_recovered") for r in saes.values() if r.get("dice_recovered") is not None]
     if changed and max(changed) < 100:
@@ -1281,23 +1193,22 @@ def run_demo(
         options["hook"] = hook  # recorded only when given, so demos run before the option existed still continue
     if threads is not None and threads < 1:
         raise SegLensError(f"--threads must be at least 1, got {threads}")
-    state = DemoState.open(out, options, overwrite, log)
+    state = open_state(out, options, overwrite, log)
     settings = DemoSettings.for_run(quick)
     if hook is not None:
         settings = replace(settings, hook_point=hook)
-    demo = Demo(out=out, settings=settings, data=paths, state=state, log=log)
+    demo = Demo(out=out, settings=settings, data=paths, pipeline=state, log=log)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or (previous_threads if demo.device.type == "cuda" else 1))
     start = time.monotonic()
     log(f"SegLens demo in {out} ({settings.describe(real=paths is not None)}; device {demo.device.type}, {torch.get_num_threads()} CPU thread(s))")
     try:
-        for index, (name, title, function) in enumerate(STEPS, start=1):
-            run_step(demo, index, name, title, function)
+        for name, _title, function in STEPS:
+            state.run(name, partial(function, demo))
     finally:
         torch.set_num_threads(previous_threads)
     report = state.folder("report") / "report.html"
-    state.data["finished"] = _now()
-    atomic_write_text(state.path, json.dumps(state.data, indent=2) + "\n", overwrite=True)
+    state.finish()
     log(f"Finished in {time.monotonic() - start:.1f} s (all steps: {sum(r['seconds'] for r in state.data['steps'].values()):.1f} s).")
     log(f"  report:   {report}")
     log(f"  bundles:  {', '.join(str(demo.path(p)) for p in state.outputs('bundles')['bundles'].values())}")

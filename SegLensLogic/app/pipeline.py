@@ -1,14 +1,16 @@
-"""Resumable multi-step runs (the reference build): a JSON state file that records each finished step.
+"""Resumable multi-step runs (the demo and the reference build): a JSON state file that records each finished step.
 
-A run lives in one output folder. Each step works in its own subfolder and is recorded in ``OUT/<state file>``
-(with its outputs, seconds and finish time) only once it has finished, so an interrupted run continues where
-it stopped: finished steps are skipped, and an unfinished step is handed its folder again (a step whose work is
-itself resumable, such as segmenter training with ``resumable=True``, continues inside it; any other step
-starts its folder afresh). The options of a run are stored with it; rerunning with other options is refused
-unless the caller starts over.
+A run lives in one output folder. Each step works in its own subfolder (``name``, or ``NN-name`` when the run is
+``numbered``) and is recorded in ``OUT/<state file>`` (with its outputs, seconds and finish time) only once it has
+finished, so an interrupted run continues where it stopped: finished steps are skipped, and an unfinished step
+starts again. A step whose work is itself resumable (segmenter training with ``resumable=True``, an SAE sweep
+that keeps every SAE it trained) is handed its folder as the previous attempt left it; any other step starts
+afresh, in a hidden ``.<folder>.tmp`` renamed into place when it finishes if the run is ``staged`` (so a step
+folder is never half written), else in its emptied folder. The options of a run are stored with it; rerunning
+with other options is refused unless the caller starts over.
 
-State file: ``{"kind", "format_version", "options", "started", "steps": {name: {"folder", "seconds",
-"finished", "outputs"}}}``.
+State file: ``{"kind", "format_version", "options", "started", "finished", "steps": {name: {"folder",
+"seconds", "finished", "outputs"}}}``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 from pydantic import Field
 
 from ..errors import InputFileError, SegLensError
-from ..storage import Schema, atomic_write_json, check_document, read_json
+from ..storage import Schema, atomic_write_json, check_document, publish_folder, read_json
 
 PIPELINE_FORMAT_VERSION = 1
 
@@ -39,7 +41,7 @@ class StepRecord(Schema):
 
 
 class RunState(Schema):
-    """A resumable run's state file (this module's and the demo's ``demo.json``): options and finished steps."""
+    """A resumable run's state file: options and finished steps (subclassed to type a run's options)."""
 
     options: dict[str, Any] | None
     steps: dict[str, StepRecord]
@@ -49,6 +51,11 @@ class RunState(Schema):
 
 def now_utc() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def duration(seconds: float) -> str:
+    """``12.3 s`` under two minutes, else ``4.5 min``."""
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 class Pipeline:
@@ -63,6 +70,15 @@ class Pipeline:
         steps: ``(name, title)`` of every step in order (for numbering and progress).
         overwrite: delete the previous run's step folders and state and start over.
         log: where progress lines go.
+        label: what the run is called in messages (``"SegLens demo"``).
+        format_version: the state file's version (a state of another version is refused).
+        document: the state file's schema (:class:`RunState` or a subclass typing the options).
+        numbered: step folders ``01-name``, ``02-name``... instead of ``name``.
+        staged: non-resumable steps write into ``.<folder>.tmp``, renamed into place when they finish.
+        describe_options: options as the user gave them (``"--quick, --hook up_3"``), for the message refusing
+            other options; default: the names of the options that differ.
+        defaults: every option's default (nested as ``options``): a run started by an earlier version continues
+            when the options it lacks are at these defaults; without ``defaults`` the options must match exactly.
     """
 
     def __init__(
@@ -74,38 +90,62 @@ class Pipeline:
         steps: list[tuple[str, str]],
         overwrite: bool = False,
         log: Callable[[str], None] = print,
+        *,
+        label: str = "SegLens run",
+        format_version: int = PIPELINE_FORMAT_VERSION,
+        document: type[RunState] = RunState,
+        numbered: bool = False,
+        staged: bool = False,
+        describe_options: Callable[[Any], str] | None = None,
+        defaults: dict[str, Any] | None = None,
     ):
         self.out, self.kind, self.steps, self.log = Path(out), kind, steps, log
+        self.numbered, self.staged = numbered, staged
         self.path = self.out / state_name
         options = json.loads(json.dumps(options))
-        self.data: dict[str, Any] = {"kind": kind, "format_version": PIPELINE_FORMAT_VERSION, "options": options,
+        self.data: dict[str, Any] = {"kind": kind, "format_version": format_version, "options": options,
                                      "started": now_utc(), "steps": {}}  # fmt: skip
         if self.out.exists() and not self.out.is_dir():
             raise InputFileError(self.out, "exists and is not a folder")
         if self.path.is_file():
             previous = read_json(self.path)
             if not isinstance(previous, dict) or previous.get("kind") != kind:
-                raise InputFileError(self.path, f"is not a {kind} state file; choose another output folder")
+                raise InputFileError(self.path, f"is not a {label} state file; choose another output folder")
             if overwrite:
                 log(f"--overwrite: starting over in {self.out}")
                 for name, _title in steps:
-                    shutil.rmtree(self.out / name, ignore_errors=True)
+                    for folder in (self._folder_name(name), f".{self._folder_name(name)}.tmp"):
+                        shutil.rmtree(self.out / folder, ignore_errors=True)
                 self.path.unlink()
             else:
-                check_document(previous, self.path, kind, PIPELINE_FORMAT_VERSION, RunState, f"{kind} state file", versioned="state file")
-                added = _added_options(previous.get("options") or {}, options)
-                if added:  # options introduced by a later version, at their defaults: the finished steps never read them
-                    log(f"Options added since this run started, taken at their defaults: {', '.join(added)}")
-                    previous["options"] = options
-                if previous.get("options") != options:
-                    changed = sorted(k for k in set(options) | set(previous.get("options") or {})
-                                     if options.get(k) != (previous.get("options") or {}).get(k))  # fmt: skip
-                    raise SegLensError(f"{self.out} holds a run with other options ({', '.join(changed)}); "
-                                       "rerun with the same ones, or start over (--overwrite)")  # fmt: skip
-                self.data = previous
+                check_document(previous, self.path, kind, format_version, document, f"{label} state file", versioned="state file")
+                self.data = self._resumed(previous, options, label, describe_options, defaults)
         elif self.out.is_dir() and any(self.out.iterdir()):
-            raise InputFileError(self.out, f"exists and holds no {self.path.name}; choose another output folder")
+            raise InputFileError(self.out, f"exists and is not a {label} folder (no {self.path.name}); choose another output folder")
         self.out.mkdir(parents=True, exist_ok=True)
+
+    def _resumed(self, previous: dict, options: dict, label: str, describe: Callable[[Any], str] | None,
+                 defaults: dict | None) -> dict:  # fmt: skip
+        """The previous state, if it was run with ``options`` (or with all of them but some added since, at their
+        defaults)."""
+        added = _added_options(previous.get("options") or {}, options, json.loads(json.dumps(defaults))) if defaults else []
+        if added:  # options introduced by a later version, at their defaults: the finished steps never read them
+            self.log(f"Options added since this run started, taken at their defaults: {', '.join(added)}")
+            previous["options"] = options
+        if previous.get("options") != options:
+            if describe is not None:
+                raise SegLensError(f"{self.out} holds a {label} with other options ({describe(previous.get('options'))}); "
+                                   f"rerun with those, or add --overwrite to start over with {describe(options)}")  # fmt: skip
+            changed = sorted(k for k in set(options) | set(previous.get("options") or {})
+                             if options.get(k) != (previous.get("options") or {}).get(k))  # fmt: skip
+            raise SegLensError(f"{self.out} holds a {label} with other options ({', '.join(changed)}); "
+                               "rerun with the same ones, or start over (--overwrite)")  # fmt: skip
+        return previous
+
+    def _folder_name(self, name: str) -> str:
+        if not self.numbered:
+            return name
+        return f"{[n for n, _ in self.steps].index(name) + 1:02d}-{name}"
 
     def done(self, name: str) -> dict | None:
         """The record of a finished step, or None."""
@@ -122,43 +162,63 @@ class Pipeline:
         return record["outputs"]
 
     def folder(self, name: str) -> Path:
-        return self.out / name
+        return self.out / self._folder_name(name)
 
     def run(self, name: str, function: Callable[[Path], dict], resumable: bool = False) -> dict:
         """Run step ``name`` (``function(folder) -> outputs``) unless it has finished; record it when it does.
 
-        ``resumable`` steps get their folder as a previous attempt left it; others get an empty one.
+        ``resumable`` steps get their folder as a previous attempt left it; others get an empty one (in a staged
+        run, a hidden one renamed into place afterwards; paths in the outputs are recorded under the final name).
         """
         index = [n for n, _ in self.steps].index(name) + 1
-        title = dict(self.steps)[name]
-        prefix = f"[{index}/{len(self.steps)}] {title}"
+        total = len(self.steps)
+        prefix = f"[{index:{len(str(total))}d}/{total}] {dict(self.steps)[name]}"
         record = self.done(name)
         if record is not None:
-            self.log(f"{prefix}: done in an earlier run ({record['seconds'] / 60:.1f} min), skipped")
+            self.log(f"{prefix}: already done in an earlier run ({duration(record['seconds'])}), skipped")
             return record["outputs"]
         self.log(prefix)
-        folder = self.folder(name)
-        if folder.exists() and not resumable:
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        final = self.folder(name)
+        staging = self.staged and not resumable
+        work = final.with_name(f".{final.name}.tmp") if staging else final
+        for leftover in {final, work} if not resumable else ():  # an interrupted attempt may have left a partial folder
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        work.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
-        outputs = json.loads(json.dumps(function(folder)))
+        outputs = function(work)
+        if staging:
+            publish_folder(work, final)
+            outputs = json.loads(json.dumps(outputs).replace(work.name, final.name))
+        outputs = json.loads(json.dumps(outputs))
         seconds = time.monotonic() - start
-        self.data["steps"][name] = {"folder": name, "seconds": round(seconds, 1), "finished": now_utc(), "outputs": outputs}
-        atomic_write_json(self.path, self.data, overwrite=True)
-        self.log(f"    done in {seconds / 60:.1f} min")
+        self.data["steps"][name] = {"folder": final.name, "seconds": round(seconds, 1), "finished": now_utc(), "outputs": outputs}
+        self._write()
+        self.log(f"    done in {duration(seconds)}")
         return outputs
 
+    def finish(self) -> None:
+        """Record that every step has run."""
+        self.data["finished"] = now_utc()
+        self._write()
 
-def _added_options(previous: dict, options: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the options in ``options`` that ``previous`` lacks, when every option ``previous`` has is
-    unchanged (a run resumed by a later version that introduced settings); else an empty list."""
+    def _write(self) -> None:
+        atomic_write_json(self.path, self.data, overwrite=True)
+
+
+def _added_options(previous: dict, options: dict, defaults: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the options in ``options`` that ``previous`` lacks, when each is at its value in
+    ``defaults`` and every option ``previous`` has is unchanged (a run resumed by a later version that introduced
+    settings); else an empty list."""
     added = []
     for key, value in options.items():
+        default = defaults.get(key) if isinstance(defaults, dict) else None
         if key not in previous:
+            if not isinstance(defaults, dict) or key not in defaults or default != value:
+                return []
             added.append(prefix + key)
         elif isinstance(value, dict) and isinstance(previous[key], dict):
-            inner = _added_options(previous[key], value, f"{prefix}{key}.")
+            inner = _added_options(previous[key], value, default if isinstance(default, dict) else {}, f"{prefix}{key}.")
             if not inner and previous[key] != value:
                 return []
             added += inner
