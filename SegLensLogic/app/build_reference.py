@@ -33,7 +33,6 @@ The build is deterministic given its seeds on one machine (PyTorch's CPU kernels
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 
 from ..data.cohort import Cohort, load_cohort
-from ..data.io import atomic_write_text
+from ..storage import atomic_write_text, publish_folder, staging_folder
 from ..errors import InputFileError, SegLensError
 from .pipeline import Pipeline, now_utc
 from ..reference.card import hardware
@@ -706,75 +705,23 @@ def build_reference(
     return build
 
 
-def record_hints(bundle_dir: str | Path, results: dict) -> Path:
-    """Write a hint benchmark's measurement (:func:`~SegLensLogic.experiments.hint_benchmark.run_hints` results) into a
-    published bundle: ``figures["hints"]`` in its manifest (what the Slicer panel shows beside *Fix*) and the card's
-    section on fixing by pointing (replacing an earlier one), the card's hash updated; the folder is replaced
-    atomically and loads (hashes verified) before and after."""
-    import json
-    import shutil
-    import tempfile
-
-    from ..bundle import MANIFEST_NAME, load_bundle
-    from ..storage import file_sha256
-    from ..reference.card import hints_figures, hints_section
-
-    bundle = load_bundle(bundle_dir)
-    root = Path(bundle.root)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.", suffix=".tmp"))
-    try:
-        shutil.copytree(root, tmp, dirs_exist_ok=True)
-        manifest = json.loads((tmp / MANIFEST_NAME).read_text(encoding="utf-8"))
-        manifest.setdefault("figures", {})["hints"] = hints_figures(results)
-        card = manifest.get("card")
-        if card:
-            text = (tmp / card).read_text(encoding="utf-8")
-            section = "\n".join(hints_section(results)) + "\n\n"
-            start = text.find("## Fixing by pointing (hints)")
-            end = text.find("## Data licences and citations")
-            if start >= 0:
-                text = text[:start] + section + text[end if end > start else len(text):]
-            elif end >= 0:
-                text = text[:end] + section + text[end:]
-            else:
-                text = text.rstrip("\n") + "\n\n" + section
-            atomic_write_text(tmp / card, text, overwrite=True)
-            manifest["files"][card] = file_sha256(tmp / card)
-        atomic_write_text(tmp / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n", overwrite=True)
-        load_bundle(tmp)
-        old = root.with_name(f".{root.name}.old")
-        os.replace(root, old)
-        os.replace(tmp, root)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
-
-
 def publish_bundle(bundle: Path, target: Path, log_path: Path, training_history: Path | None = None) -> None:
     """Copy a finished bundle, the build log and (when given) the training history to ``target``, replacing what
     was there, atomically. The history holds every epoch's loss and validation Dice, also of runs the build resumed
     (whose lines the build log of a later run does not repeat)."""
     import shutil
-    import tempfile
 
     from ..bundle import load_bundle
 
     load_bundle(bundle)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp = staging_folder(target)
     try:
         shutil.copytree(bundle, tmp, dirs_exist_ok=True)
         shutil.copyfile(log_path, tmp / "build.log")
         if training_history is not None:
             shutil.copyfile(training_history, tmp / "training_history.json")
         load_bundle(tmp)
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        publish_folder(tmp, target, overwrite=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -224,15 +224,10 @@ def _link_cases(cases, folder: Path, within: Path | None = None) -> Path:
     step's folder, renamed when the step ends) are relative."""
     folder.mkdir(parents=True)
     for case in cases:
-        source = _case_folder(case).resolve()
+        source = case.folder.resolve()
         inside = within is not None and within.resolve() in source.parents
         os.symlink(os.path.relpath(source, folder.resolve()) if inside else source, folder / source.name)
     return folder
-
-
-def _case_folder(case) -> Path:
-    """The folder of a case's files (the parent of its first image)."""
-    return Path(next(iter(case.images.values()))).parent
 
 
 def _training_options(demo: Demo, epochs: int, learning_rate: float, seed: int):
