@@ -22,6 +22,17 @@ from helpers import (  # noqa: F401  (re-exported for tests: ``from conftest imp
     write_synthetic_case,
 )
 
+def pytest_configure(config):
+    """Under pytest-xdist (the default: two workers) every worker, and every process its tests start, runs PyTorch
+    on one thread: two single-threaded workers keep two cores busy, where two-thread workers would spin-wait on
+    each other's OpenMP threads."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
 
