@@ -314,161 +314,190 @@ def _train(
         raise ValueError(f"init must be 'data' or 'random', not {options.init!r}")
     device = torch.device(device) if device else default_device()
     torch.manual_seed(options.seed)
-    generator = torch.Generator().manual_seed(options.seed)
     streaming = stream or world.size > 1
     data = _ShardOrder(store, options, world) if streaming else _GlobalOrder(store, options)
     if data.n_train == 0:
         raise SegLensError(f"{store.folder}: no training vectors left after holding out {options.holdout_fraction:.0%}")
     if data.n_train < options.batch_size:
         log(f"note: {data.n_train} training vectors, fewer than one batch of {options.batch_size}")
-    config = SAEConfig(
-        d_in=store.d_in,
-        expansion=options.expansion,
-        k=options.k,
-        hook_point=store.hook_point,
-        model_sha256=store.manifest.get("model_sha256"),
-        min_brain_fraction=store_min_brain_fraction(store),
+    sae = BatchTopKSAE(SAEConfig(d_in=store.d_in, expansion=options.expansion, k=options.k, hook_point=store.hook_point,
+                                 model_sha256=store.manifest.get("model_sha256"),
+                                 min_brain_fraction=store_min_brain_fraction(store))).to(device)  # fmt: skip
+    scale, holdout, watch = _initialise(sae, data, store.d_in, options, world, device)
+    run = _Run(sae, options, data.n_train, world, device)
+    where = f"{device.type}" + (f", {world.size} workers" if world.size > 1 else "") + (", streaming shards" if streaming else "")
+    log(
+        f"Training BatchTopK SAE: d_in {store.d_in}, {sae.d_sae} latents, k {options.k}, "
+        f"{data.n_train} training vectors, up to {run.schedule.total} steps of {options.batch_size} on {where} "
+        f"(lr {run.learning_rate:.2g}, init {options.init})"
     )
-    sae = BatchTopKSAE(config).to(device)
+    if resume is not None:
+        run.resume(resume)
+        log(f"Resuming at step {run.step} from a checkpoint")
+    bar = tqdm(total=run.schedule.total, initial=run.step, desc="train-sae", unit="step", disable=not sys.stderr.isatty() or world.rank != 0)
+    for batch in data.batches(options.batch_size, skip=run.step):
+        if run.schedule.finished(run.step):
+            break
+        x, x_hat, latents, mse, aux, dead = run.train_step(batch.to(device) * scale)
+        bar.update(1)
+        evaluating = run.step % options.eval_every == 0 and run.step > run.schedule.warmup
+        if evaluating:
+            run.watch_heldout(watch, log)
+        if run.step % options.log_every == 0 or run.schedule.finished(run.step):
+            run.record(x, x_hat, latents, mse, aux, dead, log)
+        if evaluating:
+            world.checkpoint({"sae": sae, "optimiser": run.optimiser, "since_fired": run.since_fired, "scale": scale, **run.state()})
+        if run.schedule.finished(run.step):
+            break
+    bar.close()
+    return sae, _finish(sae, store, options, run, scale, holdout, streaming, resume, log)
 
-    # Normalisation scalar, b_dec and (init="data") the dictionary from a sample of the training vectors.
+
+def _initialise(sae: BatchTopKSAE, data, d_in: int, options: SAETrainingOptions, world: TrainingWorld, device: torch.device):
+    """Set the normalisation scalar, ``b_dec`` and (``init="data"``) the dictionary from a sample of the training
+    vectors. Returns ``(scale, holdout, watch)``: the scalar, the held-out vectors (raw units; the first half sets
+    the threshold, the second half measures it) and the normalised first part whose loss the stopping rule watches."""
+    generator = torch.Generator().manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
     sample = data.sample(rng, min(data.n_train, max(16384, 2 * sae.d_sae))).to(device)
-    scale = world.agree(math.sqrt(store.d_in) / float(sample.norm(dim=1).mean().clamp_min(1e-12)))
+    scale = world.agree(math.sqrt(d_in) / float(sample.norm(dim=1).mean().clamp_min(1e-12)))
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(sample[:16384] * scale))
     if options.init == "data":
         initialise_from_data(sae, sample * scale, generator)
-    # Held-out vectors: the first part watches the loss for the stopping rule, the rest sets the threshold.
     holdout = data.holdout(65536) if data.n_holdout >= 2 else sample.cpu()[:4096] / scale
-    watch = (holdout[: min(8192, max(1, len(holdout) // 4))].to(device) * scale)
+    watch = holdout[: min(8192, max(1, len(holdout) // 4))].to(device) * scale
+    return scale, holdout, watch
 
-    k_aux = options.k_aux or max(1, store.d_in // 2)
-    dead_after = options.dead_after or 10 * options.batch_size
-    since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
-    learning_rate = options.learning_rate or default_learning_rate(sae.d_sae)
-    optimiser = torch.optim.Adam(sae.parameters(), lr=learning_rate, betas=(0.9, 0.999))
-    steps_per_epoch = math.ceil(data.n_train / options.batch_size)
-    total_steps = max(1, math.ceil(options.epochs * steps_per_epoch))
-    if options.max_steps:
-        total_steps = min(total_steps, options.max_steps)
-    warmup = options.warmup_steps if options.warmup_steps is not None else min(1000, total_steps // 20)
-    schedule = _Schedule(total_steps, warmup, options.decay_fraction)
-    where = f"{device.type}" + (f", {world.size} workers" if world.size > 1 else "") + (", streaming shards" if streaming else "")
-    log(
-        f"Training BatchTopK SAE: d_in {store.d_in}, {sae.d_sae} latents, k {options.k}, "
-        f"{data.n_train} training vectors, up to {total_steps} steps of {options.batch_size} on {where} "
-        f"(lr {learning_rate:.2g}, init {options.init})"
-    )
-    history, evaluations = [], []
-    best_nmse, stale = math.inf, 0
-    step = 0
-    elapsed = 0.0
-    if resume is not None:
-        sae.load_state_dict(resume["sae"])
-        optimiser.load_state_dict(resume["optimiser"])
-        since_fired.copy_(resume["since_fired"].to(device))
-        step, best_nmse, stale, elapsed = resume["step"], resume["best_nmse"], resume["stale"], resume["seconds"]
-        history, evaluations = resume["history"], resume["evaluations"]
-        schedule.decay_start, schedule.decay_length = resume["decay_start"], resume["decay_length"]
-        log(f"Resuming at step {step} from a checkpoint")
-    forward = world.forward(sae)
-    start_time = time.monotonic() - elapsed
-    bar = tqdm(total=total_steps, initial=step, desc="train-sae", unit="step", disable=not sys.stderr.isatty() or world.rank != 0)
-    for batch in data.batches(options.batch_size, skip=step):
-        if schedule.finished(step):
-            break
-        for group in optimiser.param_groups:
-            group["lr"] = learning_rate * schedule.factor(step)
-        x = batch.to(device) * scale
-        x_hat, latents = forward(x)
-        dead = since_fired >= dead_after
-        loss, mse, aux = training_loss(sae, x, x_hat, dead, k_aux, options.aux_coefficient)
-        optimiser.zero_grad(set_to_none=True)
+
+class _Run:
+    """One training run's moving parts: optimiser, schedule, dead-latent counters, the stopping rule's state and
+    the history; :meth:`state` is what a checkpoint keeps besides the weights and the optimiser."""
+
+    def __init__(self, sae: BatchTopKSAE, options: SAETrainingOptions, n_train: int, world: TrainingWorld, device: torch.device):
+        self.sae, self.options, self.world = sae, options, world
+        self.k_aux = options.k_aux or max(1, sae.config.d_in // 2)
+        self.dead_after = options.dead_after or 10 * options.batch_size
+        self.since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)
+        self.learning_rate = options.learning_rate or default_learning_rate(sae.d_sae)
+        self.optimiser = torch.optim.Adam(sae.parameters(), lr=self.learning_rate, betas=(0.9, 0.999))
+        total_steps = max(1, math.ceil(options.epochs * math.ceil(n_train / options.batch_size)))
+        if options.max_steps:
+            total_steps = min(total_steps, options.max_steps)
+        warmup = options.warmup_steps if options.warmup_steps is not None else min(1000, total_steps // 20)
+        self.schedule = _Schedule(total_steps, warmup, options.decay_fraction)
+        self.history: list[dict] = []
+        self.evaluations: list[dict] = []
+        self.best_nmse, self.stale, self.step = math.inf, 0, 0
+        self.forward = world.forward(sae)
+        self.start_time = time.monotonic()
+
+    def resume(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.since_fired.copy_(state["since_fired"].to(self.since_fired.device))
+        self.step, self.best_nmse, self.stale = state["step"], state["best_nmse"], state["stale"]
+        self.history, self.evaluations = state["history"], state["evaluations"]
+        self.schedule.decay_start, self.schedule.decay_length = state["decay_start"], state["decay_length"]
+        self.start_time = time.monotonic() - state["seconds"]
+
+    def state(self) -> dict:
+        return {"step": self.step, "best_nmse": self.best_nmse, "stale": self.stale, "decay_start": self.schedule.decay_start,
+                "decay_length": self.schedule.decay_length, "history": self.history, "evaluations": self.evaluations,
+                "seconds": time.monotonic() - self.start_time}  # fmt: skip
+
+    def train_step(self, x: torch.Tensor):
+        """One optimiser step on normalised vectors ``x``; returns what :meth:`record` reads."""
+        sae, options = self.sae, self.options
+        for group in self.optimiser.param_groups:
+            group["lr"] = self.learning_rate * self.schedule.factor(self.step)
+        x_hat, latents = self.forward(x)
+        dead = self.since_fired >= self.dead_after
+        loss, mse, aux = training_loss(sae, x, x_hat, dead, self.k_aux, options.aux_coefficient)
+        self.optimiser.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_gradient()
         if options.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), options.grad_clip)
-        optimiser.step()
+        self.optimiser.step()
         sae.normalise_decoder()
         with torch.no_grad():
-            since_fired += x.shape[0] * world.size
-            if world.size == 1:
-                since_fired[latents.unique()] = 0
+            self.since_fired += x.shape[0] * self.world.size
+            if self.world.size == 1:
+                self.since_fired[latents.unique()] = 0
             else:
-                fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=device)
+                fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
                 fired[latents] = True
-                since_fired[world.fired_anywhere(fired)] = 0
-        step += 1
-        bar.update(1)
-        if step % options.eval_every == 0 and step > warmup:
-            nmse = world.agree(_heldout_nmse(sae, watch))
-            evaluations.append({"step": step, "heldout_nmse": nmse})
-            if nmse < best_nmse * (1 - options.min_delta):
-                best_nmse, stale = nmse, 0
-            else:
-                stale += 1
-            if options.patience is not None and stale >= options.patience and schedule.decay_start is None:
-                schedule.start_decay(step)
-                log(f"step {step:6d}  held-out loss has plateaued (1-EV {nmse:.4f}): decaying the learning rate over {schedule.decay_length} steps")
-        if step % options.log_every == 0 or schedule.finished(step):
-            record = {
-                "step": step,
-                "mse": mse.item(),
-                "aux": aux.item(),
-                "explained_variance": explained_variance(x, x_hat.detach()),
-                "l0": len(latents) / x.shape[0],
-                "dead_fraction": float(dead.float().mean()),
-                "learning_rate": optimiser.param_groups[0]["lr"],
-                "seconds": round(time.monotonic() - start_time, 1),
-            }
-            history.append(record)
-            log(
-                f"step {step:6d}  mse {record['mse']:.4f}  EV {record['explained_variance']:.3f}  "
-                f"L0 {record['l0']:.1f}  dead {record['dead_fraction']:.3f}  lr {record['learning_rate']:.2g}"
-            )
-        if step % options.eval_every == 0 and step > warmup:
-            world.checkpoint({
-                "sae": sae, "optimiser": optimiser, "since_fired": since_fired, "scale": scale, "step": step, "best_nmse": best_nmse,
-                "stale": stale, "decay_start": schedule.decay_start, "decay_length": schedule.decay_length,
-                "history": history, "evaluations": evaluations, "seconds": time.monotonic() - start_time,
-            })  # fmt: skip
-        if schedule.finished(step):
-            break
-    bar.close()
+                self.since_fired[self.world.fired_anywhere(fired)] = 0
+        self.step += 1
+        return x, x_hat, latents, mse, aux, dead
 
+    def watch_heldout(self, watch: torch.Tensor, log: Callable[[str], None]) -> None:
+        """The stopping rule: decay the learning rate once the held-out loss stops improving for ``patience``
+        evaluations."""
+        nmse = self.world.agree(_heldout_nmse(self.sae, watch))
+        self.evaluations.append({"step": self.step, "heldout_nmse": nmse})
+        if nmse < self.best_nmse * (1 - self.options.min_delta):
+            self.best_nmse, self.stale = nmse, 0
+        else:
+            self.stale += 1
+        if self.options.patience is not None and self.stale >= self.options.patience and self.schedule.decay_start is None:
+            self.schedule.start_decay(self.step)
+            log(f"step {self.step:6d}  held-out loss has plateaued (1-EV {nmse:.4f}): decaying the learning rate over {self.schedule.decay_length} steps")
+
+    def record(self, x, x_hat, latents, mse, aux, dead, log: Callable[[str], None]) -> None:
+        record = {
+            "step": self.step,
+            "mse": mse.item(),
+            "aux": aux.item(),
+            "explained_variance": explained_variance(x, x_hat.detach()),
+            "l0": len(latents) / x.shape[0],
+            "dead_fraction": float(dead.float().mean()),
+            "learning_rate": self.optimiser.param_groups[0]["lr"],
+            "seconds": round(time.monotonic() - self.start_time, 1),
+        }
+        self.history.append(record)
+        log(
+            f"step {self.step:6d}  mse {record['mse']:.4f}  EV {record['explained_variance']:.3f}  "
+            f"L0 {record['l0']:.1f}  dead {record['dead_fraction']:.3f}  lr {record['learning_rate']:.2g}"
+        )
+
+
+def _finish(sae: BatchTopKSAE, store: ActivationStore, options: SAETrainingOptions, run: _Run, scale: float,
+            holdout: torch.Tensor, streaming: bool, resume: dict | None, log: Callable[[str], None]) -> dict:  # fmt: skip
+    """Fold in the scale, set the inference threshold on half of the held-out vectors and measure it on the other
+    half; the training report (also kept in ``sae.config.training`` without the history)."""
     with torch.no_grad():
         sae.norm_scale.fill_(scale)
-    # Half of the held-out vectors set the threshold, the other half measures it (L0, EV, dead latents).
     half = len(holdout) // 2
     theta = estimate_threshold(sae, holdout[:half][:16384])
     evaluation = evaluate_reconstruction(sae, holdout[half:])
     log(
         f"Held-out ({len(holdout)} vectors): EV {evaluation['explained_variance']:.3f}  "
         f"L0 {evaluation['l0']:.1f} (k {options.k})  dead {evaluation['dead_fraction']:.3f}  threshold {theta:.4g}  "
-        f"after {step} steps"
+        f"after {run.step} steps"
     )
     report = {
         "options": asdict(options),
-        "learning_rate": learning_rate,
+        "learning_rate": run.learning_rate,
         "store": str(store.folder),
         "vectors": len(store),
         "cohort": store.manifest.get("cohort"),
         "norm_scale": scale,
-        "steps": step,
-        "stopped_early": step < total_steps,
-        "history": history,
-        "evaluations": evaluations,
+        "steps": run.step,
+        "stopped_early": run.step < run.schedule.total,
+        "history": run.history,
+        "evaluations": run.evaluations,
         "holdout": evaluation,
-        "seconds": round(time.monotonic() - start_time, 1),
+        "seconds": round(time.monotonic() - run.start_time, 1),
     }
     if streaming:
         report["order"] = "shards"
-        report["workers"] = world.size
+        report["workers"] = run.world.size
     if resume is not None:
         report["resumed_at_step"] = resume["step"]
     sae.config.training = {k: v for k, v in report.items() if k not in ("history", "evaluations")}
-    return sae, report
+    return report
 
 
 def save_training_report(report: dict, folder: str | Path) -> Path:
