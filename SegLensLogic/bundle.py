@@ -502,9 +502,8 @@ def build_bundle(
     Returns:
         The loaded, validated bundle.
     """
-    from .networks import load_segmenter, weights_sha256
-    from .sae import BatchTopKSAE, sae_sha256
-    from .sae.model import NoThresholdError
+    from .networks import load_segmenter
+    from .sae import BatchTopKSAE
 
     out = Path(out)
     if out.exists() and not overwrite:
@@ -512,8 +511,57 @@ def build_bundle(
     model_dir, sae_dir = Path(model_dir), Path(sae_dir)
     model = load_segmenter(model_dir, device="cpu")
     sae = BatchTopKSAE.load(sae_dir)
-    config = model.config
-    hook = sae.config.hook_point or config.hook_point
+    hook, model_sha, sae_sha = _check_inputs(model, sae, model_dir, sae_dir, labels, suggestions, alignments)
+    tmp = staging_folder(out, suffix=".tmp")
+    try:
+        _copy_files(model_dir, MODEL_FILES, tmp / "model")
+        _copy_files(sae_dir, SAE_FILES, tmp / "sae")
+        if card is not None and not Path(card).is_file():
+            raise InputFileError(card, "model card not found")
+        parts = {"labels": _copy_part(labels, tmp, "latents.json"), "card": _copy_part(card, tmp, "MODEL_CARD.md"),
+                 "suggestions": _copy_part(suggestions, tmp, "suggestions.json"),
+                 "alignments": [_copy_part(path, tmp, f"alignments/{Path(path).name}") for path in alignments]}  # fmt: skip
+        config = model.config
+        manifest = {
+            "format_version": BUNDLE_FORMAT_VERSION,
+            "kind": BUNDLE_KIND,
+            "name": name,
+            "cohort": cohort or config.training.get("cohort"),
+            "seglens_version": _version(),
+            "model": {"path": "model", "arch": config.arch, "hook_point": hook, "sha256": model_sha},
+            "sae": {"path": "sae", "d_in": sae.config.d_in, "d_sae": sae.config.d_sae, "k": sae.config.k,
+                    "threshold": sae.config.threshold, "hook_point": hook, "sha256": sae_sha},
+            "labels": parts["labels"],
+            "alignments": parts["alignments"],
+            "card": parts["card"],
+            "figures": figures,
+            "suggestions": parts["suggestions"],
+            "classes": {"names": list(config.class_names), "colours": class_colours(config.label_scheme, config.num_classes),
+                        "label_scheme": config.label_scheme},
+            "preprocessing": {"modalities": list(config.modalities), "image_size": config.image_size,
+                              "crop_to_brain": config.crop_to_brain, "missing_modalities": "zero" if config.accepts_missing_modalities else "refused",
+                              "label_scheme": config.label_scheme, "slice_axis": "axial (RAS k)",
+                              "intensity": "z-score inside the brain per modality"},
+            "files": {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
+        }  # fmt: skip
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+        load_bundle(tmp)  # the bundle must validate before it is published (labels/alignments for this SAE)
+        publish_folder(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_bundle(out)
+
+
+def _check_inputs(model, sae, model_dir: Path, sae_dir: Path, labels, suggestions, alignments) -> tuple[str, str, str]:
+    """Check that the SAE reads one of the model's hook points, has its inference threshold and was trained on
+    this model, and that every other part is for this SAE, before anything is copied (so that an error names the
+    user's file, not its copy in the staging folder). Returns ``(hook, model sha256, SAE sha256)``."""
+    from .networks import weights_sha256
+    from .sae import sae_sha256
+    from .sae.model import NoThresholdError
+
+    hook = sae.config.hook_point or model.config.hook_point
     shapes = model.hook_points()
     if hook not in shapes:
         raise InputFileError(sae_dir / SAE_FILES[0], f"hook point '{hook}' is not one of the model's ({', '.join(shapes)})")
@@ -529,14 +577,10 @@ def build_bundle(
     model_sha, sae_sha = weights_sha256(model_dir), sae_sha256(sae_dir)
     if sae.config.model_sha256 and sae.config.model_sha256 != model_sha:
         raise InputFileError(sae_dir / SAE_FILES[0], f"SAE was trained on another model than {model_dir}")
-    alignment_names = []
-    for path in alignments:
-        stem = Path(path).name
-        if stem in alignment_names:
-            raise SegLensError(f"two alignment files are named {stem}; rename one")
-        alignment_names.append(stem)
-    # Every part is read with its own loader and checked against this SAE before anything is copied, so that an
-    # error names the user's file (not its copy in the staging folder).
+    names = [Path(path).name for path in alignments]
+    for name in names:
+        if names.count(name) > 1:
+            raise SegLensError(f"two alignment files are named {name}; rename one")
     if labels is not None:
         from .interpretation.latent_labels import load_latent_labels
 
@@ -550,68 +594,16 @@ def build_bundle(
 
         for path in alignments:
             load_alignment(path).check_sae(sae_sha, sae.d_sae, sae.config.d_in, whose="the bundle's SAE")
+    return hook, model_sha, sae_sha
 
-    tmp = staging_folder(out, suffix=".tmp")
-    try:
-        _copy_files(model_dir, MODEL_FILES, tmp / "model")
-        _copy_files(sae_dir, SAE_FILES, tmp / "sae")
-        labels_rel = None
-        if labels is not None:
-            labels = Path(labels)
-            labels_rel = "latents.json"
-            shutil.copyfile(labels, tmp / labels_rel)
-        card_rel = None
-        if card is not None:
-            card = Path(card)
-            if not card.is_file():
-                raise InputFileError(card, "model card not found")
-            card_rel = "MODEL_CARD.md"
-            shutil.copyfile(card, tmp / card_rel)
-        suggestions_rel = None
-        if suggestions is not None:
-            suggestions_rel = "suggestions.json"
-            shutil.copyfile(suggestions, tmp / suggestions_rel)
-        alignment_rels = []
-        for path in alignments:
-            path = Path(path)
-            (tmp / "alignments").mkdir(exist_ok=True)
-            relative = f"alignments/{path.name}"
-            shutil.copyfile(path, tmp / relative)
-            alignment_rels.append(relative)
-        files = {
-            str(p.relative_to(tmp).as_posix()): file_sha256(p)
-            for p in sorted(tmp.rglob("*"))
-            if p.is_file()
-        }
-        manifest = {
-            "format_version": BUNDLE_FORMAT_VERSION,
-            "kind": BUNDLE_KIND,
-            "name": name,
-            "cohort": cohort or config.training.get("cohort"),
-            "seglens_version": _version(),
-            "model": {"path": "model", "arch": config.arch, "hook_point": hook, "sha256": model_sha},
-            "sae": {"path": "sae", "d_in": sae.config.d_in, "d_sae": sae.config.d_sae, "k": sae.config.k,
-                    "threshold": sae.config.threshold, "hook_point": hook, "sha256": sae_sha},
-            "labels": labels_rel,
-            "alignments": alignment_rels,
-            "card": card_rel,
-            "figures": figures,
-            "suggestions": suggestions_rel,
-            "classes": {"names": list(config.class_names), "colours": class_colours(config.label_scheme, config.num_classes),
-                        "label_scheme": config.label_scheme},
-            "preprocessing": {"modalities": list(config.modalities), "image_size": config.image_size,
-                              "crop_to_brain": config.crop_to_brain, "missing_modalities": "zero" if config.accepts_missing_modalities else "refused",
-                              "label_scheme": config.label_scheme, "slice_axis": "axial (RAS k)",
-                              "intensity": "z-score inside the brain per modality"},
-            "files": files,
-        }  # fmt: skip
-        atomic_write_json(tmp / MANIFEST_NAME, manifest)
-        load_bundle(tmp)  # the bundle must validate before it is published (labels/alignments for this SAE)
-        publish_folder(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return load_bundle(out)
+
+def _copy_part(source: str | Path | None, folder: Path, relative: str) -> str | None:
+    """Copy an optional part into the bundle folder at ``relative``; its path in the manifest (None when absent)."""
+    if source is None:
+        return None
+    (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, folder / relative)
+    return relative
 
 
 def _version() -> str:
