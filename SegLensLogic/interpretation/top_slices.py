@@ -215,14 +215,7 @@ def interpret_cohort(
     if top_k < 1:
         raise SegLensError(f"top-K must be at least 1, got {top_k}")
     d_sae = sae.d_sae
-    hook = sae.config.hook_point or model.config.hook_point
-    hooks = model.hook_points()
-    if hook not in hooks:
-        raise SegLensError(f"the SAE was trained on hook '{hook}', which this model does not have ({', '.join(hooks)})")
-    grid = tuple(hooks[hook][1:])
-    for case in cohort:  # before any work: an unlabelled case would stop the pass half-way
-        if case.label is None:
-            raise InputFileError(str(case.folder or case.case_id), f"case '{case.case_id}' has no label map; interpretation needs labelled cases")
+    hook, grid = _check_interpretable(model, sae, cohort)
     split_cases = split_halves(len(cohort), splits, seed) if len(cohort) >= 2 else []
     class_names: tuple[str, ...] | None = None
     full = halves = None
@@ -259,16 +252,7 @@ def interpret_cohort(
         brain = prepared.brain_mask[:, :, codes.slices]
         class_voxels += np.bincount(prepared.label[:, :, codes.slices][brain].astype(np.int64), minlength=len(class_names))[: len(class_names)]
 
-        # This case's best K slices per latent, as (d_sae, K) candidates.
-        scores = _case_scores(codes, score)  # (S, d_sae)
-        k = min(top_k, len(codes.slices))
-        best = np.argsort(-scores, axis=0, kind="stable")[:k].T  # (d_sae, k) encoded-slice numbers
-        cand = np.take_along_axis(scores.T, best, axis=1)
-        cand = np.where(cand > 0, cand, -np.inf)
-        if k < top_k:
-            pad = top_k - k
-            cand = np.pad(cand, ((0, 0), (0, pad)), constant_values=-np.inf)
-            best = np.pad(best, ((0, 0), (0, pad)))
+        cand, best = _top_candidates(codes, score, top_k)
         members = [full] + [pair[0] if index in a else pair[1] for pair, (a, _) in zip(halves, split_cases)]
         enter = [cand > acc.threshold()[:, None] for acc in members]
         needed = np.logical_or.reduce(enter)
@@ -296,6 +280,34 @@ def interpret_cohort(
         grid=grid,
         options=options,
     )
+
+
+def _check_interpretable(model: Segmenter, sae: BatchTopKSAE, cohort: Cohort) -> tuple[str, tuple[int, ...]]:
+    """The SAE's hook point on this model and its grid; refuses, before any work, an SAE of a hook the model
+    lacks and an unlabelled case (which would stop the pass half-way)."""
+    hook = sae.config.hook_point or model.config.hook_point
+    hooks = model.hook_points()
+    if hook not in hooks:
+        raise SegLensError(f"the SAE was trained on hook '{hook}', which this model does not have ({', '.join(hooks)})")
+    for case in cohort:
+        if case.label is None:
+            raise InputFileError(str(case.folder or case.case_id), f"case '{case.case_id}' has no label map; interpretation needs labelled cases")
+    return hook, tuple(hooks[hook][1:])
+
+
+def _top_candidates(codes, score: str, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A case's best ``top_k`` slices per latent: ``(scores, slices)``, both ``(d_sae, top_k)`` (encoded-slice
+    numbers; -inf scores where the latent is silent or the case has fewer slices)."""
+    scores = _case_scores(codes, score)  # (S, d_sae)
+    k = min(top_k, len(codes.slices))
+    best = np.argsort(-scores, axis=0, kind="stable")[:k].T
+    cand = np.take_along_axis(scores.T, best, axis=1)
+    cand = np.where(cand > 0, cand, -np.inf)
+    if k < top_k:
+        pad = top_k - k
+        cand = np.pad(cand, ((0, 0), (0, pad)), constant_values=-np.inf)
+        best = np.pad(best, ((0, 0), (0, pad)))
+    return cand, best
 
 
 def _candidate_metrics(codes, best, needed, class_names, prepared, options, num_metrics):
