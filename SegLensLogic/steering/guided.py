@@ -280,24 +280,8 @@ def guided_edits(
     prepared = forward.prepared
     model = forward.model
     spacing = _ras_spacing(prepared)
-    slab = region = hint_region(hints, prepared.num_slices, spacing[2], options.margin_mm)
-    grown = None
-    if options.region == "near":
-        grown = near_region(hints, current_ras, prepared.brain_mask, slab, spacing, options.near_mm)
-        region = Region.from_mask(prepared.to_input_grid(grown))
-    elif options.region == "features":
-        if codes is None:
-            raise SegLensError("a feature region needs the case's latent codes")
-        grown = feature_region(codes, forward, sae, hints, slab, options.similarity)
-        if grown is not None:
-            region = Region.from_mask(prepared.to_input_grid(grown))
-    hinted = np.unique([h.slice for h in hints])
-    # The keep term also reads slices spread over the slab, so the edit is held where no hint speaks.
-    spread = np.arange(slab.start, slab.stop, max(1, int(round(options.keep_every_mm / spacing[2]))))
-    slices = np.unique(np.concatenate([hinted, [z for z in spread if int(z) in forward.slice_position]])).astype(np.int64)
-    missing = [int(z) for z in slices if int(z) not in forward.slice_position]
-    if missing:
-        raise SegLensError(f"hinted slice(s) {missing} hold no brain the model sees")
+    slab, region, grown = _fit_region(forward, sae, hints, current_ras, codes, options, spacing)
+    slices = _fit_slices(hints, slab, forward, spacing, options)
     positions = np.array([forward.slice_position[int(z)] for z in slices])
     index = torch.as_tensor(positions, dtype=torch.long, device=forward.device)
     with torch.no_grad():
@@ -339,20 +323,15 @@ def guided_edits(
             if options.at_hints:  # only latents that fire where the hints are: a scale acts where its latent fires
                 near = _hint_neighbourhood(targets.hint_masks, prepared, slices, forward.grid).reshape(-1).to(dense.device)
                 active = torch.nonzero((dense * near[:, None]).sum(dim=0) > 0).flatten().tolist()
-        if random_seed is not None and candidates is None:
-            # The control: as many latents, drawn among all that fire in the fitted slices (no aim in the choice).
-            rng = np.random.default_rng(random_seed)
-            count = min(options.candidates, len(active) or options.candidates, len(in_slices))
-            latents = tuple(int(j) for j in rng.choice(in_slices, size=count, replace=False)) if in_slices else ()
-            scores = ()
-        elif candidates is None:
+        if candidates is not None:
+            latents, scores = tuple(int(j) for j in candidates if int(j) in set(in_slices)), ()
+        elif random_seed is not None:
+            latents, scores = _random_latents(in_slices, active, options.candidates, random_seed), ()
+        else:
             attribution = _attribution(sae, vectors, weights, active, logits_of, loss_of, forward.device)
             order = np.argsort(-np.abs(attribution), kind="stable")[: options.candidates]
             latents = tuple(int(active[i]) for i in order)
             scores = tuple(float(attribution[i]) for i in order)
-        else:
-            latents = tuple(int(j) for j in candidates if int(j) in set(in_slices))
-            scores = ()
         if not latents:
             return GuidedFix([], (), (), region, scores, [], time.perf_counter() - started, rule)
         with torch.no_grad():
@@ -386,6 +365,46 @@ def guided_edits(
     edits = [LatentEdit((j,), "scale", round(a, 4), region=region, labels=rule) for j, a in zip(latents, alphas)
              if abs(a - 1.0) >= options.min_change]  # fmt: skip
     return GuidedFix(edits, latents, alphas, region, scores, losses, time.perf_counter() - started, rule)
+
+
+def _fit_region(forward, sae: SparseDictionary, hints: Sequence[HintVoxel], current_ras: np.ndarray, codes,
+                options: GuidedOptions, spacing) -> tuple[Region, Region, np.ndarray | None]:  # fmt: skip
+    """Where the fix may act: ``(slab, region, grown)``: the slab of slices around the hints, the region the
+    edit is applied in (the slab, or ``options.region``'s mask grown from the hints, on the input grid) and that
+    grown mask in RAS order (None for the slab)."""
+    prepared = forward.prepared
+    slab = region = hint_region(hints, prepared.num_slices, spacing[2], options.margin_mm)
+    grown = None
+    if options.region == "near":
+        grown = near_region(hints, current_ras, prepared.brain_mask, slab, spacing, options.near_mm)
+        region = Region.from_mask(prepared.to_input_grid(grown))
+    elif options.region == "features":
+        if codes is None:
+            raise SegLensError("a feature region needs the case's latent codes")
+        grown = feature_region(codes, forward, sae, hints, slab, options.similarity)
+        if grown is not None:
+            region = Region.from_mask(prepared.to_input_grid(grown))
+    return slab, region, grown
+
+
+def _fit_slices(hints: Sequence[HintVoxel], slab: Region, forward, spacing, options: GuidedOptions) -> np.ndarray:
+    """The slices the fit reads: the hinted ones and, for the keep term, slices spread over the slab (so the edit
+    is held where no hint speaks)."""
+    hinted = np.unique([h.slice for h in hints])
+    spread = np.arange(slab.start, slab.stop, max(1, int(round(options.keep_every_mm / spacing[2]))))
+    slices = np.unique(np.concatenate([hinted, [z for z in spread if int(z) in forward.slice_position]])).astype(np.int64)
+    missing = [int(z) for z in slices if int(z) not in forward.slice_position]
+    if missing:
+        raise SegLensError(f"hinted slice(s) {missing} hold no brain the model sees")
+    return slices
+
+
+def _random_latents(in_slices: list[int], active: list[int], count: int, seed: int) -> tuple[int, ...]:
+    """The random-latent control: as many latents as the aimed fix would fit, drawn with ``seed`` among all that
+    fire in the fitted slices (no aim in the choice)."""
+    rng = np.random.default_rng(seed)
+    count = min(count, len(active) or count, len(in_slices))
+    return tuple(int(j) for j in rng.choice(in_slices, size=count, replace=False)) if in_slices else ()
 
 
 def _attribution(sae, vectors, weights, active, logits_of, loss_of, device) -> np.ndarray:
