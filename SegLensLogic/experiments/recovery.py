@@ -262,8 +262,7 @@ def failure_recovery_report(
         class_max_dice: class failures are cases whose class Dice is below this (or the ``worst`` lowest if none).
     """
     from .diagnosis import ranking_rows
-    from .baselines import baseline_sweeps
-    from .tables import Report, plot_mode_effects, plot_recovery
+    from .tables import Report
 
     report = Report("failure-recovery", f"Failure recovery by latent steering{f' ({population})' if population else ''}")
     class_names = list(experiment.class_names)
@@ -276,7 +275,38 @@ def failure_recovery_report(
     metrics = ["dice_mean"] + [f"dice_{s}" for s in class_short_names(class_names).values()]
     report.table("ranking", "Cases ranked by mean Dice (unedited model)", ranking_rows(runs), ["rank", "case"] + metrics)
 
-    # Instance level (figure 6, table 3).
+    failures = _instance_level(report, experiment, runs, worst, max_dice, alphas, top, margin, folds, metrics, seed, population)
+    class_failures = [r for r in runs if r.base_scores[class_metric] < class_max_dice]
+    if len(class_failures) < 2:
+        class_failures = sorted(runs, key=lambda r: r.base_scores[class_metric])[: max(worst, 2)]
+    failure_ids = {r.case_id for r in class_failures}
+    try:
+        latents, source = _class_latents(runs, reference, failure_ids, cls, class_name, class_latents, labels, n_class_latents)
+    except _NoClassLatents as error:
+        # The instance-level results stand on their own: keep them, say why the class level is missing.
+        experiment.log(f"Class-level steering skipped: {error}")
+        report.notes += _instance_notes(runs, failures, top, margin, folds, population)
+        report.notes.append(f"Class-level steering (figure 7, table 4) skipped: {error} (give --labels or --class-latents).")
+        return report
+    _class_level(report, experiment, class_failures, latents, cls, class_name, class_metric, folds, margin, metrics, seed)
+    report.notes += _instance_notes(runs, failures, top, margin, folds, population) + [
+        f"{class_name} failure cases: {class_name} Dice < {class_max_dice} (else the lowest). Class latents {latents}, chosen from {source}.",
+        "Error modes read the ground truth (FP vs FN voxel counts, ratio 2): the per-mode calibrated row needs the mode of a test case, "
+        "which is only known with its ground truth; the 'one setting for all modes' row needs none.",
+    ]
+    return report
+
+
+class _NoClassLatents(SegLensError):
+    """No case to find class latents on from the ground truth: the class level is skipped."""
+
+
+def _instance_level(report, experiment: Experiment, runs, worst, max_dice, alphas, top, margin, folds, metrics, seed, population):
+    """Figure 6 and table 3: scaling each failure case's top latents over the alpha grid, against the baselines,
+    oracle and calibrated. Returns the failure cases."""
+    from .baselines import baseline_sweeps
+    from .tables import plot_recovery
+
     failures = select_failures(runs, worst, max_dice)
     if len(failures) < 2:
         raise SegLensError("fewer than 2 failure cases: calibrated results need one case to calibrate on and one to test")
@@ -295,30 +325,33 @@ def failure_recovery_report(
     calibrated_mean = next(r["dice_mean"] for r in table3 if r["method"] == "latent steering (calibrated)")
     report.figure("figure6_recovery", lambda path, ow: plot_recovery(per_alpha, path, overwrite=ow, oracle_score=oracle_mean,
                   calibrated_score=calibrated_mean, title=f"Failure recovery ({population or 'cohort'}, {len(failures)} cases)"))  # fmt: skip
+    return failures
 
-    # Class level (figure 7, table 4).
-    class_failures = [r for r in runs if r.base_scores[class_metric] < class_max_dice]
-    if len(class_failures) < 2:
-        class_failures = sorted(runs, key=lambda r: r.base_scores[class_metric])[: max(worst, 2)]
-    failure_ids = {r.case_id for r in class_failures}
+
+def _class_latents(runs, reference, failure_ids: set, cls: int, class_name: str, class_latents, labels, n_class_latents: int):
+    """The class latents to steer and where they came from: given, from the labels file, or from their activation
+    share on the class's ground truth in reference cases that are not class failures."""
     if class_latents is not None:
-        latents, source = [int(j) for j in class_latents], "given on the command line"
-    elif labels is not None:
-        latents, source = class_latents_from_labels(labels, class_name), "the latent labels file"
-    else:
-        pool = list(reference) if reference is not None else [r for r in runs if r.case_id not in failure_ids]
-        pool = [r for r in pool if r.case_id not in failure_ids]
-        if not pool:
-            raise SegLensError("no reference case to find class latents on: give --reference, --labels or --class-latents")
-        try:
-            latents = class_latents_from_truth(pool, cls, n_class_latents)
-        except SegLensError as error:
-            # The instance-level results stand on their own: keep them, say why the class level is missing.
-            experiment.log(f"Class-level steering skipped: {error}")
-            report.notes += _instance_notes(runs, failures, top, margin, folds, population)
-            report.notes.append(f"Class-level steering (figure 7, table 4) skipped: {error} (give --labels or --class-latents).")
-            return report
-        source = f"their activation share on ground-truth {class_name} in {len(pool)} reference case(s) not evaluated here"
+        return [int(j) for j in class_latents], "given on the command line"
+    if labels is not None:
+        return class_latents_from_labels(labels, class_name), "the latent labels file"
+    pool = list(reference) if reference is not None else [r for r in runs if r.case_id not in failure_ids]
+    pool = [r for r in pool if r.case_id not in failure_ids]
+    if not pool:
+        raise SegLensError("no reference case to find class latents on: give --reference, --labels or --class-latents")
+    try:
+        latents = class_latents_from_truth(pool, cls, n_class_latents)
+    except SegLensError as error:
+        raise _NoClassLatents(str(error)) from error
+    return latents, f"their activation share on ground-truth {class_name} in {len(pool)} reference case(s) not evaluated here"
+
+
+def _class_level(report, experiment: Experiment, class_failures, latents, cls: int, class_name: str, class_metric: str, folds, margin,
+                 metrics, seed) -> None:  # fmt: skip
+    """Figure 7 and table 4: each intervention on the class latents per error mode, against the baselines."""
+    from .baselines import baseline_sweeps
+    from .tables import plot_mode_effects
+
     experiment.log(f"Class-level sweep on {len(class_failures)} {class_name} failure cases, latents {latents}")
     class_sweeps = class_sweep(experiment, class_failures, latents, cls)
     effects = mode_effect_rows(class_sweeps, class_metric)
@@ -331,9 +364,3 @@ def failure_recovery_report(
     report.table("table4_cases", "Table 4 per case: error mode and settings chosen", cases4)
     report.table("table4_choices", "Calibrated choices per fold and error mode", choice_rows(choices4))
     report.figure("figure7_mode_effects", lambda path, ow: plot_mode_effects(effects, path, class_metric, overwrite=ow))
-    report.notes += _instance_notes(runs, failures, top, margin, folds, population) + [
-        f"{class_name} failure cases: {class_name} Dice < {class_max_dice} (else the lowest). Class latents {latents}, chosen from {source}.",
-        "Error modes read the ground truth (FP vs FN voxel counts, ratio 2): the per-mode calibrated row needs the mode of a test case, "
-        "which is only known with its ground truth; the 'one setting for all modes' row needs none.",
-    ]
-    return report
