@@ -171,20 +171,36 @@ def hints_headline(results: dict) -> list[str]:
 def model_card(build) -> tuple[str, dict]:
     """``(markdown, figures)`` of a build whose steps up to ``evaluation`` have finished."""
     p = build.pipeline
+    lines = [
+        *_card_opening(build),
+        *_segmentation_section(p.outputs("split"), p.outputs("evaluation")),
+        *_sae_section(p.outputs("leverage"), p.outputs("sae"), p.outputs("interpret"), p.outputs("evaluation")),
+        *_leverage_section(p.outputs("leverage")),
+        *_populations_section(p.outputs("populations")),
+        *_steering_section(build.settings, p.outputs("repair")),
+        *(hints_section(p.outputs("hints")["results"]) + [""] if p.done("hints") else []),
+        "## Data licences and citations",
+        CITATIONS,
+        "",
+    ]
+    return "\n".join(lines), card_figures(build)
+
+
+def card_figures(build) -> dict:
+    """The card's measured numbers, kept in the bundle's manifest (``figures``: what the Slicer panel shows)."""
+    p = build.pipeline
     s = build.settings
     split, base = p.outputs("split"), p.outputs("base")
-    leverage, sae, labels = p.outputs("leverage"), p.outputs("sae"), p.outputs("interpret")
+    leverage, sae = p.outputs("leverage"), p.outputs("sae")
     populations, evaluation, repair = p.outputs("populations"), p.outputs("evaluation"), p.outputs("repair")
-    test, shifted = evaluation["segmentation"]["test"], evaluation["segmentation"]["brats2013"]
-    sae_metrics = evaluation["sae"]
-    chosen = sae["chosen"]
-    figures = {
+    sae_metrics, chosen = evaluation["sae"], sae["chosen"]
+    return {
         "training": {"cases": split["train"], "validation_cases": split["validation"], "test_cases": split["test"],
                      "held_out_cohort": split["brats2013"], "epochs": base["epochs"], "best_epoch": base["best_epoch"],
                      "wall_time_minutes": round(base["seconds"] / 60, 1), "hardware": hardware(),
                      "arch": s.arch, "image_size": s.image_size, "crop_to_brain": s.crop_to_brain},
-        "dice_test": test["mean"],
-        "dice_brats2013": shifted["mean"],
+        "dice_test": evaluation["segmentation"]["test"]["mean"],
+        "dice_brats2013": evaluation["segmentation"]["brats2013"]["mean"],
         "hook_point": leverage["hook"],
         "sae": {"k": chosen["k"], "expansion": chosen["expansion"], "explained_variance": sae_metrics["explained_variance"],
                 "l0": sae_metrics["l0"], "dead_fraction": sae_metrics["dead_fraction"], "dice_recovered": sae_metrics["dice_recovered"],
@@ -196,8 +212,13 @@ def model_card(build) -> tuple[str, dict]:
         "goals": GOALS,
         **({"hints": hints_figures(p.outputs("hints")["results"])} if p.done("hints") else {}),
     }  # fmt: skip
-    mean = test["mean"]
-    lines = [
+
+
+def _card_opening(build) -> list[str]:
+    """The title, intended use and how the model was made."""
+    s = build.settings
+    split, base, leverage = build.pipeline.outputs("split"), build.pipeline.outputs("base"), build.pipeline.outputs("leverage")
+    return [
         f"# Reference model card: adult glioma, {'SegFormer-' + s.arch.split('-')[1].upper() if s.arch.startswith('segformer') else 'U-Net'}",
         "",
         "**Intended use: research only, not clinical use.** This model segments adult glioma on skull-stripped, co-registered "
@@ -222,6 +243,13 @@ def model_card(build) -> tuple[str, dict]:
         f"- Never trained on nor used for any choice: {', '.join(split['test'])} (BraTS 2018 test cases, one per acquisition "
         f"group) and {', '.join(split['brats2013'])} (BraTS 2013, another release and protocol, T1c and FLAIR only).",
         "",
+    ]
+
+
+def _segmentation_section(split: dict, evaluation: dict) -> list[str]:
+    test, shifted = evaluation["segmentation"]["test"], evaluation["segmentation"]["brats2013"]
+    mean = test["mean"]
+    return [
         "## Segmentation on held-out cases",
         "Dice per class (NC necrotic core, ED edema, ET enhancing tumour) and region (WT whole tumour, TC tumour core):",
         "",
@@ -242,6 +270,12 @@ def model_card(build) -> tuple[str, dict]:
         "",
         f"- {_intervals(shifted['cases'])}",
         "",
+    ]
+
+
+def _sae_section(leverage: dict, sae: dict, labels: dict, evaluation: dict) -> list[str]:
+    sae_metrics, chosen = evaluation["sae"], sae["chosen"]
+    return [
         "## Sparse autoencoder",
         f"- BatchTopK, k {chosen['k']}, expansion {chosen['expansion']} ({chosen['k']} active latents on average of {chosen['expansion']} x d), trained on "
         f"every brain position of the training and validation cases at `{leverage['hook']}`.",
@@ -257,6 +291,11 @@ def model_card(build) -> tuple[str, dict]:
         + (f"; split-half stability {labels['stability']:.2f}." if labels.get("stability") is not None else "."),
         *_label_mass_lines(labels.get("label_mass")),
         "",
+    ]
+
+
+def _leverage_section(leverage: dict) -> list[str]:
+    return [
         "## Hook point: leverage",
         "Scaling each case's five most active tumour latents by alpha at each hook (quick SAE per hook; 'moved': share of the "
         "predicted tumour whose label changes, mean over the alpha grid; oracle gains read the ground truth: upper bounds):",
@@ -265,6 +304,11 @@ def model_card(build) -> tuple[str, dict]:
         "",
         f"Measured on {', '.join(leverage['cases'])}. Chosen: `{leverage['hook']}`.",
         "",
+    ]
+
+
+def _populations_section(populations: dict) -> list[str]:
+    return [
         "## Populations (alignment files)",
         "Models fine-tuned from this one, an SAE on each (independent seed), aligned with this SAE by encoder and decoder cosines "
         "(Hungarian, tau 0.8). Shared: share of this SAE's live latents with a live shared partner. Floors: the same measure "
@@ -277,6 +321,11 @@ def model_card(build) -> tuple[str, dict]:
         "(`seglens degrade --preset ssa`: low SNR, bias field, thick slices). pediatric: synthetic pediatric phantoms (no real "
         "pediatric case is available here), labelled as synthetic.",
         "",
+    ]
+
+
+def _steering_section(s, repair: dict) -> list[str]:
+    return [
         "## Steering real failures",
         f"Failure cases: the test cases under SSA-like acquisition (strengths {', '.join(f'x{v:g}' for v in s.repair_strengths)}), "
         + (f"without {', '.join(s.repair_missing)}, " if s.repair_missing else "") + "and BraTS 2013 cases; a failure has mean Dice < 0.6 or lost "
@@ -290,12 +339,7 @@ def model_card(build) -> tuple[str, dict]:
         "",
         *steering_verdict(repair["summary"]),
         "",
-        *(hints_section(p.outputs("hints")["results"]) + [""] if p.done("hints") else []),
-        "## Data licences and citations",
-        CITATIONS,
-        "",
     ]
-    return "\n".join(lines), figures
 
 
 def _label_mass_lines(measured: dict | None) -> list[str]:
