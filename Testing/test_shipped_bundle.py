@@ -1,8 +1,9 @@
-"""The reference bundle shipped in ``Resources/``: it loads, and it still does what its model card says.
+"""The reference bundles shipped in ``Resources/``: each loads, and still does what its model card says.
 
-The bundle is part of the repository, so these tests fail (never skip) when it is missing or broken. They read one
-held-back BraTS 2018 test case from ``../shared/data`` (skipped with a reason where that folder is absent) and
-compare what the shipped weights do on it with the figures the build wrote on the card.
+Every bundle there is checked (the SegFormer reference and, once published, the U-Net beside it). They are part
+of the repository, so these tests fail (never skip) when one is missing or broken. They read one held-back test
+case from ``../shared/data`` (skipped with a reason where that folder is absent) and compare what the shipped
+weights do on it with the figures the build wrote on the card.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from SegLensLogic.bundle import load_bundle
 from SegLensLogic.data.cases import find_case, read_case
 from SegLensLogic.data.labels import TUMOUR_CLASSES
 from SegLensLogic.segmentation.scores import segmentation_scores
-from SegLensLogic.resources import reference_bundle_path
+from SegLensLogic.resources import REFERENCE_BUNDLE_NAME, resources_folder, shipped_bundles
 from SegLensLogic.sae.trainer import evaluate_reconstruction
 from SegLensLogic.steering import LatentEdit
 from SegLensLogic.steering.encoded import encode_case
@@ -25,19 +26,23 @@ from SegLensLogic.steering.encoded import encode_case
 TUMOUR_CATEGORIES = ("necrotic core", "edema", "enhancing tumour")
 
 
-@pytest.fixture(scope="module")
-def bundle():
-    return load_bundle(reference_bundle_path())  # verifies every file's hash
+# Every shipped bundle (the reference at least: its absence fails the tests, it does not skip them).
+SHIPPED = [p.name for p in shipped_bundles()] or [REFERENCE_BUNDLE_NAME]
+
+
+@pytest.fixture(scope="module", params=SHIPPED)
+def bundle(request):
+    return load_bundle(resources_folder() / request.param)  # verifies every file's hash
 
 
 @pytest.fixture(scope="module")
-def test_case(bundle, brats2018_dir):
-    """The held-back test case with the fewest slices (the card lists the test cases)."""
-    cases = [brats2018_dir / case_id for case_id in bundle.figures["training"]["test_cases"]]
-    for folder in cases:
-        if not folder.is_dir():
-            pytest.skip(f"the shipped bundle's test case {folder} is not in ../shared/data")
-    return find_case(cases[-1])
+def test_case(bundle, shared_data):
+    """The last held-back test case the card lists (in ``brats2018/`` or ``brats-extra/``)."""
+    case_id = bundle.figures["training"]["test_cases"][-1]
+    for family in ("brats2018", "brats-extra"):
+        if (shared_data / family / case_id).is_dir():
+            return find_case(shared_data / family / case_id)
+    pytest.skip(f"the shipped bundle's test case {case_id} is not in {shared_data}")
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +64,10 @@ def card_row(bundle, case_id: str) -> dict[str, float]:
 
 def test_the_shipped_bundle_is_complete_and_says_what_it_is(bundle):
     figures = bundle.figures
-    assert bundle.name == "adult-glioma" and bundle.modalities == ["t1n", "t1c", "t2w", "t2f"]
+    assert bundle.name.startswith("adult-glioma") and bundle.modalities == ["t1n", "t1c", "t2w", "t2f"]
     assert bundle.class_names == list(TUMOUR_CLASSES)
-    assert bundle.load_model(device="cpu").config.arch.startswith("segformer")
+    # The folder says which architecture it holds (adult-glioma-segformer, adult-glioma-unet).
+    assert bundle.load_model(device="cpu").config.arch.startswith(bundle.root.name.rsplit("-", 1)[1])
     # The model never trained on its test cases, nor on the BraTS 2013 cohort it is measured on.
     training = figures["training"]
     assert not set(training["cases"]) & set(training["test_cases"])
@@ -151,3 +157,9 @@ def test_evaluating_a_case_without_some_sequences_matches_the_card(bundle, brats
     assert row["case"] == folder.name
     for key, value in card.items():
         assert row[key] == pytest.approx(value, abs=0.05), (key, row[key], value)
+
+
+def test_resources_stay_small_enough_to_ship():
+    """Every shipped bundle together (the extension installs ``Resources/`` beside the module): at most 80 MB."""
+    total = sum(p.stat().st_size for p in resources_folder().rglob("*") if p.is_file())
+    assert total <= 80 * 2**20, f"Resources/ holds {total / 2**20:.1f} MB"

@@ -50,15 +50,19 @@ COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(module for module, _ in P
 
 
 def model_folder(given: str | None) -> Path:
-    """The model folder of ``--model``: a model folder, a bundle's model, or (none given) the shipped reference
-    bundle's model, which is announced."""
+    """The model folder of ``--model``: a model folder, a bundle's, a shipped bundle's by its folder name
+    (``adult-glioma-segformer``, ``adult-glioma-unet``), or (none given) the shipped reference bundle's, which is
+    announced."""
     from ..bundle import MANIFEST_NAME, load_bundle
-    from ..resources import reference_bundle_path
+    from ..resources import reference_bundle_path, resources_folder
 
     if given is None:
         bundle = load_bundle(reference_bundle_path())
         log(f"Using the shipped reference bundle '{bundle.name}' ({bundle.root}); --model chooses another")
         return bundle.model_dir
+    shipped = resources_folder() / given
+    if not Path(given).exists() and Path(given).name == given and (shipped / MANIFEST_NAME).is_file():
+        return load_bundle(shipped).model_dir
     if (Path(given) / MANIFEST_NAME).is_file():
         return load_bundle(given).model_dir
     return Path(given)
@@ -407,7 +411,8 @@ def _add_segmentation_commands(sub) -> None:
     from ..networks.architectures import ARCHITECTURES
 
     p = sub.add_parser("segment", help="segment one case and write its mask on the input's voxel grid")
-    p.add_argument("--model", help="model folder (config.json + model.safetensors) or bundle folder (default: the shipped reference bundle)")
+    p.add_argument("--model", help="model folder (config.json + model.safetensors), bundle folder, or a shipped bundle's name "
+                   "(e.g. adult-glioma-segformer; default: the shipped reference bundle)")
     p.add_argument("--case", type=Path, help="case folder (BraTS 2023/2017-2021/2013 or FreeSurfer names)")
     p.add_argument("--image", action="append", metavar="MOD=FILE", help="explicit modality file, e.g. t1c=post.nrrd (repeat)")
     p.add_argument("--out", required=True, help="output mask (.nii.gz), BraTS 2023 labels")

@@ -485,3 +485,21 @@ def test_unexpected_errors_and_memory_errors_are_one_line(tmp_path, capsys, monk
         monkeypatch.setattr(data_commands, "cmd_phantoms", failing)
         code, _, err = seglens(capsys, "phantoms", "--out", tmp_path / "x")
         assert_one_line_error(code, err, fragment)
+
+
+def test_segment_model_names_a_shipped_bundle(tmp_path, monkeypatch):
+    """``--model`` takes a shipped bundle by its folder name (the SegFormer or the U-Net in ``Resources/``); a
+    folder of that name in the working directory is still a folder, and an unknown name is left to the loader."""
+    from SegLensLogic.app.cli import model_folder
+    from SegLensLogic.resources import reference_bundle_path
+
+    shipped = reference_bundle_path()
+    resources = tmp_path / "resources"
+    resources.mkdir()
+    (resources / "adult-glioma-unet").symlink_to(shipped, target_is_directory=True)
+    monkeypatch.setenv("SEGLENS_RESOURCES", str(resources))
+    monkeypatch.chdir(tmp_path)
+    assert model_folder("adult-glioma-unet") == resources / "adult-glioma-unet" / "model"
+    assert model_folder("no-such-bundle") == Path("no-such-bundle")
+    (tmp_path / "adult-glioma-unet").mkdir()
+    assert model_folder("adult-glioma-unet") == Path("adult-glioma-unet")
