@@ -173,6 +173,7 @@ STEPS = [
     ("hints", "fix real failure cases by pointing at them: the hint benchmark on simulated clicks"),
     ("bundle", "write the bundle with its model card"),
 ]
+RESUMABLE_STEPS = ("base", "leverage", "sae", "populations")
 MODALITIES = ["t1n", "t1c", "t2w", "t2f"]
 POPULATIONS = ("brats2013", "ssa", "pediatric")
 
@@ -328,7 +329,7 @@ def step_leverage(build: ReferenceBuild, folder: Path) -> dict:
     train = build.cohort("train")
     validation = build.cohort("validation")[0]
     # Cases to measure on: the validation case, an SSA-like degraded copy of it (a failure to move), a training case.
-    degraded = degrade_case(validation.folder.resolve(), folder / "degraded", preset="ssa", seed=s.seed)
+    degraded = degrade_case(validation.folder.resolve(), folder / "degraded", preset="ssa", seed=s.seed, overwrite=True)
     cases = [validation, load_cohort(degraded)[0], train[0]]
     hooks = [h for h in model.hook_names if s.leverage_hooks is None or h in s.leverage_hooks]
     saes = quick_saes(model, build.model_dir, train, hooks, folder / "stores", steps=s.leverage_sae_steps,
@@ -341,7 +342,7 @@ def step_leverage(build: ReferenceBuild, folder: Path) -> dict:
     aim_cases += [without_modalities(c, ["t2f"], "-no-t2f") for c in validation_cases[: s.aim_cases]]
     aim_cases = aim_cases[: max(1, s.aim_cases)] if s.aim_cases else []
     report, chosen, summary = leverage_report(model, saes, cases, s.leverage_alphas, log=build.sub, aim_cases=aim_cases,
-                                               aim_steps=s.hint_steps)  # fmt: skip
+                                               aim_steps=s.hint_steps, cache=folder / "hooks")  # fmt: skip
     report.write(folder / "report", overwrite=True)
     build.sub(f"chosen hook: {chosen}")
     return {"hook": chosen, "summary": summary, "cases": [c.case_id for c in cases[:1]] + [f"{cases[1].case_id} (SSA-degraded)", cases[2].case_id],
@@ -695,7 +696,8 @@ def build_reference(
         "bundle": step_bundle,
     }  # fmt: skip
     for name in names:
-        pipeline.run(name, lambda folder, step=runners[name]: step(build, folder), resumable=name in ("base", "populations"))
+        # Steps that keep what they finished (checkpoints, SAEs, hook measurements) get their folder back when rerun.
+        pipeline.run(name, lambda folder, step=runners[name]: step(build, folder), resumable=name in RESUMABLE_STEPS)
         if name == until:
             logged(f"Stopped after step '{until}' as asked; rerun without --until to continue")
             return build

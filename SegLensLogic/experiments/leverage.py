@@ -17,7 +17,9 @@ Reported per hook:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -140,10 +142,14 @@ def leverage_report(
     aim_cases: Sequence = (),
     aim_clicks: int = 3,
     aim_steps: int = 25,
+    cache: str | Path | None = None,
 ) -> tuple[Report, str, list[dict]]:
     """Leverage of every hook (one SAE each) on labelled ``cases``, and, on ``aim_cases``, how well hint fixes
     at each hook aim (the mean Dice gain after ``aim_clicks`` simulated clicks, fits of ``aim_steps`` Adam steps): the
     hook is chosen by aim.
+
+    ``cache``: a folder keeping each hook's measurement (``<hook>.json``, with what it was measured with: the SAE's
+    weights, the cases, the grid), so that a run cut off part way measures only the hooks it had not finished.
 
     Returns:
         ``(report, chosen hook, summary rows)``.
@@ -154,6 +160,15 @@ def leverage_report(
         if sae.config.hook_point not in (None, hook):
             raise ValueError(f"the SAE given for hook '{hook}' was trained at '{sae.config.hook_point}'")
         sae.config.hook_point = hook
+        measured_with = {"sae": _fingerprint(sae), "cases": [c.case_id for c in cases], "alphas": [float(a) for a in alphas],
+                         "n_latents": n_latents, "aim_cases": [c.case_id for c in aim_cases], "aim_clicks": aim_clicks,
+                         "aim_steps": aim_steps}  # fmt: skip
+        kept = _kept_hook(cache, hook, measured_with)
+        if kept is not None:
+            log(f"  {hook}: measured in an earlier run with the same SAE, cases and grid, loaded")
+            per_alpha += kept["rows"]
+            summary.append(kept["summary"])
+            continue
         rows = []
         for number, case in enumerate(cases):
             case_rows = case_leverage(model, sae, case, alphas, n_latents)
@@ -171,6 +186,11 @@ def leverage_report(
 
             aimed = aim(model, sae, aim_cases, aim_clicks, GuidedOptions(steps=aim_steps), log=log)
             summary[-1].update(aim_gain=aimed["aim_gain"])
+        if cache is not None:
+            from ..storage import atomic_write_json
+
+            atomic_write_json(Path(cache) / f"{hook}.json", {"measured_with": measured_with, "rows": rows, "summary": summary[-1]},
+                              overwrite=True, default=_json_number)  # fmt: skip
     chosen = choose_hook(summary, min_side)
     report = Report("leverage", "Leverage: how far latent edits at each hook point move the mask")
     report.table("leverage", "Per hook (moved: share of the predicted tumour changed, mean over the alpha grid; oracle gains: best over the grid per case, ground truth read)", summary)
@@ -190,6 +210,36 @@ def leverage_report(
         report.figure(name, lambda path, overwrite, curves=curves, ylabel=ylabel: plot_curves(
             {"top tumour latents scaled by alpha": curves}, path, "alpha", ylabel, overwrite=overwrite, xscale="symlog"))
     return report, chosen, summary
+
+
+def _fingerprint(sae: BatchTopKSAE) -> str:
+    """A hash of the SAE's weights: a kept hook measurement is reused only for the very same SAE."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(sae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _kept_hook(cache, hook: str, measured_with: dict) -> dict | None:
+    """A hook's kept measurement, if it was made with ``measured_with``; else None."""
+    if cache is None or not (Path(cache) / f"{hook}.json").is_file():
+        return None
+    from ..storage import read_json
+
+    kept = read_json(Path(cache) / f"{hook}.json")
+    if not isinstance(kept, dict) or kept.get("measured_with") != json.loads(json.dumps(measured_with)):
+        return None
+    return kept
+
+
+def _json_number(value):
+    """NumPy scalars in the rows, as JSON numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def _curve(rows: Sequence[dict], hook: str, key: str, alphas: Sequence[float]) -> tuple[list[float], list[float]]:

@@ -286,6 +286,26 @@ def test_leverage_command_on_a_unet_encoder_and_decoder_level(real_pipeline, tmp
     assert_one_line_error(code, err, "unknown hook point")
 
 
+def test_leverage_keeps_each_hook_and_a_rerun_measures_only_what_changed(real_pipeline, tmp_path, monkeypatch):
+    """The build's leverage step keeps every hook's measurement: a rerun with the same SAE, cases and grid loads
+    it (no case is measured again), one with another grid measures again."""
+    import SegLensLogic.experiments.leverage as leverage
+
+    case = real_pipeline.test[0]
+    saes = {"down_3": real_pipeline.sae}
+    first, chosen, summary = leverage.leverage_report(real_pipeline.model, saes, [case], (0.0, 4.0), log=QUIET, cache=tmp_path / "hooks")
+    assert (tmp_path / "hooks" / "down_3.json").is_file()
+    measured = []
+    real_case_leverage = leverage.case_leverage
+    monkeypatch.setattr(leverage, "case_leverage", lambda *a, **k: measured.append(1) or real_case_leverage(*a, **k))
+    again, chosen_again, summary_again = leverage.leverage_report(real_pipeline.model, saes, [case], (0.0, 4.0), log=QUIET,
+                                                                  cache=tmp_path / "hooks")  # fmt: skip
+    assert measured == [] and chosen_again == chosen
+    assert json.loads(json.dumps(summary_again)) == json.loads(json.dumps(summary, default=float))
+    leverage.leverage_report(real_pipeline.model, saes, [case], (0.0, 2.0), log=QUIET, cache=tmp_path / "hooks")
+    assert measured == [1]
+
+
 def test_card_states_the_steering_goals_from_the_arms_table():
     from SegLensLogic.reference.card import steering_verdict
 
