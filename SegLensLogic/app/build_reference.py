@@ -34,7 +34,7 @@ The build is deterministic given its seeds on one machine (PyTorch's CPU kernels
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -149,8 +149,11 @@ class ReferenceSettings:
                    warmup_steps=100)  # fmt: skip
 
     @classmethod
-    def tiny(cls) -> "ReferenceSettings":
-        """Minutes instead of hours: the same steps on a small model and few cases (tests, a first look)."""
+    def tiny(cls, arch: str = "segformer") -> "ReferenceSettings":
+        """Minutes instead of hours: the same steps on a small model and few cases (tests, a first look); ``arch``
+        ``"unet"``: a small U-Net, leverage measured at an encoder and a decoder level."""
+        if arch == "unet":
+            return replace(cls.tiny(), arch="unet", arch_options=(("features", [8, 8, 16, 32, 64, 8]),), leverage_hooks=("down_3", "up_3"))
         return cls(
             arch="segformer-b0", extra_cases=False, test_cases=3, validation_cases=1, image_size=64, epochs=2, slices_per_epoch=64, batch_size=8, warmup_steps=0, precision="float32",
             arch_options=(("hidden_sizes", [16, 32, 64, 128]), ("decoder_hidden_size", 64), ("num_attention_heads", [1, 1, 2, 4])),

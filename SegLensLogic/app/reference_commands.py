@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from ..console import log
-from ..errors import SegLensError
 
 
 def cmd_build_reference(args: argparse.Namespace) -> int:
@@ -15,9 +14,7 @@ def cmd_build_reference(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.tiny and args.arch == "unet":
-        raise SegLensError("--tiny builds the SegFormer only")
-    settings = ReferenceSettings.tiny() if args.tiny else ReferenceSettings.unet() if args.arch == "unet" else ReferenceSettings()
+    settings = ReferenceSettings.tiny(args.arch) if args.tiny else ReferenceSettings.unet() if args.arch == "unet" else ReferenceSettings()
     build_reference(args.data, args.out, settings, overwrite=args.overwrite, publish=args.publish, log=log, until=args.until)
     return 0
 
