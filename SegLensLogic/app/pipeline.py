@@ -186,11 +186,11 @@ class Pipeline:
                 shutil.rmtree(leftover)
         work.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
-        outputs = function(work)
+        recorded = json.dumps(function(work))
         if staging:
             publish_folder(work, final)
-            outputs = json.loads(json.dumps(outputs).replace(work.name, final.name))
-        outputs = json.loads(json.dumps(outputs))
+            recorded = recorded.replace(work.name, final.name)
+        outputs = json.loads(recorded)
         seconds = time.monotonic() - start
         self.data["steps"][name] = {"folder": final.name, "seconds": round(seconds, 1), "finished": now_utc(), "outputs": outputs}
         self._write()
