@@ -553,6 +553,52 @@ def build_bundle(
     return load_bundle(out)
 
 
+def add_alignments(bundle: str | Path, alignments: list[str | Path] | tuple, overwrite: bool = False) -> Bundle:
+    """Add alignment files to a finished bundle (e.g. a cross-architecture alignment made after both bundles were
+    built), in place and atomically: the bundle is copied, the files and their hashes added to its manifest, the copy
+    validated and then renamed over the original, so the folder is always the old bundle or the new one.
+
+    Args:
+        bundle: the bundle folder.
+        alignments: alignment JSON files in which the bundle's SAE is one side (``seglens align``).
+        overwrite: replace an alignment of the same file name already in the bundle (else refused).
+
+    Raises:
+        InputFileError: an alignment that does not involve the bundle's SAE, or a broken bundle.
+        OutputExistsError: an alignment of that name is already in the bundle and ``overwrite`` is false.
+    """
+    current = load_bundle(bundle)
+    root = current.root
+    sae_sha, d_sae, d_in = current.manifest["sae"]["sha256"], current.manifest["sae"]["d_sae"], current.manifest["sae"]["d_in"]
+    from .alignment.files import load_alignment
+
+    names = [Path(path).name for path in alignments]
+    for path, name in zip(alignments, names):
+        if names.count(name) > 1:
+            raise SegLensError(f"two alignment files are named {name}; rename one")
+        load_alignment(path).check_sae(sae_sha, d_sae, d_in, whose=f"the SAE of the bundle {root}")
+        if (root / "alignments" / name).exists() and not overwrite:
+            raise OutputExistsError(root / "alignments" / name)
+    tmp = staging_folder(root, suffix=".tmp")
+    try:
+        shutil.copytree(root, tmp, dirs_exist_ok=True)
+        manifest = dict(current.manifest)
+        listed = list(manifest.get("alignments") or [])
+        for path, name in zip(alignments, names):
+            relative = _copy_part(path, tmp, f"alignments/{name}")
+            if relative not in listed:
+                listed.append(relative)
+            manifest.setdefault("files", {})[relative] = file_sha256(tmp / relative)
+        manifest["alignments"] = listed
+        atomic_write_json(tmp / MANIFEST_NAME, manifest, overwrite=True)
+        load_bundle(tmp)
+        publish_folder(tmp, root, overwrite=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_bundle(root)
+
+
 def _check_inputs(model, sae, model_dir: Path, sae_dir: Path, labels, suggestions, alignments) -> tuple[str, str, str]:
     """Check that the SAE reads one of the model's hook points, has its inference threshold and was trained on
     this model, and that every other part is for this SAE, before anything is copied (so that an error names the

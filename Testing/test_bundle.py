@@ -218,6 +218,38 @@ def test_bundle_command_builds_and_checks(capsys, parts, tmp_path):
     assert_one_line_error(code, err, "bundle.json", "format_version 9")
 
 
+def test_alignments_are_added_to_a_finished_bundle_atomically(capsys, parts, bundle_dir, tmp_path):
+    """A cross-architecture alignment made after both bundles were built joins each bundle with its hash; an
+    alignment of other SAEs, or one already there, is refused and leaves the bundle as it was."""
+    _, _, _, _, alignment = parts
+    bundle = broken_copy(bundle_dir, tmp_path)
+    before = (bundle / MANIFEST_NAME).read_bytes()
+    cross = tmp_path / "unet-vs-segformer.json"
+    document = json.loads(alignment.read_text())
+    # The bundle's SAE on side b this time, as in an alignment made from the other bundle's point of view.
+    cross.write_text(json.dumps({**document, "method": "activation-correlation", "sae_a": document["sae_b"], "sae_b": document["sae_a"]}))
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({**document, "sae_a": {"sha256": "1" * 64, "d_sae": 128}, "sae_b": {"sha256": "2" * 64, "d_sae": 128}}))
+    code, _, err = seglens(capsys, "bundle", "--add-to", bundle, "--alignment", cross, "--alignment", foreign)
+    assert_one_line_error(code, err, "foreign.json", "does not involve the SAE of the bundle")
+    assert (bundle / MANIFEST_NAME).read_bytes() == before and not (bundle / "alignments" / "unet-vs-segformer.json").exists()
+    code, stdout, err = seglens(capsys, "bundle", "--add-to", bundle, "--alignment", cross)
+    assert code == 0, err
+    assert "alignments: 2" in stdout and "all SHA-256 verified" in stdout
+    loaded = load_bundle(bundle)
+    assert [p.name for p in loaded.alignment_paths] == ["adult-vs-pediatric.json", "unet-vs-segformer.json"]
+    assert loaded.load_alignments()[1].document["method"] == "activation-correlation"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]  # no staging folder left
+    code, _, err = seglens(capsys, "bundle", "--add-to", bundle, "--alignment", cross)
+    assert_one_line_error(code, err, "unet-vs-segformer.json", "already exists")
+    code, _, err = seglens(capsys, "bundle", "--add-to", bundle)
+    assert_one_line_error(code, err, "--add-to", "--alignment")
+    # With --overwrite the same name is replaced, and listed once.
+    code, _, err = seglens(capsys, "bundle", "--add-to", bundle, "--alignment", cross, "--overwrite")
+    assert code == 0, err
+    assert len(load_bundle(bundle).alignment_paths) == 2
+
+
 def test_bundle_of_the_real_pipeline(real_pipeline, tmp_path):
     """A bundle of the model and SAE trained on real BraTS cases computes what its source folders compute."""
     from SegLensLogic.segmentation.inference import prepare_for_model

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..bundle import build_bundle, load_bundle
+from ..bundle import add_alignments, build_bundle, load_bundle
 from ..console import log
 from ..errors import SegLensError
 
@@ -10,6 +10,13 @@ from ..errors import SegLensError
 def cmd_bundle(args) -> int:
     if args.check:
         log(load_bundle(args.check).summary())
+        return 0
+    if args.add_to:
+        if not args.alignment:
+            raise SegLensError("seglens bundle --add-to BUNDLE needs one or more --alignment FILE to add")
+        bundle = add_alignments(args.add_to, args.alignment, overwrite=args.overwrite)
+        log(f"Added {len(args.alignment)} alignment file(s) to {bundle.root}")
+        log(bundle.summary())
         return 0
     missing = [flag for flag, value in (("--model", args.model), ("--sae", args.sae), ("--out", args.out), ("--name", args.name)) if not value]
     if missing:
@@ -30,6 +37,7 @@ def add_commands(sub) -> None:
     p.add_argument("--name", help="bundle name, e.g. the population")
     p.add_argument("--cohort", help="training cohort name (default: recorded in the model)")
     p.add_argument("--out", help="bundle folder to create")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder (with --add-to: an alignment of the same name)")
+    p.add_argument("--add-to", metavar="BUNDLE", help="add the --alignment files to this finished bundle (e.g. a cross-architecture alignment)")
     p.add_argument("--check", metavar="BUNDLE", help="validate an existing bundle and print its summary instead")
     p.set_defaults(func=cmd_bundle)
