@@ -78,7 +78,8 @@ def test_the_shipped_bundle_is_complete_and_says_what_it_is(bundle):
     labels = bundle.load_labels()
     assert len(labels) == sae.d_sae and sae.config.k == figures["sae"]["k"]
     assert sae.d_sae == figures["sae"]["expansion"] * sae.config.d_in
-    assert len(bundle.load_alignments()) == 3 and set(bundle.load_suggestions().populations) >= {"ssa", "brats2013"}
+    populations = {f"adult-vs-{name}.json" for name in ("brats2013", "ssa", "pediatric")}
+    assert populations <= {p.name for p in bundle.alignment_paths} and set(bundle.load_suggestions().populations) >= {"ssa", "brats2013"}
     assert any(labels.latents_in_category(c) for c in TUMOUR_CATEGORIES)
     card = bundle.card_path.read_text(encoding="utf-8")
     assert "research only, not clinical use" in card and "BraTS" in card
@@ -157,6 +158,21 @@ def test_evaluating_a_case_without_some_sequences_matches_the_card(bundle, brats
     assert row["case"] == folder.name
     for key, value in card.items():
         assert row[key] == pytest.approx(value, abs=0.05), (key, row[key], value)
+
+
+def test_shipped_references_of_two_architectures_are_aligned_with_each_other():
+    """Each shipped reference holds an alignment with every shipped reference of another architecture (made from
+    the same images through both models, as cosines between their dictionaries mean nothing across models)."""
+    bundles = [load_bundle(resources_folder() / name, verify=False) for name in SHIPPED]
+    pairs = [(a, b) for a in bundles for b in bundles if a.manifest["model"]["arch"].split("-")[0] != b.manifest["model"]["arch"].split("-")[0]]
+    if not pairs:
+        pytest.skip(f"one architecture ships ({', '.join(SHIPPED)}): no cross-architecture alignment to check")
+    for a, b in pairs:
+        found = [x for x in a.load_alignments() if {x.sae("a").get("sha256"), x.sae("b").get("sha256")} == {a.manifest["sae"]["sha256"], b.manifest["sae"]["sha256"]}]
+        assert found, f"{a.root.name} has no alignment with {b.root.name}'s SAE"
+        document = found[0].document
+        assert document["method"] in ("activation-correlation", "procrustes")
+        assert len(document["shared_a"]) == len(document["shared_b"]) and 0.0 <= document["shared_fraction"] <= 1.0
 
 
 def test_resources_stay_small_enough_to_ship():
