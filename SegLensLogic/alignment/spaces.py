@@ -30,6 +30,7 @@ from scipy.linalg import orthogonal_procrustes
 
 from ..storage import read_json
 from ..errors import InputFileError
+from ..sae.activations import brain_fraction_on_grid, feature_map_to_vectors, vectors_to_feature_map
 from ..sae.model import DEFAULT_MIN_BRAIN_FRACTION
 from .latent_alignment import LatentAlignment, align_similarities, align_vectors, dictionary_vectors
 
@@ -91,7 +92,6 @@ def space_relation(sae_a, sae_b, model_a: str | Path | None = None, model_b: str
 
 
 # -- paired activations ------------------------------------------------------------------------------------
-@torch.no_grad()
 def paired_activations(
     model_a,
     model_b,
@@ -111,8 +111,47 @@ def paired_activations(
     Yields:
         ``(h_a, h_b)``: ``(n, d_a)`` and ``(n, d_b)`` float32 on the CPU, row ``i`` of both the same position.
     """
+    yield from _paired_maps(model_a, model_b, cases, hook_a, hook_b, min_brain_fraction, max_slices_per_case)
+
+
+def paired_codes(
+    model_a,
+    sae_a,
+    model_b,
+    sae_b,
+    cases: Iterable,
+    min_brain_fraction: float = DEFAULT_MIN_BRAIN_FRACTION,
+    max_slices_per_case: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The two SAEs' latent activations at the same positions of the same images, batch by batch.
+
+    As :func:`paired_activations`, except that each SAE encodes its own model's feature map at the model's own
+    resolution (its hook point, its inference threshold) and the *codes* are average-pooled to the common grid:
+    a latent's activation over a patch is the mean of its activations inside it. Pooling the activations first
+    would hand an SAE averages of the vectors it was trained on, which it never saw (on the shipped SegFormer-B0
+    at ``stage1``, pooled 3 x 3, 92 of its 128 latents then never fire).
+
+    Yields:
+        ``(z_a, z_b)``: ``(n, d_sae_a)`` and ``(n, d_sae_b)`` float32 on the CPU, row ``i`` of both the same position.
+    """
+
+    def encoder(sae):
+        def encode(feature_map: torch.Tensor) -> torch.Tensor:
+            n, d, h, w = feature_map.shape
+            codes = sae.encode(feature_map_to_vectors(feature_map.float()).to(sae.device)).cpu()
+            return vectors_to_feature_map(codes, n, (h, w))
+
+        return encode
+
+    hook_a, hook_b = sae_a.config.hook_point, sae_b.config.hook_point
+    yield from _paired_maps(model_a, model_b, cases, hook_a, hook_b, min_brain_fraction, max_slices_per_case, (encoder(sae_a), encoder(sae_b)))
+
+
+@torch.no_grad()
+def _paired_maps(model_a, model_b, cases, hook_a, hook_b, min_brain_fraction, max_slices_per_case, encoders=None):
+    """Both models' hook feature maps (each mapped by its ``encoders`` entry first, when given) pooled to the
+    coarser grid, brain positions only, as row-aligned ``(n, d)`` pairs."""
     from ..segmentation.inference import default_batch_size, prepare_for_model
-    from ..sae.activations import brain_fraction_on_grid, feature_map_to_vectors
 
     hook_a, hook_b = model_a._hook(hook_a), model_b._hook(hook_b)
     _, ha, wa = model_a.hook_points()[hook_a]
@@ -120,6 +159,7 @@ def paired_activations(
     grid = (min(ha, hb), min(wa, wb))
     device_a, device_b = next(model_a.parameters()).device, next(model_b.parameters()).device
     batch_size = min(default_batch_size(model_a), default_batch_size(model_b))
+    map_a, map_b = encoders or (lambda x: x, lambda x: x)
     for case in cases:
         pa = prepare_for_model(model_a, case)
         # Models with the same inputs share one preparation (reading and resampling a case dominates here).
@@ -132,8 +172,8 @@ def paired_activations(
             batch = slices[start : start + batch_size]
             act_a, _ = model_a.encode(pa.model_input(batch).to(device_a), hook_a, with_cache=False)
             act_b, _ = model_b.encode(pb.model_input(batch).to(device_b), hook_b, with_cache=False)
-            act_a = F.adaptive_avg_pool2d(act_a.float(), grid).cpu()
-            act_b = F.adaptive_avg_pool2d(act_b.float(), grid).cpu()
+            act_a = F.adaptive_avg_pool2d(map_a(act_a.float()).float(), grid).cpu()
+            act_b = F.adaptive_avg_pool2d(map_b(act_b.float()).float(), grid).cpu()
             keep = brain_fraction_on_grid(pa, batch, grid).flatten() >= min_brain_fraction
             if keep.any():
                 yield feature_map_to_vectors(act_a)[keep], feature_map_to_vectors(act_b)[keep]
@@ -169,27 +209,32 @@ class _CorrelationSums:
         return corr.clamp(-1, 1).numpy()
 
 
-def latent_correlations(sae_a, sae_b, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, int]:
+def latent_correlations(sae_a, sae_b, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], encoded: bool = False) -> tuple[np.ndarray, int]:
     """Pearson correlation of every latent of A with every latent of B over paired positions: ``((n_a, n_b), n)``.
 
-    Codes use each SAE's inference threshold; ``pairs`` yields ``(h_a, h_b)`` as :func:`paired_activations` does.
+    ``pairs`` yields activations ``(h_a, h_b)`` as :func:`paired_activations` does, encoded here with each SAE's
+    inference threshold, or (``encoded``) the codes themselves, as :func:`paired_codes` does.
     """
     sums = _CorrelationSums(sae_a.d_sae, sae_b.d_sae)
     with torch.no_grad():
         for h_a, h_b in pairs:
-            sums.add(sae_a.encode(h_a.to(sae_a.device)).cpu(), sae_b.encode(h_b.to(sae_b.device)).cpu())
+            if encoded:
+                sums.add(h_a, h_b)
+            else:
+                sums.add(sae_a.encode(h_a.to(sae_a.device)).cpu(), sae_b.encode(h_b.to(sae_b.device)).cpu())
     if sums.n < 2:
         raise ValueError("too few paired positions to correlate latent activations (are the images empty?)")
     return sums.correlation(), sums.n
 
 
-def correlation_alignment(sae_a, sae_b, pairs, tau: float = 0.5) -> LatentAlignment:
+def correlation_alignment(sae_a, sae_b, pairs, tau: float = 0.5, encoded: bool = False) -> LatentAlignment:
     """Align two SAEs by the correlation of their latents' activations on the same images (Hungarian + tau).
 
     A latent is shared when its Hungarian partner correlates with it at ``>= tau`` (default 0.5: activation
-    correlations run lower than dictionary cosines of one space).
+    correlations run lower than dictionary cosines of one space). ``pairs`` and ``encoded`` as for
+    :func:`latent_correlations` (across models of different grids: :func:`paired_codes`).
     """
-    corr, n = latent_correlations(sae_a, sae_b, pairs)
+    corr, n = latent_correlations(sae_a, sae_b, pairs, encoded=encoded)
     return alignment_from_correlations(corr, n, tau)
 
 
@@ -227,7 +272,6 @@ def shared_image_correlations(
         ValueError: the models differ in inputs or in the grid at their SAEs' hooks; a pair names an unknown member.
     """
     from ..segmentation.inference import default_batch_size, prepare_for_model
-    from ..sae.activations import brain_fraction_on_grid, feature_map_to_vectors
 
     for key, (a, b, _) in pairs.items():
         for name in (a, b):

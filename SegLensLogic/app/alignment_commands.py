@@ -67,15 +67,14 @@ def align_command(args: argparse.Namespace, log=print) -> dict:
             hook = sae.config.hook_point or model.config.hook_point
             if model.hook_points()[model._hook(hook)][0] != sae.config.d_in:
                 raise SegLensError(f"SAE {name} takes {sae.config.d_in}-dimensional activations but its model's hook '{hook}' has another width")
-        pairs = lambda: spaces.paired_activations(  # noqa: E731
-            model_a, model_b, cases, sae_a.config.hook_point, sae_b.config.hook_point, max_slices_per_case=args.max_slices
-        )
         if method == "activation-correlation":
             tau = 0.5 if args.tau is None else args.tau
-            alignment = spaces.correlation_alignment(sae_a, sae_b, pairs(), tau)
+            codes = spaces.paired_codes(model_a, sae_a, model_b, sae_b, cases, max_slices_per_case=args.max_slices)
+            alignment = spaces.correlation_alignment(sae_a, sae_b, codes, tau, encoded=True)
         else:
             tau = DEFAULT_TAU if args.tau is None else args.tau
-            h_a, h_b = spaces.collect_pairs(pairs(), seed=args.seed)
+            pairs = spaces.paired_activations(model_a, model_b, cases, sae_a.config.hook_point, sae_b.config.hook_point, max_slices_per_case=args.max_slices)
+            h_a, h_b = spaces.collect_pairs(pairs, seed=args.seed)
             alignment = spaces.procrustes_alignment(sae_a, sae_b, h_a, h_b, tau)
         alignment.info["cohort"] = str(args.cohort)
     metrics = alignment_metrics(alignment, trials=args.bootstrap, seed=args.seed)

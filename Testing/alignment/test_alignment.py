@@ -536,7 +536,7 @@ def one_case_cohort(case, tmp_path):
 
 def test_real_activation_alignment_across_architectures(real_pipeline, tmp_path, capsys):
     """U-Net (32 channels at 8x8) against a SegFormer (hook stage3: 64 channels at 4x4) on the same real images."""
-    from SegLensLogic.alignment.spaces import correlation_alignment, paired_activations
+    from SegLensLogic.alignment.spaces import correlation_alignment, paired_activations, paired_codes
     from SegLensLogic.networks import SegmenterConfig, build_segmenter
     from SegLensLogic.sae.trainer import estimate_threshold
 
@@ -555,8 +555,19 @@ def test_real_activation_alignment_across_architectures(real_pipeline, tmp_path,
     estimate_threshold(sae_seg, h_seg)
     sae_seg_dir = saved_sae(tmp_path, "segformer-sae", sae_seg)
 
-    # The same model's SAE against its permuted copy: every latent active on the images finds its partner.
+    # Latent codes paired across the two grids: each SAE encodes its own model's map, then codes are pooled. The
+    # SegFormer's 4x4 map is the common grid (its codes are its SAE's codes there); the U-Net's 8x8 codes are
+    # pooled, which is not the code of pooled activations (an SAE never saw averaged vectors).
     unet_sae = real_pipeline.sae
+    codes = list(paired_codes(real_pipeline.model, unet_sae, segformer, sae_seg, [tumour_slab(case, 12)]))
+    z_unet, z_seg = torch.cat([c[0] for c in codes]), torch.cat([c[1] for c in codes])
+    assert z_unet.shape == (h_unet.shape[0], unet_sae.d_sae) and z_seg.shape == (h_seg.shape[0], sae_seg.d_sae)
+    assert torch.allclose(z_seg, sae_seg.encode(h_seg), atol=1e-5)
+    assert not torch.allclose(z_unet, unet_sae.encode(h_unet), atol=1e-3) and (z_unet > 0).any()
+    # A latent that fires somewhere in a patch fires (less) in the pooled code: more of the U-Net's latents fire.
+    assert ((z_unet > 0).any(0).sum()) >= ((unet_sae.encode(h_unet) > 0).any(0).sum())
+
+    # The same model's SAE against its permuted copy: every latent active on the images finds its partner.
     perm = np.random.default_rng(3).permutation(unet_sae.d_sae)
     same = correlation_alignment(unet_sae, permuted(unet_sae, perm), pairs=[(h_unet, h_unet)])
     active = np.abs(same.similarities["corr"]).max(1) > 0
