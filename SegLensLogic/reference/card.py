@@ -44,6 +44,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+# The sweep's readability measures (:func:`~SegLensLogic.experiments.sae_sweep.readability`), shown when measured.
+READABILITY_COLUMNS = ("tumour_latents", "tumour_latents_seed1", "label_agreement", "label_stability")
+
+
 def _table(rows: list[dict], columns: list[str], headers: list[str] | None = None) -> str:
     headers = headers or columns
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(columns)]
@@ -284,7 +288,8 @@ def _sae_section(leverage: dict, sae: dict, labels: dict, evaluation: dict) -> l
         f"{_goal('dice_recovered', sae_metrics['dice_recovered'])}.",
         f"- Setting chosen from a sweep (two seeds each; `seed_shared`: share of live latents the other seed finds again at tau 0.8): {sae['why']}.",
         "",
-        _table(sae["sweep"], ["k", "expansion", "explained_variance", "dead_fraction", "l0", "seed_shared", "live", "steps"]),
+        _table(sae["sweep"], ["k", "expansion", "explained_variance", "dead_fraction", "l0", "seed_shared", "live", "steps"]
+               + [c for c in READABILITY_COLUMNS if any(c in row for row in sae["sweep"])]),  # fmt: skip
         "",
         "- Latent labels (`latents.json`, automatic interpretation over the training cases): "
         + ", ".join(f"{k} {v}" for k, v in sorted(labels["categories"].items(), key=lambda kv: -kv[1]))

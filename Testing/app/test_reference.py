@@ -104,6 +104,7 @@ def test_tiny_rebuild_writes_a_bundle_whose_card_is_the_builds_measurement(tiny_
     assert ("Do the labels hold on the" in card) == bool(measured["latents"])
     # the SAE setting was chosen with every setting's readability measured
     assert all("tumour_latents" in row and "label_agreement" in row for row in state["steps"]["sae"]["outputs"]["sweep"])
+    assert "| k | expansion | explained_variance | dead_fraction | l0 | seed_shared | live | steps | tumour_latents |" in card
     for case_id in state["steps"]["split"]["outputs"]["test"]:
         assert case_id in card
     # the hook the leverage step chose is the bundle's, in its model's config too
