@@ -310,9 +310,23 @@ def step_base(build: ReferenceBuild, folder: Path) -> dict:
 
 
 def _extract(build: ReferenceBuild, model, model_dir: Path, cohort: Cohort, hook: str, out: Path, subsample: float = 1.0, seed: int = 0):
-    from ..sae import ExtractionOptions, extract_activations
+    """The activation store of ``cohort`` at ``hook``; a store already at ``out`` from the same weights, cases and
+    options is reused (a resumed step would otherwise extract it again: minutes per rerun)."""
+    import json
+
+    from ..networks import weights_sha256
+    from ..sae import ActivationStore, ExtractionOptions, extract_activations
 
     options = ExtractionOptions(hook=hook, subsample=subsample, seed=seed)
+    if (out / "store.json").is_file():  # a store is renamed into place whole: present means complete
+        try:
+            store = ActivationStore(out)
+        except SegLensError:
+            store = None
+        manifest = store.manifest if store is not None else {}
+        if (manifest.get("model_sha256") == weights_sha256(model_dir) and [c["case_id"] for c in manifest.get("cases", [])] == [c.case_id for c in cohort]
+                and manifest.get("options") == json.loads(json.dumps(vars(options)))):  # fmt: skip
+            return store
     return extract_activations(model, cohort, out, options, model_dir=model_dir, overwrite=True, log=lambda m: None)
 
 

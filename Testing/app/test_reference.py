@@ -323,3 +323,22 @@ def test_card_states_the_steering_goals_from_the_arms_table():
     assert "not distinguishable" in free and "not above" in free
     rows[0]["recovered"] = 0.4
     assert "below the goal" in steering_verdict(rows)[0]
+
+
+def test_a_resumed_build_reuses_its_activation_store_only_when_it_is_the_same(real_pipeline, tmp_path, monkeypatch):
+    """The sae step's store is kept between reruns: the same weights, cases and options reuse it; other options
+    (another subsample) extract again."""
+    import SegLensLogic.sae as sae_package
+    from SegLensLogic.app.build_reference import _extract
+    from SegLensLogic.data.cohort import Cohort
+
+    cohort = Cohort(name="one", cases=list(real_pipeline.test)[:1])
+    model, model_dir = real_pipeline.model, real_pipeline.model_dir
+    first = _extract(None, model, model_dir, cohort, "down_3", tmp_path / "store")
+    calls = []
+    extract = sae_package.extract_activations
+    monkeypatch.setattr(sae_package, "extract_activations", lambda *a, **k: calls.append(1) or extract(*a, **k))
+    again = _extract(None, model, model_dir, cohort, "down_3", tmp_path / "store")
+    assert calls == [] and len(again) == len(first) > 0
+    other = _extract(None, model, model_dir, cohort, "down_3", tmp_path / "store", subsample=0.5, seed=3)
+    assert calls == [1] and 0 < len(other) < len(first)
