@@ -1352,3 +1352,32 @@ def test_a_staged_numbered_run_never_records_a_half_written_step(tmp_path):
     again.run("two", lambda folder: {"n": len(list(folder.iterdir()))})
     assert again.outputs("two") == {"n": 0} and not (tmp_path / "run" / ".02-two.tmp").exists()
     assert lines[0] == "[1/2] first: already done in an earlier run (0.0 s), skipped" and lines[1] == "[2/2] second"
+
+
+def test_redo_reruns_a_finished_step_and_every_later_one(tmp_path):
+    """``build-reference --redo STEP``: the step and those after it run again (their old outputs replaced), the
+    earlier ones stay done; an unknown step is refused by name."""
+    from SegLensLogic.errors import SegLensError
+    from SegLensLogic.app.pipeline import Pipeline
+
+    steps = [("one", "first"), ("two", "second"), ("three", "third")]
+    calls = []
+
+    def open_run():
+        return Pipeline(tmp_path / "run", "redo-run", "run.json", {}, steps, log=lambda m: None)
+
+    def run_all(run, value):
+        for name, _ in steps:
+            run.run(name, lambda folder, name=name: calls.append(name) or {"value": value})
+
+    run_all(open_run(), 1)
+    assert calls == ["one", "two", "three"]
+    run = open_run()
+    assert run.redo("two") == ["two", "three"]
+    again = open_run()  # the forgetting is saved: a new process sees it
+    assert again.done("one") is not None and again.done("two") is None and again.done("three") is None
+    run_all(again, 2)
+    assert calls == ["one", "two", "three", "two", "three"]
+    assert [again.outputs(n)["value"] for n, _ in steps] == [1, 2, 2]
+    with pytest.raises(SegLensError, match="unknown step 'four'"):
+        again.redo("four")

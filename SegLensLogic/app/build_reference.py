@@ -306,7 +306,7 @@ def step_base(build: ReferenceBuild, folder: Path) -> dict:
         crop_to_brain=s.crop_to_brain, options=_training_options(build, fine_tune=False, val_cases=s.validation_cases), overwrite=True, resumable=True, log=build.sub,
     )  # fmt: skip
     return {"model": "base/model", "best_epoch": result.best_epoch, "validation": result.best_scores,
-            "seconds": result.history[-1]["seconds"], "epochs": len(result.history)}  # fmt: skip
+            "seconds": result.history[-1]["seconds"], "epochs": len(result.history), "hardware": hardware()}  # fmt: skip
 
 
 def _extract(build: ReferenceBuild, model, model_dir: Path, cohort: Cohort, hook: str, out: Path, subsample: float = 1.0, seed: int = 0):
@@ -676,6 +676,7 @@ def build_reference(
     publish: str | Path | None = None,
     log: Callable[[str], None] = print,
     until: str | None = None,
+    redo: str | None = None,
 ) -> ReferenceBuild:
     """Run (or continue) the reference build into ``out`` from the real cases in ``data``.
 
@@ -684,6 +685,7 @@ def build_reference(
             without it continues from there.
         publish: copy the finished bundle there (replacing what is there) with the build log and the base model's
             per-epoch training history beside it.
+        redo: run this step and every later one again, though they finished (e.g. ``"bundle"``: rewrite the card).
     """
     settings = settings or ReferenceSettings()
     data = Path(data)
@@ -705,8 +707,12 @@ def build_reference(
     build = ReferenceBuild(data=data, settings=settings, pipeline=pipeline, log=logged)
     logged(f"Reference build in {out} ({hardware()}), started {now_utc()}")
     names = [name for name, _title in STEPS]
-    if until is not None and until not in names:
-        raise SegLensError(f"unknown build step '{until}'; use one of {', '.join(names)}")
+    for option, step in (("--until", until), ("--redo", redo)):
+        if step is not None and step not in names:
+            raise SegLensError(f"unknown build step '{step}' ({option}); use one of {', '.join(names)}")
+    if redo is not None:
+        forgotten = pipeline.redo(redo)
+        logged(f"Redoing step '{redo}' and the steps after it, as asked ({', '.join(forgotten) or 'none had finished'})")
     runners = {
         "split": step_split, "base": step_base, "leverage": step_leverage, "sae": step_sae, "interpret": step_interpret,
         "populations": step_populations, "evaluation": step_evaluation, "repair": step_repair, "hints": step_hints,

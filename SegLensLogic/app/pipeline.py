@@ -161,6 +161,19 @@ class Pipeline:
             raise SegLensError(f"step '{name}' of {self.out} has not finished")
         return record["outputs"]
 
+    def redo(self, name: str) -> list[str]:
+        """Forget step ``name`` and every later step, so the next :meth:`run` of each runs it again (e.g. the
+        bundle after the card's wording changed). Their folders stay until then: a non-resumable step starts from
+        an empty folder, a resumable one reuses what it kept (SAEs, checkpoints: kept only for the same options).
+        Returns the names forgotten."""
+        names = [n for n, _ in self.steps]
+        if name not in names:
+            raise SegLensError(f"unknown step '{name}'; use one of {', '.join(names)}")
+        forgotten = [n for n in names[names.index(name):] if self.data["steps"].pop(n, None) is not None]
+        self.data.pop("finished", None)
+        self._write()
+        return forgotten
+
     def folder(self, name: str) -> Path:
         return self.out / self._folder_name(name)
 

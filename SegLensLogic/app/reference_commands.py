@@ -15,7 +15,8 @@ def cmd_build_reference(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = ReferenceSettings.tiny(args.arch) if args.tiny else ReferenceSettings.unet() if args.arch == "unet" else ReferenceSettings()
-    build_reference(args.data, args.out, settings, overwrite=args.overwrite, publish=args.publish, log=log, until=args.until)
+    build_reference(args.data, args.out, settings, overwrite=args.overwrite, publish=args.publish, log=log, until=args.until,
+                    redo=args.redo)
     return 0
 
 
@@ -31,5 +32,6 @@ def add_commands(sub) -> None:
     p.add_argument("--threads", type=int, help="PyTorch CPU threads (default: PyTorch's choice)")
     p.add_argument("--publish", metavar="DIR", help="copy the finished bundle (and build.log) to DIR, e.g. Resources/adult-glioma-segformer")
     p.add_argument("--until", metavar="STEP", help="stop after this step (split, base, leverage, sae, ...); rerun without it to continue")
+    p.add_argument("--redo", metavar="STEP", help="run this finished step and every later one again (e.g. bundle: rewrite the card)")
     p.add_argument("--overwrite", action="store_true", help="start the build in --out over")
     p.set_defaults(func=cmd_build_reference)

@@ -177,7 +177,7 @@ def model_card(build) -> tuple[str, dict]:
     p = build.pipeline
     lines = [
         *_card_opening(build),
-        *_segmentation_section(p.outputs("split"), p.outputs("evaluation")),
+        *_segmentation_section(p.outputs("split"), p.outputs("evaluation"), build.settings.arch),
         *_sae_section(p.outputs("leverage"), p.outputs("sae"), p.outputs("interpret"), p.outputs("evaluation")),
         *_leverage_section(p.outputs("leverage")),
         *_populations_section(p.outputs("populations")),
@@ -201,7 +201,7 @@ def card_figures(build) -> dict:
     return {
         "training": {"cases": split["train"], "validation_cases": split["validation"], "test_cases": split["test"],
                      "held_out_cohort": split["brats2013"], "epochs": base["epochs"], "best_epoch": base["best_epoch"],
-                     "wall_time_minutes": round(base["seconds"] / 60, 1), "hardware": hardware(),
+                     "wall_time_minutes": round(base["seconds"] / 60, 1), "hardware": _training_hardware(base),
                      "arch": s.arch, "image_size": s.image_size, "crop_to_brain": s.crop_to_brain},
         "dice_test": evaluation["segmentation"]["test"]["mean"],
         "dice_brats2013": evaluation["segmentation"]["brats2013"]["mean"],
@@ -218,12 +218,26 @@ def card_figures(build) -> dict:
     }  # fmt: skip
 
 
+def _training_hardware(base: dict) -> str:
+    """Where the base model trained, as its step recorded it (builds before that record: the CPU, threads unknown;
+    the card must not name the machine that merely wrote it)."""
+    return base.get("hardware") or "the CPU (thread count not recorded by this build)"
+
+
+def _model_name(s) -> str:
+    """The architecture as the card names it: ``SegFormer-B1``, or the U-Net with its widths."""
+    if s.arch.startswith("segformer"):
+        return "SegFormer-" + s.arch.split("-")[1].upper()
+    features = dict(s.arch_options).get("features")
+    return "U-Net (MONAI BasicUNet" + (f", widths {', '.join(map(str, features))}" if features else "") + ")"
+
+
 def _card_opening(build) -> list[str]:
     """The title, intended use and how the model was made."""
     s = build.settings
     split, base, leverage = build.pipeline.outputs("split"), build.pipeline.outputs("base"), build.pipeline.outputs("leverage")
     return [
-        f"# Reference model card: adult glioma, {'SegFormer-' + s.arch.split('-')[1].upper() if s.arch.startswith('segformer') else 'U-Net'}",
+        f"# Reference model card: adult glioma, {_model_name(s).split(' (')[0]}",
         "",
         "**Intended use: research only, not clinical use.** This model segments adult glioma on skull-stripped, co-registered "
         "BraTS-style MRI (T1, T1c, T2, FLAIR; a missing sequence is set to the brain mean) so that its sparse-autoencoder "
@@ -232,16 +246,16 @@ def _card_opening(build) -> list[str]:
         "validated for any diagnostic purpose.",
         "",
         "## How it was made",
-        "- `seglens build-reference --data ../shared/data --out reference-build` (every figure below was measured by that build, "
-        "on the weights in this bundle; its log is `build.log` beside this card).",
-        f"- Model: {s.arch}, trained from scratch on the four BraTS sequences, axial slices of the brain's bounding box "
+        f"- `seglens build-reference --data ../shared/data{' --arch unet' if s.arch == 'unet' else ''} --out reference-build` (every "
+        "figure below was measured by that build, on the weights in this bundle; its log is `build.log` beside this card).",
+        f"- Model: {_model_name(s)}, trained from scratch on the four BraTS sequences, axial slices of the brain's bounding box "
         f"(plus 8 voxels) at {s.image_size} px (about 1 mm per pixel); hook point `{leverage['hook']}` (chosen by leverage, below).",
         f"- Training: {base['epochs']} epochs of {s.slices_per_epoch} slices (batch {s.batch_size}, AdamW lr {s.learning_rate}, "
         f"{s.warmup_steps} warm-up steps then cosine decay, weight decay {s.weight_decay}, flips, rotation, scaling, intensity "
         f"jitter, modality dropout {s.modality_dropout}, {s.precision} autocast, seed {s.seed}); weights kept: "
         + ("the last epoch (the schedule anneals to 0; one validation case is too noisy to pick an epoch by)" if s.keep == "last"
            else f"the best validation epoch ({base['best_epoch']})")
-        + f"; wall time {base['seconds'] / 60:.0f} min on {hardware()}.",
+        + f"; wall time {base['seconds'] / 60:.0f} min on {_training_hardware(base)}.",
         f"- Trained on: {', '.join(split['train'])}.",
         f"- Validated on (checkpoint choice only): {', '.join(split['validation'])}.",
         f"- Never trained on nor used for any choice: {', '.join(split['test'])} (BraTS 2018 test cases, one per acquisition "
@@ -250,7 +264,7 @@ def _card_opening(build) -> list[str]:
     ]
 
 
-def _segmentation_section(split: dict, evaluation: dict) -> list[str]:
+def _segmentation_section(split: dict, evaluation: dict, arch: str) -> list[str]:
     test, shifted = evaluation["segmentation"]["test"], evaluation["segmentation"]["brats2013"]
     mean = test["mean"]
     return [
@@ -264,8 +278,9 @@ def _segmentation_section(split: dict, evaluation: dict) -> list[str]:
         f"enhancing tumour {_goal('dice_ET', mean['dice_ET'])}.",
         f"- {_intervals(test['cases'])}",
         *([f"- What would reach the missed goals: more training cases ({len(split['train'])} here; adult BraTS models that reach "
-           "about 0.90 / 0.80 / 0.75 train on hundreds), and a GPU for a larger model at full resolution (SegFormer-B1 at "
-           "256 px), which two CPU cores cannot train in hours."]
+           "about 0.90 / 0.80 / 0.75 train on hundreds), and a GPU for a larger model at full resolution ("
+           + ("SegFormer-B1 at 256 px" if arch.startswith("segformer") else "a wider U-Net at 192 px or more")
+           + "), which two CPU cores cannot train in hours."]
           if any(mean[key] < GOALS[key] for key in ("dice_WT", "dice_TC", "dice_ET")) else []),
         "- BraTS 2013 cases (T1 and T2 missing, set to the brain mean; another site):",
         "",
@@ -305,9 +320,12 @@ def _leverage_section(leverage: dict) -> list[str]:
         "Scaling each case's five most active tumour latents by alpha at each hook (quick SAE per hook; 'moved': share of the "
         "predicted tumour whose label changes, mean over the alpha grid; oracle gains read the ground truth: upper bounds):",
         "",
-        _table(leverage["summary"], ["hook", "grid", "d_in", "moved", "voxels_per_alpha", "oracle_gain_WT", "oracle_gain_mean"]),
+        _table(leverage["summary"], ["hook", "grid", "d_in", "moved", "voxels_per_alpha", "oracle_gain_WT", "oracle_gain_mean"]
+               + (["aim_gain"] if all("aim_gain" in row for row in leverage["summary"]) else [])),  # fmt: skip
         "",
-        f"Measured on {', '.join(leverage['cases'])}. Chosen: `{leverage['hook']}`.",
+        f"Measured on {', '.join(leverage['cases'])}. Chosen: `{leverage['hook']}`"
+        + (" (the largest aim gain: the mean Dice change of hint fixes after 3 simulated clicks on the aim cases, then 'moved')."
+           if all("aim_gain" in row for row in leverage["summary"]) else "."),
         "",
     ]
 
