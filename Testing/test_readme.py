@@ -315,3 +315,40 @@ def test_the_import_checker_sees_a_missing_name():
         ("SegLensLogic.bundle", "open_session"), ("SegLensLogic.bundle", "no_such_thing")]
     assert importable("SegLensLogic.bundle", "open_session") and not importable("SegLensLogic.bundle", "no_such_thing")
     assert not importable("SegLensLogic.no_such_module", "x")
+
+
+def test_the_unet_reference_figures_are_its_bundles():
+    """The README's line on the second shipped reference quotes the U-Net bundle's own figures and files."""
+    folder = REPO / "Resources" / "adult-glioma-unet"
+    bundle = json.loads((folder / "bundle.json").read_text(encoding="utf-8"))
+    figures, labels = bundle["figures"], json.loads((folder / "latents.json").read_text(encoding="utf-8"))
+    categories = Counter(latent["category"] for latent in labels["latents"])
+    text = _flat(README)
+    match = re.search(r"On its (\d+) test cases the U-Net reference segments whole tumour (\d\.\d{3}), tumour core (\d\.\d{3}), "
+                      r"enhancing tumour (\d\.\d{3}) \(n = (\d+);", text)  # fmt: skip
+    assert match, "README.md no longer quotes the U-Net reference's test Dice"
+    test = figures["dice_test"]
+    n = str(len(figures["training"]["test_cases"]))
+    assert match.groups() == (n, f"{test['dice_WT']:.3f}", f"{test['dice_TC']:.3f}", f"{test['dice_ET']:.3f}", n)
+    match = re.search(r"trained on (\d+) real cases, its SAE at `(\w+)` \((\d+) latents on (\d+) channels, (\d+) of them", text)
+    assert match, "README.md no longer describes the U-Net reference's SAE"
+    tumour = sum(categories[c] for c in ("necrotic core", "edema", "enhancing tumour"))
+    assert match.groups() == (str(len(figures["training"]["cases"])), figures["hook_point"], str(bundle["sae"]["d_sae"]),
+                              str(bundle["sae"]["d_in"]), str(tumour))  # fmt: skip
+    assert "alignments/unet-vs-segformer.json" in bundle["alignments"]
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+    assert re.search(rf"`Resources/adult-glioma-unet/` \({size:.0f} MB\)", text), f"the U-Net bundle is {size:.1f} MB"
+
+
+def test_the_cross_architecture_figures_are_the_shipped_alignment():
+    """What docs/measurements/model-diffing.md says of the two references' alignment is the shipped file's."""
+    document = json.loads((REPO / "Resources" / "adult-glioma-unet" / "alignments" / "unet-vs-segformer.json").read_text(encoding="utf-8"))
+    text = _flat(DOCS / "measurements" / "model-diffing.md")
+    section = text[text.index("## Across architectures") :]
+    correlations = [pair["corr"] for pair in document["pairs"]]
+    info = document["info"]
+    assert ("**No latent is shared**" in section) == (not document["shared_a"])
+    assert f"correlate at {max(correlations):.2f} at most" in section
+    assert f"{sum(c > 0.1 for c in correlations)} pairs exceed 0.1" in section
+    assert f"{info['active_a']} of the U-Net's latents and all {info['active_b']} of the B0's fire" in section
+    assert f"{info['positions']:,} brain positions" in section and document["method"] == "activation-correlation"
