@@ -894,3 +894,16 @@ def test_tumour_segments_carry_snomed_ct_terminology(SegLens, scene, tmp_path):
     segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), tag)
     assert segment.GetName() == HEALTHY_CLASSES[1] and "49755003" not in str(tag)
     assert nodes.terminology_entry("Enhancing  Tumor") == nodes.terminology_entry("enhancing tumour")
+
+
+def test_the_module_offers_every_shipped_reference(SegLens):
+    """The model list holds both shipped references, the SegFormer first, each titled by its architecture and hook."""
+    from SegLensLogic.resources import resources_folder
+
+    models = SegLens.shippedModels()
+    folders = [folder.name for _title, folder in models]
+    assert folders[0] == "adult-glioma-segformer" and "adult-glioma-unet" in folders
+    titles = dict((folder.name, title) for title, folder in models)
+    assert titles["adult-glioma-unet"] == "adult-glioma (unet, down_3)"
+    assert titles["adult-glioma-segformer"].startswith("adult-glioma (segformer-")
+    assert all(folder == (resources_folder() / folder.name).resolve() for _title, folder in models)
