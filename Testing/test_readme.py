@@ -352,3 +352,13 @@ def test_the_cross_architecture_figures_are_the_shipped_alignment():
     assert f"{sum(c > 0.1 for c in correlations)} pairs exceed 0.1" in section
     assert f"{info['active_a']} of the U-Net's latents and all {info['active_b']} of the B0's fire" in section
     assert f"{info['positions']:,} brain positions" in section and document["method"] == "activation-correlation"
+
+
+def test_the_unet_hint_figure_is_its_cards():
+    """The README's one line on the U-Net's hint fix quotes that bundle's measured figures."""
+    figures = json.loads((REPO / "Resources" / "adult-glioma-unet" / "bundle.json").read_text(encoding="utf-8"))["figures"]["hints"]
+    match = re.search(r"On the U-Net reference after 3 clicks: \*\*([+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\])\*\* on its (\d+) failures",
+                      _flat(README))  # fmt: skip
+    assert match, "README.md no longer quotes the U-Net reference's hint fix"
+    line = figures["summary_line"]
+    assert f"mean Dice change {match.group(1)}" in line and f"Measured on {match.group(2)} real failures" in line
