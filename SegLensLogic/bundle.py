@@ -570,13 +570,8 @@ def add_alignments(bundle: str | Path, alignments: list[str | Path] | tuple, ove
     current = load_bundle(bundle)
     root = current.root
     sae_sha, d_sae, d_in = current.manifest["sae"]["sha256"], current.manifest["sae"]["d_sae"], current.manifest["sae"]["d_in"]
-    from .alignment.files import load_alignment
-
-    names = [Path(path).name for path in alignments]
-    for path, name in zip(alignments, names):
-        if names.count(name) > 1:
-            raise SegLensError(f"two alignment files are named {name}; rename one")
-        load_alignment(path).check_sae(sae_sha, d_sae, d_in, whose=f"the SAE of the bundle {root}")
+    names = _check_alignments(alignments, sae_sha, d_sae, d_in, whose=f"the SAE of the bundle {root}")
+    for name in names:
         if (root / "alignments" / name).exists() and not overwrite:
             raise OutputExistsError(root / "alignments" / name)
     tmp = staging_folder(root, suffix=".tmp")
@@ -623,10 +618,6 @@ def _check_inputs(model, sae, model_dir: Path, sae_dir: Path, labels, suggestion
     model_sha, sae_sha = weights_sha256(model_dir), sae_sha256(sae_dir)
     if sae.config.model_sha256 and sae.config.model_sha256 != model_sha:
         raise InputFileError(sae_dir / SAE_FILES[0], f"SAE was trained on another model than {model_dir}")
-    names = [Path(path).name for path in alignments]
-    for name in names:
-        if names.count(name) > 1:
-            raise SegLensError(f"two alignment files are named {name}; rename one")
     if labels is not None:
         from .interpretation.latent_labels import load_latent_labels
 
@@ -635,12 +626,22 @@ def _check_inputs(model, sae, model_dir: Path, sae_dir: Path, labels, suggestion
         from .steering.suggestions import load_suggestions
 
         load_suggestions(suggestions).check_sae(sae.d_sae)
-    if alignments:
-        from .alignment.files import load_alignment
-
-        for path in alignments:
-            load_alignment(path).check_sae(sae_sha, sae.d_sae, sae.config.d_in, whose="the bundle's SAE")
+    _check_alignments(alignments, sae_sha, sae.d_sae, sae.config.d_in, whose="the bundle's SAE")
     return hook, model_sha, sae_sha
+
+
+def _check_alignments(alignments, sae_sha: str, d_sae: int, d_in: int, whose: str) -> list[str]:
+    """Check that alignment files have distinct names (each becomes ``alignments/<name>`` in a bundle) and that
+    the SAE with this hash and sizes is one side of each; returns their file names."""
+    from .alignment.files import load_alignment
+
+    names = [Path(path).name for path in alignments]
+    for name in names:
+        if names.count(name) > 1:
+            raise SegLensError(f"two alignment files are named {name}; rename one")
+    for path in alignments:
+        load_alignment(path).check_sae(sae_sha, d_sae, d_in, whose=whose)
+    return names
 
 
 def _copy_part(source: str | Path | None, folder: Path, relative: str) -> str | None:

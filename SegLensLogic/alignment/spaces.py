@@ -138,7 +138,7 @@ def paired_codes(
     def encoder(sae):
         def encode(feature_map: torch.Tensor) -> torch.Tensor:
             n, d, h, w = feature_map.shape
-            codes = sae.encode(feature_map_to_vectors(feature_map.float()).to(sae.device)).cpu()
+            codes = sae.encode(feature_map_to_vectors(feature_map).to(sae.device)).cpu()
             return vectors_to_feature_map(codes, n, (h, w))
 
         return encode
@@ -172,8 +172,8 @@ def _paired_maps(model_a, model_b, cases, hook_a, hook_b, min_brain_fraction, ma
             batch = slices[start : start + batch_size]
             act_a, _ = model_a.encode(pa.model_input(batch).to(device_a), hook_a, with_cache=False)
             act_b, _ = model_b.encode(pb.model_input(batch).to(device_b), hook_b, with_cache=False)
-            act_a = F.adaptive_avg_pool2d(map_a(act_a.float()).float(), grid).cpu()
-            act_b = F.adaptive_avg_pool2d(map_b(act_b.float()).float(), grid).cpu()
+            act_a = F.adaptive_avg_pool2d(map_a(act_a.float()), grid).cpu()
+            act_b = F.adaptive_avg_pool2d(map_b(act_b.float()), grid).cpu()
             keep = brain_fraction_on_grid(pa, batch, grid).flatten() >= min_brain_fraction
             if keep.any():
                 yield feature_map_to_vectors(act_a)[keep], feature_map_to_vectors(act_b)[keep]

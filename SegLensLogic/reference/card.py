@@ -224,10 +224,15 @@ def _training_hardware(base: dict) -> str:
     return base.get("hardware") or "the CPU (thread count not recorded by this build)"
 
 
+def _architecture(s) -> str:
+    """The architecture as the card's title names it: ``SegFormer-B1`` or ``U-Net``."""
+    return "SegFormer-" + s.arch.split("-")[1].upper() if s.arch.startswith("segformer") else "U-Net"
+
+
 def _model_name(s) -> str:
-    """The architecture as the card names it: ``SegFormer-B1``, or the U-Net with its widths."""
+    """The model as the card describes it: the architecture, and for the U-Net its library and widths."""
     if s.arch.startswith("segformer"):
-        return "SegFormer-" + s.arch.split("-")[1].upper()
+        return _architecture(s)
     features = dict(s.arch_options).get("features")
     return "U-Net (MONAI BasicUNet" + (f", widths {', '.join(map(str, features))}" if features else "") + ")"
 
@@ -237,7 +242,7 @@ def _card_opening(build) -> list[str]:
     s = build.settings
     split, base, leverage = build.pipeline.outputs("split"), build.pipeline.outputs("base"), build.pipeline.outputs("leverage")
     return [
-        f"# Reference model card: adult glioma, {_model_name(s).split(' (')[0]}",
+        f"# Reference model card: adult glioma, {_architecture(s)}",
         "",
         "**Intended use: research only, not clinical use.** This model segments adult glioma on skull-stripped, co-registered "
         "BraTS-style MRI (T1, T1c, T2, FLAIR; a missing sequence is set to the brain mean) so that its sparse-autoencoder "
@@ -315,17 +320,18 @@ def _sae_section(leverage: dict, sae: dict, labels: dict, evaluation: dict) -> l
 
 
 def _leverage_section(leverage: dict) -> list[str]:
+    aimed = all("aim_gain" in row for row in leverage["summary"])  # builds since the hook is chosen by aim
     return [
         "## Hook point: leverage",
         "Scaling each case's five most active tumour latents by alpha at each hook (quick SAE per hook; 'moved': share of the "
         "predicted tumour whose label changes, mean over the alpha grid; oracle gains read the ground truth: upper bounds):",
         "",
         _table(leverage["summary"], ["hook", "grid", "d_in", "moved", "voxels_per_alpha", "oracle_gain_WT", "oracle_gain_mean"]
-               + (["aim_gain"] if all("aim_gain" in row for row in leverage["summary"]) else [])),  # fmt: skip
+               + (["aim_gain"] if aimed else [])),  # fmt: skip
         "",
         f"Measured on {', '.join(leverage['cases'])}. Chosen: `{leverage['hook']}`"
         + (" (the largest aim gain: the mean Dice change of hint fixes after 3 simulated clicks on the aim cases, then 'moved')."
-           if all("aim_gain" in row for row in leverage["summary"]) else "."),
+           if aimed else "."),
         "",
     ]
 
