@@ -217,7 +217,7 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     refuse_output_folder(args.out, args.overwrite, (SAE_CONFIG_NAME, SAE_WEIGHTS_NAME))
     _check_numbers(args, (("--k", "k", 1, 1 << 12), ("--expansion", "expansion", 1, 1 << 10), ("--batch-size", "batch_size", 1, 1 << 24),
                           ("--epochs", "epochs", 1e-9, 1e9), ("--max-steps", "max_steps", 1, 1 << 40), ("--lr", "lr", 1e-12, 10.0),
-                          ("--patience", "patience", 0, 1 << 20)))  # fmt: skip
+                          ("--patience", "patience", 0, 1 << 20), ("--resample-every", "resample_every", 0, 1 << 40)))  # fmt: skip
     store = ActivationStore(args.activations)
     if store.d_in * args.expansion > MAX_LATENTS:
         raise SegLensError(f"--expansion {args.expansion}: {store.d_in} channels x {args.expansion} = {store.d_in * args.expansion} latents, "
@@ -233,6 +233,7 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         patience=args.patience or None,
         init=args.init,
+        resample_every=args.resample_every or None,
         seed=args.seed,
     )
     if args.workers and args.batch_size % args.workers:
@@ -487,6 +488,7 @@ def _add_sae_commands(sub) -> None:
     p.add_argument("--lr", type=float, help="Adam learning rate (default 2e-4 / sqrt(latents / 16384))")
     p.add_argument("--patience", type=int, default=SAETrainingOptions.patience, help="held-out evaluations without improvement before the final decay (default %(default)s; 0 disables the stopping rule)")
     p.add_argument("--init", choices=("data", "random"), default=SAETrainingOptions.init, help="decoder initialisation (default %(default)s: rows from training vectors)")
+    p.add_argument("--resample-every", type=int, default=0, metavar="STEPS", help="re-initialise dead latents at poorly reconstructed vectors every STEPS steps, in the first half of training (default: never)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing SAE folder")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

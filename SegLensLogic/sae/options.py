@@ -25,6 +25,9 @@ class SAETrainingOptions:
         aux_coefficient: weight of the auxiliary dead-latent loss (1/32).
         k_aux: latents per vector in the auxiliary loss (default ``d_in // 2``).
         dead_after: vectors without firing after which a latent counts as dead (default 10 batches).
+        resample_every: every this many steps, while the learning rate has not begun to decay and in the first half
+            of the budget, dead latents are re-initialised at poorly reconstructed vectors (Bricken et al. 2023);
+            None: never (the aux loss alone).
         holdout_fraction: vectors kept out of training to estimate the threshold and evaluate.
         log_every: steps between progress lines.
         seed: initialisation, order and split.
@@ -46,6 +49,7 @@ class SAETrainingOptions:
     aux_coefficient: float = 1 / 32
     k_aux: int | None = None
     dead_after: int | None = None
+    resample_every: int | None = None
     holdout_fraction: float = 0.05
     log_every: int = 50
     seed: int = 0

@@ -11,6 +11,9 @@ Recipe (choices made explicit; the settings sweep that chose the shipped SAE is 
   normalised by the residual's variance (as in OpenAI's and dictionary_learning's code: unnormalised, the aux
   loss vanishes as the reconstruction improves and dead latents stay dead);
 - a latent is dead when it has not fired on the last ``dead_after`` training vectors;
+- optionally (``resample_every``), dead latents are re-initialised at the residuals of poorly reconstructed
+  vectors, early in training (Bricken et al. 2023): the aux loss alone leaves most of a wide dictionary dead on
+  the low-dimensional activations of brain MRI (``docs/measurements/sae-resampling.md``);
 - decoder rows kept at unit norm, with the gradient component parallel to each row removed before each step;
 - Adam, betas (0.9, 0.999), learning rate ``2e-4 / sqrt(d_sae / 2**14)`` unless given (dictionary_learning's
   scaling), linear warm-up, gradient norm clipped at 1;
@@ -41,7 +44,7 @@ from ..networks.segmenter import default_device
 from .activations import ActivationStore
 from .batch_topk import train_forward
 from .model import DEFAULT_MIN_BRAIN_FRACTION, BatchTopKSAE, SAEConfig
-from .options import SAETrainingOptions  # noqa: F401 (defined apart so that the command line reads its defaults without torch)
+from .options import SAETrainingOptions  # defined apart so that the command line reads its defaults without torch
 
 
 def default_learning_rate(d_sae: int) -> float:
@@ -169,6 +172,42 @@ def initialise_from_data(sae: BatchTopKSAE, sample: torch.Tensor, generator: tor
         rows = F.normalize(centred[picks], dim=1)
         sae.W_dec.data[:n] = rows
         sae.W_enc.data[:, :n] = rows.t()
+
+
+@torch.no_grad()
+def resample_dead_latents(sae: BatchTopKSAE, optimiser: torch.optim.Optimizer, dead: torch.Tensor, x: torch.Tensor,
+                          generator: torch.Generator, encoder_scale: float = 0.2) -> int:  # fmt: skip
+    """Re-initialise the ``dead`` latents at what the dictionary misses (Bricken et al. 2023, "Towards Monosemanticity").
+
+    Each dead latent takes one vector of ``x`` (normalised training vectors ``(m, d_in)``), drawn with probability
+    proportional to the square of its squared reconstruction error: its decoder row becomes that vector's unit
+    residual ``x - x^``, its encoder column the same direction at ``encoder_scale`` times the mean norm of the live
+    encoder columns (so that it enters the top-k gently), its bias 0; Adam's moments for these entries restart.
+
+    Returns:
+        the number of latents re-initialised.
+    """
+    dead_ids = torch.nonzero(dead).squeeze(1)
+    if dead_ids.numel() == 0 or dead_ids.numel() == sae.d_sae:
+        return 0
+    x_hat, _ = train_forward(sae, x)
+    residual = x - x_hat
+    weights = residual.pow(2).sum(dim=1).pow(2)
+    usable = int((weights > 0).sum())
+    if usable == 0:
+        return 0
+    picks = torch.multinomial(weights.cpu(), dead_ids.numel(), replacement=dead_ids.numel() > usable, generator=generator)
+    directions = F.normalize(residual[picks.to(residual.device)], dim=1)
+    live_norm = sae.W_enc[:, ~dead].norm(dim=0).mean()
+    sae.W_dec[dead_ids] = directions
+    sae.W_enc[:, dead_ids] = directions.t() * (encoder_scale * live_norm)
+    sae.b_enc[dead_ids] = 0
+    for parameter, index in ((sae.W_dec, (dead_ids,)), (sae.W_enc, (slice(None), dead_ids)), (sae.b_enc, (dead_ids,))):
+        state = optimiser.state.get(parameter, {})
+        for moment in ("exp_avg", "exp_avg_sq"):
+            if moment in state:
+                state[moment][index] = 0
+    return int(dead_ids.numel())
 
 
 def _heldout_nmse(sae: BatchTopKSAE, x: torch.Tensor) -> float:
@@ -340,6 +379,8 @@ def _train(
             break
         x, x_hat, latents, mse, aux, dead = run.train_step(batch.to(device) * scale)
         bar.update(1)
+        if run.resampling_due():
+            run.resample(data, scale, log)
         evaluating = run.step % options.eval_every == 0 and run.step > run.schedule.warmup
         if evaluating:
             run.watch_heldout(watch, log)
@@ -389,6 +430,7 @@ class _Run:
         self.history: list[dict] = []
         self.evaluations: list[dict] = []
         self.best_nmse, self.stale, self.step = math.inf, 0, 0
+        self.resamples: list[dict] = []
         self.forward = world.forward(sae)
         self.start_time = time.monotonic()
 
@@ -398,13 +440,14 @@ class _Run:
         self.since_fired.copy_(state["since_fired"].to(self.since_fired.device))
         self.step, self.best_nmse, self.stale = state["step"], state["best_nmse"], state["stale"]
         self.history, self.evaluations = state["history"], state["evaluations"]
+        self.resamples = state.get("resamples", [])
         self.schedule.decay_start, self.schedule.decay_length = state["decay_start"], state["decay_length"]
         self.start_time = time.monotonic() - state["seconds"]
 
     def state(self) -> dict:
         return {"step": self.step, "best_nmse": self.best_nmse, "stale": self.stale, "decay_start": self.schedule.decay_start,
                 "decay_length": self.schedule.decay_length, "history": self.history, "evaluations": self.evaluations,
-                "seconds": time.monotonic() - self.start_time}  # fmt: skip
+                "resamples": self.resamples, "seconds": time.monotonic() - self.start_time}  # fmt: skip
 
     def train_step(self, x: torch.Tensor):
         """One optimiser step on normalised vectors ``x``; returns what :meth:`record` reads."""
@@ -431,6 +474,24 @@ class _Run:
                 self.since_fired[self.world.fired_anywhere(fired)] = 0
         self.step += 1
         return x, x_hat, latents, mse, aux, dead
+
+    def resampling_due(self) -> bool:
+        """A resampling step: every ``resample_every`` steps, before the decay and in the first half of the budget
+        (resampled latents need the rest to settle)."""
+        every = self.options.resample_every
+        return bool(every) and self.step % every == 0 and self.schedule.decay_start is None and self.step <= self.schedule.total // 2
+
+    def resample(self, data, scale: float, log: Callable[[str], None]) -> None:
+        """Re-initialise the latents dead now (:func:`resample_dead_latents`). The vectors come from a generator
+        seeded by the step, so every data-parallel worker draws the same ones and the replicas stay equal."""
+        dead = self.since_fired >= self.dead_after
+        rng = np.random.default_rng([self.options.seed, 7, self.step])
+        x = data.sample(rng, min(data.n_train, 16384)).to(self.since_fired.device) * scale
+        generator = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
+        count = resample_dead_latents(self.sae, self.optimiser, dead, x, generator)
+        self.since_fired[dead] = 0
+        self.resamples.append({"step": self.step, "latents": count})
+        log(f"step {self.step:6d}  resampled {count} dead latents")
 
     def watch_heldout(self, watch: torch.Tensor, log: Callable[[str], None]) -> None:
         """The stopping rule: decay the learning rate once the held-out loss stops improving for ``patience``
@@ -488,6 +549,7 @@ def _finish(sae: BatchTopKSAE, store: ActivationStore, options: SAETrainingOptio
         "stopped_early": run.step < run.schedule.total,
         "history": run.history,
         "evaluations": run.evaluations,
+        "resamples": run.resamples,
         "holdout": evaluation,
         "seconds": round(time.monotonic() - run.start_time, 1),
     }
@@ -520,7 +582,9 @@ def load_trained(folder: str | Path, options: SAETrainingOptions) -> tuple[Batch
     if not report_path.is_file():
         return None
     report = read_json(report_path)
-    if report.get("options") != json.loads(json.dumps(asdict(options))):
+    # A report written before an option existed was trained with that option's default.
+    stored = {**json.loads(json.dumps(asdict(SAETrainingOptions()))), **(report.get("options") or {})}
+    if stored != json.loads(json.dumps(asdict(options))):
         return None
     return BatchTopKSAE.load(folder), report
 

@@ -52,7 +52,7 @@ from SegLensLogic.sae.batch_topk import batch_topk, train_forward
 from SegLensLogic.sae.codes import encode_volume
 from SegLensLogic.steering.dice_recovered import dice_recovered, reconstruction_edit
 from SegLensLogic.sae.model import SAE_CONFIG_NAME, SAE_WEIGHTS_NAME
-from SegLensLogic.sae.trainer import geometric_median
+from SegLensLogic.sae.trainer import geometric_median, resample_dead_latents
 
 MODALITIES = ["t1c", "t2f"]
 REAL_CASES = ("Brats18_CBICA_ABM_1", "Brats18_2013_11_1")
@@ -564,6 +564,82 @@ def test_train_sae_once_resumes_a_sweep_at_what_it_had_not_finished(tmp_path, mo
     made = []
     trainer.train_sae_once(lambda: made.append(1) or store, other, tmp_path / "sweep" / "k2-expansion2-seed0", log=lambda m: None)
     assert made == [] and len(trained) == 2
+    # A report written before an option existed (here resample_every) was trained with its default: still loaded.
+    report_path = tmp_path / "sweep" / "k2-expansion2-seed0" / "training_report.json"
+    report = json.loads(report_path.read_text())
+    del report["options"]["resample_every"]
+    report_path.write_text(json.dumps(report))
+    trainer.train_sae_once(store, other, tmp_path / "sweep" / "k2-expansion2-seed0", log=lambda m: None)
+    assert len(trained) == 2
+    trainer.train_sae_once(store, dataclasses.replace(other, resample_every=10), tmp_path / "sweep" / "k2-expansion2-seed0", log=lambda m: None)
+    assert len(trained) == 3
+
+
+def test_resampling_puts_dead_latents_where_the_dictionary_misses():
+    """Dead latents take the unit residuals of the worst-reconstructed vectors (decoder row, and the encoder column
+    at a fifth of the live columns' norm, bias 0); live latents and their Adam moments are untouched, the dead
+    ones' moments restart."""
+    sae = random_sae(d_in=16, expansion=4, k=2, seed=3)
+    optimiser = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    x = torch.randn(256, 16) * 0.1
+    x[:4] += 20 * torch.nn.functional.one_hot(torch.tensor(7), 16).float()  # four vectors along one unexplained axis
+    sae(x).pow(2).sum().backward()
+    optimiser.step()
+    dead = torch.zeros(sae.d_sae, dtype=torch.bool)
+    dead[[1, 5, 9]] = True
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    moments = {name: optimiser.state[p]["exp_avg_sq"].clone() for name, p in sae.named_parameters()}
+    with torch.no_grad():
+        residual = x - train_forward(sae, x)[0]
+    live_norm = sae.W_enc[:, ~dead].norm(dim=0).mean()
+
+    assert resample_dead_latents(sae, optimiser, dead, x, torch.Generator().manual_seed(0)) == 3
+    rows = sae.W_dec.detach()[dead]
+    assert torch.allclose(rows.norm(dim=1), torch.ones(3), atol=1e-5)
+    # Each new row is the residual of one of the four outlying vectors (their error dwarfs the others').
+    assert (rows @ torch.nn.functional.normalize(residual[:4], dim=1).t()).max(dim=1).values.min() > 0.999
+    assert torch.allclose(sae.W_enc.detach()[:, dead], rows.t() * 0.2 * live_norm, atol=1e-6)
+    assert torch.all(sae.b_enc.detach()[dead] == 0)
+    for name, p in sae.named_parameters():
+        state = optimiser.state[p]["exp_avg_sq"]
+        if name in ("W_dec", "b_enc"):
+            assert torch.equal(p.detach()[~dead], before[name][~dead]) and torch.equal(state[~dead], moments[name][~dead])
+            assert torch.all(state[dead] == 0)
+        elif name == "W_enc":
+            assert torch.equal(p.detach()[:, ~dead], before[name][:, ~dead]) and torch.all(state[:, dead] == 0)
+        else:
+            assert torch.equal(p.detach(), before[name])
+    # Nothing dead, or everything dead (no live norm to scale by): nothing changes.
+    assert resample_dead_latents(sae, optimiser, torch.zeros(sae.d_sae, dtype=torch.bool), x, torch.Generator()) == 0
+    assert resample_dead_latents(sae, optimiser, torch.ones(sae.d_sae, dtype=torch.bool), x, torch.Generator()) == 0
+
+
+def test_resampling_finds_atoms_that_the_aux_loss_leaves_unfound(tmp_path):
+    """128 planted atoms used with Zipf frequencies (1/rank: a few common, many rare, like healthy tissue and
+    tumour in brain MRI), 3 per vector, an SAE of 128 latents: with dead latents resampled it recovers more of the
+    atoms, leaves fewer latents dead and explains more variance; the resampling steps are in the report.
+    (Seeds 0-2 all gain 0.04-0.11 of atoms recovered and 0.01-0.03 EV; this checks seed 0.)"""
+    rng = np.random.default_rng(5)
+    atoms = rng.standard_normal((128, D_IN))
+    atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
+    frequency = 1 / np.arange(1, 129)
+    which = np.stack([rng.choice(128, 3, replace=False, p=frequency / frequency.sum()) for _ in range(12_000)])
+    x = np.einsum("nk,nkd->nd", rng.uniform(0.5, 1.5, (12_000, 3)), atoms[which]) + 0.02 * rng.standard_normal((12_000, D_IN))
+    store = ActivationStore(write_store(tmp_path / "store", x.astype(np.float32)))
+    base = SAETrainingOptions(k=3, expansion=2, batch_size=256, max_steps=1500, patience=None, log_every=10**9, seed=0)
+    results = {}
+    for every in (None, 200):
+        sae, report = train_sae(store, dataclasses.replace(base, resample_every=every), device="cpu", log=QUIET)
+        decoder = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1).double().numpy()
+        results[every] = {**report["holdout"], "recovered": float(np.mean((atoms @ decoder.T).max(axis=1) > 0.9)),
+                          "resamples": report["resamples"]}  # fmt: skip
+        print(f"resample every {every}: {results[every]}")
+    off, on = results[None], results[200]
+    assert off["resamples"] == [] and [r["step"] for r in on["resamples"]] == [200, 400, 600]
+    assert all(r["latents"] > 0 for r in on["resamples"])
+    assert on["recovered"] >= off["recovered"] + 0.05
+    assert on["dead_fraction"] < off["dead_fraction"]
+    assert on["explained_variance"] > off["explained_variance"] + 0.005
 
 
 # ---------------------------------------------------------------------------------------------------------------
