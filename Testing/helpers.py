@@ -243,6 +243,8 @@ def align_with_half_replaced(capsys, sae_dir: Path, tmp_path: Path, seed: int = 
     with torch.no_grad():
         other.W_enc[:, :half] = torch.randn(other.config.d_in, half, generator=generator)
         other.W_dec[:half] = torch.nn.functional.normalize(torch.randn(half, other.config.d_in, generator=generator), dim=1)
+    # Another population's SAE records its own cohort (an alignment within one cohort is not a population shift).
+    other.config.training = {**(other.config.training or {}), "cohort": "half-replaced"}
     other.save(tmp_path / "other-sae")
     alignment = tmp_path / "alignment.json"
     code, _, err = seglens(capsys, "align", sae_dir, tmp_path / "other-sae", "--out", alignment)

@@ -17,6 +17,7 @@ import torch
 from SegLensLogic.bundle import load_bundle
 from SegLensLogic.data.cases import find_case, read_case
 from SegLensLogic.data.labels import TUMOUR_CLASSES
+from SegLensLogic.errors import SegLensError
 from SegLensLogic.segmentation.scores import segmentation_scores
 from SegLensLogic.resources import REFERENCE_BUNDLE_NAME, resources_folder, shipped_bundles
 from SegLensLogic.sae.trainer import evaluate_reconstruction
@@ -173,6 +174,30 @@ def test_shipped_references_of_two_architectures_are_aligned_with_each_other():
         document = found[0].document
         assert document["method"] in ("activation-correlation", "procrustes")
         assert len(document["shared_a"]) == len(document["shared_b"]) and 0.0 <= document["shared_fraction"] <= 1.0
+
+
+def test_an_alignment_with_another_architecture_does_not_change_population_status(bundle):
+    """The cross-architecture file compares two models of one cohort: it is not a population, so a latent's
+    status (specific, shared, universal) is what the population alignments alone say, and a latent shared with
+    every population it is compared with reads "universal" with the architecture file loaded."""
+    from SegLensLogic.steering.selection import latents_with_status, population_status
+
+    alignments = bundle.load_alignments()
+    sha, d_sae = bundle.manifest["sae"]["sha256"], bundle.manifest["sae"]["d_sae"]
+    populations = [a for a in alignments if a.compares_populations]
+    others = [a for a in alignments if not a.compares_populations]
+    assert {a.sae_a["cohort"] for a in others} == {a.sae_b["cohort"] for a in others} and populations
+    statuses = [population_status(alignments, sha, j) for j in range(d_sae)]
+    assert statuses == [population_status(populations, sha, j) for j in range(d_sae)]
+    partners = {a.sae("b" if a.side_of(sha) == "a" else "a")["name"] for a in populations}
+    assert all(set(shared_with) <= partners for _, shared_with in statuses)
+    latent = max(range(d_sae), key=lambda j: len(statuses[j][1]))
+    sharing = [a for a in populations if a.status(latent, a.side_of(sha)) == "shared"]
+    if len(sharing) < 2:
+        pytest.skip(f"{bundle.root.name}: no latent is shared with two populations")
+    assert population_status(sharing + others, sha, latent)[0] == "universal"
+    with pytest.raises(SegLensError, match="the loaded ones compare models of one cohort"):
+        latents_with_status(others, sha, d_sae, "specific")
 
 
 def test_resources_stay_small_enough_to_ship():

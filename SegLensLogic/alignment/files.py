@@ -213,6 +213,14 @@ class Alignment:
                                                   f"the SAE has d_sae {d_sae}, d_in {d_in} (the file was altered or is corrupt)")  # fmt: skip
         return sides[0]
 
+    @property
+    def compares_populations(self) -> bool:
+        """False when both SAEs record the same cohort: two models (or two seeds) of one population, whose
+        alignment says nothing about a population shift (e.g. ``unet-vs-segformer.json``); True otherwise,
+        including when a side does not record its cohort."""
+        a, b = self.sae_a.get("cohort"), self.sae_b.get("cohort")
+        return not (a and b and a == b)
+
     # -- the agreed interface --------------------------------------------------------------------------
     def sae(self, side: str) -> dict:
         return self.document[f"sae_{self._side(side)}"]

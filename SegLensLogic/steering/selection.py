@@ -56,7 +56,12 @@ def _cohort_name(alignment, side: str) -> str:
 
 
 def population_status(alignments: Sequence, sae_sha256: str | None, latent: int) -> tuple[str | None, list[str]]:
-    """``(status, shared_with)`` of a latent from alignment files of this SAE (by its weights hash)."""
+    """``(status, shared_with)`` of a latent from alignment files of this SAE (by its weights hash).
+
+    Only alignments between populations count (:attr:`Alignment.compares_populations`): an alignment with
+    another architecture trained on the same cohort would make every latent "specific" to nothing.
+    """
+    alignments = [alignment for alignment in alignments if alignment.compares_populations]
     if not alignments:
         return None, []
     shared_with = []
@@ -75,8 +80,9 @@ def latents_with_status(alignments: Sequence, sae_sha256: str | None, d_sae: int
     """Every latent of the SAE whose population status is ``status`` (see :func:`population_status`)."""
     if status not in STATUSES:
         raise SegLensError(f"unknown population status '{status}'; use one of {', '.join(STATUSES)}")
-    if not alignments:
-        raise SegLensError("selecting latents by population status needs alignment files (seglens align)")
+    if not any(alignment.compares_populations for alignment in alignments):
+        raise SegLensError("selecting latents by population status needs alignment files between populations (seglens align); "
+                           + ("the loaded ones compare models of one cohort" if alignments else "none is loaded"))
     return [j for j in range(d_sae) if population_status(alignments, sae_sha256, j)[0] == status]
 
 

@@ -921,7 +921,11 @@ def test_store_with_other_d_in_is_refused(tmp_path, capsys, small_sae_dir):
     ok = write_store(tmp_path / "store16", np.random.default_rng(0).standard_normal((300, 16)))
     code, out, err = seglens(capsys, "evaluate-sae", "--sae", small_sae_dir, "--activations", ok)
     assert code == 0, err
-    assert "explained_variance" in out and "l0" in out
+    assert "Reconstruction on 15 vectors:" in out and "explained_variance" in out and "l0" in out  # the 5 % held out
+    code, out, err = seglens(capsys, "evaluate-sae", "--sae", small_sae_dir, "--activations", ok, "--sample", 1000)
+    assert code == 0 and "Reconstruction on 300 vectors:" in out, err
+    code, _, err = seglens(capsys, "evaluate-sae", "--sae", small_sae_dir, "--activations", ok, "--sample", 0)
+    assert_one_line_error(code, err, "--sample")
 
 
 def test_encode_volume_refuses_sae_of_other_d_in(tmp_path, synthetic_case, small_sae_dir):
@@ -1126,8 +1130,10 @@ def test_cli_extract_train_latents(tmp_path, capsys):
     assert_one_line_error(code, err, store_dir, "already exists")
 
     code, out, err = seglens(capsys, "train-sae", "--activations", store_dir, "--out", sae_dir, "--max-steps", 20,
-                             "--batch-size", 512, "--k", 8, "--expansion", 4, "--epochs", 100, "--device", "cpu")  # fmt: skip
+                             "--batch-size", 512, "--k", 8, "--expansion", 4, "--epochs", 100, "--device", "cpu",
+                             "--resample-every", 5)  # fmt: skip
     assert code == 0, err
+    assert "step      5  resampled" in out and "step     10  resampled" in out and "step     15  resampled" not in out
     assert sorted(p.name for p in sae_dir.iterdir()) == sorted([SAE_CONFIG_NAME, SAE_WEIGHTS_NAME, "training_report.json"])
     sae = BatchTopKSAE.load(sae_dir)
     assert sae.config.d_in == 32 and sae.d_sae == 128 and sae.config.k == 8 and sae.config.threshold is not None
@@ -1140,7 +1146,7 @@ def test_cli_extract_train_latents(tmp_path, capsys):
     code, out, err = seglens(capsys, "evaluate-sae", "--sae", sae_dir, "--activations", store_dir, "--model", model_dir,
                              "--cohort", cohort, "--device", "cpu")  # fmt: skip
     assert code == 0, err
-    assert "Reconstruction:" in out and "Dice recovered:" in out
+    assert "Reconstruction on " in out and "Dice recovered:" in out
 
     case = cohort / "BraTS-SYN-00001-000"
     code, out, err = seglens(capsys, "latents", "--model", model_dir, "--sae", sae_dir, "--case", case, "--top", 3,
