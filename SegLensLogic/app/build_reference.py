@@ -88,7 +88,9 @@ class ReferenceSettings:
             aim_cases: the validation cases and failing copies of them the hook's aim is measured on (0: choose by
             leverage alone).
         sweep, sae_max_steps: the SAE settings ``(k, expansion)`` tried at the chosen hook (two seeds each), and
-            the step budget of each; sae_expansion: the quick SAEs' expansion in the leverage step.
+            the step budget of each; sae_expansion: the quick SAEs' expansion in the leverage step;
+            sae_resample_every: dead latents of the swept and population SAEs are resampled every this many steps
+            (None: never, as in the shipped U-Net, built before resampling was measured; docs/measurements/sae-resampling.md).
         interpret_top_k: examples per latent when labelling latents; sweep_readability: label every swept setting's
             two seeds on the training cases and choose the setting by its tumour latents and how repeatable their
             labels are (:func:`~SegLensLogic.experiments.sae_sweep.readability`), not by the paper's setting.
@@ -134,6 +136,7 @@ class ReferenceSettings:
     sweep: tuple[tuple[int, int], ...] = ((8, 4), (16, 4), (16, 8), (32, 8), (32, 16))
     sae_expansion: int = 16
     sae_max_steps: int = 20000
+    sae_resample_every: int | None = 1000
     interpret_top_k: int = 16
     sweep_readability: bool = True
     finetune_epochs: int = 6
@@ -146,7 +149,7 @@ class ReferenceSettings:
     def unet(cls) -> "ReferenceSettings":
         """A U-Net reference (MONAI BasicUNet, widths 16-128, full-resolution output) at 128 px on the brain box."""
         return cls(arch="unet", image_size=128, arch_options=(("features", [16, 16, 32, 64, 128, 16]),), learning_rate=3e-3,
-                   warmup_steps=100)  # fmt: skip
+                   warmup_steps=100, sae_resample_every=None)  # fmt: skip
 
     @classmethod
     def tiny(cls, arch: str = "segformer") -> "ReferenceSettings":
@@ -159,7 +162,7 @@ class ReferenceSettings:
             arch_options=(("hidden_sizes", [16, 32, 64, 128]), ("decoder_hidden_size", 64), ("num_attention_heads", [1, 1, 2, 4])),
             train_cases=2, leverage_sae_steps=100, leverage_alphas=(0.0, 4.0), repair_alphas=(0.0, 1.0, 4.0), repair_strengths=(2.0,),
             repair_missing=(), repair_brats2013=1, repair_patients=2, leverage_hooks=("stage1", "stage2"), aim_cases=1, hint_clicks=1, hint_steps=6, fit_steps=3, sweep=((4, 2), (8, 4)), sae_expansion=4,
-            sae_max_steps=300, interpret_top_k=4, finetune_epochs=1, finetune_slices=32, pediatric_cases=2,
+            sae_max_steps=300, sae_resample_every=50, interpret_top_k=4, finetune_epochs=1, finetune_slices=32, pediatric_cases=2,
             phantom_shape=(48, 56, 40),
         )  # fmt: skip
 
@@ -334,7 +337,7 @@ def _sae_options(build: ReferenceBuild, **fields):
     from ..sae import SAETrainingOptions
 
     return SAETrainingOptions(**{"expansion": build.settings.sae_expansion, "max_steps": build.settings.sae_max_steps,
-                                 "log_every": 10**9, **fields})  # fmt: skip
+                                 "resample_every": build.settings.sae_resample_every, "log_every": 10**9, **fields})  # fmt: skip
 
 
 def step_leverage(build: ReferenceBuild, folder: Path) -> dict:
@@ -408,7 +411,7 @@ def step_sae(build: ReferenceBuild, folder: Path) -> dict:
 
     shutil.rmtree(folder / "store-resampled", ignore_errors=True)
     return {"sae": "sae/sae", "seed_replica": "sae/sae-seed1", "resampled_replica": "sae/sae-resampled", "store": "sae/store",
-            "sweep": rows, "chosen": rows[chosen], "why": why}  # fmt: skip
+            "sweep": rows, "chosen": rows[chosen], "why": why, "resample_every": kept[(chosen, 0)][1]["options"].get("resample_every")}  # fmt: skip
 
 
 def step_interpret(build: ReferenceBuild, folder: Path) -> dict:
@@ -695,7 +698,8 @@ def build_reference(
     torch.manual_seed(settings.seed)
     pipeline = Pipeline(out, STATE_KIND, STATE_NAME, {"settings": asdict(settings), "data": str(data.resolve())},
                         STEPS, overwrite=overwrite, log=log, label="SegLens reference build",
-                        defaults={"settings": asdict(ReferenceSettings()), "data": str(data.resolve())})  # fmt: skip
+                        defaults={"settings": asdict(ReferenceSettings.unet() if settings.arch == "unet" else ReferenceSettings()),
+                                  "data": str(data.resolve())})  # fmt: skip
     log_path = pipeline.out / "build.log"
 
     def logged(message: str) -> None:

@@ -302,7 +302,9 @@ def _sae_section(leverage: dict, sae: dict, labels: dict, evaluation: dict) -> l
     return [
         "## Sparse autoencoder",
         f"- BatchTopK, k {chosen['k']}, expansion {chosen['expansion']} ({chosen['k']} active latents on average of {chosen['expansion']} x d), trained on "
-        f"every brain position of the training and validation cases at `{leverage['hook']}`.",
+        f"every brain position of the training and validation cases at `{leverage['hook']}`"
+        + (f"; dead latents resampled every {sae['resample_every']} steps in the first half of training." if sae.get("resample_every")
+           else "; dead latents not resampled (the auxiliary loss only)."),
         f"- On the test cases' activations (never trained on): explained variance {_goal('explained_variance', sae_metrics['explained_variance'])}, "
         f"L0 {sae_metrics['l0']:.1f}, dead latents {_goal('dead_fraction', sae_metrics['dead_fraction'])}, Dice recovered "
         f"{_goal('dice_recovered', sae_metrics['dice_recovered'])}.",

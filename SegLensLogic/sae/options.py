@@ -26,8 +26,8 @@ class SAETrainingOptions:
         k_aux: latents per vector in the auxiliary loss (default ``d_in // 2``).
         dead_after: vectors without firing after which a latent counts as dead (default 10 batches).
         resample_every: every this many steps, while the learning rate has not begun to decay and in the first half
-            of the budget, dead latents are re-initialised at poorly reconstructed vectors (Bricken et al. 2023);
-            None: never (the aux loss alone).
+            of the budget, dead latents (``dead_after``) are re-initialised at poorly reconstructed vectors (Bricken
+            et al. 2023); None: never (the aux loss alone).
         holdout_fraction: vectors kept out of training to estimate the threshold and evaluate.
         log_every: steps between progress lines.
         seed: initialisation, order and split.

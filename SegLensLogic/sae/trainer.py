@@ -11,9 +11,9 @@ Recipe (choices made explicit; the settings sweep that chose the shipped SAE is 
   normalised by the residual's variance (as in OpenAI's and dictionary_learning's code: unnormalised, the aux
   loss vanishes as the reconstruction improves and dead latents stay dead);
 - a latent is dead when it has not fired on the last ``dead_after`` training vectors;
-- optionally (``resample_every``), dead latents are re-initialised at the residuals of poorly reconstructed
-  vectors, early in training (Bricken et al. 2023): the aux loss alone leaves most of a wide dictionary dead on
-  the low-dimensional activations of brain MRI (``docs/measurements/sae-resampling.md``);
+- optionally (``resample_every``), dead latents are re-initialised at the residuals of poorly reconstructed vectors,
+  in the first half of training (Bricken et al. 2023): the aux loss alone leaves most of a wide dictionary dead on
+  brain MRI activations, and the resampled latents land on tumour (``docs/measurements/sae-resampling.md``);
 - decoder rows kept at unit norm, with the gradient component parallel to each row removed before each step;
 - Adam, betas (0.9, 0.999), learning rate ``2e-4 / sqrt(d_sae / 2**14)`` unless given (dictionary_learning's
   scaling), linear warm-up, gradient norm clipped at 1;
@@ -482,8 +482,11 @@ class _Run:
         return bool(every) and self.step % every == 0 and self.schedule.decay_start is None and self.step <= self.schedule.total // 2
 
     def resample(self, data, scale: float, log: Callable[[str], None]) -> None:
-        """Re-initialise the latents dead now (:func:`resample_dead_latents`). The vectors come from a generator
-        seeded by the step, so every data-parallel worker draws the same ones and the replicas stay equal."""
+        """Re-initialise the latents dead now, by the aux loss's rule (no firing on the last ``dead_after``
+        vectors): :func:`resample_dead_latents`. A longer window (no firing since the previous resampling) finds
+        almost none to resample on brain MRI activations and gains nothing; this one moves latents that fire rarely
+        where the dictionary misses, which on brain MRI is tumour (docs/measurements/sae-resampling.md). The
+        vectors come from a generator seeded by the step, so every data-parallel worker draws the same ones."""
         dead = self.since_fired >= self.dead_after
         rng = np.random.default_rng([self.options.seed, 7, self.step])
         x = data.sample(rng, min(data.n_train, 16384)).to(self.since_fired.device) * scale

@@ -105,6 +105,11 @@ def test_tiny_rebuild_writes_a_bundle_whose_card_is_the_builds_measurement(tiny_
     # the SAE setting was chosen with every setting's readability measured
     assert all("tumour_latents" in row and "label_agreement" in row for row in state["steps"]["sae"]["outputs"]["sweep"])
     assert "| k | expansion | explained_variance | dead_fraction | l0 | seed_shared | live | steps | tumour_latents |" in card
+    # dead latents were resampled as the settings say, and the card says so
+    assert state["steps"]["sae"]["outputs"]["resample_every"] == build.settings.sae_resample_every == 50
+    assert "dead latents resampled every 50 steps in the first half of training" in card
+    report = json.loads((root / "build" / "sae" / "sae" / "training_report.json").read_text())
+    assert [r["step"] for r in report["resamples"]] == [50, 100, 150][: len(report["resamples"])] and report["resamples"]
     for case_id in state["steps"]["split"]["outputs"]["test"]:
         assert case_id in card
     # the hook the leverage step chose is the bundle's, in its model's config too
@@ -160,6 +165,28 @@ def test_segment_and_steer_default_to_the_reference_bundle(tiny_build, brats2018
 
 
 # -- leverage and repair, on small hand-made inputs -------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["segformer", "unet"])
+def test_a_build_started_before_resampling_continues_with_its_architectures_default(arch, shared_data, tmp_path):
+    """A build whose state predates ``sae_resample_every`` continues, taking the option at its architecture's
+    default: never for the U-Net (so that its rebuild reproduces the shipped U-Net), every 1000 steps for the
+    SegFormer; another value is refused, naming the option."""
+    settings = ReferenceSettings.unet() if arch == "unet" else ReferenceSettings()
+    build_reference(shared_data, tmp_path / "build", settings, until="split", log=lambda m: None)
+    state_path = tmp_path / "build" / "build.json"
+    state = json.loads(state_path.read_text())
+    del state["options"]["settings"]["sae_resample_every"]
+    state_path.write_text(json.dumps(state))
+    lines: list[str] = []
+    build = build_reference(shared_data, tmp_path / "build", settings, until="split", log=lines.append)
+    assert "Options added since this run started, taken at their defaults: settings.sae_resample_every" in lines
+    assert build.settings.sae_resample_every == (None if arch == "unet" else 1000)
+    assert build.pipeline.data["options"]["settings"]["sae_resample_every"] == build.settings.sae_resample_every
+    state["options"]["settings"]["sae_resample_every"] = 7
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(SegLensError, match="sae_resample_every|settings"):
+        build_reference(shared_data, tmp_path / "build", settings, until="split", log=lambda m: None)
+
+
 def test_leverage_chooses_the_hook_that_moves_the_mask_most_among_fine_enough_grids():
     rows = [
         {"hook": "stage1", "grid": "48x48", "moved": 0.30, "oracle_gain_mean": 0.01},
