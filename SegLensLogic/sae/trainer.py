@@ -484,7 +484,7 @@ class _Run:
     def resample(self, data, scale: float, log: Callable[[str], None]) -> None:
         """Re-initialise the latents dead now, by the aux loss's rule (no firing on the last ``dead_after``
         vectors): :func:`resample_dead_latents`. A longer window (no firing since the previous resampling) finds
-        almost none to resample on brain MRI activations and gains nothing; this one moves latents that fire rarely
+        few to resample on brain MRI activations and gains little; this one also moves latents that fire rarely to
         where the dictionary misses, which on brain MRI is tumour (docs/measurements/sae-resampling.md). The
         vectors come from a generator seeded by the step, so every data-parallel worker draws the same ones."""
         dead = self.since_fired >= self.dead_after
