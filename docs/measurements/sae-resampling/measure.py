@@ -29,7 +29,7 @@ def main(model_dir: str, store_dir: str, test: str, *entries: str) -> None:
     positions = np.sort(np.random.default_rng(0).choice(len(store), min(150_000, len(store)), replace=False))
     vectors = store.vectors(positions)
     print(f"Store `{store_dir}` ({len(store):,} vectors of {store.d_in} channels); test cases: {len(cohort)}.\n")
-    print("| SAE | steps | resampled (latents, per round) | EV | dead on 150k | tumour-labelled (NC / ED / ET / boundary) "
+    print("| SAE | steps | resampled (latents, per round) | EV | dead (on 150,000 vectors, or all) | tumour-labelled (NC / ED / ET / boundary) "
           "| tumour-class latents firing on test | holding >= 40 % in class | mean in class | mean in any tumour |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for entry in entries:
