@@ -417,7 +417,7 @@ def save_training_state(folder: Path, state: dict) -> None:
             tensors[f"adam.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
     tensors["since_fired"] = state["since_fired"].detach().cpu().contiguous()
     save_file(tensors, str(folder / STATE_WEIGHTS))
-    scalars = {key: state[key] for key in ("step", "stale", "decay_start", "decay_length", "history", "evaluations", "seconds", "scale")}
+    scalars = {key: state[key] for key in ("step", "stale", "decay_start", "decay_length", "history", "evaluations", "resamples", "seconds", "scale")}
     scalars["best_nmse"] = None if math.isinf(state["best_nmse"]) else state["best_nmse"]
     scalars["adam_param_groups"] = optimiser["param_groups"]
     atomic_write_text(folder / STATE_JSON, json.dumps(scalars) + "\n")
@@ -438,6 +438,7 @@ def load_training_state(folder: Path) -> dict:
         "since_fired": tensors["since_fired"],
         "best_nmse": math.inf if scalars["best_nmse"] is None else scalars["best_nmse"],
         **{key: scalars[key] for key in ("step", "stale", "decay_start", "decay_length", "history", "evaluations", "seconds")},
+        "resamples": scalars.get("resamples", []),  # absent from checkpoints written before resampling existed
     }
 
 

@@ -308,7 +308,8 @@ def ray_trained(ray_local, tmp_path_factory):
     """A planted store; SAEs trained on it by ``seglens train-sae`` alone and with 2 Ray Train workers."""
     root = tmp_path_factory.mktemp("scale-train")
     store = planted_store(root / "store")
-    common = ["--activations", store, "--k", 4, "--expansion", 4, "--batch-size", 256, "--max-steps", 600, "--seed", 1, "--device", "cpu"]
+    common = ["--activations", store, "--k", 4, "--expansion", 4, "--batch-size", 256, "--max-steps", 600, "--seed", 1, "--device", "cpu",
+              "--resample-every", 100]  # fmt: skip
     from SegLensLogic.app import cli
 
     assert cli.main([str(a) for a in ["train-sae", "--out", root / "single", *common]]) == 0
@@ -326,6 +327,8 @@ def test_ray_training_matches_single_process(ray_trained):
     assert {k: v for k, v in a.items() if k not in ("training", "threshold")} == {k: v for k, v in b.items() if k not in ("training", "threshold")}
     report = json.loads((root / "ray" / "training_report.json").read_text())
     assert report["workers"] == 2 and report["order"] == "shards" and report["steps"] == 600 and len(report["evaluations"]) == 2
+    # Dead latents were resampled on both workers alike (the same seeded draw), in the first half of training.
+    assert [r["step"] for r in report["resamples"]] == [100, 200, 300]
     assert not [p for p in root.iterdir() if p.name.endswith(".ray-checkpoints")]  # Ray Train's checkpoints removed
     # Converged within tolerance of single-process training, measured on every vector of the store.
     store = ActivationStore(ray_trained["store"])
@@ -342,12 +345,15 @@ def test_killed_training_worker_resumes_from_its_checkpoint(ray_trained, tmp_pat
     from SegLensLogic.sae.distributed import train_sae_ray
 
     # The options of the fixture's `seglens train-sae --workers 2` run: checkpoints at steps 250 and 500.
-    options = SAETrainingOptions(k=4, expansion=4, batch_size=256, max_steps=600, seed=1)
+    options = SAETrainingOptions(k=4, expansion=4, batch_size=256, max_steps=600, seed=1, resample_every=100)
     marker = tmp_path / "killed"
     resumed, report = train_sae_ray(ray_trained["store"], options, workers=2, device="cpu", log=QUIET,
                                     _kill_once={"rank": 1, "step": 500, "marker": str(marker)})  # fmt: skip
     assert marker.read_text() == "500"  # rank 1 died at step 500, before its checkpoint
     assert report["steps"] == 600 and 0 < report["resumed_at_step"] < 500
+    # ... resampling rounds included (the round after the checkpoint replayed with the same draw)
+    plain_report = json.loads((ray_trained["root"] / "ray" / "training_report.json").read_text())
+    assert report["resamples"] == plain_report["resamples"]
     # The restarted run picked up weights, Adam moments, dead-latent counters, schedule and data position: it ends
     # where the uninterrupted run ended, bit for bit.
     plain = BatchTopKSAE.load(ray_trained["root"] / "ray")
