@@ -492,7 +492,8 @@ class _Run:
         x = data.sample(rng, min(data.n_train, 16384)).to(self.since_fired.device) * scale
         generator = torch.Generator().manual_seed(int(rng.integers(1 << 62)))
         count = resample_dead_latents(self.sae, self.optimiser, dead, x, generator)
-        self.since_fired[dead] = 0
+        if count:  # none re-initialised (none dead, or all): the counters keep counting
+            self.since_fired[dead] = 0
         self.resamples.append({"step": self.step, "latents": count})
         log(f"step {self.step:6d}  resampled {count} dead latents")
 
