@@ -21,6 +21,9 @@ class InputFileError(SegLensError, ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):  # rebuilt from its parts when it crosses a process boundary (sweep workers, Ray)
+        return type(self), (self.path, self.problem)
+
 
 class OutputExistsError(SegLensError, FileExistsError):
     """An output would replace an existing file; SegLens never does that unless asked to (``overwrite``)."""
@@ -28,6 +31,9 @@ class OutputExistsError(SegLensError, FileExistsError):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         super().__init__(f"{self.path}: already exists; choose another output or pass --overwrite")
+
+    def __reduce__(self):
+        return type(self), (self.path,)
 
 
 def refuse_existing(path: str | Path, overwrite: bool) -> Path:

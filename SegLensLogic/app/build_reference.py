@@ -34,6 +34,7 @@ The build is deterministic given its seeds on one machine (PyTorch's CPU kernels
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -333,6 +334,25 @@ def _extract(build: ReferenceBuild, model, model_dir: Path, cohort: Cohort, hook
     return extract_activations(model, cohort, out, options, model_dir=model_dir, overwrite=True, log=lambda m: None)
 
 
+def _sae_workers() -> int:
+    """SAEs trained side by side on the CPU, one thread each: an SAE step is too small for two threads; on the B1
+    store a sweep ran 1.8-2.2 times faster two at a time than one at a time on two threads
+    (``benchmarks/sae_sweep_workers.py``). One on a GPU."""
+    return 1 if torch.cuda.is_available() else torch.get_num_threads()
+
+
+@contextmanager
+def _sae_threads():
+    """One PyTorch thread for an SAE trained alone on the CPU (1.3 times faster than two, same benchmark)."""
+    previous = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _sae_options(build: ReferenceBuild, **fields):
     from ..sae import SAETrainingOptions
 
@@ -371,8 +391,7 @@ def step_leverage(build: ReferenceBuild, folder: Path) -> dict:
 
 def step_sae(build: ReferenceBuild, folder: Path) -> dict:
     from ..experiments.sae_sweep import choose_setting, sae_sweep
-    from ..sae.trainer import train_sae_once
-    from ..sae.trainer import save_training_report
+    from ..sae.trainer import load_trained, save_training_report, train_sae_once
 
     s = build.settings
     model = build.model()
@@ -383,7 +402,7 @@ def step_sae(build: ReferenceBuild, folder: Path) -> dict:
     grid = [{"k": k, "expansion": e} for k, e in s.sweep if k <= channels // 2] or [{"k": max(1, channels // 4), "expansion": 4}]
     build.sub(f"{len(store)} vectors of {channels} channels at {hook}; sweep over (k, expansion) "
               f"{[(g['k'], g['expansion']) for g in grid]} (seeds 0 and 1)")  # fmt: skip
-    rows, kept = sae_sweep(store, grid, base=_sae_options(build), keep=True, log=build.sub, cache=folder / "sweep")
+    rows, kept = sae_sweep(store, grid, base=_sae_options(build), keep=True, log=build.sub, cache=folder / "sweep", workers=_sae_workers())
     if s.sweep_readability:  # what a clinician reads: tumour latents, and whether another seed labels them alike
         from ..experiments.sae_sweep import readability
 
@@ -403,6 +422,10 @@ def step_sae(build: ReferenceBuild, folder: Path) -> dict:
         return _extract(build, model, build.model_dir, train, hook, folder / "store-resampled", subsample=0.8, seed=s.seed + 1)
 
     options = _sae_options(build, k=rows[chosen]["k"], expansion=rows[chosen]["expansion"], seed=0)
+    if load_trained(folder / "sae-resampled", options) is None:
+        resampled_store = resampled()  # extraction runs the segmenter: all threads
+        with _sae_threads():
+            train_sae_once(resampled_store, options, folder / "sae-resampled", log=lambda m: None)
     sae, report = train_sae_once(resampled, options, folder / "sae-resampled", log=lambda m: None)
     sae.config.training["cohort"] = "brats2018 (80 % resample)"
     sae.save(folder / "sae-resampled", overwrite=True)
@@ -496,7 +519,8 @@ def step_populations(build: ReferenceBuild, folder: Path) -> dict:
         model = load_segmenter(model_dir)
         model.config.hook_point = build.hook
         pop_store = _extract(build, model, model_dir, cohort, build.hook, pop_folder / "store")
-        sae, report = train_sae(pop_store, _sae_options(build, k=k, expansion=expansion, seed=100 + number), log=lambda m: None)
+        with _sae_threads():
+            sae, report = train_sae(pop_store, _sae_options(build, k=k, expansion=expansion, seed=100 + number), log=lambda m: None)
         sae.config.training["cohort"] = name
         sae.save(pop_folder / "sae", overwrite=True)
         save_training_report(report, pop_folder / "sae")

@@ -575,6 +575,37 @@ def test_train_sae_once_resumes_a_sweep_at_what_it_had_not_finished(tmp_path, mo
     assert len(trained) == 3
 
 
+def test_sweep_trains_side_by_side_in_worker_processes(tmp_path, monkeypatch):
+    """With workers, the sweep's SAEs are trained two at a time in spawned processes into the cache, and the
+    sweep reads them back: the same rows and weights as one after another here, nothing trained twice; a worker's
+    error reaches the caller whole, naming the file."""
+    import SegLensLogic.sae.trainer as trainer
+    from SegLensLogic.errors import InputFileError
+    from SegLensLogic.experiments.sae_sweep import sae_sweep, train_in_workers
+
+    rng = np.random.default_rng(1)
+    store = ActivationStore(write_store(tmp_path / "s", rng.standard_normal((1500, 8)).astype(np.float32), dtype="float32",
+                                        cases=[{"case_id": "a"}]))  # fmt: skip
+    base = SAETrainingOptions(max_steps=20, batch_size=128, eval_every=10, resample_every=5, log_every=10**9)
+    grid = [{"k": 2, "expansion": 2}, {"k": 4, "expansion": 2}]
+    messages = []
+    rows, kept = sae_sweep(store, grid, base=base, keep=True, log=messages.append, cache=tmp_path / "side", workers=2)
+    assert messages[0] == "  training 4 SAEs, 2 at a time (1 thread(s) each)"
+    serial, kept_serial = sae_sweep(store, grid, base=base, keep=True, log=lambda m: None, cache=tmp_path / "serial")
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in rows] == [{k: v for k, v in r.items() if k != "seconds"} for r in serial]
+    for key in kept:
+        assert torch.equal(kept[key][0].W_enc, kept_serial[key][0].W_enc)
+        assert kept[key][1]["resamples"] == kept_serial[key][1]["resamples"]
+
+    trained = []
+    monkeypatch.setattr(trainer, "train_sae", lambda *a, **kw: trained.append(1))
+    sae_sweep(store, grid, base=base, log=lambda m: None, cache=tmp_path / "side", workers=2)
+    assert trained == []
+    with pytest.raises(InputFileError, match="missing-store"):
+        train_in_workers(tmp_path / "missing-store", [(base, tmp_path / "never")], workers=2, log=lambda m: None)
+    assert not (tmp_path / "never").exists()
+
+
 def test_resampling_puts_dead_latents_where_the_dictionary_misses():
     """Dead latents take the unit residuals of the worst-reconstructed vectors (decoder row, and the encoder column
     at a fifth of the live columns' norm, bias 0); live latents and their Adam moments are untouched, the dead
