@@ -384,5 +384,20 @@ def _label_mass_lines(measured: dict | None) -> list[str]:
         f"(what the panel shows) inside its class: mean {measured['mean_in_class']:.0%} (goal >= {measured['holds_at']:.0%}; "
         f"{measured['holding']} of {measured['fired']} latents reach it), inside any tumour {measured['mean_in_tumour']:.0%}; "
         f"{by_category}. Where the labeller's top-slice share and this measure disagree, trust this one: it is what a "
-        "heatmap layer shows on a new case.",
+        "heatmap layer shows on a new case." + _reading_guide(measured),
     ]
+
+
+def _reading_guide(measured: dict) -> str:
+    """Which labels a user can read as named on a new case, and which only as "fires on tumour", by the measure above
+    (docs/measurements/label-volume-rule.md: class by class, the share on training cases does not predict it)."""
+    categories, holds = measured["by_category"], measured["holds_at"]
+    named = [c for c, v in categories.items() if v["in_class"] >= holds]
+    tumour = [c for c, v in categories.items() if v["in_class"] < holds and v["in_tumour"] >= 0.5]
+    parts = []
+    if named:
+        parts.append(f"Read as named: {', '.join(named)} (at least {holds:.0%} in class on average).")
+    if tumour:
+        parts.append(f"Read as \"fires on tumour\", not as the class: {', '.join(tumour)} (under {holds:.0%} in class, "
+                     "at least half inside tumour).")  # fmt: skip
+    return "" if not parts else " " + " ".join(parts)

@@ -351,6 +351,22 @@ def test_card_states_the_steering_goals_from_the_arms_table():
     assert "below the goal" in steering_verdict(rows)[0]
 
 
+def test_card_says_which_labels_to_read_as_named_and_which_as_tumour():
+    """From the measured hold per class: classes at the goal read as named, those under it but mostly inside tumour
+    read as "fires on tumour", the rest are not listed; nothing is listed when no class qualifies."""
+    from SegLensLogic.reference.card import _label_mass_lines
+
+    def measured(**by_category):
+        return {"cases": 4, "mean_in_class": 0.3, "holds_at": 0.4, "holding": 2, "fired": 9, "mean_in_tumour": 0.7,
+                "chance": {}, "latents": [{}], "by_category": {c: {"latents": 3, "in_class": a, "in_tumour": b} for c, (a, b) in by_category.items()}}  # fmt: skip
+
+    line = _label_mass_lines(measured(**{"edema": (0.44, 0.57), "necrotic core": (0.07, 0.85), "enhancing tumour": (0.2, 0.3)}))[0]
+    assert line.endswith('Read as named: edema (at least 40% in class on average). Read as "fires on tumour", not as the class: '
+                         "necrotic core (under 40% in class, at least half inside tumour).")  # fmt: skip
+    assert "enhancing tumour (" not in line.split("Read as")[1]
+    assert _label_mass_lines(measured(edema=(0.1, 0.2)))[0].endswith("heatmap layer shows on a new case.")
+
+
 def test_a_resumed_build_reuses_its_activation_store_only_when_it_is_the_same(real_pipeline, tmp_path, monkeypatch):
     """The sae step's store is kept between reruns: the same weights, cases and options reuse it; other options
     (another subsample) extract again."""
