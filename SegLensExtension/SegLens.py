@@ -1757,7 +1757,7 @@ class SegLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     item = qt.QTableWidgetItem()
                     value = row.get(column)
                     if column in latenttable.NUMERIC and value is not None:
-                        item.setData(qt.Qt.DisplayRole, value)  # numeric sort
+                        item.setData(qt.Qt.DisplayRole, latenttable.display_value(row, column))  # numeric sort
                     else:
                         item.setText(latenttable.cell_text(row, column))
                     table.setItem(r, c, item)

@@ -84,6 +84,10 @@ def test_the_shipped_bundle_is_complete_and_says_what_it_is(bundle):
     assert any(labels.latents_in_category(c) for c in TUMOUR_CATEGORIES)
     card = bundle.card_path.read_text(encoding="utf-8")
     assert "research only, not clinical use" in card and "BraTS" in card
+    if "Do the labels hold on the" in card:  # measured by the build: the shipped labels carry it latent by latent
+        held = [labels.held_out(j)["in_class"] for j in range(sae.d_sae) if labels.held_out(j)]
+        assert labels.data["held_out"]["case_ids"] == training["test_cases"]
+        assert f"inside its class: mean {np.mean(held):.0%} " in card
     for key in ("dice_WT", "dice_TC", "dice_ET", "dice_ED", "dice_NC"):
         assert 0.0 <= figures["dice_test"][key] <= 1.0
         assert f"{figures['dice_test'][key]:.3f}" in card

@@ -1,6 +1,7 @@
 """Rows of the latent table: filtering by category and population status, sorting by any column.
 
-A row is a dict as ``SteeringSession.latent_table`` returns it: ``id``, ``label``, ``category``, ``status``
+A row is a dict as ``SteeringSession.latent_table`` returns it: ``id``, ``label``, ``category``, ``holds`` (share of
+the heatmap inside the labelled class on held-out cases, shown as a percentage; empty where unmeasured), ``status``
 (``universal`` / ``shared`` / ``specific``, None without alignments), ``shared_with`` (the partner populations a
 shared latent matches, from the bundle's alignment files), ``slice_activation``, ``volume_activation``.
 """
@@ -8,9 +9,9 @@ shared latent matches, from the bundle's alignment files), ``slice_activation``,
 from __future__ import annotations
 
 ALL = "all"
-COLUMNS = ("id", "label", "category", "status", "shared_with", "slice_activation", "volume_activation")
-HEADERS = ("Latent", "Label", "Category", "Status", "Shared with", "Slice", "Volume")
-NUMERIC = ("id", "slice_activation", "volume_activation")
+COLUMNS = ("id", "label", "category", "holds", "status", "shared_with", "slice_activation", "volume_activation")
+HEADERS = ("Latent", "Label", "Category", "Holds %", "Status", "Shared with", "Slice", "Volume")
+NUMERIC = ("id", "holds", "slice_activation", "volume_activation")
 
 
 def choices(rows: list[dict], key: str) -> list[str]:
@@ -38,10 +39,18 @@ def sort_rows(rows: list[dict], column: str = "slice_activation", descending: bo
     return present + absent
 
 
+def display_value(row: dict, column: str):
+    """What a numeric cell shows and sorts by: the value, ``holds`` as a whole percentage."""
+    value = row.get(column)
+    return None if value is None else round(100 * value) if column == "holds" else value
+
+
 def cell_text(row: dict, column: str) -> str:
     value = row.get(column)
     if value is None:
         return ""
+    if column == "holds":
+        return f"{display_value(row, column)}"
     if isinstance(value, (list, tuple)):
         return ", ".join(str(v) for v in value)
     if isinstance(value, float):

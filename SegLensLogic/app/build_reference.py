@@ -683,9 +683,18 @@ def step_bundle(build: ReferenceBuild, folder: Path) -> dict:
     populations = build.pipeline.outputs("populations")
     card_text, figures = model_card(build)
     atomic_write_text(folder / "MODEL_CARD.md", card_text, overwrite=True)
+    # The shipped labels carry their measured hold on the test cases, for the panel's latent table.
+    interpret = build.pipeline.outputs("interpret")
+    labels = json.loads((out / interpret["labels"]).read_text(encoding="utf-8"))
+    if interpret.get("label_mass"):
+        from ..interpretation.label_mass import annotate_labels
+
+        measured = interpret["label_mass"]  # builds before case_ids were recorded measured on the test split
+        labels = annotate_labels(labels, {**measured, "case_ids": measured.get("case_ids") or build.pipeline.outputs("split")["test"]})
+    atomic_write_text(folder / "latents.json", json.dumps(labels, indent=1) + "\n", overwrite=True)
     bundle = build_bundle(
         model_dir, out / build.pipeline.outputs("sae")["sae"], folder / "bundle", name="adult-glioma",
-        labels=out / build.pipeline.outputs("interpret")["labels"],
+        labels=folder / "latents.json",
         alignments=[out / p["alignment"] for p in populations["populations"].values()],
         cohort="BraTS 2018 (adult glioma)", card=folder / "MODEL_CARD.md", figures=figures, overwrite=True,
         suggestions=out / build.pipeline.outputs("repair")["suggestions"],

@@ -29,6 +29,7 @@ _EXPORTS = {
     "slice_metrics": "heatmap_metrics",
     "interpret_sae": "interpret",
     "label_mass": "label_mass",
+    "annotate_labels": "label_mass",
 }
 
 

@@ -40,14 +40,14 @@ def label_mass(model, sae, labels, cohort: Iterable, batch_size: int | None = No
         cohort: labelled cases never used for labelling (a :class:`~SegLensLogic.data.Cohort` works).
 
     Returns:
-        ``{"cases", "chance": {class: share of brain}, "latents": [{"id", "category", "in_class", "in_tumour",
+        ``{"cases", "case_ids", "chance": {class: share of brain}, "latents": [{"id", "category", "in_class", "in_tumour",
         "top_slices"}], "by_category": {category: {"latents", "in_class", "in_tumour"}}, "mean_in_class",
         "mean_in_tumour", "holding": latents with in_class >= HOLDS_AT, "holds_at"}`` (means over latents that
         fired on the cases).
     """
     tumour = {j: labels.category(j) for j in range(sae.d_sae) if labels.category(j) in TUMOUR_CATEGORIES}
     inside, in_tumour, total = (np.zeros(sae.d_sae) for _ in range(3))
-    class_voxels, brain_voxels, cases, class_names = None, 0, 0, None
+    class_voxels, brain_voxels, cases, class_names, case_ids = None, 0, 0, None, []
     for case in cohort:
         prepared = prepare_for_model(model, case)
         if prepared.label is None or prepared.source.label_scheme is None:
@@ -73,6 +73,7 @@ def label_mass(model, sae, labels, cohort: Iterable, batch_size: int | None = No
             inside[j] += float(heat[truth == names.index(category)].sum())
             in_tumour[j] += float(heat[truth > 0].sum())
         cases += 1
+        case_ids.append(prepared.source.case_id)
         if log:
             log(f"  {prepared.source.case_id}: {sum(total[j] > 0 for j in tumour)} of {len(tumour)} tumour latents fired so far")
     rows = []
@@ -92,6 +93,7 @@ def label_mass(model, sae, labels, cohort: Iterable, batch_size: int | None = No
         chance = {name: float(class_voxels[c] / brain_voxels) for c, name in enumerate(class_names) if name in TUMOUR_CATEGORIES}
     return {
         "cases": cases,
+        "case_ids": case_ids,
         "tumour_latents": len(tumour),
         "fired": len(rows),
         "chance": chance,
@@ -102,3 +104,22 @@ def label_mass(model, sae, labels, cohort: Iterable, batch_size: int | None = No
         "holding": int(sum(r["in_class"] >= HOLDS_AT for r in rows)),
         "holds_at": HOLDS_AT,
     }
+
+
+def annotate_labels(document: dict, measured: dict) -> dict:
+    """A copy of a labels document (``latents.json``) carrying ``measured`` (:func:`label_mass` on held-out cases):
+    ``held_out`` at the top (the cases, the bar, chance per class) and on each measured latent's entry
+    (``{"in_class", "in_tumour"}``), so that a reader (the panel's latent table) can show, beside each tumour label,
+    how much of the latent's heatmap fell in that class on cases the labeller never saw."""
+    import copy
+
+    out = copy.deepcopy(document)
+    rows = {int(row["id"]): row for row in measured.get("latents", [])}
+    out["held_out"] = {"cases": int(measured["cases"]), "case_ids": list(measured.get("case_ids", [])),
+                       "holds_at": float(measured["holds_at"]), "chance": dict(measured.get("chance", {}))}  # fmt: skip
+    for entry in out["latents"]:
+        entry.pop("held_out", None)
+        row = rows.get(int(entry["id"]))
+        if row is not None and row["category"] == entry["category"]:
+            entry["held_out"] = {"in_class": round(float(row["in_class"]), 4), "in_tumour": round(float(row["in_tumour"]), 4)}
+    return out

@@ -13,6 +13,10 @@ Format (version 1; the steering session, the Slicer module and bundles read it):
      "d_sae": 2048, "cases": [{"case_id": ..., "path": ...}], "base_rates": {"edema": 0.05, ...},
      "positions": 123456, "slice_order": "RAS", "slice_score": "max", "rules": {...}, "metric_options": {...}}
 
+A bundle's copy may also carry ``held_out`` (:func:`~.label_mass.annotate_labels`): at the top ``{"cases", "case_ids",
+"holds_at", "chance"}``, and on each tumour-labelled latent measured there ``{"in_class": 0.44, "in_tumour": 0.57}``,
+the share of its whole-volume heatmap inside its class and inside any tumour on cases the labeller never saw.
+
 ``slice`` is the axial slice index in RAS order (``PreparedCase`` order, the model's slicing axis);
 ``activation`` the latent's score on that slice's feature grid (``slice_score``: peak or summed activation). ``stable`` is null when the latent
 could not be compared (dead in a half, or a cohort of one case). ``base_rates`` are the fractions of the
@@ -162,6 +166,11 @@ class LatentLabels:
             raise InputFileError(self.path, f"names latent {min(beyond)}, but the SAE has {d_sae} latents (0..{d_sae - 1})")
         return self
 
+    def held_out(self, latent: int) -> dict | None:
+        """``{"in_class", "in_tumour"}``: where the latent's heatmap fell on held-out cases (None when unmeasured)."""
+        entry = self.entry(latent)
+        return None if entry is None else entry.get("held_out")
+
     def entry(self, latent: int) -> dict | None:
         """The latent's whole record, or None when the file has none for it."""
         return self._entries.get(int(latent))
@@ -193,6 +202,11 @@ class TopExample(Schema):
     activation: Measured
 
 
+class HeldOutShares(Schema):
+    in_class: Measured
+    in_tumour: Measured
+
+
 class LatentEntry(Schema):
     """One latent's record; the numbers a reader sorts or shows are typed, NaN allowed where a measure is undefined."""
 
@@ -206,6 +220,7 @@ class LatentEntry(Schema):
     mean_activation: Measured | None = None
     metrics: dict[str, Measured | None] = Field(default_factory=dict)
     top_examples: list[TopExample] = Field(default_factory=list)
+    held_out: HeldOutShares | None = None
 
 
 class WeightsReference(Schema):

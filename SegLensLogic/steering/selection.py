@@ -50,6 +50,12 @@ def category_of(labels, latent: int) -> str | None:
     return None if labels is None else labels.category(latent)
 
 
+def held_out_share(labels, latent: int) -> float | None:
+    """Share of the latent's heatmap inside its labelled class on held-out cases, when measured (a bundle's labels)."""
+    held_out = None if labels is None else labels.held_out(latent)
+    return None if held_out is None else float(held_out["in_class"])
+
+
 def _cohort_name(alignment, side: str) -> str:
     other = alignment.sae_b if side == "a" else alignment.sae_a
     return str(other.get("name") or other.get("sha256", "?")[:8])

@@ -236,9 +236,11 @@ class SteeringSession:
     def latent_table(self, slice_index: int | None = None) -> list[dict]:
         """One row per latent active in the volume, most active first.
 
-        Keys: ``id``, ``label`` (auto-interp description), ``category``, ``status`` (``universal``, ``shared``,
-        ``specific`` or None without alignment files), ``shared_with`` (cohort names), ``slice_activation`` (summed
-        in ``slice_index``, RAS axial; 0 without one) and ``volume_activation`` (summed over the volume).
+        Keys: ``id``, ``label`` (auto-interp description), ``category``, ``holds`` (the share of the latent's
+        heatmap inside its labelled class on held-out cases, when the labels file carries it: a bundle's does;
+        else None), ``status`` (``universal``, ``shared``, ``specific`` or None without alignment files),
+        ``shared_with`` (cohort names), ``slice_activation`` (summed in ``slice_index``, RAS axial; 0 without one)
+        and ``volume_activation`` (summed over the volume).
         """
         self._ready()
         codes = self.codes
@@ -255,6 +257,7 @@ class SteeringSession:
                 "id": int(j),
                 "label": selection.describe(self.latent_labels, int(j)),
                 "category": selection.category_of(self.latent_labels, int(j)),
+                "holds": selection.held_out_share(self.latent_labels, int(j)),
                 "status": status,
                 "shared_with": shared_with,
                 "slice_activation": float(in_slice[j]),

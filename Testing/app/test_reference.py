@@ -102,6 +102,10 @@ def test_tiny_rebuild_writes_a_bundle_whose_card_is_the_builds_measurement(tiny_
     measured = state["steps"]["interpret"]["outputs"]["label_mass"]
     assert measured["cases"] == n_test
     assert ("Do the labels hold on the" in card) == bool(measured["latents"])
+    # ... and in the shipped labels, latent by latent, for the panel's "Holds %" column
+    shipped = bundle.load_labels()
+    assert shipped.data["held_out"]["case_ids"] == measured["case_ids"] == state["steps"]["split"]["outputs"]["test"]
+    assert all(shipped.held_out(row["id"])["in_class"] == pytest.approx(row["in_class"], abs=1e-4) for row in measured["latents"])
     # the SAE setting was chosen with every setting's readability measured
     assert all("tumour_latents" in row and "label_agreement" in row for row in state["steps"]["sae"]["outputs"]["sweep"])
     assert "| k | expansion | explained_variance | dead_fraction | l0 | seed_shared | live | steps | tumour_latents |" in card

@@ -306,6 +306,25 @@ def test_label_mass_on_held_out_cases(real_pipeline, interpreted):
         inside += heat[truth == TUMOUR_CLASSES.index(first["category"])].sum()
         total += heat.sum()
     assert first["in_class"] == pytest.approx(inside / total, rel=1e-5)
+    assert measured["case_ids"] == [case.case_id for case in held_out]
+
+    # A bundle's labels carry the measure: each measured latent's shares, the cases, the bar; others none.
+    from SegLensLogic.interpretation import annotate_labels
+
+    document = json.loads((out / "latents.json").read_text())
+    annotated = annotate_labels(document, measured)
+    assert "held_out" not in document["latents"][first["id"]]  # the input is not modified
+    (out / "annotated.json").write_text(json.dumps(annotated))
+    again = load_latent_labels(out / "annotated.json")
+    assert again.data["held_out"]["case_ids"] == measured["case_ids"] and again.data["held_out"]["holds_at"] == 0.4
+    for row in measured["latents"]:
+        assert again.held_out(row["id"])["in_class"] == pytest.approx(row["in_class"], abs=1e-4)
+    unmeasured = [j for j in range(real_pipeline.sae.d_sae) if j not in {r["id"] for r in measured["latents"]}]
+    assert all(again.held_out(j) is None for j in unmeasured)
+    annotated["latents"][first["id"]]["held_out"]["in_class"] = "high"
+    (out / "annotated.json").write_text(json.dumps(annotated))
+    with pytest.raises(InputFileError, match=rf"latents\[{first['id']}\]\.held_out\.in_class"):
+        load_latent_labels(out / "annotated.json")
 
 
 def test_interpret_figures(interpreted):

@@ -563,8 +563,8 @@ def test_modalities_from_node_names():
     assert found == {"t1n": "1", "t1c": "2"}  # two FLAIRs: not clear; T2 is chosen already
 
 
-def test_latent_table_filters_and_sorts():
-    from SegLensLib import latenttable
+def test_latent_table_filters_and_sorts(SegLens):
+    from SegLensLib import latenttable  # importable once the module is, as in Slicer
 
     rows = [
         {"id": 3, "label": "b", "category": "edema", "status": "shared", "slice_activation": 1.0, "volume_activation": 9.0},
@@ -577,6 +577,11 @@ def test_latent_table_filters_and_sorts():
     assert [r["id"] for r in latenttable.sort_rows(rows, "label", descending=False)] == [1, 3, 2]
     with pytest.raises(ValueError, match="unknown column"):
         latenttable.sort_rows(rows, "colour")
+    # "Holds %": the held-out share as a whole percentage, empty where unmeasured; sorts on the share
+    rows[0]["holds"], rows[1]["holds"] = 0.444, 0.07
+    assert latenttable.cell_text(rows[0], "holds") == "44" and latenttable.display_value(rows[1], "holds") == 7
+    assert latenttable.cell_text(rows[2], "holds") == "" and latenttable.display_value(rows[2], "holds") is None
+    assert [r["id"] for r in latenttable.sort_rows(rows, "holds")] == [3, 1, 2]
 
 
 # -- the .ui file in a real Qt -------------------------------------------------------------------------------------------

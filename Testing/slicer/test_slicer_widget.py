@@ -297,7 +297,8 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
         assert ui.exportDirectoryButton.directory == str(remembered)
         assert ui.segmentButton.enabled and not ui.applyButton.enabled and not ui.undoButton.enabled
         assert not ui.exportButton.enabled and not ui.suggestButton.enabled and not ui.cancelButton.enabled
-        assert ui.latentTableWidget.columnCount == 7 and unwrap(ui.latentTableWidget).horizontalHeaderItem(4).text() == "Shared with"
+        assert ui.latentTableWidget.columnCount == 8 and unwrap(ui.latentTableWidget).horizontalHeaderItem(5).text() == "Shared with"
+        assert unwrap(ui.latentTableWidget).horizontalHeaderItem(3).text() == "Holds %"
 
         # Bad input is a clear message, never a traceback.
         ui.segmentButton.click()

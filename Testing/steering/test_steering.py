@@ -409,6 +409,18 @@ def test_latents_are_chosen_by_category_and_population_status(real_pipeline, rea
     assert session.select(category="edema", status="shared") == [j for j in edema if j in set(document.shared("a"))]
     row = next(r for r in session.latent_table() if r["id"] == edema[0])
     assert row["category"] == "edema" and row["label"] == f"latent {edema[0]}" and row["status"] in ("shared", "specific")
+    assert row["holds"] is None  # these labels were never measured on held-out cases
+    # A bundle's labels carry the held-out measure: the table shows it beside the label.
+    from SegLensLogic.interpretation import annotate_labels
+
+    measured = {"cases": 2, "case_ids": ["a", "b"], "holds_at": 0.4, "chance": {"edema": 0.05},
+                "latents": [{"id": edema[0], "category": "edema", "in_class": 0.44, "in_tumour": 0.6},
+                            {"id": edema[1], "category": "necrotic core", "in_class": 0.9, "in_tumour": 0.9}]}  # fmt: skip
+    (tmp_path / "latents.json").write_text(json.dumps(annotate_labels(labels, measured)))
+    session = SteeringSession(real_pipeline.model, real_pipeline.sae, real_session.prepared, labels=tmp_path / "latents.json")
+    session.segment()
+    holds = {r["id"]: r["holds"] for r in session.latent_table()}
+    assert holds[edema[0]] == 0.44 and holds[edema[1]] is None  # measured under another label: not this one's
     with pytest.raises(SegLensError, match="no latent has category 'necrotic core'"):
         session.select(category="necrotic core")
     with pytest.raises(SegLensError, match="needs alignment files"):
