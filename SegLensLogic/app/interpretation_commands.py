@@ -32,6 +32,12 @@ def cmd_interpret(args: argparse.Namespace) -> int:
     model = load_segmenter(args.model, device=device_from_args(args))
     sae = BatchTopKSAE.load(args.sae)
     cohort = load_cohort(args.cohort)
+    held_out = load_cohort(args.held_out) if args.held_out else None
+    if held_out is not None:
+        both = sorted({c.case_id for c in cohort} & {c.case_id for c in held_out})
+        if both:
+            raise SegLensError(f"--held-out {args.held_out}: {len(both)} case(s) are also in the labelling cohort "
+                               f"({', '.join(both[:3])}{', ...' if len(both) > 3 else ''}); held-out cases must be new to the labeller")  # fmt: skip
     if sae.config.model_sha256 and sae.config.model_sha256 != _model_hash(args.model):
         log(f"Warning: {args.sae} was trained on another model's activations (weights hash differs)")
     log(f"Interpreting {sae.d_sae} latents of {args.sae} on cohort '{cohort.name}' ({len(cohort)} cases, top {args.top_k} slices)")
@@ -40,7 +46,10 @@ def cmd_interpret(args: argparse.Namespace) -> int:
         model, sae, cohort, top_k=args.top_k, splits=args.splits, seed=args.seed, stability_threshold=args.stability_threshold,
         model_dir=args.model, sae_dir=args.sae, batch_size=args.batch_size, score=args.score, log=log,
     )  # fmt: skip
-    write_latent_labels(result.document, args.out, overwrite=args.overwrite)
+    document = result.document
+    if held_out is not None:
+        document = _measure_held_out(model, sae, document, held_out, args, log)
+    write_latent_labels(document, args.out, overwrite=args.overwrite)
     log(f"Wrote {args.out} ({time.monotonic() - start:.1f} s)")
     counts = result.category_counts()
     log("Latents per category: " + ", ".join(f"{name} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])))
@@ -69,6 +78,23 @@ def cmd_interpret(args: argparse.Namespace) -> int:
         )  # fmt: skip
         log(f"Wrote {len(written)} latent galleries to {args.figures}")
     return 0
+
+
+def _measure_held_out(model, sae, document: dict, held_out, args, log) -> dict:
+    """The labels document with each tumour label's hold on ``held_out`` (:func:`label_mass`), for the panel's
+    *Holds %* column; the summary goes to the log."""
+    from ..interpretation.label_mass import annotate_labels, label_mass
+    from ..interpretation.latent_labels import LatentLabels
+
+    log(f"Measuring the tumour labels on {len(held_out)} held-out case(s) ({args.held_out})")
+    measured = label_mass(model, sae, LatentLabels(document, args.out), held_out, batch_size=args.batch_size)
+    if measured["latents"]:
+        log(f"Held out: tumour-labelled latents put {measured['mean_in_class']:.0%} of their heatmap inside their class on "
+            f"average ({measured['holding']} of {measured['fired']} at least {measured['holds_at']:.0%}); "
+            + "; ".join(f"{c} {v['in_class']:.0%} over {v['latents']}" for c, v in measured["by_category"].items()))  # fmt: skip
+    else:
+        log("Held out: no tumour-labelled latent fired on these cases")
+    return annotate_labels(document, measured)
 
 
 def gallery_choice(document: dict, count: int) -> list[int]:
@@ -109,6 +135,8 @@ def add_commands(sub) -> None:
     p.add_argument("--splits", type=int, default=3, help="random split-halves of the cohort for stability (default 3; 0 none)")
     p.add_argument("--stability-threshold", type=float, default=0.5, help="split agreement a latent needs to be stable (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split-halves")
+    p.add_argument("--held-out", metavar="COHORT", help="labelled cases the labeller never saw: measure how much of each tumour "
+                   "label's heatmap falls inside its class there, and record it in the labels (the panel's Holds %% column)")
     p.add_argument("--figures", help="folder for a gallery PNG per latent and the category chart")
     p.add_argument("--gallery-latents", help="only these latents' galleries, e.g. 3,17,40 (default: every live latent)")
     p.add_argument("--gallery-max", type=int, help="at most this many galleries: the most confident latent of each category in turn")

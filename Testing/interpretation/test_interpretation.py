@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from helpers import assert_one_line_error, seglens
-from pipelines import REAL_TRAIN_CASES
+from pipelines import REAL_TEST_CASES, REAL_TRAIN_CASES
 
 from SegLensLogic.data.labels import HEALTHY_CLASSES, TUMOUR_CLASSES
 from SegLensLogic.errors import InputFileError
@@ -359,6 +359,25 @@ def test_interpret_cli_errors(real_pipeline, interpreted, brats2023_case, capsys
     refused(brats2023_case, tmp_path / "x.json", "--gallery-max", "2", fragments=("--figures",))
     refused(brats2023_case, tmp_path / "x.json", "--top-k", "0", fragments=("--top-k",))
     refused(tmp_path / "nowhere", tmp_path / "x.json", fragments=("nowhere",))
+    # Held-out cases must be new to the labeller.
+    train_case = real_pipeline.root / "adult-train" / REAL_TRAIN_CASES[0]
+    refused(train_case, tmp_path / "x.json", "--held-out", out / "cohort.txt", fragments=("--held-out", REAL_TRAIN_CASES[0], "also in the labelling cohort"))
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_interpret_measures_the_labels_on_held_out_cases(real_pipeline, capsys, tmp_path):
+    """``--held-out``: the labels file carries each tumour label's hold on the new cases, as a bundle's does."""
+    train_case = real_pipeline.root / "adult-train" / REAL_TRAIN_CASES[0]
+    held_out = real_pipeline.root / "adult-test" / REAL_TEST_CASES[0]
+    code, out, err = seglens(capsys, "interpret", "--model", real_pipeline.model_dir, "--sae", real_pipeline.sae_dir, "--cohort", train_case,
+                             "--out", tmp_path / "latents.json", "--splits", "0", "--held-out", held_out)  # fmt: skip
+    assert code == 0, err
+    labels = load_latent_labels(tmp_path / "latents.json")
+    assert labels.data["held_out"]["case_ids"] == [REAL_TEST_CASES[0]]
+    measured = [j for j in range(len(labels)) if labels.held_out(j) is not None]
+    assert measured and all(labels.category(j) in TUMOUR_CLASSES[1:] for j in measured)
+    assert all(0.0 <= labels.held_out(j)["in_class"] <= labels.held_out(j)["in_tumour"] <= 1.0 for j in measured)
+    assert "Held out: tumour-labelled latents put" in out + err
 
 
 def test_real_aseg_structures_and_sides(bert_case):
