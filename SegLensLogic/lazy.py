@@ -14,9 +14,13 @@ def lazy_exports(package: str, namespace: dict, exports: dict[str, str]) -> tupl
         module = exports.get(name)
         if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(import_module(f".{module}", package), name)
-        namespace[name] = value
-        return value
+        loaded = import_module(f".{module}", package)
+        # Bind every name this submodule exports: importing it set the package attribute of its own name to the
+        # submodule (e.g. ``label_mass``), which would otherwise hide a function of that name for good.
+        for other, source in exports.items():
+            if source == module:
+                namespace[other] = getattr(loaded, other)
+        return namespace[name]
 
     def __dir__() -> list[str]:
         return sorted({*namespace, *exports})

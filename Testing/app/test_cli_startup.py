@@ -105,6 +105,19 @@ def test_lazy_packages_keep_their_public_names():
             assert name in dir(module), (package, name)
         with pytest.raises(AttributeError):
             module.no_such_name  # noqa: B018
+    # In a fresh process, names reached in reverse order stay what they are: importing a submodule for one name
+    # must not leave its sibling of the submodule's own name (interpretation.label_mass) bound to the submodule.
+    code = (
+        "import importlib, inspect\n"
+        "for package in ('SegLensLogic.networks', 'SegLensLogic.sae', 'SegLensLogic.data', 'SegLensLogic.interpretation', 'SegLensLogic.alignment'):\n"
+        "    module = importlib.import_module(package)\n"
+        "    for name in reversed(module.__all__):\n"
+        "        getattr(module, name)\n"
+        "    bad = [name for name in module.__all__ if inspect.ismodule(getattr(module, name))]\n"
+        "    assert not bad, (package, bad)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
     from SegLensLogic.sae import SAETrainingOptions
     from SegLensLogic.sae.trainer import SAETrainingOptions as from_training
 

@@ -428,7 +428,11 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
         assert ui.latentTableWidget.rowCount == len(widget.rows) > 0
         shared = {int(r["id"]): r["shared_with"] for r in widget.rows}
         table = unwrap(ui.latentTableWidget)
-        texts = {int(table.item(r, 0).text()): table.item(r, 4).text() for r in range(table.rowCount())}
+        columns = SegLens.latenttable.COLUMNS
+        texts = {int(table.item(r, 0).text()): table.item(r, columns.index("shared_with")).text() for r in range(table.rowCount())}
+        # "Holds %": the held-out share as a whole percentage where the bundle's labels carry it, else empty
+        holds = {int(r["id"]): SegLens.latenttable.cell_text(r, "holds") for r in widget.rows}
+        assert all(table.item(r, columns.index("holds")).text() == holds[int(table.item(r, 0).text())] for r in range(table.rowCount()))
         assert all(texts[j] == ", ".join(shared[j]) for j in texts)
         assert {p for j in texts for p in shared[j]} == {"ssa", "pediatric"}
         tumour = np.argwhere(session.labels > 0)
