@@ -128,7 +128,7 @@ def _train_member(store_folder: str, options: SAETrainingOptions, folder: str, t
 def train_in_workers(store_folder: str | Path, members: Sequence[tuple[SAETrainingOptions, Path]], workers: int,
                      log: Callable[[str], None] = print) -> None:  # fmt: skip
     """Train the ``(options, folder)`` members not yet in their folders, ``workers`` at a time, each in its own
-    process (spawned: no state shared with this one) on an equal share of this process's PyTorch threads. The
+    process (spawned: no state shared with this one) on ``1/workers`` of this process's PyTorch threads. The
     results are read back from the folders (:func:`~SegLensLogic.sae.trainer.load_trained`), so a run cut off
     part way keeps every member that finished."""
     import multiprocessing
@@ -139,8 +139,8 @@ def train_in_workers(store_folder: str | Path, members: Sequence[tuple[SAETraini
     todo = [(options, Path(folder)) for options, folder in members if load_trained(folder, options) is None]
     if not todo:
         return
+    threads = max(1, torch.get_num_threads() // workers)  # per worker, as asked: a lone last member keeps its share
     workers = min(workers, len(todo))
-    threads = max(1, torch.get_num_threads() // workers)
     log(f"  training {len(todo)} SAEs, {workers} at a time ({threads} thread(s) each)")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
     try:
