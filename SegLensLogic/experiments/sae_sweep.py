@@ -118,11 +118,12 @@ def _member_folder(cache: str | Path, setting: dict, seed: int) -> Path:
     return Path(cache) / ("-".join(f"{key}{value}" for key, value in setting.items()) + f"-seed{seed}")
 
 
-def _train_member(store_folder: str, options: SAETrainingOptions, folder: str, threads: int) -> dict:
-    """One sweep member in a worker process: trained into ``folder`` (:func:`train_sae_once`)."""
+def _train_member(job: tuple[str, SAETrainingOptions, str, int]) -> tuple[str, int, float]:
+    """One sweep member in a worker process: trained into its folder (:func:`train_sae_once`)."""
+    store_folder, options, folder, threads = job
     torch.set_num_threads(threads)
     _, report = train_sae_once(ActivationStore(store_folder), options, folder, device="cpu", log=lambda m: None)
-    return {"steps": report["steps"], "seconds": report["seconds"]}
+    return folder, report["steps"], report["seconds"]
 
 
 def train_in_workers(store_folder: str | Path, members: Sequence[tuple[SAETrainingOptions, Path]], workers: int,
@@ -130,9 +131,9 @@ def train_in_workers(store_folder: str | Path, members: Sequence[tuple[SAETraini
     """Train the ``(options, folder)`` members not yet in their folders, ``workers`` at a time, each in its own
     process (spawned: no state shared with this one) on ``1/workers`` of this process's PyTorch threads. The
     results are read back from the folders (:func:`~SegLensLogic.sae.trainer.load_trained`), so a run cut off
-    part way keeps every member that finished."""
+    part way keeps every member that finished. On an error (a worker's, or this process stopped) the workers are
+    terminated at once: what they were training is trained again next time."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from ..sae.trainer import load_trained
 
@@ -142,14 +143,17 @@ def train_in_workers(store_folder: str | Path, members: Sequence[tuple[SAETraini
     threads = max(1, torch.get_num_threads() // workers)  # per worker, as asked: a lone last member keeps its share
     workers = min(workers, len(todo))
     log(f"  training {len(todo)} SAEs, {workers} at a time ({threads} thread(s) each)")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = multiprocessing.get_context("spawn").Pool(workers)
     try:
-        futures = {pool.submit(_train_member, str(store_folder), options, str(folder), threads): folder for options, folder in todo}
-        for future in as_completed(futures):
-            done = future.result()  # a worker's error is raised here, naming its own cause
-            log(f"    {futures[future].name}: {done['steps']} steps, {done['seconds']:.0f} s")
-    finally:  # after an error, members not started are dropped; running ones finish into their folders
-        pool.shutdown(wait=True, cancel_futures=True)
+        jobs = [(str(store_folder), options, str(folder), threads) for options, folder in todo]
+        for folder, steps, seconds in pool.imap_unordered(_train_member, jobs):  # a worker's error is raised here
+            log(f"    {Path(folder).name}: {steps} steps, {seconds:.0f} s")
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 def readability(model, sae_pairs: Sequence[tuple], cohort, top_k: int = 16, log: Callable[[str], None] = print) -> list[dict]:

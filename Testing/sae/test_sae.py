@@ -605,6 +605,19 @@ def test_sweep_trains_side_by_side_in_worker_processes(tmp_path, monkeypatch):
         train_in_workers(tmp_path / "missing-store", [(base, tmp_path / "never")], workers=2, log=lambda m: None)
     assert not (tmp_path / "never").exists()
 
+    # Stopped (Ctrl+C, a terminated build) while a worker trains: the workers are ended at once, and what had
+    # finished is kept for the next run.
+    short, long = dataclasses.replace(base, max_steps=5), dataclasses.replace(base, max_steps=100_000, eval_every=10**6)
+
+    def stop_after_first(message):
+        if message.startswith("    short"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_in_workers(store.folder, [(short, tmp_path / "short"), (long, tmp_path / "long")], workers=2, log=stop_after_first)
+    assert trainer.load_trained(tmp_path / "short", short) is not None
+    assert not (tmp_path / "long" / "training_report.json").exists()
+
 
 def test_resampling_puts_dead_latents_where_the_dictionary_misses():
     """Dead latents take the unit residuals of the worst-reconstructed vectors (decoder row, and the encoder column
