@@ -173,7 +173,7 @@ def readability(model, sae_pairs: Sequence[tuple], cohort, top_k: int = 16, log:
     from ..interpretation import interpret_sae
 
     rows = []
-    for number, (first, second) in enumerate(sae_pairs):
+    for first, second in sae_pairs:
         categories = []
         stability = None
         for sae in (first, second):
@@ -188,7 +188,7 @@ def readability(model, sae_pairs: Sequence[tuple], cohort, top_k: int = 16, log:
                "label_agreement": len(same) / len(readable) if readable else 0.0,
                "label_stability": stability}  # fmt: skip
         rows.append(row)
-        log(f"  setting {number}: {row['tumour_latents']} tumour latents (seed 1: {row['tumour_latents_seed1']}), "
+        log(f"  k {first.config.k}, expansion {first.config.expansion}: {row['tumour_latents']} tumour latents (seed 1: {row['tumour_latents_seed1']}), "
             f"{row['label_agreement']:.0%} with the same label in the other seed")
     return rows
 
