@@ -14,8 +14,8 @@ same activation store, each into its own empty cache folder:
 * **SegLens**: ``workers=--threads``, that many SAEs at a time, each in its own spawned process on one thread.
 
 Speed-up = baseline seconds / a path's seconds, over the whole sweep (process start-up and store loading in the
-workers included). Both sweeps' rows are printed: explained variance and dead fraction agree up to the
-floating-point order of a different thread count, not bit for bit.
+workers included). Every path's rows are printed: explained variance and dead fraction should agree (a different
+thread count may sum in another order; on the B1 store they were identical).
 
 Data: an activation store (``--store DIR``, e.g. a reference build's ``sae/store``), or by default 60,000
 synthetic vectors of 128 channels (``scale.py``'s sparse mixtures), written to a temporary store.

@@ -418,15 +418,13 @@ def step_sae(build: ReferenceBuild, folder: Path) -> dict:
         sae.save(folder / name, overwrite=True)
         save_training_report(report, folder / name)
     # The resampling floor: the chosen setting, seed 0, on a random 80 % of the positions.
-    def resampled():
-        return _extract(build, model, build.model_dir, train, hook, folder / "store-resampled", subsample=0.8, seed=s.seed + 1)
-
     options = _sae_options(build, k=rows[chosen]["k"], expansion=rows[chosen]["expansion"], seed=0)
-    if load_trained(folder / "sae-resampled", options) is None:
-        resampled_store = resampled()  # extraction runs the segmenter: all threads
+    trained = load_trained(folder / "sae-resampled", options)
+    if trained is None:  # extraction runs the segmenter on all threads, the SAE trains on one
+        resampled_store = _extract(build, model, build.model_dir, train, hook, folder / "store-resampled", subsample=0.8, seed=s.seed + 1)
         with _sae_threads():
-            train_sae_once(resampled_store, options, folder / "sae-resampled", log=lambda m: None)
-    sae, report = train_sae_once(resampled, options, folder / "sae-resampled", log=lambda m: None)
+            trained = train_sae_once(resampled_store, options, folder / "sae-resampled", log=lambda m: None)
+    sae, report = trained
     sae.config.training["cohort"] = "brats2018 (80 % resample)"
     sae.save(folder / "sae-resampled", overwrite=True)
     save_training_report(report, folder / "sae-resampled")

@@ -81,9 +81,8 @@ def sae_sweep(
     _, holdout_idx = store.split(base.holdout_fraction, seed=12345)
     vectors = store.vectors(holdout_idx[:32768])
     rows, kept = [], {}
-    members = [(dataclasses.replace(base, **setting, seed=seed), _member_folder(cache, setting, seed) if cache is not None else None)
-               for setting in grid for seed in seeds]  # fmt: skip
     if workers > 1 and cache is not None and torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cpu":
+        members = [(dataclasses.replace(base, **setting, seed=seed), _member_folder(cache, setting, seed)) for setting in grid for seed in seeds]
         train_in_workers(store.folder, members, workers, log=log)
     for index, setting in enumerate(grid):
         trained = []
