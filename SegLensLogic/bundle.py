@@ -594,6 +594,34 @@ def add_alignments(bundle: str | Path, alignments: list[str | Path] | tuple, ove
     return load_bundle(root)
 
 
+def replace_labels(bundle: str | Path, document: dict) -> Bundle:
+    """Replace a finished bundle's latent labels with ``document`` (e.g. the same labels annotated with a
+    measurement), in place and atomically as :func:`add_alignments` does: the labels must be for the bundle's SAE.
+
+    Raises:
+        InputFileError: the bundle is broken or has no labels file, or the new labels are for another SAE.
+    """
+    from .interpretation.latent_labels import write_latent_labels
+
+    current = load_bundle(bundle)
+    root, relative = current.root, current.manifest.get("labels")
+    if relative is None:
+        raise InputFileError(root / MANIFEST_NAME, "the bundle has no latent labels to replace")
+    tmp = staging_folder(root, suffix=".tmp")
+    try:
+        shutil.copytree(root, tmp, dirs_exist_ok=True)
+        write_latent_labels(document, tmp / relative, overwrite=True)
+        manifest = dict(current.manifest)
+        manifest["files"] = {**manifest.get("files", {}), relative: file_sha256(tmp / relative)}
+        atomic_write_json(tmp / MANIFEST_NAME, manifest, overwrite=True)
+        load_bundle(tmp).load_labels()
+        publish_folder(tmp, root, overwrite=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_bundle(root)
+
+
 def _check_inputs(model, sae, model_dir: Path, sae_dir: Path, labels, suggestions, alignments) -> tuple[str, str, str]:
     """Check that the SAE reads one of the model's hook points, has its inference threshold and was trained on
     this model, and that every other part is for this SAE, before anything is copied (so that an error names the

@@ -268,3 +268,44 @@ def test_bundle_of_the_real_pipeline(real_pipeline, tmp_path):
         codes = sae.encode(vectors)
         assert torch.equal(codes, real_pipeline.sae.encode(vectors)) and (codes > 0).any()
     assert (ours[0].argmax(1) > 0).any()  # the real model finds tumour in these middle slices
+
+
+def test_replica_comparison_is_added_to_a_finished_bundle(capsys, parts, bundle_dir, tmp_path):
+    """``bundle --add-to B --replica SAE --store STORE`` marks in the bundle's labels which latents an SAE of another
+    seed finds again, with their hashes; a replica of other activations, the SAE itself, a missing store or a second
+    comparison without --overwrite is refused and leaves the bundle as it was."""
+    from helpers import write_synthetic_case
+    from SegLensLogic.data.cohort import load_cohort
+    from SegLensLogic.networks import load_segmenter
+    from SegLensLogic.sae import ExtractionOptions, extract_activations
+
+    _, model_dir, sae_dir, _, _ = parts
+    write_synthetic_case(tmp_path / "cases")
+    store = tmp_path / "store"
+    extract_activations(load_segmenter(model_dir), load_cohort(tmp_path / "cases"), store, ExtractionOptions(hook="down_3"), log=lambda m: None)
+    torch.manual_seed(1)
+    replica, other = tmp_path / "replica", tmp_path / "other"
+    BatchTopKSAE(SAEConfig(d_in=32, expansion=4, k=8, threshold=0.5, hook_point="down_3")).save(replica)
+    BatchTopKSAE(SAEConfig(d_in=16, expansion=4, k=8, threshold=0.5, hook_point="down_2")).save(other)
+    bundle = broken_copy(bundle_dir, tmp_path)
+    before = (bundle / "latents.json").read_bytes()
+    code, _, err = seglens(capsys, "bundle", "--add-to", bundle, "--replica", replica)
+    assert_one_line_error(code, err, "--replica", "--store")
+    code, _, err = seglens(capsys, "bundle", "--add-to", bundle, "--replica", other, "--store", store)
+    assert_one_line_error(code, err, "other", "not the same activations")
+    code, _, err = seglens(capsys, "bundle", "--add-to", bundle, "--replica", sae_dir, "--store", store)
+    assert_one_line_error(code, err, "sae", "is the SAE itself")
+    assert (bundle / "latents.json").read_bytes() == before
+    code, stdout, err = seglens(capsys, "bundle", "--add-to", bundle, "--replica", replica, "--store", store)
+    assert code == 0, err
+    assert "another seed finds" in stdout and "all SHA-256 verified" in stdout
+    labels = load_bundle(bundle).load_labels()
+    assert labels.data["replica"]["sha256"] == sae_sha256(replica) and labels.data["replica"]["tau"] == 0.8
+    assert labels.data["latents"][0]["category"] == "edema"  # the labels themselves are kept
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]
+    code, _, err = seglens(capsys, "bundle", "--add-to", bundle, "--replica", replica, "--store", store)
+    assert_one_line_error(code, err, "latents.json", "already compared", "--overwrite")
+    code, _, err = seglens(capsys, "bundle", "--add-to", bundle, "--replica", replica, "--store", store, "--overwrite")
+    assert code == 0, err
+    code, _, err = seglens(capsys, "bundle", "--replica", replica, "--store", store, "--model", model_dir)
+    assert_one_line_error(code, err, "--replica", "--add-to")

@@ -1,7 +1,9 @@
 """Rows of the latent table: filtering by category and population status, sorting by any column.
 
 A row is a dict as ``SteeringSession.latent_table`` returns it: ``id``, ``label``, ``category``, ``holds`` (share of
-the heatmap inside the labelled class on held-out cases, shown as a percentage; empty where unmeasured), ``status``
+the heatmap inside the labelled class on held-out cases, shown as a percentage; empty where unmeasured),
+``replicates`` (whether an SAE trained from another seed finds the latent again: "yes" or "no"; empty where not
+compared), ``status``
 (``universal`` / ``shared`` / ``specific``, None without alignments), ``shared_with`` (the partner populations a
 shared latent matches, from the bundle's alignment files), ``slice_activation``, ``volume_activation``.
 """
@@ -9,8 +11,8 @@ shared latent matches, from the bundle's alignment files), ``slice_activation``,
 from __future__ import annotations
 
 ALL = "all"
-COLUMNS = ("id", "label", "category", "holds", "status", "shared_with", "slice_activation", "volume_activation")
-HEADERS = ("Latent", "Label", "Category", "Holds %", "Status", "Shared with", "Slice", "Volume")
+COLUMNS = ("id", "label", "category", "holds", "replicates", "status", "shared_with", "slice_activation", "volume_activation")
+HEADERS = ("Latent", "Label", "Category", "Holds %", "Other seed", "Status", "Shared with", "Slice", "Volume")
 NUMERIC = ("id", "holds", "slice_activation", "volume_activation")
 
 
@@ -51,6 +53,8 @@ def cell_text(row: dict, column: str) -> str:
         return ""
     if column == "holds":
         return f"{display_value(row, column)}"
+    if column == "replicates":
+        return "yes" if value else "no"
     if isinstance(value, (list, tuple)):
         return ", ".join(str(v) for v in value)
     if isinstance(value, float):

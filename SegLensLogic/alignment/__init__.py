@@ -7,6 +7,8 @@
   universally shared and population-specific latents, the floors (each SAE against its seed and resampled replicas).
 - :mod:`.spaces`: which activation space two SAEs live in; activation-correlation and Procrustes alignment for
   unrelated models (e.g. SegFormer against U-Net).
+- :mod:`.replication`: live latents, and which latents an SAE trained from another seed finds again (the seed floor,
+  per latent).
 - :mod:`.files`: the alignment JSON file and :func:`load_alignment`.
 
 Measurements that run the models (feature swapping, planted-feature footprints) live in
@@ -37,6 +39,10 @@ _EXPORTS = {
     "match": "matching",
     "nearest": "matching",
     "sinkhorn": "matching",
+    "annotate_replication": "replication",
+    "comparison_vectors": "replication",
+    "live_latents": "replication",
+    "replication": "replication",
     "alignment_metrics": "quality",
     "baselines_table": "quality",
     "collision_rate": "quality",

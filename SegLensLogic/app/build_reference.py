@@ -458,7 +458,28 @@ def step_interpret(build: ReferenceBuild, folder: Path) -> dict:
     if measured["mean_in_class"] is not None:
         build.sub(f"on the {measured['cases']} test cases, tumour-labelled latents put {measured['mean_in_class']:.0%} of their "
                   f"mass inside their class ({measured['holding']} of {measured['fired']} at >= {measured['holds_at']:.0%})")  # fmt: skip
-    return {"labels": "interpret/latents.json", "categories": counts, "stability": stability.get("agreement"), "label_mass": measured}
+    replicated = _replication(build, sae, result.document)
+    build.sub(f"the seed replica finds {replicated['live_shared']:.0%} of the {replicated['live']} live latents again, "
+              f"{replicated['tumour_replicating']} of the {replicated['tumour_live']} live tumour-labelled ones")  # fmt: skip
+    return {"labels": "interpret/latents.json", "categories": counts, "stability": stability.get("agreement"), "label_mass": measured,
+            "replication": replicated}  # fmt: skip
+
+
+def _replication(build: ReferenceBuild, sae, document: dict) -> dict:
+    """Which latents the ``sae`` step's seed replica finds again (:func:`~SegLensLogic.alignment.replication.replication`
+    on the store's held-out positions), with the count among live tumour-labelled latents, for the card and the
+    shipped labels."""
+    from ..alignment.replication import comparison_vectors, replication
+    from ..experiments.sae_sweep import READABLE_CATEGORIES
+    from ..sae import ActivationStore, BatchTopKSAE
+
+    out, outputs = build.pipeline.out, build.pipeline.outputs("sae")
+    replica = BatchTopKSAE.load(out / outputs["seed_replica"])
+    measured = replication(sae, replica, comparison_vectors(ActivationStore(out / outputs["store"])))
+    flags = measured.pop("replicates")
+    tumour = [int(e["id"]) for e in document["latents"] if e["category"] in READABLE_CATEGORIES and flags[int(e["id"])] is not None]
+    return {**measured, "replicates": flags.tolist(), "replica_sha256": replica.weights_sha256, "replica_seed": 1,
+            "tumour_live": len(tumour), "tumour_replicating": sum(bool(flags[j]) for j in tumour)}  # fmt: skip
 
 
 def _population_cohort(build: ReferenceBuild, name: str, folder: Path) -> Cohort:
@@ -484,7 +505,7 @@ def step_populations(build: ReferenceBuild, folder: Path) -> dict:
     from ..alignment.cohorts import replica_floors
     from ..alignment.quality import alignment_metrics
     from ..sae import ActivationStore, BatchTopKSAE, train_sae
-    from ..experiments.sae_sweep import live_latents
+    from ..alignment.replication import comparison_vectors, live_latents
     from ..sae.trainer import save_training_report
     from ..segmentation.training import train_segmenter
 
@@ -494,7 +515,7 @@ def step_populations(build: ReferenceBuild, folder: Path) -> dict:
     reference = BatchTopKSAE.load(reference_dir)
     k, expansion = sae_outputs["chosen"]["k"], sae_outputs["chosen"]["expansion"]
     store = ActivationStore(out / sae_outputs["store"])
-    held_out = store.vectors(store.split(0.05, seed=12345)[1][:32768])
+    held_out = comparison_vectors(store)
     # Live latents on the held-out positions, each SAE's once; every share below is over live latents only.
     saes = {"adult": reference, "seed": BatchTopKSAE.load(out / sae_outputs["seed_replica"]),
             "resample": BatchTopKSAE.load(out / sae_outputs["resampled_replica"])}  # fmt: skip
@@ -689,6 +710,16 @@ def step_bundle(build: ReferenceBuild, folder: Path) -> dict:
 
         measured = interpret["label_mass"]  # builds before case_ids were recorded measured on the test split
         labels = annotate_labels(labels, {**measured, "case_ids": measured.get("case_ids") or build.pipeline.outputs("split")["test"]})
+    # ... and which of its latents the seed replica finds again, for the latent table's "Other seed" column.
+    from ..alignment.replication import annotate_replication
+
+    replicated = interpret.get("replication")
+    if replicated is None:  # a build whose interpret step finished before replication was measured there
+        from ..sae import BatchTopKSAE
+
+        replicated = _replication(build, BatchTopKSAE.load(out / build.pipeline.outputs("sae")["sae"]), labels)
+    labels = annotate_replication(labels, {**replicated, "replicates": np.array(replicated["replicates"], dtype=object)},
+                                  {"sha256": replicated["replica_sha256"], "seed": replicated["replica_seed"]})  # fmt: skip
     atomic_write_text(folder / "latents.json", json.dumps(labels, indent=1) + "\n", overwrite=True)
     bundle = build_bundle(
         model_dir, out / build.pipeline.outputs("sae")["sae"], folder / "bundle", name="adult-glioma",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..bundle import add_alignments, build_bundle, load_bundle
+from ..bundle import add_alignments, build_bundle, load_bundle, replace_labels
 from ..console import log
 from ..errors import SegLensError
 
@@ -12,12 +12,17 @@ def cmd_bundle(args) -> int:
         log(load_bundle(args.check).summary())
         return 0
     if args.add_to:
-        if not args.alignment:
-            raise SegLensError("seglens bundle --add-to BUNDLE needs one or more --alignment FILE to add")
-        bundle = add_alignments(args.add_to, args.alignment, overwrite=args.overwrite)
-        log(f"Added {len(args.alignment)} alignment file(s) to {bundle.root}")
-        log(bundle.summary())
+        if not args.alignment and not args.replica:
+            raise SegLensError("seglens bundle --add-to BUNDLE needs one or more --alignment FILE, or --replica SAE with --store STORE, to add")
+        if args.replica:
+            _add_replica(args)
+        if args.alignment:
+            bundle = add_alignments(args.add_to, args.alignment, overwrite=args.overwrite)
+            log(f"Added {len(args.alignment)} alignment file(s) to {bundle.root}")
+        log(load_bundle(args.add_to).summary())
         return 0
+    if args.replica or args.store:
+        raise SegLensError("--replica and --store go with --add-to BUNDLE")
     missing = [flag for flag, value in (("--model", args.model), ("--sae", args.sae), ("--out", args.out), ("--name", args.name)) if not value]
     if missing:
         raise SegLensError(f"seglens bundle needs {', '.join(missing)} (or --check BUNDLE to validate one)")
@@ -26,6 +31,28 @@ def cmd_bundle(args) -> int:
     log(f"Wrote {bundle.root}")
     log(bundle.summary())
     return 0
+
+
+def _add_replica(args) -> None:
+    """Mark which of the bundle's labelled latents an SAE of another seed finds again (the latent table's *Other
+    seed* column)."""
+    from ..alignment.replication import replicate_labels
+    from ..sae import ActivationStore
+
+    if not args.store:
+        raise SegLensError("--replica SAE needs --store STORE: the activations both SAEs were trained on (seglens extract)")
+    bundle = load_bundle(args.add_to)
+    labels = bundle.load_labels()
+    if labels is None:
+        raise SegLensError(f"{bundle.root}: the bundle has no latent labels to mark")
+    if labels.data.get("replica") and not args.overwrite:
+        raise SegLensError(f"{bundle.labels_path}: already compared with a replica (sha256 {labels.data['replica'].get('sha256')}); "
+                           "pass --overwrite to replace that comparison")  # fmt: skip
+    document = replicate_labels(labels.data, bundle.load_sae(), args.replica, ActivationStore(args.store))
+    replace_labels(bundle.root, document)
+    replica = document["replica"]
+    log(f"Compared {bundle.root}'s SAE with {args.replica}: another seed finds {replica['live_shared']:.0%} of its "
+        f"{replica['live']} live latents again; marked in {bundle.labels_path.name}")  # fmt: skip
 
 
 def add_commands(sub) -> None:
@@ -38,6 +65,11 @@ def add_commands(sub) -> None:
     p.add_argument("--cohort", help="training cohort name (default: recorded in the model)")
     p.add_argument("--out", help="bundle folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder (with --add-to: an alignment of the same name)")
-    p.add_argument("--add-to", metavar="BUNDLE", help="add the --alignment files to this finished bundle (e.g. a cross-architecture alignment)")
+    p.add_argument("--add-to", metavar="BUNDLE", help="add the --alignment files (e.g. a cross-architecture alignment), or the --replica "
+                   "comparison, to this finished bundle")
+    p.add_argument("--replica", metavar="SAE", help="with --add-to: an SAE trained from another seed on the same activations; marks which "
+                   "labelled latents it finds again (the panel's Other seed column)")
+    p.add_argument("--store", metavar="STORE", help="with --replica: the activation store both SAEs were trained on (live latents are "
+                   "decided on its held-out positions)")
     p.add_argument("--check", metavar="BUNDLE", help="validate an existing bundle and print its summary instead")
     p.set_defaults(func=cmd_bundle)

@@ -404,7 +404,7 @@ def step_saes(demo: Demo, folder: Path) -> dict:
     from ..sae import ExtractionOptions, SAETrainingOptions, extract_activations, train_sae
     from ..sae.activations import effective_dimensions
     from ..steering.dice_recovered import dice_recovered
-    from ..experiments.sae_sweep import live_latents
+    from ..alignment.replication import live_latents
     from ..sae.trainer import save_training_report
 
     s = demo.settings

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ..alignment.replication import comparison_vectors, live_latents, replication  # noqa: F401 (live_latents: re-exported)
 from ..sae.activations import ActivationStore
 from ..sae.model import BatchTopKSAE
 from ..sae.trainer import SAETrainingOptions, train_sae, train_sae_once
@@ -29,26 +30,10 @@ TUMOUR_LATENTS_MIN = 24
 READABLE_CATEGORIES = ("necrotic core", "edema", "enhancing tumour", "tumour boundary")
 
 
-@torch.no_grad()
-def live_latents(sae: BatchTopKSAE, vectors: torch.Tensor, chunk: int = 4096) -> np.ndarray:
-    """Boolean ``(d_sae,)``: latents that fire (inference threshold) on at least one of ``vectors``."""
-    fired, device = torch.zeros(sae.d_sae, dtype=torch.bool), next(sae.parameters()).device
-    for start in range(0, len(vectors), chunk):
-        fired |= (sae.encode(vectors[start : start + chunk].to(device)) > 0).any(dim=0).cpu()
-    return fired.numpy()
-
-
 def seed_agreement(sae_a: BatchTopKSAE, sae_b: BatchTopKSAE, vectors: torch.Tensor, tau: float = 0.8) -> dict:
-    """Share of ``sae_a``'s live latents whose diffing partner in ``sae_b`` is live and shared at ``tau``."""
-    from ..alignment.latent_alignment import align_saes
-
-    live_a, live_b = live_latents(sae_a, vectors), live_latents(sae_b, vectors)
-    alignment = align_saes(sae_a, sae_b, tau=tau)
-    return {
-        "seed_shared": alignment.live_shared_fraction(live_a, live_b) or 0.0,
-        "seed_shared_all": float(alignment.shared_mask(tau).mean()),
-        "live": int(live_a.sum()),
-    }
+    """Share of ``sae_a``'s live latents that ``sae_b`` finds again (:func:`~SegLensLogic.alignment.replication.replication`)."""
+    measured = replication(sae_a, sae_b, vectors, tau=tau)
+    return {"seed_shared": measured["live_shared"], "seed_shared_all": measured["shared_all"], "live": measured["live"]}
 
 
 def sae_sweep(
@@ -78,8 +63,7 @@ def sae_sweep(
         ``{(row index, seed): (sae, report)}`` (else empty).
     """
     base = base or SAETrainingOptions()
-    _, holdout_idx = store.split(base.holdout_fraction, seed=12345)
-    vectors = store.vectors(holdout_idx[:32768])
+    vectors = comparison_vectors(store, holdout_fraction=base.holdout_fraction)
     rows, kept = [], {}
     if workers > 1 and cache is not None and torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cpu":
         members = [(dataclasses.replace(base, **setting, seed=seed), _member_folder(cache, setting, seed)) for setting in grid for seed in seeds]

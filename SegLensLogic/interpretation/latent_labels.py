@@ -16,6 +16,9 @@ Format (version 1; the steering session, the Slicer module and bundles read it):
 A bundle's copy may also carry ``held_out`` (:func:`~.label_mass.annotate_labels`): at the top ``{"cases", "case_ids",
 "holds_at", "chance"}``, and on each tumour-labelled latent measured there ``{"in_class": 0.44, "in_tumour": 0.57}``,
 the share of its whole-volume heatmap inside its class and inside any tumour on cases the labeller never saw.
+It may also carry ``replica`` (:func:`~SegLensLogic.alignment.replication.annotate_replication`): at the top
+``{"sha256", "seed", "tau", "live", "live_shared"}``, and ``"replicates": true | false`` on each live latent, whether
+an SAE trained from another seed on the same activations finds the latent again by the diffing rule.
 
 ``slice`` is the axial slice index in RAS order (``PreparedCase`` order, the model's slicing axis);
 ``activation`` the latent's score on that slice's feature grid (``slice_score``: peak or summed activation). ``stable`` is null when the latent
@@ -171,6 +174,11 @@ class LatentLabels:
         entry = self.entry(latent)
         return None if entry is None else entry.get("held_out")
 
+    def replicates(self, latent: int) -> bool | None:
+        """Whether an SAE trained from another seed finds the latent again (None when not compared, or dead)."""
+        entry = self.entry(latent)
+        return None if entry is None else entry.get("replicates")
+
     def entry(self, latent: int) -> dict | None:
         """The latent's whole record, or None when the file has none for it."""
         return self._entries.get(int(latent))
@@ -221,6 +229,17 @@ class LatentEntry(Schema):
     metrics: dict[str, Measured | None] = Field(default_factory=dict)
     top_examples: list[TopExample] = Field(default_factory=list)
     held_out: HeldOutShares | None = None
+    replicates: bool | None = None
+
+
+class ReplicaSummary(Schema):
+    """``replica`` of a labels document: the SAE compared (another seed on the same activations) and the floor."""
+
+    sha256: str | None = Field(default=None, max_length=128)
+    seed: int | None = None
+    tau: Measured
+    live: int = Field(ge=0, le=MAX_LATENTS)
+    live_shared: Measured
 
 
 class WeightsReference(Schema):
@@ -239,6 +258,7 @@ class LatentLabelsDocument(Schema):
     stability: dict[str, Any] | None = None
     d_sae: int | None = Field(default=None, ge=1, le=MAX_LATENTS)
     top_k: int | None = Field(default=None, ge=0)
+    replica: ReplicaSummary | None = None
 
     @model_validator(mode="after")
     def _ids(self):

@@ -317,6 +317,7 @@ def _sae_section(leverage: dict, sae: dict, labels: dict, evaluation: dict) -> l
         + ", ".join(f"{k} {v}" for k, v in sorted(labels["categories"].items(), key=lambda kv: -kv[1]))
         + (f"; split-half stability {labels['stability']:.2f}." if labels.get("stability") is not None else "."),
         *_label_mass_lines(labels.get("label_mass")),
+        *_replication_lines(labels.get("replication")),
         "",
     ]
 
@@ -385,6 +386,19 @@ def _label_mass_lines(measured: dict | None) -> list[str]:
         f"{measured['holding']} of {measured['fired']} latents reach it), inside any tumour {measured['mean_in_tumour']:.0%}; "
         f"{by_category}. Where the labeller's top-slice share and this measure disagree, trust this one: it is what a "
         "heatmap layer shows on a new case." + _reading_guide(measured),
+    ]
+
+
+def _replication_lines(measured: dict | None) -> list[str]:
+    """How many latents an SAE of another seed finds again (:func:`~SegLensLogic.alignment.replication.replication`)."""
+    if not measured:
+        return []
+    return [
+        f"- Found again by another seed (an SAE of seed {measured['replica_seed']} on the same activations, by the diffing rule "
+        f"at tau {measured['tau']}): {measured['tumour_replicating']} of the {measured['tumour_live']} live tumour-labelled "
+        f"latents, {measured['live_shared']:.0%} of all {measured['live']} live latents. The panel's *Other seed* column "
+        "marks them; a latent another seed does not find may be an accident of training, so weigh a population-specific "
+        "call on it accordingly.",
     ]
 
 

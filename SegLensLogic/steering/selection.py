@@ -50,6 +50,11 @@ def category_of(labels, latent: int) -> str | None:
     return None if labels is None else labels.category(latent)
 
 
+def replicates(labels, latent: int) -> bool | None:
+    """Whether an SAE trained from another seed finds the latent again, when compared (a bundle's labels)."""
+    return None if labels is None else labels.replicates(latent)
+
+
 def held_out_share(labels, latent: int) -> float | None:
     """Share of the latent's heatmap inside its labelled class on held-out cases, when measured (a bundle's labels)."""
     held_out = None if labels is None else labels.held_out(latent)

@@ -238,7 +238,8 @@ class SteeringSession:
 
         Keys: ``id``, ``label`` (auto-interp description), ``category``, ``holds`` (the share of the latent's
         heatmap inside its labelled class on held-out cases, when the labels file carries it: a bundle's does;
-        else None), ``status`` (``universal``, ``shared``, ``specific`` or None without alignment files),
+        else None), ``replicates`` (whether an SAE trained from another seed finds the latent again, when the labels
+        file says; None otherwise), ``status`` (``universal``, ``shared``, ``specific`` or None without alignment files),
         ``shared_with`` (cohort names), ``slice_activation`` (summed in ``slice_index``, RAS axial; 0 without one)
         and ``volume_activation`` (summed over the volume).
         """
@@ -258,6 +259,7 @@ class SteeringSession:
                 "label": selection.describe(self.latent_labels, int(j)),
                 "category": selection.category_of(self.latent_labels, int(j)),
                 "holds": selection.held_out_share(self.latent_labels, int(j)),
+                "replicates": selection.replicates(self.latent_labels, int(j)),
                 "status": status,
                 "shared_with": shared_with,
                 "slice_activation": float(in_slice[j]),

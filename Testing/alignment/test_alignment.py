@@ -684,3 +684,43 @@ def test_live_shared_fractions_count_live_latents_only():
     live = {"x": live_a, "x-seed": live_b, "x-resampled": np.zeros(6, bool)}
     floors = replica_floors("x", replicas, lambda name, other: alignment, live)
     assert floors["seed"][1] == pytest.approx(3 / 5) and floors["resampled"][1] == 0.0
+
+
+def test_replication_marks_the_latents_another_seed_finds_again(tmp_path):
+    """A replica holding the same latents in another order finds each live latent again, except one whose decoder
+    direction it lost and one whose partner never fires; a dead latent is not compared (None). The labels document
+    carries the flags and the floor, and its reader returns them."""
+    from SegLensLogic.alignment.replication import annotate_replication, live_latents, replication
+    from SegLensLogic.interpretation import load_latent_labels, write_latent_labels
+
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(SAEConfig(d_in=16, expansion=2, k=4, threshold=0.1))
+    replica = BatchTopKSAE(SAEConfig(d_in=16, expansion=2, k=4, threshold=0.1))
+    perm = torch.randperm(32)  # the replica's latent i is the SAE's latent perm[i]
+    where = torch.argsort(perm)  # ... so the SAE's latent j sits at where[j]
+    with torch.no_grad():
+        replica.W_enc.copy_(sae.W_enc[:, perm]), replica.b_enc.copy_(sae.b_enc[perm]), replica.W_dec.copy_(sae.W_dec[perm])
+        replica.W_dec[where[0]] = torch.nn.functional.normalize(torch.randn(16), dim=0)  # latent 0: another direction
+        sae.b_enc[1] = -1e3  # latent 1 never fires
+        replica.b_enc[where[2]] = -1e3  # latent 2's partner never fires
+    vectors = torch.randn(4096, 16)
+    live = live_latents(sae, vectors)
+    assert not live[1] and live[[0, 2]].all()
+    measured = replication(sae, replica, vectors)
+    flags = measured["replicates"]
+    assert flags[0] is False and flags[1] is None and flags[2] is False
+    others = [j for j in range(3, 32) if live[j]]
+    assert len(others) >= 20 and all(flags[j] is True for j in others)
+    assert measured["live"] == int(live.sum()) and measured["live_shared"] == pytest.approx(len(others) / live.sum())
+    document = {"format_version": 1, "kind": "seglens-latent-labels", "latents": [{"id": j, "category": "edema"} for j in range(4)]}
+    annotated = annotate_replication(document, measured, {"sha256": "f" * 64, "seed": 1})
+    assert "replicates" not in document["latents"][0]  # the input is left as it was
+    assert annotated["replica"] == {"sha256": "f" * 64, "seed": 1, "tau": 0.8, "live": measured["live"], "live_shared": round(measured["live_shared"], 4)}
+    labels = load_latent_labels(write_latent_labels(annotated, tmp_path / "latents.json"))
+    assert [labels.replicates(j) for j in range(4)] == [False, None, False, flags[3]]
+    with pytest.raises(ValueError, match="replica reads 8-dimensional"):
+        replication(sae, BatchTopKSAE(SAEConfig(d_in=8, expansion=2, k=4, threshold=0.1)), vectors)
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({**annotated, "latents": [{"id": 0, "category": "edema", "replicates": "yes"}]}))
+    with pytest.raises(InputFileError, match=r"latents\[0\]\.replicates"):
+        load_latent_labels(broken)

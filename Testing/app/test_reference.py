@@ -106,6 +106,11 @@ def test_tiny_rebuild_writes_a_bundle_whose_card_is_the_builds_measurement(tiny_
     shipped = bundle.load_labels()
     assert shipped.data["held_out"]["case_ids"] == measured["case_ids"] == state["steps"]["split"]["outputs"]["test"]
     assert all(shipped.held_out(row["id"])["in_class"] == pytest.approx(row["in_class"], abs=1e-4) for row in measured["latents"])
+    # which latents the seed replica finds again: measured once, on the card and in the labels (the "Other seed" column)
+    replicated = state["steps"]["interpret"]["outputs"]["replication"]
+    assert shipped.data["replica"]["live_shared"] == pytest.approx(replicated["live_shared"], abs=1e-4) and replicated["live"] > 0
+    assert [shipped.replicates(j) for j in range(bundle.manifest["sae"]["d_sae"])] == replicated["replicates"]
+    assert f"{replicated['tumour_replicating']} of the {replicated['tumour_live']} live tumour-labelled latents" in card
     # the SAE setting was chosen with every setting's readability measured
     assert all("tumour_latents" in row and "label_agreement" in row for row in state["steps"]["sae"]["outputs"]["sweep"])
     assert "| k | expansion | explained_variance | dead_fraction | l0 | seed_shared | live | steps | tumour_latents |" in card

@@ -582,6 +582,10 @@ def test_latent_table_filters_and_sorts(SegLens):
     assert latenttable.cell_text(rows[0], "holds") == "44" and latenttable.display_value(rows[1], "holds") == 7
     assert latenttable.cell_text(rows[2], "holds") == "" and latenttable.display_value(rows[2], "holds") is None
     assert [r["id"] for r in latenttable.sort_rows(rows, "holds")] == [3, 1, 2]
+    # "Other seed": whether an SAE of another seed finds the latent again; empty where not compared
+    rows[0]["replicates"], rows[1]["replicates"] = True, False
+    assert [latenttable.cell_text(r, "replicates") for r in rows] == ["yes", "no", ""]
+    assert latenttable.HEADERS[latenttable.COLUMNS.index("replicates")] == "Other seed"
 
 
 # -- the .ui file in a real Qt -------------------------------------------------------------------------------------------

@@ -416,11 +416,21 @@ def test_latents_are_chosen_by_category_and_population_status(real_pipeline, rea
     measured = {"cases": 2, "case_ids": ["a", "b"], "holds_at": 0.4, "chance": {"edema": 0.05},
                 "latents": [{"id": edema[0], "category": "edema", "in_class": 0.44, "in_tumour": 0.6},
                             {"id": edema[1], "category": "necrotic core", "in_class": 0.9, "in_tumour": 0.9}]}  # fmt: skip
-    (tmp_path / "latents.json").write_text(json.dumps(annotate_labels(labels, measured)))
+    # ... and which latents another seed finds again
+    from SegLensLogic.alignment import annotate_replication
+
+    flags = np.full(real_pipeline.sae.d_sae, None, dtype=object)
+    flags[edema[0]], flags[edema[1]] = True, False
+    replicated = annotate_replication(annotate_labels(labels, measured), {"tau": 0.8, "live": 2, "live_shared": 0.5, "replicates": flags}, {"sha256": "f" * 64})
+    (tmp_path / "latents.json").write_text(json.dumps(replicated))
     session = SteeringSession(real_pipeline.model, real_pipeline.sae, real_session.prepared, labels=tmp_path / "latents.json")
     session.segment()
-    holds = {r["id"]: r["holds"] for r in session.latent_table()}
+    table = session.latent_table()
+    holds = {r["id"]: r["holds"] for r in table}
     assert holds[edema[0]] == 0.44 and holds[edema[1]] is None  # measured under another label: not this one's
+    found = {r["id"]: r["replicates"] for r in table}
+    assert found[edema[0]] is True and found[edema[1]] is False
+    assert all(found[j] is None for j in found if j not in edema[:2])  # not compared: no answer
     with pytest.raises(SegLensError, match="no latent has category 'necrotic core'"):
         session.select(category="necrotic core")
     with pytest.raises(SegLensError, match="needs alignment files"):
