@@ -204,6 +204,19 @@ def test_an_alignment_with_another_architecture_does_not_change_population_statu
         latents_with_status(others, sha, d_sae, "specific")
 
 
+def test_the_labels_say_which_latents_another_seed_finds_again(bundle):
+    """The shipped labels were compared with an SAE of another seed on the same activations: every live latent says
+    whether it is found again, and the flags add up to the floor recorded beside them."""
+    labels = bundle.load_labels()
+    replica = labels.data["replica"]
+    assert replica["seed"] == 1 and replica["tau"] == 0.8 and len(replica["sha256"]) == 64
+    assert replica["sha256"] != bundle.manifest["sae"]["sha256"]
+    flags = [labels.replicates(j) for j in range(bundle.manifest["sae"]["d_sae"])]
+    compared = [f for f in flags if f is not None]
+    assert len(compared) == replica["live"] and sum(compared) / len(compared) == pytest.approx(replica["live_shared"], abs=1e-4)
+    assert all(labels.replicates(j) is None for j in labels.latents_in_category("dead"))
+
+
 def test_resources_stay_small_enough_to_ship():
     """Every shipped bundle together (the extension installs ``Resources/`` beside the module): at most 80 MB."""
     total = sum(p.stat().st_size for p in resources_folder().rglob("*") if p.is_file())
