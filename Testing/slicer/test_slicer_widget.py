@@ -297,8 +297,8 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
         assert ui.exportDirectoryButton.directory == str(remembered)
         assert ui.segmentButton.enabled and not ui.applyButton.enabled and not ui.undoButton.enabled
         assert not ui.exportButton.enabled and not ui.suggestButton.enabled and not ui.cancelButton.enabled
-        assert ui.latentTableWidget.columnCount == 8 and unwrap(ui.latentTableWidget).horizontalHeaderItem(5).text() == "Shared with"
-        assert unwrap(ui.latentTableWidget).horizontalHeaderItem(3).text() == "Holds %"
+        headers = [unwrap(ui.latentTableWidget).horizontalHeaderItem(c).text() for c in range(ui.latentTableWidget.columnCount)]
+        assert headers == ["Latent", "Label", "Category", "Holds %", "Other seed", "Status", "Shared with", "Slice", "Volume"]
 
         # Bad input is a clear message, never a traceback.
         ui.segmentButton.click()
@@ -433,6 +433,9 @@ def _drive(SegLens, nodes, widget, ui, parameters, app, messages, scene, red, ca
         # "Holds %": the held-out share as a whole percentage where the bundle's labels carry it, else empty
         holds = {int(r["id"]): SegLens.latenttable.cell_text(r, "holds") for r in widget.rows}
         assert all(table.item(r, columns.index("holds")).text() == holds[int(table.item(r, 0).text())] for r in range(table.rowCount()))
+        # "Other seed": yes / no where the labels were compared with a seed replica, else empty
+        found = {int(r["id"]): SegLens.latenttable.cell_text(r, "replicates") for r in widget.rows}
+        assert all(table.item(r, columns.index("replicates")).text() == found[int(table.item(r, 0).text())] for r in range(table.rowCount()))
         assert all(texts[j] == ", ".join(shared[j]) for j in texts)
         assert {p for j in texts for p in shared[j]} == {"ssa", "pediatric"}
         tumour = np.argwhere(session.labels > 0)
