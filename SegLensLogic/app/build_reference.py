@@ -408,7 +408,10 @@ def step_sae(build: ReferenceBuild, folder: Path) -> dict:
 
         build.sub("labelling both seeds of every setting on the training cases")
         pairs = [(kept[(i, 0)][0], kept[(i, 1)][0]) for i in range(len(rows))]
-        for row, measured in zip(rows, readability(model, pairs, train, top_k=s.interpret_top_k, log=build.sub)):
+        from ..alignment.replication import comparison_vectors
+
+        measured_rows = readability(model, pairs, train, top_k=s.interpret_top_k, log=build.sub, vectors=comparison_vectors(store))
+        for row, measured in zip(rows, measured_rows):
             row.update(measured)
     chosen, why = choose_setting(rows, prefer={"k": 32, "expansion": 16})
     build.sub(f"chosen: k {rows[chosen]['k']}, expansion {rows[chosen]['expansion']} ({why})")

@@ -139,7 +139,8 @@ def train_in_workers(store_folder: str | Path, members: Sequence[tuple[SAETraini
         pool.join()
 
 
-def readability(model, sae_pairs: Sequence[tuple], cohort, top_k: int = 16, log: Callable[[str], None] = print) -> list[dict]:
+def readability(model, sae_pairs: Sequence[tuple], cohort, top_k: int = 16, log: Callable[[str], None] = print,
+                vectors: torch.Tensor | None = None) -> list[dict]:
     """How readable each setting's dictionary is to a clinician: the automatic interpretation of both seeds' SAEs
     over ``cohort`` (labelled cases), per setting.
 
@@ -150,7 +151,10 @@ def readability(model, sae_pairs: Sequence[tuple], cohort, top_k: int = 16, log:
         Per setting: ``tumour_latents`` (seed 0's latents labelled necrotic core, edema, enhancing tumour or tumour
         boundary), ``tumour_latents_seed1``, ``label_agreement`` (the share of seed 0's tumour latents whose
         partner in seed 1 under the diffing's matching, shared or not, has the same category) and
-        ``label_stability`` (seed 0's split-half agreement of its labels).
+        ``label_stability`` (seed 0's split-half agreement of its labels); with ``vectors`` (activations on which a
+        latent must fire to count as live), ``tumour_replicating``: seed 0's tumour latents that seed 1 finds again by
+        the diffing rule (:func:`~SegLensLogic.alignment.replication.replication`), the latents a clinician can both
+        read and trust to be features of the data.
     """
     from ..alignment.latent_alignment import align_saes
     from ..interpretation import interpret_sae
@@ -170,9 +174,13 @@ def readability(model, sae_pairs: Sequence[tuple], cohort, top_k: int = 16, log:
                "tumour_latents_seed1": sum(c in READABLE_CATEGORIES for c in categories[1].values()),
                "label_agreement": len(same) / len(readable) if readable else 0.0,
                "label_stability": stability}  # fmt: skip
+        if vectors is not None:
+            flags = replication(first, second, vectors)["replicates"]
+            row["tumour_replicating"] = sum(bool(flags[j]) for j in readable)
         rows.append(row)
         log(f"  k {first.config.k}, expansion {first.config.expansion}: {row['tumour_latents']} tumour latents (seed 1: {row['tumour_latents_seed1']}), "
-            f"{row['label_agreement']:.0%} with the same label in the other seed")
+            f"{row['label_agreement']:.0%} with the same label in the other seed"
+            + (f", {row['tumour_replicating']} found again by it" if "tumour_replicating" in row else ""))
     return rows
 
 
@@ -182,8 +190,9 @@ def choose_setting(rows: Sequence[dict], prefer: dict | None = None) -> tuple[in
     Rules, in order: keep settings with explained variance >= 0.85 and dead fraction <= 0.10 (else all); among
     those, keep those whose seeds share >= 0.5 of live latents (else all kept so far); when the rows were measured
     for readability (:func:`readability`: ``tumour_latents``), keep those with at least 24 tumour latents (else
-    all kept so far) and take the one whose tumour labels the other seed repeats most (then the most tumour
-    latents); without readability, take ``prefer`` (e.g. the paper's k 32, expansion 16) if it is still there, else
+    all kept so far) and take the one with the most tumour latents the other seed finds again (when measured:
+    ``tumour_replicating``), then whose tumour labels the other seed repeats most, then the most tumour latents;
+    without readability, take ``prefer`` (e.g. the paper's k 32, expansion 16) if it is still there, else
     the highest seed agreement.
     """
     candidates = list(range(len(rows)))
@@ -204,6 +213,10 @@ def choose_setting(rows: Sequence[dict], prefer: dict | None = None) -> tuple[in
             candidates = readable
         else:
             why.append(f"no remaining setting has {TUMOUR_LATENTS_MIN} latents labelled with a tumour class")
+        if all("tumour_replicating" in rows[i] for i in candidates):
+            chosen = max(candidates, key=lambda i: (rows[i]["tumour_replicating"], rows[i]["label_agreement"], rows[i]["tumour_latents"]))
+            why.append("the most tumour latents another seed finds again (then the most repeatable labels) among the settings that meet the most bars")
+            return chosen, "; ".join(why)
         chosen = max(candidates, key=lambda i: (rows[i]["label_agreement"], rows[i]["tumour_latents"], rows[i]["seed_shared"]))
         why.append("the most repeatable tumour labels (then the most tumour latents) among the settings that meet the most bars")
         return chosen, "; ".join(why)

@@ -45,7 +45,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 # The sweep's readability measures (:func:`~SegLensLogic.experiments.sae_sweep.readability`), shown when measured.
-READABILITY_COLUMNS = ("tumour_latents", "tumour_latents_seed1", "label_agreement", "label_stability")
+READABILITY_COLUMNS = ("tumour_latents", "tumour_latents_seed1", "label_agreement", "tumour_replicating", "label_stability")
 
 
 def _table(rows: list[dict], columns: list[str], headers: list[str] | None = None) -> str:

@@ -34,6 +34,16 @@ def test_readability_decides_among_settings_that_meet_the_bars():
     assert chosen == 2 and f"no remaining setting has {TUMOUR_LATENTS_MIN} latents labelled with a tumour class" in why
 
 
+def test_tumour_latents_another_seed_finds_again_decide_when_measured():
+    rows = [_row(8, 4, tumour_latents=30, label_agreement=0.7, tumour_replicating=3),
+            _row(8, 1, tumour_latents=25, label_agreement=0.5, tumour_replicating=9),
+            _row(16, 8, tumour_latents=60, label_agreement=0.9, tumour_replicating=20, dead=0.5)]  # fmt: skip  (fails the dead bar)
+    chosen, why = choose_setting(rows)
+    assert chosen == 1 and "the most tumour latents another seed finds again" in why
+    del rows[0]["tumour_replicating"]  # not measured for every setting: the labels' repeatability decides, as before
+    assert choose_setting(rows)[0] == 0
+
+
 def test_readability_labels_both_seeds_on_real_cases(real_pipeline):
     """An SAE against itself: every tumour latent's partner is itself, with the same label; against a copy whose
     decoder is permuted, the partners move with the permutation and the labels follow them."""
@@ -46,8 +56,15 @@ def test_readability_labels_both_seeds_on_real_cases(real_pipeline):
         permuted.W_dec.copy_(sae.W_dec[order])
     cohort = real_pipeline.test
     messages = []
-    same, moved = readability(real_pipeline.model, [(sae, sae), (sae, permuted)], cohort, top_k=4, log=messages.append)
+    from SegLensLogic.alignment.replication import comparison_vectors
+    from SegLensLogic.sae import ActivationStore
+
+    vectors = comparison_vectors(ActivationStore(real_pipeline.root / "activations"))
+    same, moved = readability(real_pipeline.model, [(sae, sae), (sae, permuted)], cohort, top_k=4, log=messages.append, vectors=vectors)
     assert same["tumour_latents"] == same["tumour_latents_seed1"] == moved["tumour_latents_seed1"]
     assert same["tumour_latents"] > 0, "the tiny model's SAE has no tumour latent on real cases"
     assert same["label_agreement"] == pytest.approx(1.0) and moved["label_agreement"] == pytest.approx(1.0)
     assert 0.0 <= same["label_stability"] <= 1.0 and len(messages) == 2
+    # every live tumour latent is found again by itself, and by its permuted copy
+    assert 0 < same["tumour_replicating"] == moved["tumour_replicating"] <= same["tumour_latents"]
+    assert "found again by it" in messages[0]
