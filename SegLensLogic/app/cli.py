@@ -186,6 +186,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from ..sae import ExtractionOptions, extract_activations
 
     _check_numbers(args, (("--subsample", "subsample", 1e-9, 1.0),))
+    if args.tumour_repeat < 1:
+        raise SegLensError(f"--tumour-repeat must be 1 or more, got {args.tumour_repeat}")
     options = ExtractionOptions(
         hook=args.layer,
         brain_only=not args.all_positions,
@@ -193,6 +195,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         batch_size=args.batch_size,
         seed=args.seed,
+        tumour_repeat=args.tumour_repeat,
     )
     if _ray_wanted(args):
         from ..sae.distributed import extract_activations_ray
@@ -477,6 +480,8 @@ def _add_sae_commands(sub) -> None:
     p.add_argument("--out", required=True, help="activation store folder to create")
     p.add_argument("--all-positions", action="store_true", help="keep positions outside the brain too")
     p.add_argument("--subsample", type=float, default=1.0, help="keep each position with this probability")
+    p.add_argument("--tumour-repeat", type=int, default=1, metavar="N", help="write positions touching the ground-truth tumour N times "
+                   "(labelled cases): an SAE then learns more tumour latents (docs/measurements/seed-agreement.md)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")

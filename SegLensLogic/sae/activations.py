@@ -100,6 +100,12 @@ class ExtractionOptions:
         shard_size: vectors per shard file.
         batch_size: slices per forward pass (default: 16 on a GPU; on the CPU 1 for U-Net, 4 for SegFormer).
         seed: for subsampling.
+        tumour_repeat: write every kept position whose patch touches the case's ground-truth tumour this many times
+            (labelled cases only; 1: once, as every other position). Tumour is a small share of brain positions, so
+            an SAE sees little of it; on the shipped U-Net's store, 8 repeats doubled the tumour-labelled latents and
+            the labels that hold on the test cases (docs/measurements/seed-agreement.md). The repeats are exact
+            copies, so an SAE's held-out split of such a store shares vectors with its training split: measure the
+            SAE on a store written without repeats.
     """
 
     hook: str | None = None
@@ -110,6 +116,7 @@ class ExtractionOptions:
     shard_size: int = 1 << 18
     batch_size: int | None = None
     seed: int = 0
+    tumour_repeat: int = 1
 
 
 class ShardWriter:
@@ -188,6 +195,8 @@ def extract_case(
     device = next(model.parameters()).device
     batch_size = options.batch_size or default_batch_size(model)
     prepared = prepared if prepared is not None else prepare_for_model(model, case)
+    if options.tumour_repeat > 1 and prepared.label is None:
+        raise SegLensError(f"case '{case.case_id}' has no label map: repeating tumour positions needs labelled cases")
     slices = prepared.brain_slices()
     kept = 0
     for start in range(0, len(slices), batch_size):
@@ -210,8 +219,14 @@ def extract_case(
         rows[..., 2] = positions[:, -2] if positions.shape[1] >= 2 else 0
         rows[..., 3] = positions[:, -1]
         flat_keep = keep.reshape(-1)
+        if options.tumour_repeat > 1 and len(grid) == 2:
+            tumour = (mask_fraction_on_grid(prepared.label > 0, prepared.geometry, batch, tuple(grid)).flatten(1).numpy() > 0).reshape(-1)
+            flat_keep = np.flatnonzero(flat_keep)
+            flat_keep = np.concatenate([flat_keep, np.repeat(flat_keep[tumour[flat_keep]], options.tumour_repeat - 1)])
+            kept += len(flat_keep)
+        else:
+            kept += int(flat_keep.sum())
         writer.add(vectors[flat_keep], rows.reshape(-1, 4)[flat_keep])
-        kept += int(flat_keep.sum())
     return {"case_id": case.case_id, "slices": [int(z) for z in slices], "vectors": kept}
 
 

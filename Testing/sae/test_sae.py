@@ -47,7 +47,7 @@ from SegLensLogic.sae import (
     train_sae,
     vectors_to_feature_map,
 )
-from SegLensLogic.sae.activations import brain_fraction_on_grid
+from SegLensLogic.sae.activations import brain_fraction_on_grid, mask_fraction_on_grid
 from SegLensLogic.sae.batch_topk import batch_topk, train_forward
 from SegLensLogic.sae.codes import encode_volume
 from SegLensLogic.steering.dice_recovered import dice_recovered, reconstruction_edit
@@ -780,6 +780,31 @@ def test_extraction_brain_only_off_and_subsample(real):
     full_keys = {tuple(t.values()) for t in store.trace(np.arange(len(store)))}
     half_keys = [tuple(t.values()) for t in half.trace(np.arange(len(half)))]
     assert set(half_keys) <= full_keys and len(set(half_keys)) == len(half)
+
+
+def test_extraction_repeats_tumour_positions(real, tmp_path):
+    """``tumour_repeat``: every kept position whose patch touches the ground-truth tumour is written that many times,
+    as exact copies; the rest once, as without it. A case without a label map is refused by name."""
+    model, cohort, prepared, store = real["model"], real["cohort"], real["prepared"], real["store"]
+    _, h, w = model.hook_points()[model.config.hook_point]
+    repeated = extract_activations(model, cohort, tmp_path / "tumour3", ExtractionOptions(tumour_repeat=3), log=QUIET)
+    expected = len(store)
+    for entry in store.manifest["cases"]:
+        case = prepared[entry["case_id"]]
+        slices = case.brain_slices()
+        kept = brain_fraction_on_grid(case, slices, (h, w)) >= 0.5
+        tumour = mask_fraction_on_grid(case.label > 0, case.geometry, slices, (h, w)) > 0
+        expected += 2 * int((kept & tumour).sum())
+    assert len(repeated) == expected > len(store)
+    keys = [tuple(t.values()) for t in repeated.trace(np.arange(len(repeated)))]
+    assert set(keys) == {tuple(t.values()) for t in store.trace(np.arange(len(store)))}  # copies, nothing new
+    counts = np.unique(np.array([hash(k) for k in keys]), return_counts=True)[1]
+    assert set(counts.tolist()) == {1, 3}
+    assert repeated.manifest["options"]["tumour_repeat"] == 3
+    unlabelled = tmp_path / "unlabelled"
+    write_synthetic_case(unlabelled, "BraTS-SYN-00009-000", seg=False)
+    with pytest.raises(SegLensError, match="BraTS-SYN-00009-000.*no label map"):
+        extract_activations(model, load_cohort(unlabelled), tmp_path / "none", ExtractionOptions(tumour_repeat=2), log=QUIET)
 
 
 def test_sae_on_real_activations(real, real_sae):

@@ -21,6 +21,7 @@ SAE's options except what the recipe changes:
     python docs/measurements/seed-agreement/measure.py store --data ../shared/data --work /tmp/arch  # and store-tumour8
     python docs/measurements/seed-agreement/measure.py train RECIPE SEED --work /tmp/arch   # one process each
     python docs/measurements/seed-agreement/measure.py readability --work /tmp/arch         # labels both seeds
+    python docs/measurements/seed-agreement/measure.py hold --work /tmp/arch                # labels on the test cases
     python docs/measurements/seed-agreement/measure.py report --work /tmp/arch              # writes results.md here
 
 Each training runs on one PyTorch thread; the store's held-out positions decide which latents are live
@@ -251,6 +252,31 @@ def readability(work: Path, data: Path, recipes: list[str]) -> None:
         path.write_text(json.dumps(done, indent=1))
 
 
+def hold(work: Path, data: Path, recipes: list[str]) -> None:
+    """Do seed 0's tumour labels hold on the U-Net's 4 test cases? :func:`~SegLensLogic.interpretation.label_mass`
+    of its labels (made on the training cases), as the card measures the shipped SAE. Kept in ``WORK/hold.json``."""
+    from SegLensLogic.data.cohort import Cohort, load_cohort
+    from SegLensLogic.interpretation import interpret_sae, label_mass
+    from SegLensLogic.interpretation.latent_labels import LatentLabels
+    from SegLensLogic.networks import load_segmenter
+    from SegLensLogic.sae import BatchTopKSAE
+
+    training = json.loads((BUNDLE / "bundle.json").read_text())["figures"]["training"]
+    cases = {c.case_id: c for name in ("brats2018", "brats-extra") for c in load_cohort(data / name, name=name)}
+    train = Cohort(name="train+validation", cases=[cases[i] for i in training["cases"] + training["validation_cases"]])
+    test = Cohort(name="test", cases=[cases[i] for i in training["test_cases"]])
+    model = load_segmenter(BUNDLE / "model")
+    path = work / "hold.json"
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    for recipe in recipes:
+        sae = BatchTopKSAE.load(work / f"{FOLDERS[recipe]}-seed0")
+        labels = LatentLabels(interpret_sae(model, sae, train, top_k=16, log=None).document)
+        measured = label_mass(model, sae, labels, test)
+        done[recipe] = {"fired": len(measured["latents"]), "mean_in_class": measured["mean_in_class"], "holding": measured["holding"]}
+        print(recipe, done[recipe], flush=True)
+        path.write_text(json.dumps(done, indent=1))
+
+
 def report(work: Path) -> None:
     from SegLensLogic.alignment.replication import comparison_vectors, live_latents, replication
     from SegLensLogic.sae import ActivationStore, BatchTopKSAE
@@ -262,8 +288,9 @@ def report(work: Path) -> None:
              "store's held-out positions, where liveness is decided too. Shared: share of seed 0's "
              "live latents that seed 1 finds again by the diffing rule (tau 0.8). Matched cosines: Hungarian matching of "
              "live latents in one space alone (median, share >= 0.8).", "",
-             "| recipe | latents | EV | dead | live | shared | decoder median | decoder >= 0.8 | encoder median | encoder >= 0.8 | tumour latents | same label | tumour, found again |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| recipe | latents | EV | dead | live | shared | decoder median | decoder >= 0.8 | encoder median | encoder >= 0.8 | tumour latents | same label | tumour, found again | test: fired / in class / holding |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    held = json.loads((work / "hold.json").read_text()) if (work / "hold.json").is_file() else {}
     readable = json.loads((work / "readability.json").read_text()) if (work / "readability.json").is_file() else {}
     for recipe, folder in FOLDERS.items():
         paths = [work / f"{folder}-seed{seed}" for seed in (0, 1)]
@@ -277,9 +304,15 @@ def report(work: Path) -> None:
         lines.append(f"| {recipe} | {a.d_sae} | {holdouts[0]['explained_variance']:.3f} / {holdouts[1]['explained_variance']:.3f} | "
                      f"{holdouts[0]['dead_fraction']:.3f} / {holdouts[1]['dead_fraction']:.3f} | {measured['live']} | "
                      f"{measured['live_shared']:.3f} | {np.median(dec):.2f} | {np.mean(dec >= 0.8):.2f} | {np.median(enc):.2f} | "
-                     f"{np.mean(enc >= 0.8):.2f} | " + _readability_cells(readable.get(recipe)))  # fmt: skip
+                     f"{np.mean(enc >= 0.8):.2f} | " + _readability_cells(readable.get(recipe)) + _hold_cell(held.get(recipe)))  # fmt: skip
     (HERE / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
+
+
+def _hold_cell(row: dict | None) -> str:
+    if row is None or row["mean_in_class"] is None:
+        return " |"
+    return f" {row['fired']} / {row['mean_in_class']:.0%} / {row['holding']} |"
 
 
 def _readability_cells(row: dict | None) -> str:
@@ -291,7 +324,7 @@ def _readability_cells(row: dict | None) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("store", "train", "readability", "report"))
+    parser.add_argument("action", choices=("store", "train", "readability", "hold", "report"))
     parser.add_argument("recipe", nargs="?", help=f"one of {', '.join(RECIPES)} (readability: a comma-separated list, default all)")
     parser.add_argument("seed", nargs="?", type=int)
     parser.add_argument("--data", type=Path, default=HERE.parents[3] / "shared" / "data")
@@ -304,8 +337,8 @@ def main() -> int:
         if args.recipe not in RECIPES or args.seed is None:
             parser.error(f"train needs RECIPE ({', '.join(RECIPES)}) and SEED")
         train(args.recipe, args.seed, args.work)
-    elif args.action == "readability":
-        readability(args.work, args.data, args.recipe.split(",") if args.recipe else list(RECIPES))
+    elif args.action in ("readability", "hold"):
+        (readability if args.action == "readability" else hold)(args.work, args.data, args.recipe.split(",") if args.recipe else list(RECIPES))
     else:
         report(args.work)
     return 0
