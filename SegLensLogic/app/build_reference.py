@@ -483,7 +483,8 @@ def _replication(build: ReferenceBuild, sae, document: dict) -> dict:
     measured = replication(sae, replica, comparison_vectors(ActivationStore(out / outputs["store"])))
     flags = measured.pop("replicates")
     tumour = [int(e["id"]) for e in document["latents"] if e["category"] in READABLE_CATEGORIES and flags[int(e["id"])] is not None]
-    return {**measured, "replicates": flags.tolist(), "replica_sha256": replica.weights_sha256, "replica_seed": 1,
+    seed = (replica.config.training.get("options") or {}).get("seed")
+    return {**measured, "replicates": flags.tolist(), "replica_sha256": replica.weights_sha256, "replica_seed": seed,
             "tumour_live": len(tumour), "tumour_replicating": sum(bool(flags[j]) for j in tumour)}  # fmt: skip
 
 
