@@ -555,8 +555,7 @@ def build_bundle(
 
 def add_alignments(bundle: str | Path, alignments: list[str | Path] | tuple, overwrite: bool = False) -> Bundle:
     """Add alignment files to a finished bundle (e.g. a cross-architecture alignment made after both bundles were
-    built), in place and atomically: the bundle is copied, the files and their hashes added to its manifest, the copy
-    validated and then renamed over the original, so the folder is always the old bundle or the new one.
+    built), in place and atomically (:func:`_edit_bundle`): the files and their hashes join its manifest.
 
     Args:
         bundle: the bundle folder.
@@ -574,19 +573,32 @@ def add_alignments(bundle: str | Path, alignments: list[str | Path] | tuple, ove
     for name in names:
         if (root / "alignments" / name).exists() and not overwrite:
             raise OutputExistsError(root / "alignments" / name)
-    tmp = staging_folder(root, suffix=".tmp")
-    try:
-        shutil.copytree(root, tmp, dirs_exist_ok=True)
-        manifest = dict(current.manifest)
+
+    def add(tmp: Path, manifest: dict) -> None:
         listed = list(manifest.get("alignments") or [])
         for path, name in zip(alignments, names):
             relative = _copy_part(path, tmp, f"alignments/{name}")
             if relative not in listed:
                 listed.append(relative)
-            manifest.setdefault("files", {})[relative] = file_sha256(tmp / relative)
+            manifest["files"][relative] = file_sha256(tmp / relative)
         manifest["alignments"] = listed
+
+    return _edit_bundle(current, add)
+
+
+def _edit_bundle(current: Bundle, edit) -> Bundle:
+    """Change a finished bundle in place and atomically: the bundle is copied to a staging folder, ``edit(copy,
+    manifest)`` writes its files into the copy and records them in ``manifest`` (a copy of the bundle's, ``files``
+    included), the manifest is written, the copy validated (labels included) and renamed over the original, so the
+    folder is always the old bundle or the new one."""
+    root = current.root
+    tmp = staging_folder(root, suffix=".tmp")
+    try:
+        shutil.copytree(root, tmp, dirs_exist_ok=True)
+        manifest = {**current.manifest, "files": dict(current.manifest.get("files", {}))}
+        edit(tmp, manifest)
         atomic_write_json(tmp / MANIFEST_NAME, manifest, overwrite=True)
-        load_bundle(tmp)
+        load_bundle(tmp).load_labels()
         publish_folder(tmp, root, overwrite=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -596,7 +608,7 @@ def add_alignments(bundle: str | Path, alignments: list[str | Path] | tuple, ove
 
 def replace_labels(bundle: str | Path, document: dict) -> Bundle:
     """Replace a finished bundle's latent labels with ``document`` (e.g. the same labels annotated with a
-    measurement), in place and atomically as :func:`add_alignments` does: the labels must be for the bundle's SAE.
+    measurement), in place and atomically (:func:`_edit_bundle`): the labels must be for the bundle's SAE.
 
     Raises:
         InputFileError: the bundle is broken or has no labels file, or the new labels are for another SAE.
@@ -604,22 +616,15 @@ def replace_labels(bundle: str | Path, document: dict) -> Bundle:
     from .interpretation.latent_labels import write_latent_labels
 
     current = load_bundle(bundle)
-    root, relative = current.root, current.manifest.get("labels")
+    relative = current.manifest.get("labels")
     if relative is None:
-        raise InputFileError(root / MANIFEST_NAME, "the bundle has no latent labels to replace")
-    tmp = staging_folder(root, suffix=".tmp")
-    try:
-        shutil.copytree(root, tmp, dirs_exist_ok=True)
+        raise InputFileError(current.root / MANIFEST_NAME, "the bundle has no latent labels to replace")
+
+    def replace(tmp: Path, manifest: dict) -> None:
         write_latent_labels(document, tmp / relative, overwrite=True)
-        manifest = dict(current.manifest)
-        manifest["files"] = {**manifest.get("files", {}), relative: file_sha256(tmp / relative)}
-        atomic_write_json(tmp / MANIFEST_NAME, manifest, overwrite=True)
-        load_bundle(tmp).load_labels()
-        publish_folder(tmp, root, overwrite=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return load_bundle(root)
+        manifest["files"][relative] = file_sha256(tmp / relative)
+
+    return _edit_bundle(current, replace)
 
 
 def _check_inputs(model, sae, model_dir: Path, sae_dir: Path, labels, suggestions, alignments) -> tuple[str, str, str]:

@@ -37,7 +37,7 @@ def live_latents(sae, vectors: torch.Tensor, chunk: int = 4096) -> np.ndarray:
     return fired.numpy()
 
 
-def replication(sae, replica, vectors: torch.Tensor, tau: float = DEFAULT_TAU) -> dict:
+def replication(sae, replica, vectors: torch.Tensor, tau: float = DEFAULT_TAU, alignment=None) -> dict:
     """Which latents of ``sae`` its ``replica`` (another seed, same activations) finds again.
 
     Args:
@@ -45,6 +45,7 @@ def replication(sae, replica, vectors: torch.Tensor, tau: float = DEFAULT_TAU) -
         vectors: activations ``(n, d_in)`` (raw units) on which a latent must fire to count as live, e.g. held-out
             positions of the training store.
         tau: the diffing's similarity bar.
+        alignment: ``align_saes(sae, replica)`` when the caller has it already (it is not made again).
 
     Returns:
         ``{"tau", "live", "live_shared", "shared_all", "replicates"}``: the number of live latents of ``sae``, the
@@ -55,10 +56,10 @@ def replication(sae, replica, vectors: torch.Tensor, tau: float = DEFAULT_TAU) -
     if sae.config.d_in != replica.config.d_in:
         raise ValueError(f"the replica reads {replica.config.d_in}-dimensional activations, the SAE {sae.config.d_in}")
     live, live_replica = live_latents(sae, vectors), live_latents(replica, vectors)
-    alignment = align_saes(sae, replica, tau=tau)
+    alignment = alignment if alignment is not None else align_saes(sae, replica, tau=tau)
     partner = alignment.partner
-    shared = alignment.shared_mask(tau)
-    found = shared & live & (partner >= 0)
+    shared = alignment.shared_mask(tau)  # a shared latent has a partner
+    found = shared & live
     found[found] &= live_replica[partner[found]]
     replicates = np.array([bool(f) if alive else None for f, alive in zip(found, live)], dtype=object)
     n_live = int(live.sum())
@@ -87,6 +88,12 @@ def annotate_replication(document: dict, measured: dict, replica: dict) -> dict:
     return out
 
 
+def replica_identity(replica) -> dict:
+    """``{"sha256", "seed"}`` of a loaded replica SAE: its weights' hash and its training seed (None if unrecorded)."""
+    seed = (replica.config.training.get("options") or {}).get("seed")
+    return {"sha256": replica.weights_sha256, "seed": seed if isinstance(seed, int) else None}
+
+
 def replicate_labels(document: dict, sae, replica_folder, store) -> dict:
     """``document`` (the labels of ``sae``) annotated with :func:`replication` against the SAE folder
     ``replica_folder`` on ``store``'s :func:`comparison_vectors`.
@@ -103,6 +110,4 @@ def replicate_labels(document: dict, sae, replica_folder, store) -> dict:
                                              f"the SAE {sae.config.d_in} at '{sae.config.hook_point}': not the same activations")  # fmt: skip
     if replica.weights_sha256 == getattr(sae, "weights_sha256", None):
         raise InputFileError(replica_folder, "is the SAE itself; a replica is another seed's SAE on the same activations")
-    measured = replication(sae, replica, comparison_vectors(store))
-    seed = (replica.config.training.get("options") or {}).get("seed")
-    return annotate_replication(document, measured, {"sha256": replica.weights_sha256, "seed": seed if isinstance(seed, int) else None})
+    return annotate_replication(document, replication(sae, replica, comparison_vectors(store)), replica_identity(replica))

@@ -474,7 +474,7 @@ def _replication(build: ReferenceBuild, sae, document: dict) -> dict:
     """Which latents the ``sae`` step's seed replica finds again (:func:`~SegLensLogic.alignment.replication.replication`
     on the store's held-out positions), with the count among live tumour-labelled latents, for the card and the
     shipped labels."""
-    from ..alignment.replication import comparison_vectors, replication
+    from ..alignment.replication import comparison_vectors, replica_identity, replication
     from ..experiments.sae_sweep import READABLE_CATEGORIES
     from ..sae import ActivationStore, BatchTopKSAE
 
@@ -483,8 +483,8 @@ def _replication(build: ReferenceBuild, sae, document: dict) -> dict:
     measured = replication(sae, replica, comparison_vectors(ActivationStore(out / outputs["store"])))
     flags = measured.pop("replicates")
     tumour = [int(e["id"]) for e in document["latents"] if e["category"] in READABLE_CATEGORIES and flags[int(e["id"])] is not None]
-    seed = (replica.config.training.get("options") or {}).get("seed")
-    return {**measured, "replicates": flags.tolist(), "replica_sha256": replica.weights_sha256, "replica_seed": seed,
+    identity = replica_identity(replica)
+    return {**measured, "replicates": flags.tolist(), "replica_sha256": identity["sha256"], "replica_seed": identity["seed"],
             "tumour_live": len(tumour), "tumour_replicating": sum(bool(flags[j]) for j in tumour)}  # fmt: skip
 
 

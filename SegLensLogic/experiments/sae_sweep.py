@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ..alignment.replication import comparison_vectors, live_latents, replication  # noqa: F401 (live_latents: re-exported)
+from ..alignment.replication import comparison_vectors, replication
 from ..sae.activations import ActivationStore
 from ..sae.model import BatchTopKSAE
 from ..sae.trainer import SAETrainingOptions, train_sae, train_sae_once
@@ -168,14 +168,15 @@ def readability(model, sae_pairs: Sequence[tuple], cohort, top_k: int = 16, log:
             categories.append({int(entry["id"]): entry["category"] for entry in document["latents"]})
             stability = stability if stability is not None else (document.get("stability") or {}).get("agreement")
         readable = [j for j, c in categories[0].items() if c in READABLE_CATEGORIES]
-        partner = align_saes(first, second).partner
+        alignment = align_saes(first, second)
+        partner = alignment.partner
         same = [j for j in readable if partner[j] >= 0 and categories[1].get(int(partner[j])) == categories[0][j]]
         row = {"tumour_latents": len(readable),
                "tumour_latents_seed1": sum(c in READABLE_CATEGORIES for c in categories[1].values()),
                "label_agreement": len(same) / len(readable) if readable else 0.0,
                "label_stability": stability}  # fmt: skip
         if vectors is not None:
-            flags = replication(first, second, vectors)["replicates"]
+            flags = replication(first, second, vectors, alignment=alignment)["replicates"]
             row["tumour_replicating"] = sum(bool(flags[j]) for j in readable)
         rows.append(row)
         log(f"  k {first.config.k}, expansion {first.config.expansion}: {row['tumour_latents']} tumour latents (seed 1: {row['tumour_latents_seed1']}), "
