@@ -58,20 +58,17 @@ def label_mass(model, sae, labels, cohort: Iterable, batch_size: int | None = No
         if not tumour:
             break
         codes = encode_volume(model, sae, prepared, batch_size=batch_size)
-        truth = prepared.to_input_grid(prepared.label)
-        brain = prepared.to_input_grid(prepared.brain_mask)
-        class_voxels += np.bincount(truth[brain].astype(np.int64), minlength=len(names))[: len(names)]
+        # Every latent's heatmap mass per class at once (exactly the sums over codes.heatmap(j)).
+        mass = codes.heatmap_mass(prepared.label.astype(np.int64), len(names))
+        brain = prepared.brain_mask
+        class_voxels += np.bincount(prepared.label[brain].astype(np.int64), minlength=len(names))[: len(names)]
         brain_voxels += int(brain.sum())
         for j, category in tumour.items():
             if category not in names:
                 continue
-            heat = codes.heatmap(j)
-            mass = float(heat.sum())
-            if mass <= 0:
-                continue
-            total[j] += mass
-            inside[j] += float(heat[truth == names.index(category)].sum())
-            in_tumour[j] += float(heat[truth > 0].sum())
+            total[j] += mass[j, -1]
+            inside[j] += mass[j, names.index(category)]
+            in_tumour[j] += mass[j, 1:-1].sum()  # any labelled voxel
         cases += 1
         case_ids.append(prepared.source.case_id)
         if log:

@@ -97,6 +97,38 @@ class VolumeCodes:
         volume[:, :, self.slices] = maps.transpose(1, 2, 0)
         return prepared.to_input_grid(volume)
 
+    def heatmap_mass(self, regions: np.ndarray, num_regions: int, chunk: int = 32) -> np.ndarray:
+        """Every latent's heatmap mass on each region of a label map: ``(d_sae, num_regions + 1)`` float64, column
+        ``r`` the sum of :meth:`heatmap` over voxels labelled ``r``, the last column the heatmap's whole sum.
+
+        Exact and without drawing any heatmap: a heatmap is linear in the feature-grid values (bilinear upsampling,
+        slice resizing, un-padding, reorientation), so a region's mass is each position's value times the region's
+        weight for that position, the adjoint of the upsampling applied to the region's indicator.
+
+        Args:
+            regions: ``(X, Y, Z)`` integer labels in RAS order (the prepared case's grid, e.g. ``prepared.label``).
+            num_regions: labels ``0 .. num_regions - 1`` are counted; others only in the whole sum.
+        """
+        prepared = self.prepared
+        if regions.shape != prepared.brain_mask.shape:
+            raise ValueError(f"regions of shape {regions.shape} are not on the case's RAS grid {prepared.brain_mask.shape}")
+        per_slice = self.grid[0] * self.grid[1]
+        weights = np.zeros((num_regions + 1, self.num_positions))
+        size = prepared.geometry.size
+        for start in range(0, len(self.slices), chunk):
+            part = self.slices[start : start + chunk]
+            grid = torch.zeros(len(part), 1, *self.grid, requires_grad=True)
+            with torch.enable_grad():
+                maps = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)
+                maps = prepared.geometry.from_model(maps)[:, 0]  # (s, X, Y)
+                labels = torch.from_numpy(np.ascontiguousarray(regions[:, :, part].transpose(2, 0, 1)))
+                targets = [maps[labels == r].sum() for r in range(num_regions)] + [maps.sum()]
+                for r, target in enumerate(targets):
+                    (weight,) = torch.autograd.grad(target, grid, retain_graph=r < num_regions)
+                    weights[r, start * per_slice : (start + len(part)) * per_slice] = weight.reshape(-1).numpy()
+        at = self.positions_of()
+        return np.stack([np.bincount(self.latents, weights=self.values * w[at], minlength=self.d_sae) for w in weights], axis=1)
+
     def region_weights(self, region: np.ndarray | None = None, slice_range: tuple[int, int] | None = None) -> np.ndarray:
         """Weight in [0, 1] of every position for a region: ``(P,)``.
 

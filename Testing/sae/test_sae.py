@@ -893,6 +893,19 @@ def test_encode_volume_heatmaps_and_top_latents_on_real_case(real, real_sae):
     assert abs(x_max - (r_max + 0.5) * patch) <= patch / 4 and abs(y_max - (c_max + 0.5) * patch) <= patch / 4
     assert heat_ras.max() <= latent_map.max() * (1 + 1e-5)
 
+    # Every latent's heatmap mass per label region at once equals its heatmap's own sums (the map is linear).
+    regions = prepared.label.astype(np.int64)
+    mass = codes.heatmap_mass(regions, 4, chunk=7)  # chunks that do not divide the slices
+    assert mass.shape == (codes.d_sae, 5)
+    for latent in [j, *candidates[:2]]:
+        ras = prepared.orientation.apply(codes.heatmap(latent)).astype(np.float64)
+        expected = [ras[regions == r].sum() for r in range(4)] + [ras.sum()]
+        assert mass[latent] == pytest.approx(expected, rel=1e-4, abs=1e-3)
+    silent = np.setdiff1d(np.arange(codes.d_sae), codes.latents)
+    assert not mass[silent].any()
+    with pytest.raises(ValueError, match="RAS grid"):
+        codes.heatmap_mass(regions[:-1], 4)
+
     # Top latents: over the whole volume the totals are the latent maps' sums; over the tumour, sorted and smaller.
     overall = codes.top_latents(5)
     assert [t for _, t in overall] == sorted((t for _, t in overall), reverse=True)
