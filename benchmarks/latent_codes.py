@@ -203,6 +203,22 @@ def main(argv: list[str] | None = None) -> int:
         heatmap = codes.heatmap(latent)
         heatmap_times.append(time.perf_counter() - t0)
 
+    # Heatmap mass per label class of every fired latent (what label_mass needs): one VolumeCodes.heatmap_mass
+    # call against the per-latent loop over heatmaps (label_mass's former way), timed on --heatmaps latents.
+    regions = prepared.label.astype(np.int64)
+    t0 = time.perf_counter()
+    mass = codes.heatmap_mass(regions, len(CLASS_NAMES))
+    mass_s = time.perf_counter() - t0
+    loop_times, mass_diff = [], 0.0
+    for latent in latents[1:] or latents[:1]:
+        t0 = time.perf_counter()
+        heat_ras = prepared.orientation.apply(codes.heatmap(latent)).astype(np.float64)
+        by_class = [heat_ras[regions == c].sum() for c in range(len(CLASS_NAMES))] + [heat_ras.sum()]
+        loop_times.append(time.perf_counter() - t0)
+        mass_diff = max(mass_diff, float(np.max(np.abs(mass[latent] - by_class)) / max(heat_ras.sum(), 1e-12)))
+    fired = int(len(np.unique(codes.latents)))
+    loop_per_latent = statistics.median(loop_times)
+
     l0 = np.diff(codes.offsets)
     positions = codes.num_positions
     sparse_b, dense_b = codes.nbytes, codes.dense_nbytes
@@ -219,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         "dense_float32_bytes": dense_b, "sparse_over_dense": sparse_b / dense_b,
         "seconds": {"read_and_prepare": prepare_s, "activations_for_threshold": activations_s, "estimate_threshold": threshold_s,
                     "encode_volume": encode_s, "heatmap_median": statistics.median(heatmap_times),
-                    "heatmap_all": heatmap_times},
+                    "heatmap_all": heatmap_times, "heatmap_mass_all_latents": mass_s,
+                    "class_mass_per_latent_loop_median": loop_per_latent},
+        "fired_latents": fired, "class_mass_loop_estimate_s": fired * loop_per_latent,
+        "class_mass_speedup": fired * loop_per_latent / mass_s, "class_mass_max_relative_diff": mass_diff,
         "heatmap_latents": latents[1:] or latents[:1], "heatmap_shape": list(heatmap.shape),
         "encode_volume_peak_rss_growth_bytes": rss.growth, "peak_rss_method": rss.method,
         "activation_pass_peak_rss_growth_bytes": rss_activations.growth,
@@ -258,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| `encode_volume` (U-Net forward + SAE, {r['brain_slices']} slices) | {s['encode_volume']:.2f} s |")
     print(f"| one heatmap on the input grid (`VolumeCodes.heatmap`, {shape}), median of {len(heatmap_times)} | "
           f"**{1000 * s['heatmap_median']:.0f} ms** (min {1000 * min(heatmap_times):.0f}, max {1000 * max(heatmap_times):.0f}) |")
+    print(f"| class mass of all {fired} fired latents, per-latent heatmaps (former `label_mass`): {len(loop_times)} timed, "
+          f"median x {fired} | {loop_per_latent * fired:.2f} s |")
+    print(f"| the same with one `VolumeCodes.heatmap_mass` call | **{mass_s:.2f} s** "
+          f"(**{r['class_mass_speedup']:.0f}x**; largest difference {mass_diff:.1e} of a heatmap's mass) |")
     print()
     print(f"Peak resident memory growth during `encode_volume`: {rss.growth / MB:.0f} MB ({rss.method}{rss_note}); it "
           "includes the U-Net forward passes and one batch's dense pre-activations "
