@@ -10,7 +10,10 @@ labelled with a tumour class, on each case of a held-out cohort:
 - ``in_tumour``: the share on any tumour voxel.
 
 Shares pool every case (mass over mass). ``chance`` is the share of the brain each class takes in the same cases:
-what a latent firing evenly over the brain would score. Where the top-K rule and this measure disagree, the whole
+what a latent firing evenly over the brain would score. ``ideal`` is the other end: the share an ideal latent would
+reach, one whose value on each feature-grid cell is the share of the cell inside the class, upsampled as the
+heatmaps are. A coarse grid blurs every heatmap across class borders, so no latent of that hook can beat it
+(docs/measurements/label-resolution.md). Where the top-K rule and this measure disagree, the whole
 volume is what the panel shows, so it is what a user should trust; the top-K share is kept beside it
 (``top_slices``: the labeller's own ``p_<class>``).
 """
@@ -42,12 +45,13 @@ def label_mass(model, sae, labels, cohort: Iterable, batch_size: int | None = No
     Returns:
         ``{"cases", "case_ids", "chance": {class: share of brain}, "latents": [{"id", "category", "in_class", "in_tumour",
         "top_slices"}], "by_category": {category: {"latents", "in_class", "in_tumour"}}, "mean_in_class",
-        "mean_in_tumour", "holding": latents with in_class >= HOLDS_AT, "holds_at"}`` (means over latents that
-        fired on the cases).
+        "mean_in_tumour", "holding": latents with in_class >= HOLDS_AT, "holds_at", "ideal": {class: an ideal latent's
+        share at this grid}}`` (means over latents that fired on the cases).
     """
     tumour = {j: labels.category(j) for j in range(sae.d_sae) if labels.category(j) in TUMOUR_CATEGORIES}
     inside, in_tumour, total = (np.zeros(sae.d_sae) for _ in range(3))
     class_voxels, brain_voxels, cases, class_names, case_ids = None, 0, 0, None, []
+    ideal: dict[str, np.ndarray] = {}
     for case in cohort:
         prepared = prepare_for_model(model, case)
         if prepared.label is None or prepared.source.label_scheme is None:
@@ -69,6 +73,9 @@ def label_mass(model, sae, labels, cohort: Iterable, batch_size: int | None = No
             total[j] += mass[j, -1]
             inside[j] += mass[j, names.index(category)]
             in_tumour[j] += mass[j, 1:-1].sum()  # any labelled voxel
+        for c, name in enumerate(names):
+            if name in TUMOUR_CATEGORIES:
+                ideal[name] = ideal.get(name, np.zeros(2)) + ideal_latent_mass(prepared, prepared.label == c, codes.slices, codes.grid)
         cases += 1
         case_ids.append(prepared.source.case_id)
         if log:
@@ -99,8 +106,26 @@ def label_mass(model, sae, labels, cohort: Iterable, batch_size: int | None = No
         "mean_in_class": float(np.mean([r["in_class"] for r in rows])) if rows else None,
         "mean_in_tumour": float(np.mean([r["in_tumour"] for r in rows])) if rows else None,
         "holding": int(sum(r["in_class"] >= HOLDS_AT for r in rows)),
+        "ideal": {name: float(inside / total) for name, (inside, total) in ideal.items() if total > 0},
         "holds_at": HOLDS_AT,
     }
+
+
+def ideal_latent_mass(prepared, region: np.ndarray, slices: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """``[inside, total]`` heatmap mass of an ideal latent for ``region`` (``(X, Y, Z)`` bool, RAS) on the axial
+    ``slices`` of a feature ``grid``: its value on each cell is the share of the cell inside the region (as
+    extraction weighs positions), its heatmap drawn as :meth:`~SegLensLogic.sae.codes.VolumeCodes.heatmap` draws one."""
+    import torch.nn.functional as F
+
+    from ..sae.activations import mask_fraction_on_grid
+
+    if len(slices) == 0 or not region[:, :, slices].any():
+        return np.zeros(2)
+    size = prepared.geometry.size
+    cells = mask_fraction_on_grid(region, prepared.geometry, slices, grid)[:, None]
+    heat = prepared.geometry.from_model(F.interpolate(cells, size=(size, size), mode="bilinear", align_corners=False))[:, 0].numpy()
+    inside = region[:, :, slices].transpose(2, 0, 1)
+    return np.array([float(heat[inside].sum()), float(heat.sum())])
 
 
 def annotate_labels(document: dict, measured: dict) -> dict:
@@ -113,7 +138,8 @@ def annotate_labels(document: dict, measured: dict) -> dict:
     out = copy.deepcopy(document)
     rows = {int(row["id"]): row for row in measured.get("latents", [])}
     out["held_out"] = {"cases": int(measured["cases"]), "case_ids": list(measured.get("case_ids", [])),
-                       "holds_at": float(measured["holds_at"]), "chance": dict(measured.get("chance", {}))}  # fmt: skip
+                       "holds_at": float(measured["holds_at"]), "chance": dict(measured.get("chance", {})),
+                       **({"ideal": dict(measured["ideal"])} if measured.get("ideal") else {})}  # fmt: skip
     for entry in out["latents"]:
         entry.pop("held_out", None)
         row = rows.get(int(entry["id"]))

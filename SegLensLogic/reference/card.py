@@ -378,14 +378,22 @@ def _label_mass_lines(measured: dict | None) -> list[str]:
     """Whether the tumour labels hold on the test cases (:func:`~SegLensLogic.interpretation.label_mass.label_mass`)."""
     if not measured or not measured.get("latents"):
         return []
-    by_category = "; ".join(f"{c} {v['in_class']:.0%} over {v['latents']} latent(s) (chance {measured['chance'].get(c, 0.0):.1%})"
-                            for c, v in measured["by_category"].items())  # fmt: skip
+    ideal = measured.get("ideal") or {}
+
+    def bounds(c: str) -> str:  # what a latent firing evenly scores, and the most any latent of this grid can
+        return f"chance {measured['chance'].get(c, 0.0):.1%}" + (f", an ideal latent at this grid {ideal[c]:.0%}" if c in ideal else "")
+
+    by_category = "; ".join(f"{c} {v['in_class']:.0%} over {v['latents']} latent(s) ({bounds(c)})" for c, v in measured["by_category"].items())
     return [
         f"- Do the labels hold on the {measured['cases']} test cases? Share of a tumour-labelled latent's whole-volume heatmap "
         f"(what the panel shows) inside its class: mean {measured['mean_in_class']:.0%} (goal >= {measured['holds_at']:.0%}; "
         f"{measured['holding']} of {measured['fired']} latents reach it), inside any tumour {measured['mean_in_tumour']:.0%}; "
         f"{by_category}. Where the labeller's top-slice share and this measure disagree, trust this one: it is what a "
         "heatmap layer shows on a new case." + _reading_guide(measured),
+        *([] if not ideal else [
+            "- An ideal latent is one whose value on each feature-grid cell is the share of the cell inside the class: "
+            "upsampled like any heatmap, it is the most a latent of this hook can put inside the class, because the "
+            "grid blurs every heatmap across class borders (docs/measurements/label-resolution.md)."]),
     ]
 
 

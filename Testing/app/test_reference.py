@@ -106,6 +106,10 @@ def test_tiny_rebuild_writes_a_bundle_whose_card_is_the_builds_measurement(tiny_
     shipped = bundle.load_labels()
     assert shipped.data["held_out"]["case_ids"] == measured["case_ids"] == state["steps"]["split"]["outputs"]["test"]
     assert all(shipped.held_out(row["id"])["in_class"] == pytest.approx(row["in_class"], abs=1e-4) for row in measured["latents"])
+    # the grid's bound (an ideal latent's share per class) is measured beside them, and above chance
+    assert set(measured["ideal"]) <= set(measured["chance"]) and measured["ideal"]
+    assert all(measured["chance"][c] < share <= 1.0 for c, share in measured["ideal"].items())
+    assert shipped.data["held_out"]["ideal"] == measured["ideal"]
     # which latents the seed replica finds again: measured once, on the card and in the labels (the "Other seed" column)
     replicated = state["steps"]["interpret"]["outputs"]["replication"]
     assert shipped.data["replica"]["live_shared"] == pytest.approx(replicated["live_shared"], abs=1e-4) and replicated["live"] > 0
@@ -374,6 +378,12 @@ def test_card_says_which_labels_to_read_as_named_and_which_as_tumour():
                          "necrotic core (under 40% in class, at least half inside tumour).")  # fmt: skip
     assert "enhancing tumour (" not in line.split("Read as")[1]
     assert _label_mass_lines(measured(edema=(0.1, 0.2)))[0].endswith("heatmap layer shows on a new case.")
+    # The grid's own bound beside each class, when measured: what an ideal latent of this hook reaches.
+    with_ideal = {**measured(edema=(0.3, 0.6)), "chance": {"edema": 0.05}, "ideal": {"edema": 0.61}}
+    lines = _label_mass_lines(with_ideal)
+    assert "edema 30% over 3 latent(s) (chance 5.0%, an ideal latent at this grid 61%)" in lines[0]
+    assert len(lines) == 2 and "most a latent of this hook can put inside the class" in lines[1]
+    assert len(_label_mass_lines(measured(edema=(0.3, 0.6)))) == 1
 
 
 def test_a_resumed_build_reuses_its_activation_store_only_when_it_is_the_same(real_pipeline, tmp_path, monkeypatch):

@@ -297,6 +297,8 @@ def test_label_mass_on_held_out_cases(real_pipeline, interpreted):
         assert 0.0 <= row["in_class"] <= row["in_tumour"] <= 1.0 and labels.category(row["id"]) == row["category"]
         assert row["top_slices"] == labels.entry(row["id"])["metrics"][f"p_{row['category']}"]
     assert measured["holding"] == sum(r["in_class"] >= measured["holds_at"] for r in measured["latents"])
+    # An ideal latent (each cell's share of the class, upsampled as heatmaps are) beats chance and stays below 1.
+    assert measured["ideal"] and all(measured["chance"][c] < share < 1.0 for c, share in measured["ideal"].items())
     first = measured["latents"][0]
     inside = total = 0.0
     for case in held_out:
@@ -306,6 +308,17 @@ def test_label_mass_on_held_out_cases(real_pipeline, interpreted):
         inside += heat[truth == TUMOUR_CLASSES.index(first["category"])].sum()
         total += heat.sum()
     assert first["in_class"] == pytest.approx(inside / total, rel=1e-5)
+    # The ideal latent: a region covering every voxel keeps all of its mass, an empty one has none, and a class's
+    # share falls as its grid coarsens (the same heatmap drawing as the panel's).
+    from SegLensLogic.interpretation.label_mass import ideal_latent_mass
+
+    slices = prepared.brain_slices()
+    everything = ideal_latent_mass(prepared, np.ones_like(prepared.brain_mask), slices, (16, 16))
+    assert everything[1] > 0 and everything[0] == pytest.approx(everything[1], rel=1e-6)
+    assert not ideal_latent_mass(prepared, np.zeros_like(prepared.brain_mask), slices, (16, 16)).any()
+    edema = prepared.label == TUMOUR_CLASSES.index("edema")
+    shares = [np.divide(*ideal_latent_mass(prepared, edema, slices, (g, g))) for g in (8, 16, 32)]
+    assert shares == sorted(shares) and 0 < shares[0] < shares[-1] < 1
     assert measured["case_ids"] == [case.case_id for case in held_out]
 
     # A bundle's labels carry the measure: each measured latent's shares, the cases, the bar; others none.
@@ -317,6 +330,7 @@ def test_label_mass_on_held_out_cases(real_pipeline, interpreted):
     (out / "annotated.json").write_text(json.dumps(annotated))
     again = load_latent_labels(out / "annotated.json")
     assert again.data["held_out"]["case_ids"] == measured["case_ids"] and again.data["held_out"]["holds_at"] == 0.4
+    assert again.data["held_out"]["ideal"] == measured["ideal"]
     for row in measured["latents"]:
         assert again.held_out(row["id"])["in_class"] == pytest.approx(row["in_class"], abs=1e-4)
     unmeasured = [j for j in range(real_pipeline.sae.d_sae) if j not in {r["id"] for r in measured["latents"]}]
