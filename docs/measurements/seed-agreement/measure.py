@@ -23,6 +23,7 @@ SAE's options except what the recipe changes:
     python docs/measurements/seed-agreement/measure.py readability --work /tmp/arch         # labels both seeds
     python docs/measurements/seed-agreement/measure.py hold --work /tmp/arch                # labels on the test cases
     python docs/measurements/seed-agreement/measure.py report --work /tmp/arch              # writes results.md here
+    python docs/measurements/seed-agreement/measure.py floor --work /tmp/arch               # plain seeds 0-5: floor.md
 
 Each training runs on one PyTorch thread; the store's held-out positions decide which latents are live
 (:func:`SegLensLogic.alignment.replication.comparison_vectors`).
@@ -309,6 +310,48 @@ def report(work: Path) -> None:
     print("\n".join(lines))
 
 
+def floor(work: Path) -> None:
+    """How noisy is the seed floor? Every ordered pair of the plain recipe's seeds (``plain-seedN`` in WORK): the
+    share of one seed's live latents the other finds again, on the same held-out positions. Writes ``floor.md``."""
+    import itertools
+
+    from SegLensLogic.alignment.replication import comparison_vectors, replication
+    from SegLensLogic.sae import ActivationStore, BatchTopKSAE
+
+    vectors = comparison_vectors(ActivationStore(work / "store"))
+    seeds = sorted(int(p.name.rsplit("seed", 1)[1]) for p in work.glob("plain-seed*") if (p / "sae.safetensors").is_file())
+    saes = {seed: BatchTopKSAE.load(work / f"plain-seed{seed}") for seed in seeds}
+    pairs = {(a, b): replication(saes[a], saes[b], vectors) for a, b in itertools.permutations(seeds, 2)}
+    shares = np.array([m["live_shared"] for m in pairs.values()])
+    # Unordered pairs share their matching, so the interval resamples seeds, not pairs: a bootstrap over seeds.
+    rng = np.random.default_rng(0)
+    boot = []
+    for _ in range(2000):
+        pick = rng.choice(seeds, size=len(seeds), replace=True)
+        values = [pairs[(a, b)]["live_shared"] for a, b in itertools.permutations(pick, 2) if a != b]
+        if values:
+            boot.append(np.mean(values))
+    low, high = np.percentile(boot, [2.5, 97.5])
+    population = json.loads((BUNDLE / "bundle.json").read_text())["figures"]["populations"]
+    lines = ["# The seed floor, over several seeds (written by measure.py floor)", "",
+             f"Plain recipe (the shipped U-Net SAE's options), seeds {', '.join(map(str, seeds))}; every ordered pair: the share of "
+             "the first seed's live latents that the second finds again by the diffing rule (tau 0.8), on the store's "
+             "held-out positions.", "",
+             "| seed | " + " | ".join(f"vs {b}" for b in seeds) + " |", "|---|" + "---|" * len(seeds)]  # fmt: skip
+    for a in seeds:
+        lines.append(f"| {a} (live {pairs[(a, seeds[1] if a == seeds[0] else seeds[0])]['live']}) | "
+                     + " | ".join("" if a == b else f"{pairs[(a, b)]['live_shared']:.3f}" for b in seeds) + " |")
+    lines += ["", f"- {len(shares)} ordered pairs: mean {shares.mean():.3f}, standard deviation {shares.std(ddof=1):.3f}, "
+              f"range {shares.min():.3f} to {shares.max():.3f}; 95 % bootstrap interval of the mean over seeds "
+              f"[{low:.3f}, {high:.3f}].",
+              "- The shipped card's population comparisons against it (live_shared): "
+              + ", ".join(f"{name} {row['live_shared']:.3f}" for name, row in population.items())
+              + f"; below the lowest seed pair ({shares.min():.3f}): "
+              + (", ".join(name for name, row in population.items() if row["live_shared"] < shares.min()) or "none") + "."]  # fmt: skip
+    (HERE / "floor.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
 def _hold_cell(row: dict | None) -> str:
     if row is None or row["mean_in_class"] is None:
         return " |"
@@ -324,7 +367,7 @@ def _readability_cells(row: dict | None) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("store", "train", "readability", "hold", "report"))
+    parser.add_argument("action", choices=("store", "train", "readability", "hold", "report", "floor"))
     parser.add_argument("recipe", nargs="?", help=f"one of {', '.join(RECIPES)} (readability: a comma-separated list, default all)")
     parser.add_argument("seed", nargs="?", type=int)
     parser.add_argument("--data", type=Path, default=HERE.parents[3] / "shared" / "data")
@@ -339,6 +382,8 @@ def main() -> int:
         train(args.recipe, args.seed, args.work)
     elif args.action in ("readability", "hold"):
         (readability if args.action == "readability" else hold)(args.work, args.data, args.recipe.split(",") if args.recipe else list(RECIPES))
+    elif args.action == "floor":
+        floor(args.work)
     else:
         report(args.work)
     return 0
