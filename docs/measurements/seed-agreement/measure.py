@@ -348,6 +348,28 @@ def floor(work: Path) -> None:
               + ", ".join(f"{name} {row['live_shared']:.3f}" for name, row in population.items())
               + f"; below the lowest seed pair ({shares.min():.3f}): "
               + (", ".join(name for name, row in population.items() if row["live_shared"] < shares.min()) or "none") + "."]  # fmt: skip
+    # Seed 0 against every other seed, latent by latent: how many other seeds find each live latent again. Seed 0 is
+    # the shipped SAE (same options, same store; its hash is checked), so its shipped labels say which are tumour.
+    first, others = seeds[0], seeds[1:]
+    flags = np.array([pairs[(first, b)]["replicates"] for b in others]).T  # (d_sae, others): True/False, None if dead
+    live = np.array([flag is not None for flag in flags[:, 0]])
+    found = np.array([sum(bool(f) for f in row) for row in flags])
+    from SegLensLogic.experiments.sae_sweep import READABLE_CATEGORIES
+    from SegLensLogic.storage import file_sha256
+
+    groups = {"live latents": live}
+    if file_sha256(work / f"plain-seed{first}" / "sae.safetensors") == file_sha256(BUNDLE / "sae" / "sae.safetensors"):
+        labels = json.loads((BUNDLE / "latents.json").read_text())
+        tumour = np.zeros(len(live), dtype=bool)
+        tumour[[e["id"] for e in labels["latents"] if e["category"] in READABLE_CATEGORIES]] = True
+        groups["tumour-labelled, boundary included (shipped labels)"] = live & tumour
+        lines += ["", f"Seed {first} is the shipped U-Net SAE (the same weights, by hash)."]
+    lines += ["", f"How many of the {len(others)} other seeds find each of seed {first}'s latents again:", "",
+              "| latents | " + " | ".join(f"{n}" for n in range(len(others) + 1)) + " | found by at least one |",
+              "|---|" + "---|" * (len(others) + 2)]  # fmt: skip
+    for name, mask in groups.items():
+        counts = np.bincount(found[mask], minlength=len(others) + 1)
+        lines.append(f"| {name} ({int(mask.sum())}) | " + " | ".join(str(c) for c in counts) + f" | {int((found[mask] > 0).sum())} |")
     (HERE / "floor.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
