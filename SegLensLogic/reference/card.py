@@ -347,13 +347,29 @@ def _populations_section(populations: dict) -> list[str]:
         f"between two seeds on the same data ({populations['floors']['seed']:.2f}) and between this SAE and one trained on 80 % "
         f"of the positions ({populations['floors']['resample']:.2f}).",
         "",
-        _table([{"population": n, **r} for n, r in populations["populations"].items()], ["population", "live_shared", "shared_fraction"]),
+        _table([{"population": n, **r, "vs floors": _against_floors(r["live_shared"], populations["floors"])}
+                for n, r in populations["populations"].items()], ["population", "live_shared", "shared_fraction", "vs floors"]),  # fmt: skip
+        "",
+        "- 'vs floors': a population whose share falls between the floors is no further from this SAE than a retrained SAE "
+        "on the same data, so its 'population-specific' latents cannot be told apart from training noise; only one below "
+        "both floors differs by more. The floors themselves vary from seed to seed (docs/measurements/seed-agreement.md).",
         "",
         "- brats2013: the 3 BraTS 2013 cases (another site and protocol). ssa: SSA-like degraded copies of the training cases "
         "(`seglens degrade --preset ssa`: low SNR, bias field, thick slices). pediatric: synthetic pediatric phantoms (no real "
         "pediatric case is available here), labelled as synthetic.",
         "",
     ]
+
+
+def _against_floors(shared: float, floors: dict) -> str:
+    """Where a population's shared share lies against the seed and resampling floors (the lower the share, the more
+    the population's SAE differs from this one)."""
+    low, high = sorted((floors["seed"], floors["resample"]))
+    if shared < low:
+        return "below both floors"
+    if shared < high:
+        return "between the floors"
+    return "at or above both floors"
 
 
 def _steering_section(s, repair: dict) -> list[str]:

@@ -364,6 +364,20 @@ def test_card_states_the_steering_goals_from_the_arms_table():
     assert "below the goal" in steering_verdict(rows)[0]
 
 
+def test_card_places_each_population_against_the_floors():
+    """A population sharing less than both floors differs from the reference by more than retraining does; one between
+    them does not; the column says which, row by row."""
+    from SegLensLogic.reference.card import _populations_section
+
+    floors = {"seed": 0.117, "resample": 0.067}
+    populations = {"floors": floors, "populations": {"brats2013": {"live_shared": 0.013, "shared_fraction": 0.012},
+                                                     "ssa": {"live_shared": 0.092, "shared_fraction": 0.086},
+                                                     "same": {"live_shared": 0.2, "shared_fraction": 0.19}}}  # fmt: skip
+    lines = "\n".join(_populations_section(populations)).splitlines()
+    rows = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in lines if line.startswith("| ")}
+    assert rows["brats2013"] == "below both floors" and rows["ssa"] == "between the floors" and rows["same"] == "at or above both floors"
+
+
 def test_card_says_which_labels_to_read_as_named_and_which_as_tumour():
     """From the measured hold per class: classes at the goal read as named, those under it but mostly inside tumour
     read as "fires on tumour", the rest are not listed; nothing is listed when no class qualifies."""
