@@ -115,15 +115,12 @@ def ideal_latent_mass(prepared, region: np.ndarray, slices: np.ndarray, grid: tu
     """``[inside, total]`` heatmap mass of an ideal latent for ``region`` (``(X, Y, Z)`` bool, RAS) on the axial
     ``slices`` of a feature ``grid``: its value on each cell is the share of the cell inside the region (as
     extraction weighs positions), its heatmap drawn as :meth:`~SegLensLogic.sae.codes.VolumeCodes.heatmap` draws one."""
-    import torch.nn.functional as F
-
     from ..sae.activations import mask_fraction_on_grid
+    from ..sae.codes import upsample_to_slices
 
     if len(slices) == 0 or not region[:, :, slices].any():
         return np.zeros(2)
-    size = prepared.geometry.size
-    cells = mask_fraction_on_grid(region, prepared.geometry, slices, grid)[:, None]
-    heat = prepared.geometry.from_model(F.interpolate(cells, size=(size, size), mode="bilinear", align_corners=False))[:, 0].numpy()
+    heat = upsample_to_slices(mask_fraction_on_grid(region, prepared.geometry, slices, grid), prepared.geometry).numpy()
     inside = region[:, :, slices].transpose(2, 0, 1)
     return np.array([float(heat[inside].sum()), float(heat.sum())])
 

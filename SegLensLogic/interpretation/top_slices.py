@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data.cohort import Cohort
 from ..errors import InputFileError, SegLensError
 from ..segmentation.inference import prepare_for_model
 from ..networks.segmenter import Segmenter
 from ..sae.activations import brain_fraction_on_grid
-from ..sae.codes import VolumeCodes, encode_volume
+from ..sae.codes import VolumeCodes, encode_volume, upsample_to_slices
 from ..sae.model import BatchTopKSAE
 from .labeller import LabellingRules, LatentLabel, label_latent
 from .heatmap_metrics import MetricOptions, metric_names, slice_context, slice_metrics
@@ -159,9 +158,7 @@ def slice_heatmaps(codes: VolumeCodes, slice_number: int, latents: np.ndarray) -
 def upsample(grid_maps: np.ndarray, geometry) -> np.ndarray:
     """Feature-grid maps ``(L, h, w)`` -> heatmaps ``(L, X, Y)`` on the slice: bilinear to the model size, then
     the slice geometry's inverse (resize, un-pad)."""
-    maps = torch.from_numpy(np.ascontiguousarray(grid_maps, dtype=np.float32))[:, None]
-    maps = F.interpolate(maps, size=(geometry.size, geometry.size), mode="bilinear", align_corners=False)
-    return geometry.from_model(maps)[:, 0].numpy()
+    return upsample_to_slices(torch.from_numpy(np.ascontiguousarray(grid_maps, dtype=np.float32)), geometry).numpy()
 
 
 SCORES = ("sum", "max")

@@ -89,10 +89,7 @@ class VolumeCodes:
         inverse (resize, un-pad) and the reorientation, exactly like the segmentation.
         """
         prepared = self.prepared
-        maps = torch.from_numpy(self.latent_map(latent))[:, None]
-        size = prepared.geometry.size
-        maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
-        maps = prepared.geometry.from_model(maps)[:, 0].numpy()  # (S, X, Y)
+        maps = upsample_to_slices(torch.from_numpy(self.latent_map(latent)), prepared.geometry).numpy()  # (S, X, Y)
         volume = np.zeros(prepared.brain_mask.shape, dtype=np.float32)
         volume[:, :, self.slices] = maps.transpose(1, 2, 0)
         return prepared.to_input_grid(volume)
@@ -114,13 +111,11 @@ class VolumeCodes:
             raise ValueError(f"regions of shape {regions.shape} are not on the case's RAS grid {prepared.brain_mask.shape}")
         per_slice = self.grid[0] * self.grid[1]
         weights = np.zeros((num_regions + 1, self.num_positions))
-        size = prepared.geometry.size
         for start in range(0, len(self.slices), chunk):
             part = self.slices[start : start + chunk]
-            grid = torch.zeros(len(part), 1, *self.grid, requires_grad=True)
+            grid = torch.zeros(len(part), *self.grid, requires_grad=True)
             with torch.enable_grad():
-                maps = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)
-                maps = prepared.geometry.from_model(maps)[:, 0]  # (s, X, Y)
+                maps = upsample_to_slices(grid, prepared.geometry)  # (s, X, Y)
                 labels = torch.from_numpy(np.ascontiguousarray(regions[:, :, part].transpose(2, 0, 1)))
                 targets = [maps[labels == r].sum() for r in range(num_regions)] + [maps.sum()]
                 for r, target in enumerate(targets):
@@ -168,6 +163,13 @@ class VolumeCodes:
         rows = self.positions_of()[lo:hi] - start
         out[rows, self.latents[lo:hi]] = self.values[lo:hi]
         return out
+
+
+def upsample_to_slices(maps: torch.Tensor, geometry) -> torch.Tensor:
+    """Feature-grid maps ``(N, h, w)`` -> ``(N, X, Y)`` on their slices (RAS), as every heatmap is drawn: bilinear
+    to the model size, then the slice geometry's inverse (resize, un-pad). Linear in ``maps``."""
+    maps = F.interpolate(maps[:, None], size=(geometry.size, geometry.size), mode="bilinear", align_corners=False)
+    return geometry.from_model(maps)[:, 0]
 
 
 @torch.no_grad()
