@@ -298,7 +298,7 @@ def test_replica_comparison_is_added_to_a_finished_bundle(capsys, parts, bundle_
     assert (bundle / "latents.json").read_bytes() == before
     code, stdout, err = seglens(capsys, "bundle", "--add-to", bundle, "--replica", replica, "--store", store)
     assert code == 0, err
-    assert "another seed finds" in stdout and "all SHA-256 verified" in stdout
+    assert "that seed finds" in stdout and "all SHA-256 verified" in stdout
     labels = load_bundle(bundle).load_labels()
     assert labels.data["replica"]["sha256"] == sae_sha256(replica) and labels.data["replica"]["tau"] == 0.8
     assert labels.data["latents"][0]["category"] == "edema"  # the labels themselves are kept
@@ -307,5 +307,19 @@ def test_replica_comparison_is_added_to_a_finished_bundle(capsys, parts, bundle_
     assert_one_line_error(code, err, "latents.json", "already compared", "--overwrite")
     code, _, err = seglens(capsys, "bundle", "--add-to", bundle, "--replica", replica, "--store", store, "--overwrite")
     assert code == 0, err
+    # Several seeds: each live latent counts the replicas that find it; one listed twice is refused.
+    torch.manual_seed(2)
+    second = tmp_path / "replica2"
+    BatchTopKSAE(SAEConfig(d_in=32, expansion=4, k=8, threshold=0.5, hook_point="down_3")).save(second)
+    code, _, err = seglens(capsys, "bundle", "--add-to", bundle, "--replica", replica, "--replica", replica, "--store", store, "--overwrite")
+    assert_one_line_error(code, err, "replica", "same SAE as an earlier --replica")
+    code, stdout, err = seglens(capsys, "bundle", "--add-to", bundle, "--replica", replica, "--replica", second, "--store", store, "--overwrite")
+    assert code == 0, err
+    assert "how many of the 2 seeds find each latent" in stdout
+    labels = load_bundle(bundle).load_labels()
+    assert [r["sha256"] for r in labels.replicas()] == [sae_sha256(replica), sae_sha256(second)]
+    for j in (int(e["id"]) for e in labels.data["latents"]):  # counted exactly where the first replica compared it
+        flag, found = labels.replicates(j), labels.found_by(j)
+        assert (flag is None) == (found is None) and (found is None or int(flag) <= found <= 2)
     code, _, err = seglens(capsys, "bundle", "--replica", replica, "--store", store, "--model", model_dir)
     assert_one_line_error(code, err, "--replica", "--add-to")

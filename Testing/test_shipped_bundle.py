@@ -215,6 +215,14 @@ def test_the_labels_say_which_latents_another_seed_finds_again(bundle):
     compared = [f for f in flags if f is not None]
     assert len(compared) == replica["live"] and sum(compared) / len(compared) == pytest.approx(replica["live_shared"], abs=1e-4)
     assert all(labels.replicates(j) is None for j in labels.latents_in_category("dead"))
+    # Compared with several seeds (the U-Net: seeds 1 to 5): each live latent counts them, each seed's floor adds up.
+    replicas = labels.replicas()
+    assert replicas[0] == replica and len({r["sha256"] for r in replicas}) == len(replicas)
+    found = [labels.found_by(j) for j in range(bundle.manifest["sae"]["d_sae"])]
+    assert [f is None for f in found] == [f is None for f in flags]
+    assert all(int(flag) <= count <= len(replicas) for flag, count in zip(flags, found) if flag is not None)
+    if len(replicas) > 1:
+        assert sum(f for f in found if f is not None) / len(compared) == pytest.approx(sum(r["live_shared"] for r in replicas), abs=1e-3)
 
 
 def test_resources_stay_small_enough_to_ship():

@@ -2,8 +2,8 @@
 
 A row is a dict as ``SteeringSession.latent_table`` returns it: ``id``, ``label``, ``category``, ``holds`` (share of
 the heatmap inside the labelled class on held-out cases, shown as a percentage; empty where unmeasured),
-``replicates`` (whether an SAE trained from another seed finds the latent again: "yes" or "no"; empty where not
-compared), ``status``
+``replicates`` (whether an SAE trained from another seed finds the latent again: "yes" or "no"; with ``replicas``
+above 1, how many of the compared seeds find it: "3 of 5"; empty where not compared), ``status``
 (``universal`` / ``shared`` / ``specific``, None without alignments), ``shared_with`` (the partner populations a
 shared latent matches, from the bundle's alignment files), ``slice_activation``, ``volume_activation``.
 """
@@ -54,7 +54,8 @@ def cell_text(row: dict, column: str) -> str:
     if column == "holds":
         return f"{display_value(row, column)}"
     if column == "replicates":
-        return "yes" if value else "no"
+        compared = row.get("replicas") or 1
+        return ("yes" if value else "no") if compared == 1 else f"{int(value)} of {compared}"
     if isinstance(value, (list, tuple)):
         return ", ".join(str(v) for v in value)
     if isinstance(value, float):

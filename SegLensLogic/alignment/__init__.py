@@ -40,6 +40,7 @@ _EXPORTS = {
     "nearest": "matching",
     "sinkhorn": "matching",
     "annotate_replication": "replication",
+    "annotate_replicas": "replication",
     "comparison_vectors": "replication",
     "live_latents": "replication",
     "replication": "replication",

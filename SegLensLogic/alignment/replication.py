@@ -8,7 +8,9 @@ it, so a population-specific call on it says little; one that replicates is a fe
 
 ``live_shared`` (replicating latents over live latents) is the seed floor that the SAE sweep and the reference
 build report; :func:`annotate_replication` writes the per-latent flags into a labels document, for the panel's
-latent table.
+latent table. One replica is a noisy judge (two seeds share 8 to 17 % of live latents, depending on the pair), so a
+labels document may be compared with several (:func:`annotate_replicas`): each latent then says how many of them
+find it again.
 """
 
 from __future__ import annotations
@@ -88,26 +90,67 @@ def annotate_replication(document: dict, measured: dict, replica: dict) -> dict:
     return out
 
 
+def annotate_replicas(document: dict, measured: list[dict], replicas: list[dict]) -> dict:
+    """:func:`annotate_replication` with several replicas: the first is written as the one replica is (``replica``,
+    ``replicates``); with more than one, ``replicas`` at the top lists every replica's summary (as ``replica``) and
+    each live latent's entry gets ``found_by``, how many of them find it again.
+
+    Args:
+        measured: :func:`replication`'s result against each replica, in order.
+        replicas: what identifies each replica (:func:`replica_identity`).
+    """
+    if not measured or len(measured) != len(replicas):
+        raise ValueError(f"{len(measured)} comparison(s) for {len(replicas)} replica(s)")
+    shas = [r.get("sha256") for r in replicas]
+    if len(set(shas)) != len(shas):
+        raise ValueError("the same replica is listed twice")
+    out = annotate_replication(document, measured[0], replicas[0])
+    out.pop("replicas", None)
+    for entry in out["latents"]:
+        entry.pop("found_by", None)
+    if len(measured) == 1:
+        return out
+    out["replicas"] = [{**replica, "tau": m["tau"], "live": m["live"], "live_shared": round(float(m["live_shared"]), 4)}
+                       for m, replica in zip(measured, replicas)]  # fmt: skip
+    for entry in out["latents"]:
+        j = int(entry["id"])
+        flags = [m["replicates"][j] if j < len(m["replicates"]) else None for m in measured]
+        if flags[0] is not None:  # liveness is the SAE's own, the same against every replica
+            entry["found_by"] = int(sum(bool(f) for f in flags))
+    return out
+
+
 def replica_identity(replica) -> dict:
     """``{"sha256", "seed"}`` of a loaded replica SAE: its weights' hash and its training seed (None if unrecorded)."""
     seed = (replica.config.training.get("options") or {}).get("seed")
     return {"sha256": replica.weights_sha256, "seed": seed if isinstance(seed, int) else None}
 
 
-def replicate_labels(document: dict, sae, replica_folder, store) -> dict:
-    """``document`` (the labels of ``sae``) annotated with :func:`replication` against the SAE folder
-    ``replica_folder`` on ``store``'s :func:`comparison_vectors`.
+def replicate_labels(document: dict, sae, replica_folders, store) -> dict:
+    """``document`` (the labels of ``sae``) annotated with :func:`replication` against each SAE folder of
+    ``replica_folders`` (one folder or several) on ``store``'s :func:`comparison_vectors` (:func:`annotate_replicas`).
 
     Raises:
-        InputFileError: the replica folder is not an SAE, or reads other activations than ``sae``.
+        InputFileError: a replica folder is not an SAE, reads other activations than ``sae``, is ``sae`` itself, or
+            is listed twice.
     """
+    from pathlib import Path
+
     from ..errors import InputFileError
     from ..sae import BatchTopKSAE
 
-    replica = BatchTopKSAE.load(replica_folder)
-    if replica.config.d_in != sae.config.d_in or replica.config.hook_point != sae.config.hook_point:
-        raise InputFileError(replica_folder, f"the replica reads {replica.config.d_in} channels at '{replica.config.hook_point}', "
-                                             f"the SAE {sae.config.d_in} at '{sae.config.hook_point}': not the same activations")  # fmt: skip
-    if replica.weights_sha256 == getattr(sae, "weights_sha256", None):
-        raise InputFileError(replica_folder, "is the SAE itself; a replica is another seed's SAE on the same activations")
-    return annotate_replication(document, replication(sae, replica, comparison_vectors(store)), replica_identity(replica))
+    folders = [replica_folders] if isinstance(replica_folders, (str, Path)) else list(replica_folders)
+    vectors = comparison_vectors(store)
+    measured, identities = [], []
+    for folder in folders:
+        replica = BatchTopKSAE.load(folder)
+        if replica.config.d_in != sae.config.d_in or replica.config.hook_point != sae.config.hook_point:
+            raise InputFileError(folder, f"the replica reads {replica.config.d_in} channels at '{replica.config.hook_point}', "
+                                         f"the SAE {sae.config.d_in} at '{sae.config.hook_point}': not the same activations")  # fmt: skip
+        if replica.weights_sha256 == getattr(sae, "weights_sha256", None):
+            raise InputFileError(folder, "is the SAE itself; a replica is another seed's SAE on the same activations")
+        if replica.weights_sha256 in {i["sha256"] for i in identities}:
+            raise InputFileError(folder, "is the same SAE as an earlier --replica (same weights)")
+        measured.append(replication(sae, replica, vectors))
+        identities.append(replica_identity(replica))
+    return annotate_replicas(document, measured, identities)

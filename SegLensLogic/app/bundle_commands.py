@@ -50,9 +50,10 @@ def _add_replica(args) -> None:
                            "pass --overwrite to replace that comparison")  # fmt: skip
     document = replicate_labels(labels.data, bundle.load_sae(), args.replica, ActivationStore(args.store))
     replace_labels(bundle.root, document)
-    replica = document["replica"]
-    log(f"Compared {bundle.root}'s SAE with {args.replica}: another seed finds {replica['live_shared']:.0%} of its "
-        f"{replica['live']} live latents again; marked in {bundle.labels_path.name}")  # fmt: skip
+    for folder, replica in zip(args.replica, document.get("replicas") or [document["replica"]]):
+        log(f"Compared {bundle.root}'s SAE with {folder}: that seed finds {replica['live_shared']:.0%} of its "
+            f"{replica['live']} live latents again")  # fmt: skip
+    log(f"Marked in {bundle.labels_path.name}" + (f" (how many of the {len(args.replica)} seeds find each latent)" if len(args.replica) > 1 else ""))
 
 
 def add_commands(sub) -> None:
@@ -67,8 +68,9 @@ def add_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder (with --add-to: an alignment of the same name)")
     p.add_argument("--add-to", metavar="BUNDLE", help="add the --alignment files (e.g. a cross-architecture alignment), or the --replica "
                    "comparison, to this finished bundle")
-    p.add_argument("--replica", metavar="SAE", help="with --add-to: an SAE trained from another seed on the same activations; marks which "
-                   "labelled latents it finds again (the panel's Other seed column)")
+    p.add_argument("--replica", metavar="SAE", action="append", help="with --add-to: an SAE trained from another seed on the same "
+                   "activations; marks which labelled latents it finds again (the panel's Other seed column); repeat for several "
+                   "seeds, and each latent says how many find it")
     p.add_argument("--store", metavar="STORE", help="with --replica: the activation store both SAEs were trained on (live latents are "
                    "decided on its held-out positions)")
     p.add_argument("--check", metavar="BUNDLE", help="validate an existing bundle and print its summary instead")

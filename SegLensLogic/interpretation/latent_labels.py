@@ -18,7 +18,10 @@ A bundle's copy may also carry ``held_out`` (:func:`~.label_mass.annotate_labels
 the share of its whole-volume heatmap inside its class and inside any tumour on cases the labeller never saw.
 It may also carry ``replica`` (:func:`~SegLensLogic.alignment.replication.annotate_replication`): at the top
 ``{"sha256", "seed", "tau", "live", "live_shared"}``, and ``"replicates": true | false`` on each live latent, whether
-an SAE trained from another seed on the same activations finds the latent again by the diffing rule.
+an SAE trained from another seed on the same activations finds the latent again by the diffing rule. Compared with
+several seeds (:func:`~SegLensLogic.alignment.replication.annotate_replicas`), ``replica`` and ``replicates`` are the
+first's, ``replicas`` lists every replica's summary, and ``"found_by": 3`` on each live latent counts the replicas
+that find it again.
 
 ``slice`` is the axial slice index in RAS order (``PreparedCase`` order, the model's slicing axis);
 ``activation`` the latent's score on that slice's feature grid (``slice_score``: peak or summed activation). ``stable`` is null when the latent
@@ -179,6 +182,23 @@ class LatentLabels:
         entry = self.entry(latent)
         return None if entry is None else entry.get("replicates")
 
+    def replicas(self) -> list[dict]:
+        """Summaries of the replicas the labels were compared with (``{"sha256", "seed", "tau", "live",
+        "live_shared"}``), first the one ``replicates`` refers to; empty when never compared."""
+        if self.data.get("replicas"):
+            return list(self.data["replicas"])
+        return [self.data["replica"]] if self.data.get("replica") else []
+
+    def found_by(self, latent: int) -> int | None:
+        """How many of :meth:`replicas` find the latent again (None when not compared, or dead)."""
+        entry = self.entry(latent)
+        if entry is None:
+            return None
+        if entry.get("found_by") is not None:
+            return int(entry["found_by"])
+        flag = entry.get("replicates")
+        return None if flag is None else int(bool(flag))
+
     def entry(self, latent: int) -> dict | None:
         """The latent's whole record, or None when the file has none for it."""
         return self._entries.get(int(latent))
@@ -230,6 +250,7 @@ class LatentEntry(Schema):
     top_examples: list[TopExample] = Field(default_factory=list)
     held_out: HeldOutShares | None = None
     replicates: bool | None = None
+    found_by: int | None = Field(default=None, ge=0)
 
 
 class ReplicaSummary(Schema):
@@ -259,6 +280,7 @@ class LatentLabelsDocument(Schema):
     d_sae: int | None = Field(default=None, ge=1, le=MAX_LATENTS)
     top_k: int | None = Field(default=None, ge=0)
     replica: ReplicaSummary | None = None
+    replicas: list[ReplicaSummary] | None = Field(default=None, max_length=64)
 
     @model_validator(mode="after")
     def _ids(self):
@@ -269,6 +291,8 @@ class LatentLabelsDocument(Schema):
             if self.d_sae is not None and entry.id >= self.d_sae:
                 raise ValueError(f"latent {entry.id} is out of range for d_sae {self.d_sae}")
             seen.add(entry.id)
+            if entry.found_by is not None and entry.found_by > len(self.replicas or ()):
+                raise ValueError(f"latent {entry.id} is found by {entry.found_by} replicas, but {len(self.replicas or ())} are listed")
         return self
 
 

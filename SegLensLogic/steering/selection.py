@@ -50,9 +50,17 @@ def category_of(labels, latent: int) -> str | None:
     return None if labels is None else labels.category(latent)
 
 
-def replicates(labels, latent: int) -> bool | None:
-    """Whether an SAE trained from another seed finds the latent again, when compared (a bundle's labels)."""
-    return None if labels is None else labels.replicates(latent)
+def replicates(labels, latent: int) -> bool | int | None:
+    """Whether an SAE trained from another seed finds the latent again, when compared (a bundle's labels); with
+    several such replicas, how many of them find it (see :func:`replicas_compared`)."""
+    if labels is None:
+        return None
+    return labels.found_by(latent) if len(labels.replicas()) > 1 else labels.replicates(latent)
+
+
+def replicas_compared(labels) -> int | None:
+    """How many replicas the labels were compared with (None when none)."""
+    return (len(labels.replicas()) or None) if labels is not None else None
 
 
 def held_out_share(labels, latent: int) -> float | None:

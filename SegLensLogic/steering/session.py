@@ -239,7 +239,8 @@ class SteeringSession:
         Keys: ``id``, ``label`` (auto-interp description), ``category``, ``holds`` (the share of the latent's
         heatmap inside its labelled class on held-out cases, when the labels file carries it: a bundle's does;
         else None), ``replicates`` (whether an SAE trained from another seed finds the latent again, when the labels
-        file says; None otherwise), ``status`` (``universal``, ``shared``, ``specific`` or None without alignment files),
+        file says; with several such replicas, how many find it; None otherwise), ``replicas`` (how many replicas
+        the labels were compared with, or None), ``status`` (``universal``, ``shared``, ``specific`` or None without alignment files),
         ``shared_with`` (cohort names), ``slice_activation`` (summed in ``slice_index``, RAS axial; 0 without one)
         and ``volume_activation`` (summed over the volume).
         """
@@ -252,6 +253,7 @@ class SteeringSession:
             weights = codes.region_weights(slice_range=(slice_index, slice_index + 1))
             in_slice = np.bincount(codes.latents, weights=codes.values * weights[codes.positions_of()], minlength=self.d_sae)
         rows = []
+        replicas = selection.replicas_compared(self.latent_labels)
         for j in np.flatnonzero(volume > 0)[np.argsort(-volume[volume > 0], kind="stable")]:
             status, shared_with = selection.population_status(self.alignments, self.sae_sha256, int(j))
             rows.append({
@@ -260,6 +262,7 @@ class SteeringSession:
                 "category": selection.category_of(self.latent_labels, int(j)),
                 "holds": selection.held_out_share(self.latent_labels, int(j)),
                 "replicates": selection.replicates(self.latent_labels, int(j)),
+                "replicas": replicas,
                 "status": status,
                 "shared_with": shared_with,
                 "slice_activation": float(in_slice[j]),

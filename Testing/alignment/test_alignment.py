@@ -724,3 +724,22 @@ def test_replication_marks_the_latents_another_seed_finds_again(tmp_path):
     broken.write_text(json.dumps({**annotated, "latents": [{"id": 0, "category": "edema", "replicates": "yes"}]}))
     with pytest.raises(InputFileError, match=r"latents\[0\]\.replicates"):
         load_latent_labels(broken)
+
+    # Several replicas: the first stays the one `replicates` names; each live latent counts the replicas finding it.
+    from SegLensLogic.alignment.replication import annotate_replicas
+
+    exact = BatchTopKSAE(SAEConfig(d_in=16, expansion=2, k=4, threshold=0.1))
+    exact.load_state_dict(sae.state_dict())  # an identical copy finds every live latent, 0 and 2 included
+    both = [measured, replication(sae, exact, vectors)]
+    assert annotate_replicas(document, both[:1], [{"sha256": "f" * 64}]) == annotate_replication(document, measured, {"sha256": "f" * 64})
+    counted = annotate_replicas(document, both, [{"sha256": "f" * 64, "seed": 1}, {"sha256": "e" * 64, "seed": 2}])
+    assert counted["replica"]["sha256"] == "f" * 64 and [r["seed"] for r in counted["replicas"]] == [1, 2]
+    assert counted["replicas"][1]["live_shared"] == 1.0
+    labels = load_latent_labels(write_latent_labels(counted, tmp_path / "counted.json"))
+    assert [labels.found_by(j) for j in range(4)] == [1, None, 1, 1 + int(flags[3])]
+    assert [labels.replicates(j) for j in range(4)] == [False, None, False, flags[3]] and len(labels.replicas()) == 2
+    with pytest.raises(ValueError, match="twice"):
+        annotate_replicas(document, both, [{"sha256": "f" * 64}, {"sha256": "f" * 64}])
+    broken.write_text(json.dumps({**counted, "latents": [{"id": 0, "category": "edema", "found_by": 3}]}))
+    with pytest.raises(InputFileError, match="found by 3 replicas, but 2 are listed"):
+        load_latent_labels(broken)

@@ -585,6 +585,9 @@ def test_latent_table_filters_and_sorts(SegLens):
     # "Other seed": whether an SAE of another seed finds the latent again; empty where not compared
     rows[0]["replicates"], rows[1]["replicates"] = True, False
     assert [latenttable.cell_text(r, "replicates") for r in rows] == ["yes", "no", ""]
+    # compared with several seeds: how many of them find it
+    assert latenttable.cell_text({"replicates": 3, "replicas": 5}, "replicates") == "3 of 5"
+    assert latenttable.cell_text({"replicates": 0, "replicas": 5}, "replicates") == "0 of 5"
     assert latenttable.HEADERS[latenttable.COLUMNS.index("replicates")] == "Other seed"
 
 

@@ -1,13 +1,16 @@
-"""Train each shipped bundle's seed replica and mark, in the bundle's labels, which latents it finds again.
+"""Train each shipped bundle's seed replicas and mark, in the bundle's labels, which latents they find again.
 
 For a bundle: its training and validation cases (from ``bundle.json``) are read from ``DATA``, their activations at
 the SAE's hook are extracted with the bundle's model, an SAE is trained on them with the options recorded in the
-bundle SAE's config but seed 1, and ``seglens bundle --add-to BUNDLE --replica REPLICA --store STORE --overwrite``
-writes the comparison into the bundle's ``latents.json`` (the panel's *Other seed* column). The replicas are kept
-in ``OUT`` (small); their hashes are recorded in the labels.
+bundle SAE's config but seed 1 (and 2, 3, ... with ``--seeds``), and ``seglens bundle --add-to BUNDLE --replica
+REPLICA [--replica ...] --store STORE --overwrite`` writes the comparison into the bundle's ``latents.json`` (the
+panel's *Other seed* column: yes / no for one seed, "3 of 5" for several). The replicas are kept in ``OUT`` (small);
+their hashes are recorded in the labels. The shipped U-Net was compared with seeds 1 to 5, the SegFormer with seed 1:
 
+    python docs/measurements/seed-agreement/replicas.py Resources/adult-glioma-unet --data ../shared/data \\
+        --out /tmp/replicas --seeds 1 2 3 4 5
     python docs/measurements/seed-agreement/replicas.py --data ../shared/data --out /tmp/replicas \\
-        Resources/adult-glioma-unet Resources/adult-glioma-segformer
+        Resources/adult-glioma-segformer
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from SegLensLogic.sae import ActivationStore, ExtractionOptions, SAETrainingOpti
 from SegLensLogic.sae.trainer import train_sae_once
 
 
-def replica_for(bundle_dir: Path, data: Path, out: Path) -> tuple[Path, Path]:
+def replicas_for(bundle_dir: Path, data: Path, out: Path, seeds: list[int]) -> tuple[list[Path], Path]:
     bundle = load_bundle(bundle_dir)
     training = bundle.figures["training"]
     ids = list(training["cases"]) + list(training.get("validation_cases", []))
@@ -43,14 +46,16 @@ def replica_for(bundle_dir: Path, data: Path, out: Path) -> tuple[Path, Path]:
                         overwrite=True, log=lambda m: None)  # fmt: skip
     recorded = bundle.load_sae().config.training["options"]
     fields = {f.name for f in dataclasses.fields(SAETrainingOptions)}
-    options = SAETrainingOptions(**{**{k: v for k, v in recorded.items() if k in fields}, "seed": 1})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # an SAE step is too small for two threads (benchmarks/sae_sweep_workers.py)
-    replica = out / f"{bundle.name}-{bundle.manifest['model']['arch']}-seed1"
-    train_sae_once(ActivationStore(store), options, replica, log=lambda m: None)
+    replicas = []
+    for seed in seeds:
+        options = SAETrainingOptions(**{**{k: v for k, v in recorded.items() if k in fields}, "seed": seed})
+        replicas.append(out / f"{bundle.name}-{bundle.manifest['model']['arch']}-seed{seed}")
+        train_sae_once(ActivationStore(store), options, replicas[-1], log=lambda m: None)
     torch.set_num_threads(threads)
-    print(f"{bundle_dir}: {len(ids)} cases extracted and replica trained in {time.monotonic() - start:.0f} s", flush=True)
-    return replica, store
+    print(f"{bundle_dir}: {len(ids)} cases extracted and {len(seeds)} replica(s) trained in {time.monotonic() - start:.0f} s", flush=True)
+    return replicas, store
 
 
 def main() -> int:
@@ -58,11 +63,13 @@ def main() -> int:
     parser.add_argument("bundles", nargs="+", type=Path)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="the replicas' seeds (default 1)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for bundle_dir in args.bundles:
-        replica, store = replica_for(bundle_dir, args.data, args.out)
-        code = seglens(["bundle", "--add-to", str(bundle_dir), "--replica", str(replica), "--store", str(store), "--overwrite"])
+        replicas, store = replicas_for(bundle_dir, args.data, args.out, args.seeds)
+        flags = [arg for replica in replicas for arg in ("--replica", str(replica))]
+        code = seglens(["bundle", "--add-to", str(bundle_dir), *flags, "--store", str(store), "--overwrite"])
         if code:
             return code
         labels = json.loads((bundle_dir / "latents.json").read_text(encoding="utf-8"))
