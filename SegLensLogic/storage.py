@@ -423,12 +423,36 @@ def write_weights_folder(
     os.close(fd)
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+        sort_safetensors_metadata(tmp)
         publish_file(tmp, folder / weights_name)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     atomic_write_json(folder / config_name, config, overwrite=True)
     return folder
+
+
+def sort_safetensors_metadata(path: str | Path) -> None:
+    """Rewrite a safetensors file's header with its metadata keys sorted, in place and at the same length.
+
+    safetensors writes the metadata from a hash map, whose order changes between calls: the same weights saved twice
+    could get two file hashes, and a file hash is how SegLens names weights (recipes, labels, alignments, bundles).
+    A header laid out otherwise than the library's compact JSON is left as it is.
+    """
+    import struct
+
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        raw = handle.read(length)
+        header = json.loads(raw)
+        if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+            return
+        compact = lambda h: json.dumps(h, separators=(",", ":"), ensure_ascii=False).encode()  # noqa: E731
+        if compact(header) != raw.rstrip(b" "):
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        handle.seek(8)
+        handle.write(compact(header))  # same keys, same values: the same length
 
 
 def one_line(error: BaseException) -> str:

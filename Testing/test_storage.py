@@ -758,6 +758,22 @@ def test_write_then_read_weights_folder_round_trips_config_tensors_and_metadata(
         assert handle.metadata() == {"format": "pt", "note": "x"}
 
 
+def test_the_same_weights_saved_again_have_the_same_file_hash(tmp_path):
+    """safetensors orders its metadata by a hash map that changes between calls; SegLens names weights by their file's
+    hash, so every save sorts the metadata: twelve saves of one state give one hash, and the files still load."""
+    from SegLensLogic.storage import file_sha256
+
+    state = make_state()
+    metadata = {"format": "pt", "kind": "BatchTopKSAE", "arch": "unet", "note": "x"}
+    hashes = {file_sha256(write_weights_folder(tmp_path / "w", "config.json", {}, "w.safetensors", state, metadata, overwrite=True)
+                          / "w.safetensors") for _ in range(12)}  # fmt: skip
+    assert len(hashes) == 1
+    raw = (tmp_path / "w" / "w.safetensors").read_bytes()
+    assert b'{"__metadata__":{"arch":"unet","format":"pt","kind":"BatchTopKSAE","note":"x"}' in raw
+    _, tensors = read_weights_folder(tmp_path / "w", "config.json", "w.safetensors", "weights")
+    assert all(torch.equal(tensors[name], tensor.detach()) for name, tensor in state.items())
+
+
 def test_write_weights_folder_refuses_either_existing_file_before_writing_anything(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
