@@ -391,6 +391,10 @@ class _RayWorld(TrainingWorld):
 
         kill = self.kill_once
         if kill and self.rank == kill["rank"] and state["step"] >= kill["step"] and not Path(kill["marker"]).exists():
+            # Ray Train's controller collects the workers' reports every health-check interval (2 s by default): a
+            # worker killed sooner after the last checkpoint can beat its registration, and the run restarts from
+            # nothing. That races Ray, not the resume under test, so wait out a few intervals first.
+            time.sleep(3 * _health_check_interval())
             Path(kill["marker"]).write_text(str(state["step"]))
             os.kill(os.getpid(), signal.SIGKILL)
         with tempfile.TemporaryDirectory() as folder:
@@ -399,6 +403,16 @@ class _RayWorld(TrainingWorld):
                 save_training_state(Path(folder), state)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report({"step": state["step"], "heldout_nmse": self.last_nmse}, checkpoint=checkpoint)
+
+
+def _health_check_interval() -> float:
+    """Seconds between Ray Train's polls of its workers (its environment variable, else its default)."""
+    try:
+        from ray.train.v2._internal.constants import DEFAULT_HEALTH_CHECK_INTERVAL_S, HEALTH_CHECK_INTERVAL_S_ENV_VAR
+
+        return float(os.environ.get(HEALTH_CHECK_INTERVAL_S_ENV_VAR, DEFAULT_HEALTH_CHECK_INTERVAL_S))
+    except (ImportError, ValueError):  # another Ray version
+        return 2.0
 
 
 def save_training_state(folder: Path, state: dict) -> None:
