@@ -72,7 +72,8 @@ def replication(sae, replica, vectors: torch.Tensor, tau: float = DEFAULT_TAU, a
 def annotate_replication(document: dict, measured: dict, replica: dict) -> dict:
     """A copy of a labels document (``latents.json``) carrying :func:`replication`'s result: at the top
     ``replica`` (``{"sha256", "seed", "tau", "live", "live_shared"}``: which SAE was compared and the floor), and
-    ``replicates`` (true or false) on each live latent's entry.
+    ``replicates`` (true or false) on each live latent's entry. Any earlier comparison the document carried (one
+    replica or several) is replaced.
 
     Args:
         document: the labels document of ``measured``'s SAE.
@@ -80,10 +81,12 @@ def annotate_replication(document: dict, measured: dict, replica: dict) -> dict:
         replica: what identifies the replica, at least its weights' ``sha256`` (and its ``seed`` where known).
     """
     out = copy.deepcopy(document)
+    out.pop("replicas", None)
     out["replica"] = {**replica, "tau": measured["tau"], "live": measured["live"], "live_shared": round(float(measured["live_shared"]), 4)}
     flags = measured["replicates"]
     for entry in out["latents"]:
         entry.pop("replicates", None)
+        entry.pop("found_by", None)
         j = int(entry["id"])
         if j < len(flags) and flags[j] is not None:
             entry["replicates"] = bool(flags[j])
@@ -105,9 +108,6 @@ def annotate_replicas(document: dict, measured: list[dict], replicas: list[dict]
     if len(set(shas)) != len(shas):
         raise ValueError("the same replica is listed twice")
     out = annotate_replication(document, measured[0], replicas[0])
-    out.pop("replicas", None)
-    for entry in out["latents"]:
-        entry.pop("found_by", None)
     if len(measured) == 1:
         return out
     out["replicas"] = [{**replica, "tau": m["tau"], "live": m["live"], "live_shared": round(float(m["live_shared"]), 4)}

@@ -195,8 +195,11 @@ def extract_case(
     device = next(model.parameters()).device
     batch_size = options.batch_size or default_batch_size(model)
     prepared = prepared if prepared is not None else prepare_for_model(model, case)
-    if options.tumour_repeat > 1 and prepared.label is None:
-        raise SegLensError(f"case '{case.case_id}' has no label map: repeating tumour positions needs labelled cases")
+    tumour_mask = None
+    if options.tumour_repeat > 1:
+        if prepared.label is None:
+            raise SegLensError(f"case '{case.case_id}' has no label map: repeating tumour positions needs labelled cases")
+        tumour_mask = prepared.label > 0  # once per case, not per batch
     slices = prepared.brain_slices()
     kept = 0
     for start in range(0, len(slices), batch_size):
@@ -219,8 +222,8 @@ def extract_case(
         rows[..., 2] = positions[:, -2] if positions.shape[1] >= 2 else 0
         rows[..., 3] = positions[:, -1]
         flat_keep = keep.reshape(-1)
-        if options.tumour_repeat > 1 and len(grid) == 2:
-            tumour = (mask_fraction_on_grid(prepared.label > 0, prepared.geometry, batch, tuple(grid)).flatten(1).numpy() > 0).reshape(-1)
+        if tumour_mask is not None and len(grid) == 2:
+            tumour = (mask_fraction_on_grid(tumour_mask, prepared.geometry, batch, tuple(grid)).flatten(1).numpy() > 0).reshape(-1)
             flat_keep = np.flatnonzero(flat_keep)
             flat_keep = np.concatenate([flat_keep, np.repeat(flat_keep[tumour[flat_keep]], options.tumour_repeat - 1)])
             kept += len(flat_keep)

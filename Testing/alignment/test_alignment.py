@@ -740,6 +740,9 @@ def test_replication_marks_the_latents_another_seed_finds_again(tmp_path):
     assert [labels.replicates(j) for j in range(4)] == [False, None, False, flags[3]] and len(labels.replicas()) == 2
     with pytest.raises(ValueError, match="twice"):
         annotate_replicas(document, both, [{"sha256": "f" * 64}, {"sha256": "f" * 64}])
+    # A later comparison with one replica replaces the earlier one whole: no stale counts are left.
+    single = annotate_replication(counted, measured, {"sha256": "f" * 64})
+    assert "replicas" not in single and not any("found_by" in entry for entry in single["latents"])
     broken.write_text(json.dumps({**counted, "latents": [{"id": 0, "category": "edema", "found_by": 3}]}))
     with pytest.raises(InputFileError, match="found by 3 replicas, but 2 are listed"):
         load_latent_labels(broken)

@@ -62,9 +62,9 @@ def ceiling(work: Path) -> None:
             region = np.isin(prepared.label, classes)
             for g in GRIDS:
                 sums[g][name] += ideal_latent_mass(prepared, region, slices, (g, g))
-    grid_of = {"down_1": 64, "down_2": 32, "down_3": 16, "down_4": 8}
-    result = {"cases": [c.case_id for c in test], "image_size": model.config.image_size,
-              "hooks": {h: g for h, g in grid_of.items() if h in model.hook_points()},
+    # The encoder hook of each grid (decoder levels share the grids), read from the model.
+    hooks = {name: shape[1] for name, shape in model.hook_points().items() if name.startswith("down") and shape[1] in GRIDS}
+    result = {"cases": [c.case_id for c in test], "image_size": model.config.image_size, "hooks": hooks,
               "ceiling": {str(g): {name: inside / total for name, (inside, total) in regions.items()} for g, regions in sums.items()}}  # fmt: skip
     (work / "ceiling.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result["ceiling"], indent=1))
